@@ -1,0 +1,957 @@
+"""The config file: a TOML document turned into frozen attrs classes, or every problem in it.
+
+Synopsis::
+
+    config = load_config("orchestrator.toml")   # raises ConfigError listing every problem
+    config.stage("extract").timeout             # float seconds, or None for no limit
+    config.db_path                              # state_dir / "orchestrator.db" for SQLite
+
+Defaults live on the fields. The TOML is structured by one strict `cattrs.Converter`
+(``forbid_extra_keys=True``) whose hooks never coerce: ``"many"`` is not an integer, ``"ocr"``
+is not an array, ``1`` is not a string, ``"no"`` is not a boolean. Durations are a number of
+seconds or a string like ``"30s"`` (see `orchestrator.durations`); TOML integers are accepted
+where a number is expected.
+
+Every problem is reported at once, each prefixed with the TOML path of the offending key::
+
+    stages[0].timeout: expected a duration like "30s", got "soon"
+    stages[0].concurency: unknown key (did you mean "concurrency"?)
+    sources[0].route[1]: unknown stage "ocr" (stages: extract, convert, store)
+
+How: a field that fails to structure is collected by cattrs (detailed validation); the attrs
+validators of the fields that did structure are then run as well (they would not run otherwise,
+since the class is never instantiated); and the checks that span sections (routes naming stages,
+stages naming pools, duplicate names) run over the raw TOML data, skipping parts of the wrong
+type, so they are reported together with the rest. Errors are sorted in file order.
+
+Relative paths are resolved against the config file's folder (``base_dir``) and made absolute
+(normalised, symlinks kept). Nothing here reads the environment.
+"""
+
+from __future__ import annotations
+
+import difflib
+import enum
+import os
+import re
+import tomllib
+import types
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import attrs
+import cattrs
+from cattrs.errors import (
+    ClassValidationError,
+    ForbiddenExtraKeysError,
+    IterableValidationError,
+    IterableValidationNote,
+)
+from cattrs.gen import make_dict_structure_fn, override
+
+from orchestrator.durations import describe_value, format_duration, parse_duration, parse_size
+from orchestrator.errors import ConfigError
+
+__all__ = [
+    "Config",
+    "Disposition",
+    "FaultsConfig",
+    "HttpConfig",
+    "LogConfig",
+    "SourceConfig",
+    "SourceType",
+    "StageConfig",
+    "StatusConfig",
+    "StoreConfig",
+    "WatchdogConfig",
+    "load_config",
+    "parse_config",
+]
+
+# Names of stages, sources and pools: they end up in file names, URLs and metric labels.
+NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
+
+# Where the HTTP server listens unless told otherwise: loopback, so nothing is exposed by default.
+DEFAULT_LISTEN = "127.0.0.1:8787"
+
+# Loguru's level names, in increasing severity.
+LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
+
+# Compression formats for rotated log files that loguru writes with the standard library only.
+LOG_COMPRESSIONS = ("gz", "bz2", "xz", "zip")
+
+# SQLite `PRAGMA synchronous` modes that keep the store durable in WAL mode (FULL survives power
+# loss; NORMAL may lose the last transactions but never corrupts).
+SYNCHRONOUS_MODES = ("FULL", "NORMAL")
+
+# Files a directory source skips by default: hidden files and the usual partial-upload suffixes.
+DEFAULT_IGNORE = (".*", "*.tmp", "*.part", "*.swp")
+
+# The SQLite database and the default status file, both inside state_dir.
+DB_FILENAME = "orchestrator.db"
+STATUS_FILENAME = "status.json"
+
+# attrs field metadata keys: a field's own cattrs structure hook; a field that is not a TOML key.
+_HOOK = "orchestrator.config.structure"
+_NOT_A_KEY = "orchestrator.config.not_a_key"
+
+# TOML bare keys; any other key is quoted in an error's path.
+_BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
+_LISTEN_RE = re.compile(r"(\[[0-9A-Za-z:.%]+\]|[^\s:\[\]]+):([0-9]{1,5})")
+_SYNTAX_ERROR_RE = re.compile(r"(?P<msg>.*) \(at line (?P<line>\d+), column (?P<col>\d+)\)", re.S)
+
+_Segment = str | int
+_Problem = tuple[tuple[_Segment, ...], str]
+_Hook = Callable[[Any, Any], Any]
+_Validator = Callable[[Any, "attrs.Attribute[Any]", Any], None]
+
+
+class _Invalid(ValueError):
+    """One or more problems, each with a path relative to where the exception is caught."""
+
+    def __init__(self, problems: list[_Problem]) -> None:
+        super().__init__("; ".join(message for _, message in problems))
+        self.problems = problems
+
+    @classmethod
+    def here(cls, message: str) -> _Invalid:
+        return cls([((), message)])
+
+
+def _fail(attribute: attrs.Attribute[Any], message: str, *sub: _Segment) -> _Invalid:
+    return _Invalid([((attribute.name, *sub), message)])
+
+
+# Validators
+#
+# Each raises _Invalid naming its field, so the message lands on the right path however the
+# validator is called: by attrs in __init__, or by _validator_problems over a namespace when
+# another field of the same table failed (cross-field validators read that namespace with
+# getattr and skip when the other field is missing).
+
+
+def _at_least(minimum: int) -> _Validator:
+    def check(_inst: Any, attribute: attrs.Attribute[Any], value: int) -> None:
+        if value < minimum:
+            raise _fail(attribute, f"must be >= {minimum}, got {value!r}")
+
+    return check
+
+
+def _positive_duration(_inst: Any, attribute: attrs.Attribute[Any], value: float | None) -> None:
+    if value is not None and value <= 0:
+        raise _fail(attribute, f"must be > 0, got {format_duration(value)}")
+
+
+def _rate(_inst: Any, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not 0 <= value <= 1:
+        raise _fail(attribute, f"must be between 0 and 1, got {value!r}")
+
+
+def _name(_inst: Any, attribute: attrs.Attribute[Any], value: str) -> None:
+    if not NAME_RE.fullmatch(value):
+        raise _fail(
+            attribute,
+            f'invalid name {describe_value(value)} (use letters, digits, "_", ".", "-")',
+        )
+
+
+def _not_empty(_inst: Any, attribute: attrs.Attribute[Any], value: tuple[Any, ...]) -> None:
+    if not value:
+        raise _fail(attribute, "must not be empty")
+
+
+def _command(inst: Any, attribute: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
+    _not_empty(inst, attribute, value)
+    if not value[0]:
+        raise _fail(attribute, "must not be empty (the program to run)", 0)
+
+
+def _no_repeats(what: str) -> _Validator:
+    def check(_inst: Any, attribute: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
+        problems: list[_Problem] = []
+        for index, item in enumerate(value):
+            if item in value[:index]:
+                message = f"{what} {describe_value(item)} is listed twice"
+                problems.append(((attribute.name, index), message))
+        if problems:
+            raise _Invalid(problems)
+
+    return check
+
+
+def _exit_codes(_inst: Any, attribute: attrs.Attribute[Any], value: tuple[int, ...]) -> None:
+    problems: list[_Problem] = [
+        ((attribute.name, index), f"must be between 1 and 255, got {code!r}")
+        for index, code in enumerate(value)
+        if not 1 <= code <= 255
+    ]
+    if problems:
+        raise _Invalid(problems)
+
+
+def _env(_inst: Any, attribute: attrs.Attribute[Any], value: Mapping[str, str]) -> None:
+    problems: list[_Problem] = []
+    for key, text in value.items():
+        if not key or "=" in key or "\0" in key:
+            message = f"invalid environment variable name {describe_value(key)}"
+            problems.append(((attribute.name, key), message))
+        elif "\0" in text:
+            problems.append(((attribute.name, key), "must not contain a NUL character"))
+    if problems:
+        raise _Invalid(problems)
+
+
+def _pools(_inst: Any, attribute: attrs.Attribute[Any], value: Mapping[str, int]) -> None:
+    problems: list[_Problem] = []
+    for name, size in value.items():
+        if not NAME_RE.fullmatch(name):
+            message = (
+                f'invalid pool name {describe_value(name)} (use letters, digits, "_", ".", "-")'
+            )
+            problems.append(((attribute.name, name), message))
+        elif size < 1:
+            problems.append(((attribute.name, name), f"must be >= 1, got {size!r}"))
+    if problems:
+        raise _Invalid(problems)
+
+
+def _at_least_field(other: str) -> _Validator:
+    def check(inst: Any, attribute: attrs.Attribute[Any], value: float) -> None:
+        floor = getattr(inst, other, None)
+        if floor is not None and value < floor:
+            message = f"must be >= {other} ({format_duration(floor)}), got {format_duration(value)}"
+            raise _fail(attribute, message)
+
+    return check
+
+
+def _more_than_field(other: str) -> _Validator:
+    def check(inst: Any, attribute: attrs.Attribute[Any], value: float) -> None:
+        floor = getattr(inst, other, None)
+        if floor is not None and value <= floor:
+            message = f"must be > {other} ({format_duration(floor)}), got {format_duration(value)}"
+            raise _fail(attribute, message)
+
+    return check
+
+
+def _on_dead(_inst: Any, attribute: attrs.Attribute[Any], value: Disposition) -> None:
+    if value.action == "delete":
+        message = '"delete" is not allowed (a dead item can be requeued); use "keep" or "move:DIR"'
+        raise _fail(attribute, message)
+
+
+def _id_field(inst: Any, attribute: attrs.Attribute[Any], value: str | None) -> None:
+    if value is None and getattr(inst, "type", None) is SourceType.JSON:
+        raise _fail(attribute, 'required for a source of type "json"')
+
+
+def _disposition_dir(inst: Any, attribute: attrs.Attribute[Any], value: Path | None) -> None:
+    if (value is None) != (getattr(inst, "action", None) != "move"):
+        raise _fail(attribute, 'a folder is given with "move", and only with "move"')
+
+
+# Field hooks: how one field's TOML value becomes its Python value (strict, no coercion).
+
+
+def _structure_duration(value: Any, _type: Any) -> float:
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise _Invalid.here(str(exc)) from None
+
+
+def _structure_size(value: Any, _type: Any) -> int:
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise _Invalid.here(str(exc)) from None
+
+
+def _structure_size_text(value: Any, _type: Any) -> str:
+    try:
+        size = parse_size(value)
+    except ValueError as exc:
+        raise _Invalid.here(str(exc)) from None
+    if size == 0:
+        raise _Invalid.here(f"must be more than 0 bytes, got {describe_value(value)}")
+    return str(value)
+
+
+def _choice(choices: tuple[str, ...]) -> _Hook:
+    def structure(value: Any, _type: Any) -> str:
+        if isinstance(value, str) and value.upper() in choices:
+            return value.upper()
+        raise _Invalid.here(f"expected one of {', '.join(choices)}, got {describe_value(value)}")
+
+    return structure
+
+
+def _structure_listen(value: Any, _type: Any) -> str | None:
+    if value is False:
+        return None
+    match = _LISTEN_RE.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        raise _Invalid.here(
+            f'expected "host:port", "[v6]:port" or false, got {describe_value(value)}'
+        )
+    if int(match.group(2)) > 65535:
+        raise _Invalid.here(f"port must be between 0 and 65535, got {describe_value(value)}")
+    return str(value)
+
+
+def _structure_compression(value: Any, _type: Any) -> str | None:
+    if value is False:
+        return None
+    if isinstance(value, str) and value in LOG_COMPRESSIONS:
+        return value
+    choices = ", ".join(LOG_COMPRESSIONS)
+    raise _Invalid.here(f"expected one of {choices} or false, got {describe_value(value)}")
+
+
+def _structure_state(value: Any, _type: Any) -> str:
+    if isinstance(value, str):
+        if value.lower() == "sqlite":
+            return "sqlite"
+        if value.lower().startswith(("postgresql://", "postgres://")):
+            return value
+    raise _Invalid.here(f'expected "sqlite" or a postgresql:// URL, got {describe_value(value)}')
+
+
+def _structure_patterns(value: Any, _type: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    patterns: tuple[str, ...] = _converter.structure(value, tuple[str, ...])
+    return patterns
+
+
+def _hooked(default: Any, hook: _Hook, validator: _Validator | None = None) -> Any:
+    return attrs.field(default=default, validator=validator, metadata={_HOOK: hook})
+
+
+def _duration(default: float | None, validator: _Validator | None = None) -> Any:
+    return _hooked(default, _structure_duration, validator)
+
+
+# The model
+
+
+class SourceType(enum.StrEnum):
+    """What a source reads: new files in a folder, appended JSON lines, or a rewritten JSON array."""
+
+    DIRECTORY = "directory"
+    JSONL = "jsonl"
+    JSON = "json"
+
+
+@attrs.frozen(kw_only=True)
+class Disposition:
+    """What happens to a source's input once its item is done or dead.
+
+    Written ``"keep"``, ``"delete"`` or ``"move:DIR"`` in TOML; ``str()`` gives that form back.
+    """
+
+    action: Literal["keep", "delete", "move"] = "keep"
+    dir: Path | None = attrs.field(default=None, validator=_disposition_dir)
+
+    def __str__(self) -> str:
+        return f"move:{self.dir}" if self.action == "move" else self.action
+
+
+@attrs.frozen(kw_only=True)
+class StoreConfig:
+    """Tuning of the SQLite store (``[store]``)."""
+
+    synchronous: Literal["FULL", "NORMAL"] = _hooked("FULL", _choice(SYNCHRONOUS_MODES))
+    busy_timeout: float = _duration(5.0)
+
+
+@attrs.frozen(kw_only=True)
+class HttpConfig:
+    """The HTTP server for /health, /metrics and /status (``[http]``)."""
+
+    #: ``"host:port"`` or ``"[v6]:port"``; ``None`` (TOML ``false``) disables the server.
+    listen: str | None = _hooked(DEFAULT_LISTEN, _structure_listen)
+
+
+@attrs.frozen(kw_only=True)
+class StatusConfig:
+    """The status file (``[status]``)."""
+
+    interval: float = _duration(10.0, _positive_duration)
+    #: ``None`` means ``state_dir / "status.json"``; see `Config.status_path`.
+    file: Path | None = None
+
+
+@attrs.frozen(kw_only=True)
+class LogConfig:
+    """Logging (``[log]``)."""
+
+    level: str = _hooked("INFO", _choice(LOG_LEVELS))
+    file: Path | None = None
+    #: A size such as ``"10 MB"``, kept as written; `rotation_bytes` is the parsed value.
+    rotation: str = _hooked("10 MB", _structure_size_text)
+    #: How many rotated files are kept.
+    retention: int = attrs.field(default=5, validator=_at_least(1))
+    compression: str | None = _hooked("gz", _structure_compression)
+    json: bool = False
+
+    @property
+    def rotation_bytes(self) -> int:
+        """The rotation size in bytes (pass this to loguru: its own size parser differs)."""
+        return parse_size(self.rotation)
+
+
+@attrs.frozen(kw_only=True)
+class WatchdogConfig:
+    """Thresholds of the watchdog (``[watchdog]``), all in seconds."""
+
+    loop_stall_warn: float = _duration(5.0, _positive_duration)
+    loop_stall_timeout: float = _duration(
+        60.0, attrs.validators.and_(_positive_duration, _more_than_field("loop_stall_warn"))
+    )
+    stall_after: float = _duration(300.0, _positive_duration)
+    slot_wait_warn: float = _duration(600.0, _positive_duration)
+
+
+@attrs.frozen(kw_only=True)
+class FaultsConfig:
+    """Fault injection for stress tests (``[faults]``); rates are probabilities per run."""
+
+    enabled: bool = False
+    delay_rate: float = attrs.field(default=0.0, validator=_rate)
+    delay: float = _duration(1.0)
+    fail_rate: float = attrs.field(default=0.0, validator=_rate)
+    hang_rate: float = attrs.field(default=0.0, validator=_rate)
+    #: Stages faults are injected into; empty means every stage.
+    stages: tuple[str, ...] = ()
+
+
+@attrs.frozen(kw_only=True)
+class SourceConfig:
+    """Where items come from (``[[sources]]``)."""
+
+    name: str = attrs.field(validator=_name)
+    type: SourceType
+    path: Path
+    #: Stage names, in order, that every item of this source goes through.
+    route: tuple[str, ...] = attrs.field(
+        validator=attrs.validators.and_(_not_empty, _no_repeats("stage"))
+    )
+    #: Glob patterns of file names to take; TOML accepts a string or an array of strings.
+    pattern: tuple[str, ...] = _hooked(("*",), _structure_patterns, _not_empty)
+    recursive: bool = False
+    ignore: tuple[str, ...] = DEFAULT_IGNORE
+    #: A file is taken once its size and mtime have held still this long.
+    settle: float = _duration(1.0)
+    poll_interval: float = _duration(2.0, _positive_duration)
+    on_done: Disposition = Disposition(action="keep")
+    on_dead: Disposition = attrs.field(default=Disposition(action="keep"), validator=_on_dead)
+    reingest_changed: bool = False
+    #: The record field holding an item's stable id (required for "json", optional for "jsonl").
+    id_field: str | None = attrs.field(default=None, validator=_id_field)
+
+
+@attrs.frozen(kw_only=True)
+class StageConfig:
+    """A named step: a command and its limits, timeouts and retries (``[[stages]]``)."""
+
+    name: str = attrs.field(validator=_name)
+    #: argv template; placeholders such as ``{path}`` are substituted as whole arguments.
+    command: tuple[str, ...] = attrs.field(validator=_command)
+    concurrency: int = attrs.field(default=1, validator=_at_least(1))
+    pools: tuple[str, ...] = attrs.field(default=(), validator=_no_repeats("pool"))
+    #: Wall-clock limit of one run; ``None`` means no limit.
+    timeout: float | None = _duration(None, _positive_duration)
+    #: Limit on silence (no output) of one run; ``None`` means no limit.
+    stall_timeout: float | None = _duration(None, _positive_duration)
+    grace_period: float = _duration(10.0)
+    retries: int = attrs.field(default=0, validator=_at_least(0))
+    backoff: float = _duration(1.0)
+    backoff_max: float = _duration(300.0, _at_least_field("backoff"))
+    fatal_exit_codes: tuple[int, ...] = attrs.field(default=(), validator=_exit_codes)
+    env: Mapping[str, str] = attrs.field(factory=dict, validator=_env, hash=False)
+    cwd: Path | None = None
+    #: Bytes of output kept per run; TOML accepts an integer or a size such as "1 MB".
+    output_limit: int = _hooked(1_048_576, _structure_size)
+
+
+def _stages_given(_inst: Any, attribute: attrs.Attribute[Any], value: tuple[Any, ...]) -> None:
+    if not value:
+        raise _fail(attribute, "at least one stage is required")
+
+
+@attrs.frozen(kw_only=True)
+class Config:
+    """The whole config file. Build it with `load_config` or `parse_config`."""
+
+    state_dir: Path = Path("state")
+    #: ``"sqlite"`` (a file in state_dir) or a ``postgresql://`` URL.
+    state: str = _hooked("sqlite", _structure_state)
+    #: How long running stages may finish after SIGTERM before they are cancelled.
+    shutdown_grace: float = _duration(30.0)
+    #: An item whose runs were interrupted this many times is dead as a poison item.
+    max_interruptions: int = attrs.field(default=3, validator=_at_least(1))
+    store: StoreConfig = attrs.field(factory=StoreConfig)
+    http: HttpConfig = attrs.field(factory=HttpConfig)
+    status: StatusConfig = attrs.field(factory=StatusConfig)
+    log: LogConfig = attrs.field(factory=LogConfig)
+    watchdog: WatchdogConfig = attrs.field(factory=WatchdogConfig)
+    faults: FaultsConfig = attrs.field(factory=FaultsConfig)
+    #: Named limits shared by stages: pool name -> slots.
+    pools: Mapping[str, int] = attrs.field(factory=dict, validator=_pools, hash=False)
+    sources: tuple[SourceConfig, ...] = ()
+    stages: tuple[StageConfig, ...] = attrs.field(default=(), validator=_stages_given)
+    #: The folder relative paths were resolved against (the config file's folder); not a key.
+    base_dir: Path = attrs.field(default=Path(), metadata={_NOT_A_KEY: True})
+
+    @property
+    def db_path(self) -> Path | None:
+        """The SQLite database file, or ``None`` when the state is in PostgreSQL."""
+        return self.state_dir / DB_FILENAME if self.state == "sqlite" else None
+
+    @property
+    def status_path(self) -> Path:
+        """The status file: ``status.file``, or ``state_dir / "status.json"`` by default."""
+        return (
+            self.status.file if self.status.file is not None else self.state_dir / STATUS_FILENAME
+        )
+
+    def stage(self, name: str) -> StageConfig:
+        """Return the stage called ``name``.
+
+        Raises:
+            KeyError: If there is no such stage.
+        """
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise KeyError(f"no stage named {name!r}")
+
+    def source(self, name: str) -> SourceConfig:
+        """Return the source called ``name``.
+
+        Raises:
+            KeyError: If there is no such source.
+        """
+        for source in self.sources:
+            if source.name == name:
+                return source
+        raise KeyError(f"no source named {name!r}")
+
+
+_CLASSES = (
+    Disposition,
+    StoreConfig,
+    HttpConfig,
+    StatusConfig,
+    LogConfig,
+    WatchdogConfig,
+    FaultsConfig,
+    SourceConfig,
+    StageConfig,
+    Config,
+)
+for _cls in _CLASSES:
+    attrs.resolve_types(_cls)
+
+
+# The converter
+
+
+def _strict(kind: type, accepted: tuple[type, ...], expected: str) -> _Hook:
+    def structure(value: Any, _type: Any) -> Any:
+        if (isinstance(value, bool) and kind is not bool) or not isinstance(value, accepted):
+            raise _Invalid.here(f"expected {expected}, got {describe_value(value)}")
+        return kind(value)
+
+    return structure
+
+
+def _structure_path(value: Any, _type: Any) -> Path:
+    if not isinstance(value, str) or not value:
+        raise _Invalid.here(f"expected a path, got {describe_value(value)}")
+    return Path(value)
+
+
+def _structure_source_type(value: Any, _type: Any) -> SourceType:
+    if isinstance(value, str) and value in SourceType.__members__.values():
+        return SourceType(value)
+    choices = ", ".join(SourceType)
+    raise _Invalid.here(f"expected one of {choices}, got {describe_value(value)}")
+
+
+def _structure_disposition(value: Any, _type: Any) -> Disposition:
+    if value == "keep":
+        return Disposition(action="keep")
+    if value == "delete":
+        return Disposition(action="delete")
+    if isinstance(value, str) and value.startswith("move:") and value[5:].strip():
+        return Disposition(action="move", dir=Path(value[5:].strip()))
+    raise _Invalid.here(f'expected "keep", "delete" or "move:DIR", got {describe_value(value)}')
+
+
+def _is_array(type_: Any) -> bool:
+    origin, args = get_origin(type_), get_args(type_)
+    return origin is list or (origin is tuple and len(args) == 2 and args[1] is Ellipsis)
+
+
+def _array_hook(type_: Any) -> _Hook:
+    item_type = get_args(type_)[0]
+    make = tuple if get_origin(type_) is tuple else list
+
+    def structure(value: Any, _type: Any) -> Any:
+        if not isinstance(value, list | tuple):
+            raise _Invalid.here(f"expected an array, got {describe_value(value)}")
+        items, errors = [], []
+        for index, item in enumerate(value):
+            try:
+                items.append(_converter.structure(item, item_type))
+            except Exception as exc:
+                exc.add_note(IterableValidationNote(f"@ index {index}", index, item_type))
+                errors.append(exc)
+        if errors:
+            raise IterableValidationError(f"while structuring {type_!r}", errors, type_)
+        return make(items)
+
+    return structure
+
+
+def _is_table(type_: Any) -> bool:
+    return get_origin(type_) in (dict, Mapping) and get_args(type_)[:1] == (str,)
+
+
+def _table_hook(type_: Any) -> _Hook:
+    value_type = get_args(type_)[1]
+
+    def structure(value: Any, _type: Any) -> dict[str, Any]:
+        if not isinstance(value, Mapping):
+            raise _Invalid.here(f"expected a table, got {describe_value(value)}")
+        items, errors = {}, []
+        for key, item in value.items():
+            try:
+                items[key] = _converter.structure(item, value_type)
+            except Exception as exc:
+                exc.add_note(IterableValidationNote(f"@ key {key!r}", key, value_type))
+                errors.append(exc)
+        if errors:
+            raise IterableValidationError(f"while structuring {type_!r}", errors, type_)
+        return items
+
+    return structure
+
+
+def _class_hook(cls: type[Any]) -> _Hook:
+    overrides: dict[str, Any] = {}
+    for field in attrs.fields(cls):
+        if field.metadata.get(_NOT_A_KEY):
+            overrides[field.name] = override(omit=True)
+        elif _HOOK in field.metadata:
+            overrides[field.name] = override(struct_hook=field.metadata[_HOOK])
+    generated = make_dict_structure_fn(cls, _converter, **overrides)
+
+    def structure(value: Any, _type: Any) -> Any:
+        if not isinstance(value, Mapping):
+            raise _Invalid.here(f"expected a table, got {describe_value(value)}")
+        try:
+            return generated(value, cls)
+        except ClassValidationError as exc:
+            raise _with_validator_problems(exc, cls, value) from None
+
+    return structure
+
+
+def _with_validator_problems(
+    exc: ClassValidationError, cls: type[Any], raw: Mapping[str, Any]
+) -> ClassValidationError:
+    # cattrs reports the fields that failed to structure and never calls __init__, so the
+    # validators of the other fields would stay silent until the next run: run them here. When
+    # __init__ itself failed (a validator), this collects every failing validator, not the first.
+    with_notes, without = exc.group_exceptions()
+    failed = {note.name for _, note in with_notes}
+    problems = _validator_problems(cls, raw, failed)
+    if not problems:
+        return exc
+    kept = [sub for sub, _ in with_notes] + [
+        sub for sub in without if not isinstance(sub, _Invalid)
+    ]
+    return ClassValidationError(exc.message, [*kept, _Invalid(problems)], cls)
+
+
+def _structure_field(field: attrs.Attribute[Any], value: Any) -> Any:
+    hook = field.metadata.get(_HOOK)
+    type_: Any = field.type
+    return hook(value, type_) if hook is not None else _converter.structure(value, type_)
+
+
+def _validator_problems(cls: type[Any], raw: Mapping[str, Any], failed: set[str]) -> list[_Problem]:
+    fields = [
+        f for f in attrs.fields(cls) if f.name not in failed and not f.metadata.get(_NOT_A_KEY)
+    ]
+    values: dict[str, Any] = {}
+    for field in fields:
+        if field.name in raw:
+            try:
+                values[field.name] = _structure_field(field, raw[field.name])
+            except Exception:  # already reported by cattrs
+                continue
+        elif isinstance(field.default, attrs.Factory):  # type: ignore[arg-type]
+            if not field.default.takes_self:
+                values[field.name] = field.default.factory()
+        elif field.default is not attrs.NOTHING:
+            values[field.name] = field.default
+    namespace = types.SimpleNamespace(**values)
+    problems: list[_Problem] = []
+    for field in fields:
+        if field.validator is not None and field.name in values:
+            try:
+                field.validator(namespace, field, values[field.name])
+            except _Invalid as exc:
+                problems.extend(exc.problems)
+    return problems
+
+
+_converter = cattrs.Converter(forbid_extra_keys=True)
+for _kind, _accepted, _expected in (
+    (str, (str,), "a string"),
+    (int, (int,), "an integer"),
+    (float, (int, float), "a number"),
+    (bool, (bool,), "true or false"),
+):
+    _converter.register_structure_hook(_kind, _strict(_kind, _accepted, _expected))
+_converter.register_structure_hook(Path, _structure_path)
+_converter.register_structure_hook(SourceType, _structure_source_type)
+_converter.register_structure_hook_factory(_is_array, _array_hook)
+_converter.register_structure_hook_factory(_is_table, _table_hook)
+_converter.register_structure_hook_factory(attrs.has, _class_hook)
+# Registered last so that it wins over the attrs-class factory above.
+_converter.register_structure_hook(Disposition, _structure_disposition)
+
+
+# Turning exceptions into "path: message" lines
+
+
+def _collect(exc: BaseException, path: tuple[_Segment, ...], out: list[_Problem]) -> None:
+    if isinstance(exc, ClassValidationError):
+        with_notes, without = exc.group_exceptions()
+        for sub, note in with_notes:
+            _collect(sub, (*path, note.name), out)
+        for sub in without:
+            _collect(sub, path, out)
+    elif isinstance(exc, IterableValidationError):
+        iter_notes, others = exc.group_exceptions()
+        for sub, iter_note in iter_notes:
+            _collect(sub, (*path, iter_note.index), out)
+        for sub in others:
+            _collect(sub, path, out)
+    elif isinstance(exc, ForbiddenExtraKeysError):
+        keys = [f.name for f in attrs.fields(exc.cl) if not f.metadata.get(_NOT_A_KEY)]
+        for key in sorted(exc.extra_fields):
+            close = difflib.get_close_matches(key, keys, n=1)
+            hint = f" (did you mean {describe_value(close[0])}?)" if close else ""
+            out.append(((*path, key), f"unknown key{hint}"))
+    elif isinstance(exc, _Invalid):
+        out.extend(((*path, *sub), message) for sub, message in exc.problems)
+    elif isinstance(exc, KeyError):
+        out.append((path, "required key missing"))
+    else:
+        out.append((path, f"invalid value ({exc})"))
+
+
+def _cross_reference_problems(data: Mapping[str, Any]) -> list[_Problem]:
+    # Over the raw data, so these are found even when the sections failed to structure; every
+    # part of the wrong type is skipped (its structural error is reported elsewhere).
+    problems: list[_Problem] = []
+    stage_names = _unique_names(data.get("stages"), "stages", "stage", problems)
+    _unique_names(data.get("sources"), "sources", "source", problems)
+    stages_known = isinstance(data.get("stages", []), list)
+    listed_stages = ", ".join(stage_names) or "none defined"
+
+    def check_stage_refs(refs: Any, at: tuple[_Segment, ...]) -> None:
+        if stages_known and isinstance(refs, list):
+            for index, ref in enumerate(refs):
+                if isinstance(ref, str) and ref not in stage_names:
+                    message = f"unknown stage {describe_value(ref)} (stages: {listed_stages})"
+                    problems.append(((*at, index), message))
+
+    sources = data.get("sources")
+    for index, source in enumerate(sources if isinstance(sources, list) else []):
+        if isinstance(source, Mapping):
+            check_stage_refs(source.get("route"), ("sources", index, "route"))
+    faults = data.get("faults")
+    if isinstance(faults, Mapping):
+        check_stage_refs(faults.get("stages"), ("faults", "stages"))
+
+    pools = data.get("pools", {})
+    stages = data.get("stages")
+    if isinstance(pools, Mapping) and isinstance(stages, list):
+        listed_pools = ", ".join(pools) or "none defined"
+        for index, stage in enumerate(stages):
+            refs = stage.get("pools") if isinstance(stage, Mapping) else None
+            for ref_index, ref in enumerate(refs if isinstance(refs, list) else []):
+                if isinstance(ref, str) and ref not in pools:
+                    message = f"unknown pool {describe_value(ref)} (pools: {listed_pools})"
+                    problems.append((("stages", index, "pools", ref_index), message))
+    return problems
+
+
+def _unique_names(entries: Any, key: str, what: str, problems: list[_Problem]) -> list[str]:
+    names: list[str] = []
+    for index, entry in enumerate(entries if isinstance(entries, list) else []):
+        name = entry.get("name") if isinstance(entry, Mapping) else None
+        if not isinstance(name, str):
+            continue
+        if name in names:
+            problems.append(((key, index, "name"), f"duplicate {what} name {describe_value(name)}"))
+        else:
+            names.append(name)
+    return names
+
+
+def _file_order(data: Any, path: tuple[_Segment, ...]) -> list[int]:
+    # tomllib keeps keys in the order they first appear, so positions in the raw data give file
+    # order; a missing key sorts after its siblings.
+    order: list[int] = []
+    node = data
+    for segment in path:
+        if isinstance(node, Mapping):
+            keys = list(node)
+            order.append(keys.index(segment) if segment in node else len(keys))
+            node = node.get(segment) if isinstance(segment, str) else None
+        elif isinstance(node, list) and isinstance(segment, int) and 0 <= segment < len(node):
+            order.append(segment)
+            node = node[segment]
+        else:
+            order.append(0)
+            node = None
+    return order
+
+
+def _format_path(path: tuple[_Segment, ...]) -> str:
+    text = ""
+    for segment in path:
+        if isinstance(segment, int):
+            text += f"[{segment}]"
+        else:
+            key = segment if _BARE_KEY_RE.fullmatch(segment) else describe_value(segment)
+            text += f".{key}" if text else key
+    return text
+
+
+def _render(problems: list[_Problem], data: Mapping[str, Any]) -> list[str]:
+    lines: list[str] = []
+    for path, message in sorted(problems, key=lambda problem: _file_order(data, problem[0])):
+        line = f"{_format_path(path)}: {message}" if path else message
+        if line not in lines:
+            lines.append(line)
+    return lines
+
+
+# Public API
+
+
+def parse_config(data: Mapping[str, Any], *, base_dir: Path) -> Config:
+    """Validate parsed TOML data and build a `Config`.
+
+    Args:
+        data: The document as `tomllib` returns it.
+        base_dir: The folder relative paths are resolved against (the config file's folder);
+            made absolute first.
+
+    Returns:
+        The config, with every path absolute.
+
+    Raises:
+        ConfigError: If anything is wrong; ``errors`` lists every problem as
+            ``<path>: <message>`` in file order, and ``path`` is ``None``.
+    """
+    if not isinstance(data, Mapping):
+        raise ConfigError([f"expected a table of settings, got {describe_value(data)}"])
+    problems: list[_Problem] = []
+    config: Config | None = None
+    try:
+        config = _converter.structure(data, Config)
+    except ClassValidationError as exc:
+        _collect(exc, (), problems)
+    problems.extend(_cross_reference_problems(data))
+    if problems or config is None:
+        raise ConfigError(_render(problems, data))
+    return _resolve_paths(config, Path(os.path.normpath(Path(base_dir).absolute())))
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read a TOML config file and build a `Config`.
+
+    Relative paths in the file are resolved against the file's folder.
+
+    Args:
+        path: The config file.
+
+    Returns:
+        The config, with every path absolute.
+
+    Raises:
+        ConfigError: If the file cannot be read, is not valid TOML (one error,
+            ``line L, column C: <message>``), or does not describe a valid config (every
+            problem, as in `parse_config`); ``path`` is the file.
+    """
+    config_path = Path(path)
+    try:
+        with config_path.open("rb") as file:
+            data = tomllib.load(file)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ConfigError(
+            [f"cannot read config: {reason[:1].lower()}{reason[1:]}"], path=config_path
+        ) from exc
+    except UnicodeDecodeError as exc:
+        message = f"cannot read config: not UTF-8 text ({exc.reason} at byte {exc.start})"
+        raise ConfigError([message], path=config_path) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([_syntax_error(exc)], path=config_path) from None
+    try:
+        return parse_config(data, base_dir=config_path.parent)
+    except ConfigError as exc:
+        raise ConfigError(exc.errors, path=config_path) from None
+
+
+def _syntax_error(exc: tomllib.TOMLDecodeError) -> str:
+    text = str(exc)
+    match = _SYNTAX_ERROR_RE.fullmatch(text)
+    if match:
+        message = match["msg"]
+        return f"line {match['line']}, column {match['col']}: {message[:1].lower()}{message[1:]}"
+    return f"invalid TOML: {text[:1].lower()}{text[1:]}"
+
+
+def _resolve_paths(config: Config, base_dir: Path) -> Config:
+    def resolve(path: Path) -> Path:
+        return Path(os.path.normpath(base_dir / path))
+
+    def resolve_optional(path: Path | None) -> Path | None:
+        return None if path is None else resolve(path)
+
+    def resolve_disposition(disposition: Disposition) -> Disposition:
+        return attrs.evolve(disposition, dir=resolve_optional(disposition.dir))
+
+    return attrs.evolve(
+        config,
+        base_dir=base_dir,
+        state_dir=resolve(config.state_dir),
+        status=attrs.evolve(config.status, file=resolve_optional(config.status.file)),
+        log=attrs.evolve(config.log, file=resolve_optional(config.log.file)),
+        sources=tuple(
+            attrs.evolve(
+                source,
+                path=resolve(source.path),
+                on_done=resolve_disposition(source.on_done),
+                on_dead=resolve_disposition(source.on_dead),
+            )
+            for source in config.sources
+        ),
+        stages=tuple(
+            attrs.evolve(stage, cwd=resolve_optional(stage.cwd)) for stage in config.stages
+        ),
+    )

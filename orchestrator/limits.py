@@ -1,0 +1,107 @@
+"""Stage and pool limits: named ``trio.CapacityLimiter``s, acquired in one fixed order.
+
+A run holds one token of its stage's limiter (size ``concurrency``) and one of every pool it
+names, from before its process starts until its process tree is gone. Tokens are taken stage
+first, then pools in name order -- the same order for every run -- so two runs can never each
+hold what the other waits for. ``CapacityLimiter`` queues waiters FIFO.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import attrs
+import trio
+from loguru import logger
+
+if TYPE_CHECKING:
+    from orchestrator.config import Config
+
+__all__ = ["Holder", "LimitStats", "Slots"]
+
+
+@attrs.define(eq=False)
+class Holder:
+    """Who holds (or waits for) a slot: the borrower object handed to the limiters."""
+
+    item: str
+    stage: str
+    since: float = attrs.field(factory=trio.current_time)
+
+
+@attrs.frozen
+class LimitStats:
+    """A snapshot of one limit."""
+
+    kind: str  #: "stage" or "pool"
+    name: str
+    total: int
+    busy: int
+    waiting: int
+    holders: tuple[str, ...]
+
+
+class Slots:
+    """Every stage's and pool's limiter, built once from the config."""
+
+    def __init__(self, config: Config) -> None:
+        self.stage_limiters = {s.name: trio.CapacityLimiter(s.concurrency) for s in config.stages}
+        self.pool_limiters = {name: trio.CapacityLimiter(n) for name, n in config.pools.items()}
+        self._order = {
+            s.name: [("stage", s.name, self.stage_limiters[s.name])]
+            + [("pool", p, self.pool_limiters[p]) for p in sorted(set(s.pools))]
+            for s in config.stages
+        }
+
+    async def acquire(self, holder: Holder) -> float:
+        """Take every slot ``holder.stage`` needs, in the fixed order; return the seconds waited.
+
+        On cancellation, the slots taken so far are given back before `trio.Cancelled` propagates.
+        """
+        start = trio.current_time()
+        taken: list[trio.CapacityLimiter] = []
+        try:
+            for kind, name, limiter in self._order[holder.stage]:
+                try:
+                    limiter.acquire_on_behalf_of_nowait(holder)
+                except trio.WouldBlock:
+                    log = logger.bind(item=holder.item, stage=holder.stage, pool=name)
+                    stats = limiter.statistics()
+                    log.debug(
+                        "waiting for slot ({} {}: {}/{} busy, {} waiting)", kind, name,
+                        stats.borrowed_tokens, stats.total_tokens, stats.tasks_waiting,
+                    )  # fmt: skip
+                    await limiter.acquire_on_behalf_of(holder)
+                taken.append(limiter)
+        except BaseException:
+            for limiter in reversed(taken):
+                limiter.release_on_behalf_of(holder)
+            raise
+        holder.since = trio.current_time()
+        waited = holder.since - start
+        logger.bind(item=holder.item, stage=holder.stage).debug(
+            "slot acquired after {:.3f}s", waited
+        )
+        return waited
+
+    def release(self, holder: Holder) -> None:
+        """Give back every slot ``holder`` took."""
+        for _kind, _name, limiter in reversed(self._order[holder.stage]):
+            limiter.release_on_behalf_of(holder)
+        held = trio.current_time() - holder.since
+        logger.bind(item=holder.item, stage=holder.stage).debug(
+            "slot released after {:.3f}s", held
+        )
+
+    def statistics(self) -> list[LimitStats]:
+        """A snapshot of every limit: size, busy tokens, waiters and the items holding them."""
+        out = []
+        for kind, limiters in (("stage", self.stage_limiters), ("pool", self.pool_limiters)):
+            for name, limiter in limiters.items():
+                s = limiter.statistics()
+                holders = tuple(
+                    getattr(b, "item", repr(b)) for b in s.borrowers
+                )
+                out.append(LimitStats(kind, name, int(s.total_tokens), s.borrowed_tokens,
+                                      s.tasks_waiting, holders))  # fmt: skip
+        return out

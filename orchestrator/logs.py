@@ -1,0 +1,89 @@
+"""Log sinks, configured once by the command line: console for people, optional file, JSON lines.
+
+Modules only ``from loguru import logger`` and bind context (``item``, ``stage``, ``attempt``,
+``run``, ``source``, ``pool``); every line shows the context it was bound with.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import TYPE_CHECKING, Any
+
+from loguru import logger
+
+if TYPE_CHECKING:
+    from loguru import Record
+
+    from orchestrator.config import LogConfig
+
+__all__ = ["configure_logging"]
+
+#: Context keys shown on every line, in this order.
+CONTEXT_KEYS = ("source", "item", "stage", "attempt", "run", "pool")
+
+
+def _context(record: Record) -> str:
+    extra = record["extra"]
+    parts = [f"{k}={extra[k]!r}" if k == "item" else f"{k}={extra[k]}"
+             for k in CONTEXT_KEYS if k in extra]  # fmt: skip
+    return ("  [" + " ".join(parts) + "]") if parts else ""
+
+
+def _human(record: Record) -> str:
+    record["extra"]["_ctx"] = _context(record).replace("{", "{{").replace("}", "}}")
+    return (
+        "<green>{time:YYYY-MM-DD HH:mm:ss.SSS}</green> <level>{level: <7}</level> "
+        "{message}<dim>{extra[_ctx]}</dim>\n{exception}"
+    )
+
+
+def _json(record: Record) -> str:
+    doc: dict[str, Any] = {
+        "time": record["time"].isoformat(),
+        "level": record["level"].name,
+        "message": record["message"],
+    }
+    doc.update({k: v for k, v in record["extra"].items() if not k.startswith("_")})
+    if record["exception"] is not None:
+        doc["exception"] = str(record["exception"].value)
+    record["extra"]["_json"] = json.dumps(doc, default=str)
+    return "{extra[_json]}\n"
+
+
+class _InterceptHandler(logging.Handler):
+    """Sends stdlib logging (hypercorn, ...) to loguru."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level: str | int = logger.level(record.levelname).name
+        except ValueError:
+            level = record.levelno
+        logger.opt(depth=6, exception=record.exc_info).log(level, record.getMessage())
+
+
+def configure_logging(config: LogConfig | None, *, console_level: str | None = None) -> None:
+    """Replace loguru's default sink with ours.
+
+    Args:
+        config: the ``[log]`` section (None: console only, INFO).
+        console_level: overrides the console's level (a batch with a progress bar shows only
+            warnings there; the file, if any, still gets everything at ``log.level``).
+    """
+    logger.remove()
+    level = config.level if config is not None else "INFO"
+    as_json = config is not None and config.json
+    logger.add(
+        sys.stderr, level=console_level or level, format=_json if as_json else _human,
+        colorize=None if not as_json else False, backtrace=False, diagnose=False,
+    )  # fmt: skip
+    if config is not None and config.file is not None:
+        config.file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        logger.add(
+            str(config.file), level=level, format=_json if as_json else _human,
+            colorize=False, rotation=config.rotation, retention=config.retention,
+            compression=config.compression, enqueue=True, delay=True, backtrace=False,
+            diagnose=False,
+        )  # fmt: skip
+    logging.basicConfig(handlers=[_InterceptHandler()], level=logging.INFO, force=True)

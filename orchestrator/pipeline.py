@@ -1,0 +1,98 @@
+"""Pure pipeline logic: argv placeholders, retry backoff, and what a run's result does to an item.
+
+Nothing here does I/O or awaits; the workers call it and the store records the result.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from typing import TYPE_CHECKING
+
+from orchestrator.runner import Outcome
+from orchestrator.store.records import ItemState, Transition
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+
+    from orchestrator.config import StageConfig
+    from orchestrator.runner import RunResult
+    from orchestrator.store.records import Item
+
+__all__ = ["PLACEHOLDERS", "backoff_delay", "decide", "expand_argv", "uses_placeholder"]
+
+#: The names a command template may use as ``{name}``; each also reaches the command as an
+#: ``ORCH_<NAME>`` environment variable.
+PLACEHOLDERS = ("path", "name", "item", "stage", "attempt", "workdir", "payload")
+
+_PLACEHOLDER = re.compile(r"\{(" + "|".join(PLACEHOLDERS) + r")\}")
+
+
+def expand_argv(template: tuple[str, ...], values: Mapping[str, str]) -> tuple[str, ...]:
+    """Substitute placeholders inside each argument; every argument stays exactly one argument.
+
+    Substitution is a single pass, so a value that itself contains ``{item}`` is never expanded
+    again, and no shell ever sees the result.
+    """
+    return tuple(_PLACEHOLDER.sub(lambda m: values[m.group(1)], arg) for arg in template)
+
+
+def uses_placeholder(template: tuple[str, ...], name: str) -> bool:
+    """Whether any argument of ``template`` mentions ``{name}``."""
+    needle = "{" + name + "}"
+    return any(needle in arg for arg in template)
+
+
+def backoff_delay(
+    stage: StageConfig, attempt: int, rand: Callable[[], float] = random.random
+) -> float:
+    """Seconds to wait before the attempt after ``attempt`` (1-based): full jitter.
+
+    The cap grows as ``backoff * 2**(attempt-1)`` up to ``backoff_max``; the delay is drawn
+    uniformly below the cap, so retries of many items spread out instead of stampeding.
+    """
+    cap = min(stage.backoff_max, stage.backoff * 2 ** (attempt - 1))
+    return rand() * cap
+
+
+def decide(
+    item: Item,
+    stage: StageConfig,
+    result: RunResult,
+    *,
+    now: float,
+    rand: Callable[[], float] = random.random,
+) -> Transition:
+    """The transition a run's result causes for ``item`` (which holds the attempt just made).
+
+    - ``ok`` moves the item to the next stage of its route, or to ``done`` after the last.
+    - ``cancelled`` (shutdown) re-queues it at the same stage and gives the attempt back.
+    - any other outcome retries after a backoff while ``retries`` allow, unless the exit code is
+      in ``fatal_exit_codes``; otherwise the item is ``dead`` with the reason.
+    """
+    if result.outcome is Outcome.OK:
+        nxt = item.stage_index + 1
+        state = ItemState.DONE if nxt >= len(item.route) else ItemState.QUEUED
+        return Transition(state=state, stage_index=nxt, attempts=0)
+    if result.outcome is Outcome.CANCELLED:
+        return Transition(
+            state=ItemState.QUEUED, stage_index=item.stage_index,
+            attempts=max(item.attempts - 1, 0), reason=result.reason, interruption=True,
+        )  # fmt: skip
+    attempt = item.attempts
+    why = f"{stage.name}: {result.reason}"
+    if result.exit_code is not None and result.exit_code in stage.fatal_exit_codes:
+        return Transition(
+            state=ItemState.DEAD, stage_index=item.stage_index, attempts=attempt,
+            reason=f"{why} (a fatal exit code; not retried)",
+        )  # fmt: skip
+    if attempt <= stage.retries:
+        delay = backoff_delay(stage, attempt, rand)
+        return Transition(
+            state=ItemState.RETRY_WAIT, stage_index=item.stage_index, attempts=attempt,
+            not_before=now + delay, reason=why,
+        )  # fmt: skip
+    return Transition(
+        state=ItemState.DEAD, stage_index=item.stage_index, attempts=attempt,
+        reason=f"{why} (after {attempt} attempt{'s' if attempt != 1 else ''})",
+    )  # fmt: skip

@@ -1,0 +1,92 @@
+"""What ``orchestrator check`` prints: the plan a config describes (sources → routes → stages)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from orchestrator.durations import format_duration
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from orchestrator.config import Config, Disposition
+
+__all__ = ["plan_dict", "print_plan"]
+
+
+def _disposition(d: Disposition) -> str:
+    return f"move:{d.dir}" if d.action == "move" else d.action
+
+
+def plan_dict(config: Config) -> dict[str, Any]:
+    """The plan as plain data (``check --json``)."""
+    users: dict[str, list[str]] = {p: [] for p in config.pools}
+    for stage in config.stages:
+        for pool in stage.pools:
+            users.setdefault(pool, []).append(stage.name)
+    return {
+        "state_dir": str(config.state_dir),
+        "state": config.state,
+        "synchronous": config.store.synchronous,
+        "shutdown_grace": config.shutdown_grace,
+        "http": config.http.listen,
+        "sources": [
+            {
+                "name": s.name, "type": s.type.value, "path": str(s.path),
+                "pattern": list(s.pattern), "recursive": s.recursive, "settle": s.settle,
+                "poll_interval": s.poll_interval, "route": list(s.route),
+                "on_done": _disposition(s.on_done), "on_dead": _disposition(s.on_dead),
+            }  # fmt: skip
+            for s in config.sources
+        ],
+        "stages": [
+            {
+                "name": s.name, "command": list(s.command), "concurrency": s.concurrency,
+                "pools": list(s.pools), "timeout": s.timeout, "stall_timeout": s.stall_timeout,
+                "grace_period": s.grace_period, "retries": s.retries, "backoff": s.backoff,
+                "backoff_max": s.backoff_max, "fatal_exit_codes": list(s.fatal_exit_codes),
+            }  # fmt: skip
+            for s in config.stages
+        ],
+        "pools": {name: {"size": size, "stages": users.get(name, [])}
+                  for name, size in config.pools.items()},  # fmt: skip
+    }
+
+
+def print_plan(config: Config, path: Path) -> None:
+    """Print the plan for people."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False)
+    d = format_duration
+    console.print(f"[bold]{path}[/]: ok")
+    where = config.state_dir if config.state == "sqlite" else config.state
+    console.print(f"state: {where} ({config.state}, synchronous={config.store.synchronous}); "
+                  f"shutdown grace {d(config.shutdown_grace)}; http {config.http.listen or 'off'}")  # fmt: skip
+    console.print()
+    if not config.sources:
+        console.print("sources: none (items only arrive through the store)")
+    for s in config.sources:
+        console.print(
+            f"source [bold]{s.name}[/] ({s.type.value}) {s.path}  pattern "
+            f"{', '.join(s.pattern)}  settle {d(s.settle)}  poll {d(s.poll_interval)}"
+        )
+        console.print("  route: " + " → ".join(s.route))
+    console.print()
+    table = Table(title="stages", title_justify="left")
+    for col in ("stage", "limit", "pools", "timeout", "stall", "grace", "retries", "backoff",
+                "command"):  # fmt: skip
+        table.add_column(col)
+    for s in config.stages:
+        table.add_row(
+            s.name, str(s.concurrency), ", ".join(s.pools) or "-", d(s.timeout),
+            d(s.stall_timeout), d(s.grace_period), str(s.retries),
+            f"{d(s.backoff)}..{d(s.backoff_max)}", " ".join(s.command),
+        )  # fmt: skip
+    console.print(table)
+    if config.pools:
+        users = plan_dict(config)["pools"]
+        for name, info in users.items():
+            console.print(f"pool [bold]{name}[/] = {info['size']}  used by: "
+                          f"{', '.join(info['stages']) or 'no stage'}")  # fmt: skip

@@ -1,0 +1,342 @@
+"""Run one stage command in its own session, watched for timeout and silence, its tree killed.
+
+A run is one process group: the command is spawned with ``posix_spawn`` in a new session
+(so its pgid is its pid and a Ctrl+C on our terminal does not reach it), its exit is waited on
+through a pidfd from the trio loop, and stdout+stderr arrive on one pipe that trio reads. Every
+chunk of output re-arms the stall deadline and goes to a size-capped log file (written from a
+worker thread, never from the loop) and to an in-memory tail.
+
+Ending a run, whatever the reason::
+
+    timeout / stall / cancel ──► SIGTERM to the group ──► grace_period ──► SIGKILL to the group
+    leader exits (any reason) ──► SIGKILL sweep of the group, *before* the leader is reaped
+
+The sweep happens while the leader is still a zombie, so its pid -- which is the group id --
+cannot have been reused by an unrelated process: we only ever signal our own group. A grandchild
+that ignores SIGTERM or outlives its parent therefore never survives the run.
+
+Why not ``trio.run_process``: it spawns from a worker thread (about 1,000 spawns/s against
+about 2,800/s here, see ../shared/notes/perf-facts.md) and its ``deliver_cancel`` is cancelled as
+soon as the leader exits, which is exactly when the sweep must happen.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import os
+import signal
+from typing import TYPE_CHECKING
+
+import attrs
+import trio
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+    from pathlib import Path
+
+__all__ = ["Command", "Outcome", "RunResult", "run_command"]
+
+#: How much of a run's output is kept in memory for the tail (the log file keeps the rest).
+TAIL_BYTES = 8192
+#: How many lines of that tail are kept in the store and shown in errors.
+TAIL_LINES = 20
+#: Output is written to the run log in chunks of about this size (one thread hop each).
+FLUSH_BYTES = 256 * 1024
+#: After the leader exited and its group was swept, how long to wait for the output pipe to
+#: close. Only a process that left the group (setsid) can hold it open longer; we stop reading.
+EOF_WAIT = 2.0
+#: Upper bound on waiting for a SIGKILLed leader to exit (a process stuck in the kernel, state D).
+KILL_WAIT = 30.0
+#: Signals Python sets to SIG_IGN that a child must get back at their default disposition.
+_RESET_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
+#: A fixed shell trampoline used only to change directory before exec: the user's argv is passed
+#: as positional parameters, so the shell never parses any of it.
+_CHDIR_TRAMPOLINE = ("/bin/sh", "-c", 'cd -- "$1" || exit 127; shift; exec "$@"', "orchestrator-cd")
+
+
+class Outcome(enum.StrEnum):
+    """How a run ended."""
+
+    OK = "ok"  #: exit status 0
+    FAILED = "failed"  #: non-zero exit status, or the command could not be started
+    TIMEOUT = "timeout"  #: ran longer than the stage's ``timeout``; killed
+    STALLED = "stalled"  #: no output for the stage's ``stall_timeout``; killed
+    KILLED = "killed"  #: ended by a signal nobody here sent
+    INTERRUPTED = "interrupted"  #: the instance running it died (set at recovery)
+    CANCELLED = "cancelled"  #: the service shut down while it ran; killed
+
+
+@attrs.frozen(kw_only=True)
+class Command:
+    """What to run and how to watch it."""
+
+    argv: tuple[str, ...]
+    env: Mapping[str, str]
+    cwd: str | None = None
+    timeout: float | None = None
+    stall_timeout: float | None = None
+    grace_period: float = 10.0
+    #: Where stdout+stderr go; None keeps only the in-memory tail.
+    log_path: Path | None = None
+    #: The log file stops growing at this many bytes (the tail still follows the output).
+    output_limit: int = 1_048_576
+
+
+@attrs.frozen(kw_only=True)
+class RunResult:
+    """What happened to one run. ``exit_code`` is None when the process was ended by a signal."""
+
+    outcome: Outcome
+    exit_code: int | None
+    signal: int | None
+    pid: int | None
+    duration: float
+    tail: str
+    reason: str
+    #: Signals this runner sent to the group, in order ("SIGTERM", "SIGKILL").
+    signals_sent: tuple[str, ...] = ()
+    output_bytes: int = 0
+
+
+def _killpg(pgid: int, sig: int) -> bool:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+class _Output:
+    """Reads the run's pipe until EOF: tail in memory, capped copy in the log file."""
+
+    def __init__(self, fd: int, log_path: Path | None, limit: int) -> None:
+        self.stream = trio.lowlevel.FdStream(fd)
+        self.log_path = log_path
+        self.limit = limit
+        self.tail = bytearray()
+        self.total = 0
+        self.written = 0
+        self.truncated = False
+        self.pending: list[bytes] = []
+        self.pending_size = 0
+        self.log_fd: int | None = None
+        self.eof = trio.Event()
+        self.on_data: Callable[[], None] = lambda: None
+
+    async def pump(self) -> None:
+        try:
+            while chunk := await self.stream.receive_some(65536):
+                self.total += len(chunk)
+                self.on_data()
+                self.tail += chunk
+                if len(self.tail) > TAIL_BYTES:
+                    del self.tail[: len(self.tail) - TAIL_BYTES]
+                self._keep(chunk)
+                if self.pending_size >= FLUSH_BYTES:
+                    await self.flush()
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+        finally:
+            self.eof.set()
+
+    def _keep(self, chunk: bytes) -> None:
+        if self.log_path is None or self.truncated:
+            return
+        room = self.limit - self.written - self.pending_size
+        if len(chunk) > room:
+            chunk = chunk[: max(room, 0)]
+            self.truncated = True
+            chunk += f"\n[orchestrator: output truncated at {self.limit} bytes]\n".encode()
+        self.pending.append(chunk)
+        self.pending_size += len(chunk)
+
+    async def flush(self) -> None:
+        if not self.pending:
+            return
+        data = b"".join(self.pending)
+        self.pending.clear()
+        self.pending_size = 0
+        self.written += len(data)
+        await trio.to_thread.run_sync(self._write, data)
+
+    def _write(self, data: bytes) -> None:
+        if self.log_fd is None:
+            assert self.log_path is not None
+            self.log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.log_fd = os.open(
+                self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600
+            )
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.log_fd, view) :]
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+        try:
+            await self.flush()
+        finally:
+            if self.log_fd is not None:
+                fd, self.log_fd = self.log_fd, None
+                await trio.to_thread.run_sync(os.close, fd)
+
+    def tail_text(self) -> str:
+        lines = bytes(self.tail).decode(errors="replace").splitlines()
+        return "\n".join(lines[-TAIL_LINES:])
+
+
+def _spawn(cmd: Command, wfd: int) -> int:
+    argv = cmd.argv if cmd.cwd is None else (*_CHDIR_TRAMPOLINE, cmd.cwd, *cmd.argv)
+    actions = [
+        (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+        (os.POSIX_SPAWN_DUP2, wfd, 1),
+        (os.POSIX_SPAWN_DUP2, wfd, 2),
+    ]
+    spawn = os.posix_spawn if "/" in argv[0] else os.posix_spawnp
+    return spawn(
+        argv[0],
+        argv,
+        dict(cmd.env),
+        file_actions=actions,
+        setsid=True,
+        setsigdef=_RESET_SIGNALS,
+    )
+
+
+async def run_command(
+    cmd: Command, *, on_spawn: Callable[[int], None] | None = None
+) -> RunResult:
+    """Run ``cmd`` to its end and return how it ended; never leaves a process of the run behind.
+
+    Args:
+        cmd: the argv (no shell), environment, limits and log file.
+        on_spawn: called with the pid (which is also the pgid) right after the spawn, before the
+            first checkpoint.
+
+    Returns:
+        A `RunResult`. A command that cannot be started is ``failed`` with the OS error as reason.
+
+    Raises:
+        trio.Cancelled: when the caller is cancelled; the process tree is killed
+            (SIGTERM, ``grace_period``, SIGKILL) before it propagates.
+    """
+    clock = trio.current_time
+    started = clock()
+    rfd, wfd = os.pipe()
+    try:
+        pid = _spawn(cmd, wfd)
+    except OSError as exc:
+        os.close(rfd)
+        reason = f"cannot start {cmd.argv[0]!r}: {exc.strerror or exc}"
+        return RunResult(
+            outcome=Outcome.FAILED, exit_code=None, signal=None, pid=None,
+            duration=clock() - started, tail="", reason=reason,
+        )  # fmt: skip
+    finally:
+        os.close(wfd)
+    if on_spawn is not None:
+        on_spawn(pid)
+    pidfd = os.pidfd_open(pid)
+    output = _Output(rfd, cmd.log_path, cmd.output_limit)
+    signals_sent: list[str] = []
+    reaped: int | None = None
+
+    async def leader_exit() -> None:
+        await trio.lowlevel.wait_readable(pidfd)
+
+    async def kill_tree() -> None:
+        signals_sent.append("SIGTERM")
+        _killpg(pid, signal.SIGTERM)
+        with trio.move_on_after(cmd.grace_period) as grace:
+            await leader_exit()
+        if grace.cancelled_caught:
+            signals_sent.append("SIGKILL")
+            _killpg(pid, signal.SIGKILL)
+            with trio.move_on_after(KILL_WAIT):
+                await leader_exit()
+        # else: the leader obeyed SIGTERM; reap() sweeps whatever is left of the group.
+
+    def reap() -> int:
+        # The leader has exited (pidfd readable): sweep its group while the zombie still holds
+        # the pid, then reap it.
+        _killpg(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+        return status
+
+    timeout_at = started + cmd.timeout if cmd.timeout is not None else math.inf
+    stall = cmd.stall_timeout if cmd.stall_timeout is not None else math.inf
+    outcome: Outcome | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(output.pump)
+            watch = trio.CancelScope(deadline=min(timeout_at, started + stall))
+            if stall != math.inf:
+
+                def rearm() -> None:
+                    watch.deadline = min(timeout_at, clock() + stall)
+
+                output.on_data = rearm
+            with watch:
+                await leader_exit()
+            if watch.cancelled_caught:
+                outcome = Outcome.TIMEOUT if clock() >= timeout_at else Outcome.STALLED
+                with trio.CancelScope(shield=True):
+                    await kill_tree()
+            reaped = reap()
+            with trio.move_on_after(EOF_WAIT):
+                await output.eof.wait()
+            nursery.cancel_scope.cancel()
+    except BaseException:
+        if reaped is None:
+            with trio.CancelScope(shield=True):
+                await kill_tree()
+                reaped = reap()
+        raise
+    finally:
+        os.close(pidfd)
+        with trio.CancelScope(shield=True):
+            await output.aclose()
+
+    duration = clock() - started
+    exit_code: int | None = os.waitstatus_to_exitcode(reaped)
+    sig: int | None = None
+    if exit_code is not None and exit_code < 0:
+        sig, exit_code = -exit_code, None
+    if outcome is None:
+        if sig is not None:
+            outcome = Outcome.KILLED
+        elif exit_code == 0:
+            outcome = Outcome.OK
+        else:
+            outcome = Outcome.FAILED
+    reason = _describe(outcome, exit_code, sig, cmd)
+    if output.truncated:
+        reason += f" (log truncated at {cmd.output_limit} bytes)"
+    return RunResult(
+        outcome=outcome, exit_code=exit_code, signal=sig, pid=pid, duration=duration,
+        tail=output.tail_text(), reason=reason, signals_sent=tuple(signals_sent),
+        output_bytes=output.total,
+    )  # fmt: skip
+
+
+def _signame(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"signal {sig}"
+
+
+def _describe(outcome: Outcome, exit_code: int | None, sig: int | None, cmd: Command) -> str:
+    if outcome is Outcome.OK:
+        return "exit 0"
+    if outcome is Outcome.TIMEOUT:
+        return f"timed out after {cmd.timeout:g}s; process group killed"
+    if outcome is Outcome.STALLED:
+        return f"no output for {cmd.stall_timeout:g}s; process group killed"
+    if sig is not None:
+        return f"killed by {_signame(sig)}"
+    if exit_code == 127 and cmd.cwd is not None:
+        return f"exit 127 (command not found, or cannot enter {cmd.cwd!r})"
+    return f"exit {exit_code}"
+
+

@@ -1,0 +1,553 @@
+"""The embedded SQLite store: one file in ``state_dir``, WAL, ``synchronous=FULL`` by default.
+
+One connection, driven only from worker threads, one statement at a time (a
+``CapacityLimiter(1)``). Writers never talk to the connection directly: each operation is queued
+and a committer task runs every operation queued so far in *one* transaction (each operation
+inside its own SAVEPOINT, so one failing operation does not undo the others), then wakes the
+callers. This is group commit: a caller returns only after its change is durable, concurrent
+callers share one fsync and one thread hop, and a lone caller pays no added latency.
+
+The same synchronous functions (``op_*``) serve the command-line readers (``status``, ``items``,
+``show``), which open their own connection in their own process; WAL lets them read while the
+service writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import attrs
+import trio
+
+from orchestrator.errors import ItemNotFound, StoreUnavailable
+from orchestrator.store.records import Item, ItemState, NewItem, RunRecord, Transition
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+    from pathlib import Path
+
+    from orchestrator.runner import RunResult
+
+__all__ = ["SqliteStore", "connect", "open_sqlite_store"]
+
+T = TypeVar("T")
+
+#: Bumped whenever the schema changes; a newer file than this code refuses to open.
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS items (
+    seq           INTEGER PRIMARY KEY,
+    id            TEXT NOT NULL UNIQUE,
+    source        TEXT NOT NULL,
+    key           TEXT NOT NULL,
+    path          TEXT,
+    payload       TEXT,
+    route         TEXT NOT NULL,
+    stage_index   INTEGER NOT NULL DEFAULT 0,
+    state         TEXT NOT NULL,
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    interruptions INTEGER NOT NULL DEFAULT 0,
+    not_before    REAL,
+    reason        TEXT,
+    created_at    REAL NOT NULL,
+    updated_at    REAL NOT NULL,
+    UNIQUE (source, key)
+);
+CREATE INDEX IF NOT EXISTS items_by_state ON items (state, stage_index);
+CREATE TABLE IF NOT EXISTS runs (
+    id         INTEGER PRIMARY KEY,
+    item_seq   INTEGER NOT NULL REFERENCES items (seq),
+    stage      TEXT NOT NULL,
+    attempt    INTEGER NOT NULL,
+    instance   TEXT,
+    started_at REAL NOT NULL,
+    ended_at   REAL,
+    outcome    TEXT,
+    exit_code  INTEGER,
+    signal     INTEGER,
+    duration   REAL,
+    slot_wait  REAL,
+    pid        INTEGER,
+    pgid       INTEGER,
+    log_path   TEXT,
+    tail       TEXT,
+    reason     TEXT
+);
+CREATE INDEX IF NOT EXISTS runs_by_item ON runs (item_seq);
+CREATE INDEX IF NOT EXISTS runs_open ON runs (id) WHERE outcome IS NULL;
+CREATE TABLE IF NOT EXISTS events (
+    id       INTEGER PRIMARY KEY,
+    item_seq INTEGER NOT NULL REFERENCES items (seq),
+    at       REAL NOT NULL,
+    event    TEXT NOT NULL,
+    stage    TEXT,
+    state    TEXT,
+    detail   TEXT
+);
+CREATE INDEX IF NOT EXISTS events_by_item ON events (item_seq);
+CREATE TABLE IF NOT EXISTS source_offsets (
+    source     TEXT PRIMARY KEY,
+    device     INTEGER,
+    inode      INTEGER,
+    offset     INTEGER NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS instances (
+    id         TEXT PRIMARY KEY,
+    pid        INTEGER NOT NULL,
+    host       TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    stopped_at REAL
+);
+"""
+
+_ITEM_COLUMNS = (
+    "seq, id, source, key, route, path, payload, stage_index, state, attempts, "
+    "interruptions, not_before, reason, created_at, updated_at"
+)
+_RUN_COLUMNS = (
+    "id, item_seq, stage, attempt, started_at, ended_at, outcome, exit_code, signal, "
+    "duration, slot_wait, pid, pgid, log_path, tail, reason"
+)
+
+
+def connect(
+    path: Path, *, synchronous: str = "FULL", busy_timeout: float = 5.0, create: bool = True
+) -> sqlite3.Connection:
+    """Open the store file (creating it and its schema when ``create``), private to the user.
+
+    Raises:
+        StoreUnavailable: the file cannot be opened, is not an orchestrator store, or was written
+            by a newer version.
+    """
+    try:
+        if create:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            # Create the file ourselves so it is 0600 whatever the umask; SQLite gives the WAL
+            # and shm files the database file's mode.
+            os.close(os.open(path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600))
+        elif not path.exists():
+            raise StoreUnavailable(f"no store at {str(path)!r}; has the service run yet?")
+        conn = sqlite3.connect(
+            path, isolation_level=None, check_same_thread=False, timeout=busy_timeout
+        )
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={synchronous}")
+        conn.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
+        conn.execute("PRAGMA foreign_keys=ON")
+        if create:
+            conn.executescript(SCHEMA)
+            conn.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
+                (str(SCHEMA_VERSION),),
+            )
+        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    except sqlite3.Error as exc:
+        raise StoreUnavailable(f"cannot open store {str(path)!r}: {exc}") from exc
+    if row is None or int(row[0]) > SCHEMA_VERSION:
+        conn.close()
+        found = "none" if row is None else row[0]
+        raise StoreUnavailable(
+            f"store {str(path)!r} has schema version {found}; this orchestrator understands "
+            f"up to {SCHEMA_VERSION}: upgrade orchestrator or point state_dir elsewhere"
+        )
+    return conn
+
+
+# --- operations: plain functions of a connection, run inside a transaction by the caller -----
+
+
+def _item(row: Sequence[Any]) -> Item:
+    return Item(
+        seq=row[0], id=row[1], source=row[2], key=row[3], route=tuple(json.loads(row[4])),
+        path=row[5], payload=row[6], stage_index=row[7], state=ItemState(row[8]),
+        attempts=row[9], interruptions=row[10], not_before=row[11], reason=row[12],
+        created_at=row[13], updated_at=row[14],
+    )  # fmt: skip
+
+
+def _run(row: Sequence[Any]) -> RunRecord:
+    return RunRecord(
+        id=row[0], item_seq=row[1], stage=row[2], attempt=row[3], started_at=row[4],
+        ended_at=row[5], outcome=row[6], exit_code=row[7], signal=row[8], duration=row[9],
+        slot_wait=row[10], pid=row[11], pgid=row[12], log_path=row[13], tail=row[14],
+        reason=row[15],
+    )  # fmt: skip
+
+
+def _event(
+    conn: sqlite3.Connection, seq: int, now: float, event: str, stage: str | None,
+    state: str, detail: str | None = None,
+) -> None:  # fmt: skip
+    conn.execute(
+        "INSERT INTO events (item_seq, at, event, stage, state, detail) VALUES (?, ?, ?, ?, ?, ?)",
+        (seq, now, event, stage, state, detail),
+    )
+
+
+def op_ingest(conn: sqlite3.Connection, items: Iterable[NewItem]) -> list[Item]:
+    """Insert the items a source found; those whose (source, key) is known are skipped.
+
+    Returns the items actually inserted.
+    """
+    now = time.time()
+    added = []
+    for new in items:
+        route = json.dumps(list(new.route))
+        cur = conn.execute(
+            "INSERT OR IGNORE INTO items (id, source, key, path, payload, route, state, reason,"
+            " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (new.id, new.source, new.key, new.path, new.payload, route, new.state.value,
+             new.reason, now, now),
+        )  # fmt: skip
+        if cur.rowcount != 1:
+            continue
+        seq = cur.lastrowid
+        assert seq is not None
+        stage = new.route[0] if new.route and new.state is ItemState.QUEUED else None
+        _event(conn, seq, now, "ingested", stage, new.state.value, new.reason)
+        added.append(
+            Item(
+                seq=seq, id=new.id, source=new.source, key=new.key, route=new.route,
+                path=new.path, payload=new.payload, stage_index=0, state=new.state,
+                attempts=0, interruptions=0, not_before=None, reason=new.reason,
+                created_at=now, updated_at=now,
+            )  # fmt: skip
+        )
+    return added
+
+
+def op_start_run(
+    conn: sqlite3.Connection, item: Item, stage: str, slot_wait: float, instance: str | None
+) -> tuple[int, int] | None:
+    """Atomically claim a queued (or retry-waiting) item for a run of ``stage``.
+
+    Returns ``(run_id, attempt)``, or None when the item is no longer claimable there.
+    """
+    now = time.time()
+    cur = conn.execute(
+        "UPDATE items SET state = 'running', attempts = attempts + 1, not_before = NULL,"
+        " updated_at = ? WHERE seq = ? AND stage_index = ? AND state IN ('queued', 'retry_wait')"
+        " RETURNING attempts",
+        (now, item.seq, item.stage_index),
+    )
+    row = cur.fetchone()
+    if row is None:
+        return None
+    attempt = int(row[0])
+    cur = conn.execute(
+        "INSERT INTO runs (item_seq, stage, attempt, instance, started_at, slot_wait)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        (item.seq, stage, attempt, instance, now, slot_wait),
+    )
+    run_id = cur.lastrowid
+    assert run_id is not None
+    _event(conn, item.seq, now, "started", stage, "running", f"run {run_id} attempt {attempt}")
+    return run_id, attempt
+
+
+def op_finish_run(
+    conn: sqlite3.Connection,
+    *,
+    run_id: int,
+    item: Item,
+    result: RunResult,
+    transition: Transition,
+    log_path: str | None,
+) -> None:
+    """Atomically close a run with its result and move its item as ``transition`` says."""
+    now = time.time()
+    conn.execute(
+        "UPDATE runs SET ended_at = ?, outcome = ?, exit_code = ?, signal = ?, duration = ?,"
+        " pid = ?, pgid = ?, log_path = ?, tail = ?, reason = ? WHERE id = ?",
+        (now, result.outcome.value, result.exit_code, result.signal, result.duration,
+         result.pid, result.pid, log_path, result.tail, result.reason, run_id),
+    )  # fmt: skip
+    conn.execute(
+        "UPDATE items SET state = ?, stage_index = ?, attempts = ?, not_before = ?, reason = ?,"
+        " updated_at = ? WHERE seq = ?",
+        (transition.state.value, transition.stage_index, transition.attempts,
+         transition.not_before, transition.reason, now, item.seq),
+    )  # fmt: skip
+    stage = item.route[transition.stage_index] if transition.stage_index < len(item.route) else None
+    _event(conn, item.seq, now, result.outcome.value, stage, transition.state.value,
+           transition.reason)  # fmt: skip
+
+
+def op_pending_items(conn: sqlite3.Connection) -> list[Item]:
+    """Every item not yet in a terminal state, oldest first."""
+    rows = conn.execute(
+        f"SELECT {_ITEM_COLUMNS} FROM items"
+        " WHERE state IN ('queued', 'running', 'retry_wait') ORDER BY seq"
+    )
+    return [_item(r) for r in rows]
+
+
+@attrs.frozen
+class Recovery:
+    """What start-up recovery found of a dead instance's work."""
+
+    interrupted: int
+    poisoned: int
+
+
+def op_recover(conn: sqlite3.Connection, max_interruptions: int) -> Recovery:
+    """Close runs a dead instance left open as ``interrupted``; re-queue or kill their items.
+
+    An item interrupted ``max_interruptions`` times is dead as a poison item. Attempts are kept.
+    """
+    now = time.time()
+    open_runs = conn.execute(
+        "SELECT id, item_seq, stage FROM runs WHERE outcome IS NULL ORDER BY id"
+    ).fetchall()
+    poisoned = 0
+    for run_id, seq, stage in open_runs:
+        conn.execute(
+            "UPDATE runs SET outcome = 'interrupted', ended_at = ?,"
+            " duration = ? - started_at, reason = 'the instance running it died' WHERE id = ?",
+            (now, now, run_id),
+        )
+        row = conn.execute(
+            "UPDATE items SET interruptions = interruptions + 1, updated_at = ?"
+            " WHERE seq = ? AND state = 'running' RETURNING interruptions",
+            (now, seq),
+        ).fetchone()
+        if row is None:
+            continue
+        if row[0] >= max_interruptions:
+            reason = f"poison item: interrupted {row[0]} times at stage {stage!r}"
+            conn.execute(
+                "UPDATE items SET state = 'dead', reason = ? WHERE seq = ?", (reason, seq)
+            )
+            _event(conn, seq, now, "interrupted", stage, "dead", reason)
+            poisoned += 1
+        else:
+            conn.execute("UPDATE items SET state = 'queued' WHERE seq = ?", (seq,))
+            _event(conn, seq, now, "interrupted", stage, "queued", f"run {run_id}")
+    # An item left 'running' without an open run (cannot happen through these functions, but a
+    # hand-edited store must not wedge an item forever) goes back to its queue.
+    conn.execute("UPDATE items SET state = 'queued' WHERE state = 'running'")
+    return Recovery(interrupted=len(open_runs), poisoned=poisoned)
+
+
+def op_source_keys(conn: sqlite3.Connection, source: str) -> set[str]:
+    """The dedupe keys a source has ingested so far."""
+    return {r[0] for r in conn.execute("SELECT key FROM items WHERE source = ?", (source,))}
+
+
+def op_counts(conn: sqlite3.Connection) -> list[tuple[str | None, str, int]]:
+    """``(stage, state, count)`` rows; stage is None for items past their route or rejected."""
+    rows = conn.execute(
+        "SELECT route, stage_index, state, count(*) FROM items GROUP BY route, stage_index, state"
+    )
+    merged: dict[tuple[str | None, str], int] = {}
+    for route, index, state, n in rows:
+        names = json.loads(route)
+        stage = names[index] if index < len(names) and state != "done" else None
+        merged[stage, state] = merged.get((stage, state), 0) + n
+    return [(stage, state, n) for (stage, state), n in merged.items()]
+
+
+def op_list_items(
+    conn: sqlite3.Connection, state: str | None = None, limit: int | None = None
+) -> list[Item]:
+    """Items, oldest first, optionally only those in ``state``."""
+    sql = f"SELECT {_ITEM_COLUMNS} FROM items"
+    args: list[Any] = []
+    if state is not None:
+        sql += " WHERE state = ?"
+        args.append(state)
+    sql += " ORDER BY seq"
+    if limit is not None:
+        sql += " LIMIT ?"
+        args.append(limit)
+    return [_item(r) for r in conn.execute(sql, args)]
+
+
+def op_get_item(conn: sqlite3.Connection, item_id: str) -> Item:
+    """The item with this id.
+
+    Raises:
+        ItemNotFound: no such item.
+    """
+    row = conn.execute(f"SELECT {_ITEM_COLUMNS} FROM items WHERE id = ?", (item_id,)).fetchone()
+    if row is None:
+        raise ItemNotFound(item_id)
+    return _item(row)
+
+
+def op_item_runs(conn: sqlite3.Connection, seq: int) -> list[RunRecord]:
+    """Every run of an item, oldest first."""
+    rows = conn.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE item_seq = ? ORDER BY id", (seq,))
+    return [_run(r) for r in rows]
+
+
+def op_run_stats(conn: sqlite3.Connection) -> list[tuple[str, str, int, float, float, float]]:
+    """Per stage and outcome: ``(stage, outcome, runs, mean duration, max duration, mean wait)``."""
+    rows = conn.execute(
+        "SELECT stage, outcome, count(*), avg(duration), max(duration), avg(slot_wait)"
+        " FROM runs WHERE outcome IS NOT NULL GROUP BY stage, outcome ORDER BY stage, outcome"
+    )
+    return [tuple(r) for r in rows]  # type: ignore[misc]
+
+
+# --- the async store -------------------------------------------------------------------------
+
+
+@attrs.define(eq=False)
+class _Op:
+    fn: Callable[[sqlite3.Connection], Any]
+    done: trio.Event = attrs.field(factory=trio.Event)
+    result: Any = None
+    error: BaseException | None = None
+
+
+class SqliteStore:
+    """Async face of the SQLite store; every call is durable when it returns.
+
+    Built by `open_sqlite_store`, which owns the committer task.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        self.path = path
+        self._conn = conn
+        self._pending: list[_Op] = []
+        self._wakeup = trio.Event()
+        self._limiter = trio.CapacityLimiter(1)
+        self._closed = False
+        #: Transactions committed and operations carried, for benchmarks and metrics.
+        self.commits = 0
+        self.operations = 0
+
+    async def call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn(conn)`` in its own savepoint of the next group commit; return its result.
+
+        Raises:
+            StoreUnavailable: the store is closed or the transaction could not be committed.
+        """
+        if self._closed:
+            raise StoreUnavailable("the store is closed")
+        op = _Op(fn)
+        self._pending.append(op)
+        self._wakeup.set()
+        await op.done.wait()
+        if op.error is not None:
+            raise op.error
+        return op.result  # type: ignore[no-any-return]
+
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run a read-only ``fn(conn)`` in the store's thread, outside any batch."""
+        return await trio.to_thread.run_sync(fn, self._conn, limiter=self._limiter)
+
+    async def serve_committer(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Commit queued operations in groups until cancelled."""
+        task_status.started()
+        while True:
+            await self._wakeup.wait()
+            self._wakeup = trio.Event()
+            batch, self._pending = self._pending, []
+            try:
+                await trio.to_thread.run_sync(self._commit, batch, limiter=self._limiter)
+            finally:
+                for op in batch:
+                    op.done.set()
+
+    def _commit(self, batch: list[_Op]) -> None:
+        conn = self._conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for op in batch:
+                conn.execute("SAVEPOINT op")
+                try:
+                    op.result = op.fn(conn)
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO op")
+                    op.error = exc
+                conn.execute("RELEASE op")
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            error = StoreUnavailable(f"cannot write the store {str(self.path)!r}: {exc}")
+            for op in batch:
+                op.error = error
+            return
+        self.commits += 1
+        self.operations += len(batch)
+
+    # Typed conveniences over `call` for the engine.
+
+    async def ingest(self, items: Sequence[NewItem]) -> list[Item]:
+        """Durably add new items; known (source, key) pairs are skipped. Returns those added."""
+        return await self.call(lambda c: op_ingest(c, items))
+
+    async def start_run(
+        self, item: Item, stage: str, slot_wait: float, instance: str | None
+    ) -> tuple[int, int] | None:
+        """Durably claim ``item`` for a run; see `op_start_run`."""
+        return await self.call(lambda c: op_start_run(c, item, stage, slot_wait, instance))
+
+    async def finish_run(
+        self, *, run_id: int, item: Item, result: RunResult, transition: Transition,
+        log_path: str | None,
+    ) -> None:  # fmt: skip
+        """Durably close a run and move its item; see `op_finish_run`."""
+        await self.call(
+            lambda c: op_finish_run(
+                c, run_id=run_id, item=item, result=result, transition=transition,
+                log_path=log_path,
+            )  # fmt: skip
+        )
+
+    async def close(self) -> None:
+        self._closed = True
+        error = StoreUnavailable("the store is closed")
+        for op in self._pending:
+            op.error = error
+            op.done.set()
+        self._pending.clear()
+        await trio.to_thread.run_sync(self._conn.close, limiter=self._limiter)
+
+
+@asynccontextmanager
+async def open_sqlite_store(
+    path: Path, *, synchronous: str = "FULL", busy_timeout: float = 5.0
+) -> AsyncIterator[SqliteStore]:
+    """Open (creating if needed) the store at ``path`` and run its committer for the block.
+
+    Synopsis::
+
+        async with open_sqlite_store(state_dir / "orchestrator.db") as store:
+            added = await store.ingest(new_items)
+    """
+    conn = await trio.to_thread.run_sync(
+        lambda: connect(path, synchronous=synchronous, busy_timeout=busy_timeout)
+    )
+    store = SqliteStore(conn, path)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.serve_committer)
+            try:
+                yield store
+            finally:
+                # Let operations already queued commit before the committer goes away.
+                with trio.move_on_after(10, shield=True):
+                    while store._pending:
+                        await trio.sleep(0.001)
+                nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            await store.close()

@@ -1,0 +1,151 @@
+"""The service: the task tree, its start-up order and its shutdown.
+
+::
+
+    trio.run(serve, config)
+    └─ serve                      opens the store (its committer task), recovers, then:
+       ├─ signals                 SIGTERM/SIGINT → drain; a second SIGINT → stop now
+       ├─ timers                  items in retry_wait come back to their stage's queue
+       ├─ batch-end               (batch only) drains once sources are exhausted and nothing is left
+       └─ workers                 per stage: `concurrency` tasks: item → slots → claim → run → record
+          └─ sources              per source: a poller: scan (thread) → settle → ingest → admit
+
+Start-up order: store → recovery of a dead instance's runs → pending items admitted → timers →
+workers → sources. Sources start last so that nothing is ingested before there is someone to run
+it, and workers start before sources so that recovered items run first (FIFO).
+
+Shutdown (drain): stop the sources → workers finish the run they are in and take no other →
+at ``shutdown_grace`` the runs still going are cancelled (their process trees killed TERM → grace
+→ KILL, runs recorded ``cancelled``, items re-queued without spending an attempt) → store closed.
+"""
+
+from __future__ import annotations
+
+import functools
+import signal
+import uuid
+from typing import TYPE_CHECKING
+
+import attrs
+import trio
+from loguru import logger
+
+from orchestrator.errors import StoreUnavailable
+from orchestrator.store.sqlite import Recovery, op_pending_items, op_recover, open_sqlite_store
+from orchestrator.workers import Engine, Tally
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from orchestrator.config import Config
+
+__all__ = ["ServiceResult", "serve"]
+
+
+@attrs.frozen
+class ServiceResult:
+    """How a service or batch run ended."""
+
+    tally: Tally
+    #: A signal ended it before the work was done.
+    interrupted: bool
+    recovery: Recovery
+    #: Seqs of every item this run took charge of.
+    admitted: frozenset[int]
+
+
+async def serve(
+    config: Config,
+    *,
+    batch: bool = False,
+    on_start: Callable[[Engine], None] | None = None,
+) -> ServiceResult:
+    """Run the pipeline: as a service until SIGTERM/SIGINT, or (``batch``) until all is done.
+
+    Args:
+        config: the loaded config.
+        batch: ingest what the sources hold now, process it all, then return.
+        on_start: called with the engine once it is built (progress bars, tests).
+
+    Raises:
+        StoreUnavailable: the store cannot be opened or written (the service cannot go on).
+    """
+    instance = uuid.uuid4().hex
+    interrupted = False
+    if config.db_path is None:
+        raise StoreUnavailable(
+            f"the PostgreSQL store ({config.state!r}) is not available in this version;"
+            ' use state = "sqlite"'
+        )
+    async with open_sqlite_store(
+        config.db_path, synchronous=config.store.synchronous,
+        busy_timeout=config.store.busy_timeout,
+    ) as store:  # fmt: skip
+        recovery = await store.call(lambda c: op_recover(c, config.max_interruptions))
+        if recovery.interrupted:
+            logger.warning(
+                "recovered {} run(s) left open by a dead instance; {} poison item(s) now dead",
+                recovery.interrupted, recovery.poisoned,
+            )  # fmt: skip
+        pending = await store.read(op_pending_items)
+        engine = Engine(config, store, instance=instance)
+        if on_start is not None:
+            on_start(engine)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as root:
+                await root.start(engine.serve_timers)
+                for item in pending:
+                    engine.admit(item)
+                sources_scope = trio.CancelScope()
+
+                async with trio.open_nursery() as workers:
+
+                    def drain(grace: float) -> None:
+                        sources_scope.cancel()
+                        engine.stop_taking_work()
+                        workers.cancel_scope.deadline = min(
+                            workers.cancel_scope.deadline, trio.current_time() + grace
+                        )
+
+                    async def watch_signals() -> None:
+                        nonlocal interrupted
+                        async for signum in signals:
+                            name = signal.Signals(signum).name
+                            if not interrupted:
+                                interrupted = True
+                                logger.warning(
+                                    "{}: draining; running stages get {:g}s to finish",
+                                    name, config.shutdown_grace,
+                                )  # fmt: skip
+                                drain(config.shutdown_grace)
+                            elif signum == signal.SIGINT:
+                                logger.warning("second SIGINT: stopping now")
+                                drain(0)
+
+                    async def end_of_batch() -> None:
+                        await engine.sources_exhausted.wait_value(len(config.sources))
+                        await engine.outstanding.wait_value(0)
+                        drain(0)
+
+                    root.start_soon(watch_signals, name="signals")
+                    if batch:
+                        root.start_soon(end_of_batch, name="batch-end")
+                    for stage in config.stages:
+                        for n in range(stage.concurrency):
+                            workers.start_soon(
+                                engine.serve_worker, stage, name=f"worker:{stage.name}:{n}"
+                            )
+                    with sources_scope:
+                        async with trio.open_nursery() as sources:
+                            for source in config.sources:
+                                await sources.start(
+                                    functools.partial(engine.serve_source, source, once=batch),
+                                    name=f"source:{source.name}",
+                                )
+                        if not batch:
+                            await trio.sleep_forever()
+                root.cancel_scope.cancel()
+    return ServiceResult(
+        tally=engine.tally, interrupted=interrupted, recovery=recovery,
+        admitted=frozenset(engine.admitted),
+    )  # fmt: skip

@@ -1,0 +1,349 @@
+"""The engine: per-stage queues, stage workers, source pollers feeding them, retry timers.
+
+The store is the truth; the queues here are an index of it for this process. Each stage has
+``concurrency`` worker tasks; a worker takes the next item of its stage (FIFO), acquires the
+stage's and pools' slots, durably claims the item, runs the command, durably records what
+happened, releases the slots and hands the item on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import time
+from typing import TYPE_CHECKING
+
+import attrs
+import trio
+import trio_util
+from loguru import logger
+
+from orchestrator.limits import Holder, Slots
+from orchestrator.pipeline import decide, expand_argv
+from orchestrator.runner import Command, Outcome, RunResult, run_command
+from orchestrator.sources import DirectorySource
+from orchestrator.errors import StoreError
+from orchestrator.store.records import TERMINAL_STATES, Item, ItemState, Transition
+from orchestrator.store.sqlite import op_finish_run, op_source_keys, op_start_run
+
+if TYPE_CHECKING:
+    import sqlite3
+    from collections.abc import Callable, Iterator
+    from pathlib import Path
+
+    from orchestrator.config import Config, SourceConfig, StageConfig
+    from orchestrator.store.sqlite import SqliteStore
+
+__all__ = ["Engine"]
+
+#: How long a worker may spend recording a run after shutdown cancelled it.
+RECORD_GRACE = 10.0
+#: A crashed poller is restarted after this many seconds, doubling up to POLLER_BACKOFF_MAX.
+POLLER_BACKOFF = 1.0
+POLLER_BACKOFF_MAX = 60.0
+#: In batch mode, how often files that are still being written are looked at again.
+BATCH_SETTLE_POLL = 0.2
+
+
+@attrs.define
+class Tally:
+    """What this process has seen happen, for progress bars and summaries."""
+
+    admitted: int = 0
+    done: int = 0
+    dead: int = 0
+    rejected: int = 0
+    runs: int = 0
+    retries: int = 0
+
+    @property
+    def finished(self) -> int:
+        return self.done + self.dead + self.rejected
+
+
+class Engine:
+    """Everything the stage workers and pollers share. Built and driven by the supervisor."""
+
+    def __init__(self, config: Config, store: SqliteStore, *, instance: str) -> None:
+        self.config = config
+        self.store = store
+        self.instance = instance
+        self.slots = Slots(config)
+        self.stages = {s.name: s for s in config.stages}
+        self._queues = {
+            s.name: trio.open_memory_channel[Item](math.inf) for s in config.stages
+        }
+        base = dict(os.environ)
+        self._stage_env = {s.name: {**base, **s.env} for s in config.stages}
+        self.tally = Tally()
+        #: Items not yet terminal that this process knows of.
+        self.outstanding = trio_util.AsyncValue(0)
+        #: Seqs of the items this process admitted (a batch summarises these).
+        self.admitted: set[int] = set()
+        self.stopping = False
+        self._interruptible_scopes: set[trio.CancelScope] = set()
+        self._timers: trio.Nursery | None = None
+        self.on_change: Callable[[Tally], None] = lambda tally: None
+        #: Sources whose initial backlog is fully ingested (batch mode waits for all of them).
+        self.sources_exhausted = trio_util.AsyncValue(0)
+
+    # --- admission and dispatch -----------------------------------------------------------
+
+    def admit(self, item: Item) -> None:
+        """Take charge of an item from the store (ingested now, or pending from before)."""
+        if item.seq in self.admitted:
+            return
+        self.admitted.add(item.seq)
+        self.tally.admitted += 1
+        if item.state in TERMINAL_STATES:
+            self._count_terminal(item.state)
+            return
+        self.outstanding.value += 1
+        self._dispatch(item)
+
+    def _dispatch(self, item: Item) -> None:
+        if item.state is ItemState.RETRY_WAIT and item.not_before is not None:
+            delay = item.not_before - time.time()
+            if delay > 0 and self._timers is not None:
+                self._timers.start_soon(self._retry_later, item, delay)
+                return
+        stage = item.stage
+        assert stage is not None
+        self._queues[stage][0].send_nowait(item)
+
+    async def _retry_later(self, item: Item, delay: float) -> None:
+        await trio.sleep(delay)
+        self._queues[item.stage or ""][0].send_nowait(item)
+
+    def _count_terminal(self, state: ItemState) -> None:
+        if state is ItemState.DONE:
+            self.tally.done += 1
+        elif state is ItemState.DEAD:
+            self.tally.dead += 1
+        else:
+            self.tally.rejected += 1
+        self.on_change(self.tally)
+
+    def queue_depths(self) -> dict[str, int]:
+        """Items waiting in each stage's queue (not counting retry timers)."""
+        return {
+            name: send.statistics().current_buffer_used for name, (send, _) in self._queues.items()
+        }
+
+    # --- shutdown --------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _interruptible(self) -> Iterator[trio.CancelScope]:
+        """A scope that `stop_taking_work` cancels: waiting for an item or a slot."""
+        with trio.CancelScope() as scope:
+            if self.stopping:
+                scope.cancel()
+            self._interruptible_scopes.add(scope)
+            try:
+                yield scope
+            finally:
+                self._interruptible_scopes.discard(scope)
+
+    def stop_taking_work(self) -> None:
+        """Workers finish the run they are in and start no other."""
+        self.stopping = True
+        for scope in list(self._interruptible_scopes):
+            scope.cancel()
+
+    # --- workers ---------------------------------------------------------------------------
+
+    async def serve_timers(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the retry timers until cancelled (pending retries stay ``retry_wait`` in the store)."""
+        async with trio.open_nursery() as nursery:
+            self._timers = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def serve_worker(self, stage: StageConfig) -> None:
+        """Run items of ``stage`` one after another until told to stop."""
+        receive = self._queues[stage.name][1]
+        while not self.stopping:
+            with self._interruptible() as idle:
+                item = await receive.receive()
+            if idle.cancelled_caught:
+                return
+            await self._process(stage, item)
+
+    async def _process(self, stage: StageConfig, item: Item) -> None:
+        holder = Holder(item.id, stage.name)
+        with self._interruptible() as idle:
+            slot_wait = await self.slots.acquire(holder)
+        if idle.cancelled_caught:
+            return  # still queued in the store; the next start picks it up
+        workdir = self.config.state_dir / "work" / str(item.seq)
+        pid: int | None = None
+
+        def remember(p: int) -> None:
+            nonlocal pid
+            pid = p
+
+        try:
+            with trio.CancelScope(shield=True):
+                claim = await self.store.call(
+                    lambda c: _claim(c, item, stage.name, slot_wait, self.instance, workdir)
+                )
+            if claim is None:
+                logger.bind(item=item.id, stage=stage.name).warning("item no longer claimable")
+                return
+            run_id, attempt = claim
+            item = attrs.evolve(item, state=ItemState.RUNNING, attempts=attempt)
+            log = logger.bind(item=item.id, stage=stage.name, attempt=attempt, run=run_id)
+            log_path = self.config.state_dir / "runs" / f"{run_id}.log"
+            command = self._command(stage, item, attempt, run_id, workdir, log_path)
+            log.debug("run started: {}", command.argv)
+            try:
+                result = await run_command(command, on_spawn=remember)
+            except trio.Cancelled:
+                result = RunResult(
+                    outcome=Outcome.CANCELLED, exit_code=None, signal=None, pid=pid,
+                    duration=0.0, tail="", reason="cancelled by shutdown; process group killed",
+                )  # fmt: skip
+                transition = decide(item, stage, result, now=time.time())
+                with trio.move_on_after(RECORD_GRACE, shield=True):
+                    await self.store.finish_run(
+                        run_id=run_id, item=item, result=result, transition=transition,
+                        log_path=None,
+                    )  # fmt: skip
+                log.warning("run cancelled by shutdown; item re-queued")
+                raise
+        finally:
+            self.slots.release(holder)
+
+        transition = decide(item, stage, result, now=time.time())
+        logged_path = str(log_path) if result.output_bytes else None
+        with trio.CancelScope(shield=True):
+            await self.store.call(
+                lambda c: _finish(c, run_id, item, result, transition, logged_path, workdir)
+            )
+        self.tally.runs += 1
+        if result.outcome is Outcome.OK:
+            log.info("run ok in {:.3f}s", result.duration)
+        else:
+            tail = f"; output tail:\n{result.tail}" if result.tail else ""
+            nxt = transition.state.value
+            log.warning("run {} ({}) -> {}{}", result.outcome.value, result.reason, nxt, tail)
+        moved = attrs.evolve(
+            item, state=transition.state, stage_index=transition.stage_index,
+            attempts=transition.attempts, not_before=transition.not_before,
+            reason=transition.reason,
+        )  # fmt: skip
+        if transition.state in TERMINAL_STATES:
+            self.outstanding.value -= 1
+            self._count_terminal(transition.state)
+            if transition.state is ItemState.DEAD:
+                log.error("item dead: {}", transition.reason)
+        else:
+            if transition.state is ItemState.RETRY_WAIT:
+                self.tally.retries += 1
+            self._dispatch(moved)
+            self.on_change(self.tally)
+
+    def _command(
+        self, stage: StageConfig, item: Item, attempt: int, run_id: int, workdir: Path,
+        log_path: Path,
+    ) -> Command:  # fmt: skip
+        payload = str(workdir / "payload.json") if item.payload is not None else ""
+        path = item.path if item.path is not None else payload
+        values = {
+            "path": path,
+            "name": os.path.basename(path) if item.path else item.id,
+            "item": item.id,
+            "stage": stage.name,
+            "attempt": str(attempt),
+            "workdir": str(workdir),
+            "payload": payload,
+        }
+        env = dict(self._stage_env[stage.name])
+        env.update({f"ORCH_{k.upper()}": v for k, v in values.items()})
+        env["ORCH_RUN"] = str(run_id)
+        env["ORCH_INSTANCE"] = self.instance
+        return Command(
+            argv=expand_argv(stage.command, values), env=env,
+            cwd=str(stage.cwd) if stage.cwd is not None else None,
+            timeout=stage.timeout, stall_timeout=stage.stall_timeout,
+            grace_period=stage.grace_period, log_path=log_path,
+            output_limit=stage.output_limit,
+        )  # fmt: skip
+
+    # --- sources ---------------------------------------------------------------------------
+
+    async def serve_source(
+        self, source: SourceConfig, *, once: bool = False,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:  # fmt: skip
+        """Poll ``source`` and admit what it yields; restarted with backoff when it fails.
+
+        With ``once``, return after everything the source holds now has been ingested
+        (files still being written are waited for until they settle).
+        """
+        known = await self.store.read(lambda c: op_source_keys(c, source.name))
+        poller = DirectorySource(source, known)
+        log = logger.bind(source=source.name)
+        task_status.started()
+        backoff = POLLER_BACKOFF
+        interval = min(source.poll_interval, BATCH_SETTLE_POLL) if once else source.poll_interval
+        while True:
+            try:
+                async with contextlib.aclosing(trio_util.periodic(interval)) as ticks:
+                    async for _ in ticks:
+                        await self._poll(poller)
+                        backoff = POLLER_BACKOFF
+                        if once and poller.unsettled == 0:
+                            self.sources_exhausted.value += 1
+                            return
+            except Exception as exc:  # a poller must not take the service down
+                if _is_store_failure(exc):
+                    raise
+                log.opt(exception=exc).error("source poller failed; restart in {:.0f}s", backoff)
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, POLLER_BACKOFF_MAX)
+
+    async def _poll(self, poller: DirectorySource) -> None:
+        files = await trio.to_thread.run_sync(poller.scan)
+        new = poller.select(files)
+        if not new:
+            return
+        added = await self.store.ingest(new)
+        poller.accepted(n.key for n in new)
+        if added:
+            logger.bind(source=poller.name).info("ingested {} item(s)", len(added))
+        for item in added:
+            self.admit(item)
+
+
+def _is_store_failure(exc: BaseException) -> bool:
+    if isinstance(exc, BaseExceptionGroup):
+        return any(_is_store_failure(e) for e in exc.exceptions)
+    return isinstance(exc, StoreError)
+
+
+def _claim(
+    conn: sqlite3.Connection, item: Item, stage: str, slot_wait: float, instance: str,
+    workdir: Path,
+) -> tuple[int, int] | None:  # fmt: skip
+    # Runs in the store's thread: the workdir and payload file are made off the event loop.
+    claim = op_start_run(conn, item, stage, slot_wait, instance)
+    if claim is not None:
+        os.makedirs(workdir, mode=0o700, exist_ok=True)
+        if item.payload is not None:
+            payload = workdir / "payload.json"
+            if not payload.exists():
+                payload.write_text(item.payload)
+    return claim
+
+
+def _finish(
+    conn: sqlite3.Connection, run_id: int, item: Item, result: RunResult, transition: Transition,
+    log_path: str | None, workdir: Path,
+) -> None:  # fmt: skip
+    op_finish_run(conn, run_id=run_id, item=item, result=result, transition=transition,
+                  log_path=log_path)  # fmt: skip
+    if transition.state is ItemState.DONE:
+        shutil.rmtree(workdir, ignore_errors=True)
