@@ -82,7 +82,7 @@ def configure_logging(config: LogConfig | None, *, console_level: str | None = N
         config.file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         logger.add(
             str(config.file), level=level, format=_json if as_json else _human,
-            colorize=False, rotation=config.rotation, retention=config.retention,
+            colorize=False, rotation=config.rotation_bytes, retention=config.retention,
             compression=config.compression, enqueue=True, delay=True, backtrace=False,
             diagnose=False,
         )  # fmt: skip

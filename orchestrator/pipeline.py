@@ -51,8 +51,8 @@ def backoff_delay(
     The cap grows as ``backoff * 2**(attempt-1)`` up to ``backoff_max``; the delay is drawn
     uniformly below the cap, so retries of many items spread out instead of stampeding.
     """
-    cap = min(stage.backoff_max, stage.backoff * 2 ** (attempt - 1))
-    return rand() * cap
+    cap = min(stage.backoff_max, stage.backoff * 2.0 ** (attempt - 1))
+    return float(rand() * cap)
 
 
 def decide(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.durations import format_duration
@@ -36,7 +37,7 @@ def plan_dict(config: Config) -> dict[str, Any]:
                 "pattern": list(s.pattern), "recursive": s.recursive, "settle": s.settle,
                 "poll_interval": s.poll_interval, "route": list(s.route),
                 "on_done": _disposition(s.on_done), "on_dead": _disposition(s.on_dead),
-            }  # fmt: skip
+            }
             for s in config.sources
         ],
         "stages": [
@@ -45,11 +46,11 @@ def plan_dict(config: Config) -> dict[str, Any]:
                 "pools": list(s.pools), "timeout": s.timeout, "stall_timeout": s.stall_timeout,
                 "grace_period": s.grace_period, "retries": s.retries, "backoff": s.backoff,
                 "backoff_max": s.backoff_max, "fatal_exit_codes": list(s.fatal_exit_codes),
-            }  # fmt: skip
+            }
             for s in config.stages
         ],
         "pools": {name: {"size": size, "stages": users.get(name, [])}
-                  for name, size in config.pools.items()},  # fmt: skip
+                  for name, size in config.pools.items()},
     }
 
 
@@ -75,16 +76,17 @@ def print_plan(config: Config, path: Path) -> None:
         console.print("  route: " + " → ".join(s.route))
     console.print()
     table = Table(title="stages", title_justify="left")
-    for col in ("stage", "limit", "pools", "timeout", "stall", "grace", "retries", "backoff",
-                "command"):  # fmt: skip
+    for col in ("stage", "limit", "pools", "timeout", "stall", "grace", "retries", "backoff"):
         table.add_column(col)
-    for s in config.stages:
+    for st in config.stages:
         table.add_row(
-            s.name, str(s.concurrency), ", ".join(s.pools) or "-", d(s.timeout),
-            d(s.stall_timeout), d(s.grace_period), str(s.retries),
-            f"{d(s.backoff)}..{d(s.backoff_max)}", " ".join(s.command),
+            st.name, str(st.concurrency), ", ".join(st.pools) or "-", d(st.timeout),
+            d(st.stall_timeout), d(st.grace_period), str(st.retries),
+            f"{d(st.backoff)}..{d(st.backoff_max)}",
         )  # fmt: skip
     console.print(table)
+    for st in config.stages:
+        console.print(f"{st.name}: {shlex.join(st.command)}", soft_wrap=True)
     if config.pools:
         users = plan_dict(config)["pools"]
         for name, info in users.items():

@@ -20,11 +20,11 @@ import trio
 import trio_util
 from loguru import logger
 
+from orchestrator.errors import StoreError
 from orchestrator.limits import Holder, Slots
 from orchestrator.pipeline import decide, expand_argv
 from orchestrator.runner import Command, Outcome, RunResult, run_command
 from orchestrator.sources import DirectorySource
-from orchestrator.errors import StoreError
 from orchestrator.store.records import TERMINAL_STATES, Item, ItemState, Transition
 from orchestrator.store.sqlite import op_finish_run, op_source_keys, op_start_run
 
@@ -200,7 +200,9 @@ class Engine:
             log.debug("run started: {}", command.argv)
             try:
                 result = await run_command(command, on_spawn=remember)
-            except trio.Cancelled:
+            except BaseException as exc:
+                if not _is_cancellation(exc):
+                    raise
                 result = RunResult(
                     outcome=Outcome.CANCELLED, exit_code=None, signal=None, pid=pid,
                     duration=0.0, tail="", reason="cancelled by shutdown; process group killed",
@@ -316,6 +318,13 @@ class Engine:
             logger.bind(source=poller.name).info("ingested {} item(s)", len(added))
         for item in added:
             self.admit(item)
+
+
+def _is_cancellation(exc: BaseException) -> bool:
+    # Nurseries wrap even a lone Cancelled in a group (strict exception groups).
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_is_cancellation(e) for e in exc.exceptions)
+    return isinstance(exc, trio.Cancelled)
 
 
 def _is_store_failure(exc: BaseException) -> bool:

@@ -222,7 +222,7 @@ def op_ingest(conn: sqlite3.Connection, items: Iterable[NewItem]) -> list[Item]:
                 path=new.path, payload=new.payload, stage_index=0, state=new.state,
                 attempts=0, interruptions=0, not_before=None, reason=new.reason,
                 created_at=now, updated_at=now,
-            )  # fmt: skip
+            )
         )
     return added
 
@@ -398,7 +398,7 @@ def op_run_stats(conn: sqlite3.Connection) -> list[tuple[str, str, int, float, f
         "SELECT stage, outcome, count(*), avg(duration), max(duration), avg(slot_wait)"
         " FROM runs WHERE outcome IS NOT NULL GROUP BY stage, outcome ORDER BY stage, outcome"
     )
-    return [tuple(r) for r in rows]  # type: ignore[misc]
+    return [tuple(r) for r in rows]
 
 
 # --- the async store -------------------------------------------------------------------------
@@ -509,7 +509,7 @@ class SqliteStore:
             lambda c: op_finish_run(
                 c, run_id=run_id, item=item, result=result, transition=transition,
                 log_path=log_path,
-            )  # fmt: skip
+            )
         )
 
     async def close(self) -> None:
@@ -543,10 +543,10 @@ async def open_sqlite_store(
             try:
                 yield store
             finally:
-                # Let operations already queued commit before the committer goes away.
+                # Let operations already queued commit before the committer goes away: batches
+                # run in order, so once this no-op is through, everything before it is too.
                 with trio.move_on_after(10, shield=True):
-                    while store._pending:
-                        await trio.sleep(0.001)
+                    await store.call(lambda c: None)
                 nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):

@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from orchestrator.config import load_config
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from orchestrator.config import Config
+
+PROGRAMS = Path(__file__).parent / "programs"
+PY = sys.executable
+
+
+@pytest.fixture
+def write_config(tmp_path: Path) -> Callable[[str], Config]:
+    """Write a TOML config into tmp_path and load it."""
+
+    def write(text: str, name: str = "orchestrator.toml") -> Config:
+        path = tmp_path / name
+        path.write_text(textwrap.dedent(text))
+        return load_config(path)
+
+    return write
+
+
+def pids_alive(pids: list[int]) -> list[int]:
+    """The pids among ``pids`` that still exist and are not zombies."""
+    alive = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            continue
+        if state != "Z":
+            alive.append(pid)
+    return alive
+
+
+def processes_with_env(marker: str) -> list[int]:
+    """Pids of live processes whose environment contains ``marker`` (e.g. ``ORCH_INSTANCE=x``)."""
+    found = []
+    needle = marker.encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:
+            continue
+        if needle in env:
+            found.append(int(entry))
+    return pids_alive(found)

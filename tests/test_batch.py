@@ -1,0 +1,169 @@
+"""End to end through the real command line: real files, real processes, a real SQLite file."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from typing import TYPE_CHECKING
+
+from conftest import PROGRAMS, PY
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+STAGE = str(PROGRAMS / "locked_stage.py")
+
+
+def orchestrator(*args: str, cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator", *args],
+        cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False,
+    )  # fmt: skip
+
+
+def intervals(record: Path, stage: str) -> list[tuple[float, float]]:
+    starts: dict[str, float] = {}
+    spans = []
+    for line in record.read_text().splitlines():
+        kind, st, t, pid, _item = line.split(" ", 4)
+        if st != stage:
+            continue
+        if kind == "start":
+            starts[pid] = float(t)
+        elif kind == "end":
+            spans.append((starts.pop(pid), float(t)))
+    return spans
+
+
+def max_overlap(spans: list[tuple[float, float]]) -> int:
+    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
+    live = peak = 0
+    for _, d in events:
+        live += d
+        peak = max(peak, live)
+    return peak
+
+
+def test_seed_scenario_exclusive_stages_never_overlap(tmp_path: Path) -> None:
+    # Given: 40 files in two sources racing for extract(1) -> convert(1) -> store(5), every stage
+    # program holding a non-blocking flock on one of its stage's N lock slots for its whole run.
+    locks = tmp_path / "locks"
+    locks.mkdir()
+    record = tmp_path / "record.txt"
+    for src in ("a", "b"):
+        (tmp_path / src).mkdir()
+        for i in range(20):
+            (tmp_path / src / f"{src}{i:02}.dat").write_text(str(i))
+
+    def stage(name: str, limit: int, seconds: float) -> str:
+        return textwrap.dedent(f"""
+            [[stages]]
+            name = "{name}"
+            command = ["{PY}", "{STAGE}", "{locks}", "{limit}", "{record}", "{seconds}"]
+            concurrency = {limit}
+            """)
+
+    sources = "".join(
+        textwrap.dedent(f"""
+            [[sources]]
+            name = "{src}"
+            type = "directory"
+            path = "{src}"
+            route = ["extract", "convert", "store"]
+            settle = "0s"
+            """)
+        for src in ("a", "b")
+    )
+    config = tmp_path / "seed.toml"
+    config.write_text(
+        '[http]\nlisten = false\n' + sources + stage("extract", 1, 0.02)
+        + stage("convert", 1, 0.02) + stage("store", 5, 0.25)
+    )
+
+    # When: the batch runs to the end.
+    proc = orchestrator("batch", "-c", str(config), "--json", "--no-progress", cwd=tmp_path)
+
+    # Then: every item is done, exactly once, and the OS saw no limit exceeded.
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["states"] == {"done": 40}
+    assert "OVERLAP" not in record.read_text()
+    assert max_overlap(intervals(record, "extract")) == 1
+    assert max_overlap(intervals(record, "convert")) == 1
+    store_peak = max_overlap(intervals(record, "store"))
+    assert 2 <= store_peak <= 5  # the wide stage really ran in parallel, within its limit
+    with sqlite3.connect(tmp_path / "state" / "orchestrator.db") as db:
+        runs = db.execute("SELECT stage, outcome, count(*) FROM runs GROUP BY stage, outcome")
+        assert sorted(runs) == [("convert", "ok", 40), ("extract", "ok", 40), ("store", "ok", 40)]
+    # And a second batch finds nothing new: files are never ingested twice.
+    again = orchestrator("batch", "-c", str(config), "--json", "--no-progress", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["items"] == 0
+
+
+def test_batch_exit_1_and_reason_when_an_item_is_dead(tmp_path: Path) -> None:
+    # Given: a stage that always fails, with two retries and a short backoff.
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "x.txt").write_text("x")
+    config = tmp_path / "c.toml"
+    config.write_text(textwrap.dedent(f"""
+        [http]
+        listen = false
+        [[sources]]
+        name = "in"
+        type = "directory"
+        path = "in"
+        route = ["boom"]
+        settle = "0s"
+        [[stages]]
+        name = "boom"
+        command = ["{PY}", "-c", "import sys; print('bad input', sys.argv[1]); sys.exit(4)", "{{name}}"]
+        retries = 2
+        backoff = "50ms"
+        """))
+
+    # When
+    proc = orchestrator("batch", "-c", str(config), "--json", "--no-progress", cwd=tmp_path)
+
+    # Then: exit 1, the item dead with its reason, three runs, the tail kept.
+    assert proc.returncode == 1, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["states"] == {"dead": 1}
+    [failed] = summary["failed_items"]
+    assert failed["id"] == "in:x.txt"
+    assert failed["stage"] == "boom"
+    assert "exit 4" in failed["reason"]
+    assert "after 3 attempts" in failed["reason"]
+    assert summary["stages"]["boom"]["outcomes"] == {"failed": 3}
+    with sqlite3.connect(tmp_path / "state" / "orchestrator.db") as db:
+        tails = [r[0] for r in db.execute("SELECT tail FROM runs ORDER BY id")]
+    assert tails == ["bad input x.txt"] * 3
+
+
+def test_batch_human_summary_and_check(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "one.txt").write_text("1")
+    config = tmp_path / "c.toml"
+    config.write_text(textwrap.dedent("""
+        [http]
+        listen = false
+        [[sources]]
+        name = "in"
+        type = "directory"
+        path = "in"
+        route = ["noop"]
+        settle = "0s"
+        [[stages]]
+        name = "noop"
+        command = ["true"]
+        """))
+    check = orchestrator("check", "-c", str(config), cwd=tmp_path)
+    assert check.returncode == 0, check.stderr
+    assert "noop" in check.stdout
+    assert "in" in check.stdout
+    proc = orchestrator("batch", "-c", str(config), "--no-progress", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "1 item(s): done 1" in proc.stdout

@@ -1,0 +1,202 @@
+"""The service in-process: retries, shutdown, hostile names -- real processes, real time."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import sqlite3
+from typing import TYPE_CHECKING
+
+import trio
+from conftest import PY, pids_alive, processes_with_env
+
+from orchestrator.supervisor import serve
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
+
+    from orchestrator.config import Config
+    from orchestrator.workers import Engine
+
+HOSTILE = [
+    "with space.txt",
+    "quote\"d'.txt",
+    "semi;colon.txt",
+    "amp&ersand.txt",
+    "$(touch PWNED).txt",
+    "new\nline.txt",
+    "`touch PWNED2`.txt",
+]
+
+
+def runs_of(state_dir: Path) -> list[tuple[str, int, float, str]]:
+    with sqlite3.connect(state_dir / "orchestrator.db") as db:
+        return db.execute(
+            "SELECT i.id, r.attempt, r.started_at, r.outcome FROM runs r"
+            " JOIN items i ON i.seq = r.item_seq ORDER BY r.id"
+        ).fetchall()
+
+
+async def test_hostile_file_names_reach_the_stage_as_one_argument_each(
+    tmp_path: Path, write_config: Callable[[str], Config]
+) -> None:
+    # Given: files whose names a shell would split, expand or execute.
+    inbox, out = tmp_path / "in", tmp_path / "out"
+    inbox.mkdir()
+    out.mkdir()
+    for name in HOSTILE:
+        (inbox / name).write_text(name)
+    dump = (
+        "import json, os, sys; "
+        f"open(os.path.join({str(out)!r}, str(os.getpid())), 'w').write(json.dumps(sys.argv[1:]))"
+    )
+    config = write_config(f"""
+        [http]
+        listen = false
+        [[sources]]
+        name = "in"
+        type = "directory"
+        path = "in"
+        route = ["dump"]
+        settle = "0s"
+        [[stages]]
+        name = "dump"
+        command = ["{PY}", "-c", "{dump}", "{{path}}", "{{name}}", "--item={{item}}"]
+        cwd = "."
+        concurrency = 3
+        """.replace("{dump}", dump.replace('"', '\\"')))
+
+    # When
+    result = await serve(config, batch=True)
+
+    # Then: each stage saw exactly [path, name, --item=id], and nothing was executed.
+    assert result.tally.done == len(HOSTILE)
+    seen = sorted(json.loads(p.read_text()) for p in out.iterdir())
+    expected = sorted(
+        [str(inbox / name), name, f"--item=in:{name}"] for name in HOSTILE
+    )
+    assert seen == expected
+    assert not list(tmp_path.rglob("PWNED*"))
+
+
+async def test_retries_with_growing_backoff_then_dead(
+    tmp_path: Path, write_config: Callable[[str], Config]
+) -> None:
+    # Given: a stage that always fails, three retries, backoff 0.2 s doubling (cap 0.2, 0.4, 0.8).
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a").write_text("a")
+    config = write_config(f"""
+        [http]
+        listen = false
+        [[sources]]
+        name = "in"
+        type = "directory"
+        path = "in"
+        route = ["flaky"]
+        settle = "0s"
+        [[stages]]
+        name = "flaky"
+        command = ["{PY}", "-c", "import sys; print('nope'); sys.exit(2)"]
+        retries = 3
+        backoff = "200ms"
+        backoff_max = "10s"
+        """)
+
+    # When
+    result = await serve(config, batch=True)
+
+    # Then: four attempts, each gap within its jitter cap, then dead with reason and tail.
+    assert result.tally.dead == 1
+    assert result.tally.retries == 3
+    runs = runs_of(config.state_dir)
+    assert [(r[1], r[3]) for r in runs] == [(1, "failed"), (2, "failed"), (3, "failed"),
+                                            (4, "failed")]  # fmt: skip
+    gaps = [b[2] - a[2] for a, b in itertools.pairwise(runs)]
+    for gap, cap in zip(gaps, (0.2, 0.4, 0.8), strict=True):
+        assert 0 <= gap <= cap + 0.25, (gaps, cap)
+    with sqlite3.connect(config.state_dir / "orchestrator.db") as db:
+        state, reason = db.execute("SELECT state, reason FROM items").fetchone()
+    assert state == "dead"
+    assert reason == "flaky: exit 2 (after 4 attempts)"
+
+
+async def test_fatal_exit_code_is_not_retried(
+    tmp_path: Path, write_config: Callable[[str], Config]
+) -> None:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a").write_text("a")
+    config = write_config("""
+        [http]
+        listen = false
+        [[sources]]
+        name = "in"
+        type = "directory"
+        path = "in"
+        route = ["s"]
+        settle = "0s"
+        [[stages]]
+        name = "s"
+        command = ["sh", "-c", "exit 9"]
+        retries = 5
+        fatal_exit_codes = [9]
+        """)
+    result = await serve(config, batch=True)
+    assert result.tally.dead == 1
+    assert len(runs_of(config.state_dir)) == 1
+
+
+async def test_sigterm_drains_then_cancels_and_requeues_without_spending_an_attempt(
+    tmp_path: Path, write_config: Callable[[str], Config]
+) -> None:
+    # Given: a service whose only stage runs far longer than the shutdown grace, and starts a
+    # grandchild that ignores SIGTERM.
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "slow").write_text("x")
+    pidfile = tmp_path / "pids"
+    script = (
+        f"(trap '' TERM; sleep 300) & echo $! >> {pidfile}; echo $$ >> {pidfile}; sleep 300"
+    )
+    config = write_config(f"""
+        shutdown_grace = "300ms"
+        [http]
+        listen = false
+        [[sources]]
+        name = "in"
+        type = "directory"
+        path = "in"
+        route = ["slow"]
+        settle = "0s"
+        poll_interval = "50ms"
+        [[stages]]
+        name = "slow"
+        command = ["sh", "-c", "{script}"]
+        grace_period = "300ms"
+        """)
+    engine_seen: list[Engine] = []
+    result = None
+
+    async def run_service() -> None:
+        nonlocal result
+        result = await serve(config, on_start=engine_seen.append)
+
+    # When: SIGTERM arrives while the run is going.
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_service)
+            while not (pidfile.exists() and len(pidfile.read_text().split()) == 2):
+                await trio.sleep(0.02)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    # Then: the service returned, the whole tree is gone, the run is cancelled and the item is
+    # queued again with its attempt given back.
+    assert result is not None
+    assert result.interrupted
+    pids = [int(p) for p in pidfile.read_text().split()]
+    assert pids_alive(pids) == []
+    assert processes_with_env(f"ORCH_INSTANCE={engine_seen[0].instance}") == []
+    assert [r[3] for r in runs_of(config.state_dir)] == ["cancelled"]
+    with sqlite3.connect(config.state_dir / "orchestrator.db") as db:
+        assert db.execute("SELECT state, attempts FROM items").fetchone() == ("queued", 0)
