@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.config import StageConfig
+from orchestrator.pipeline import backoff_delay, decide, expand_argv, uses_placeholder
+from orchestrator.runner import Outcome, RunResult
+from orchestrator.store.records import Item, ItemState
+
+STAGE = StageConfig(name="s", command=("x",), retries=2, backoff=1.0, backoff_max=3.0,
+                    fatal_exit_codes=(9,))  # fmt: skip
+
+
+def item(stage_index: int = 0, attempts: int = 1, route: tuple[str, ...] = ("s", "t")) -> Item:
+    return Item(seq=1, id="i", source="src", key="k", route=route, path=None, payload=None,
+                stage_index=stage_index, state=ItemState.RUNNING, attempts=attempts,
+                interruptions=0, not_before=None, reason=None, created_at=0, updated_at=0)  # fmt: skip
+
+
+def res(outcome: Outcome, code: int | None = None) -> RunResult:
+    return RunResult(outcome=outcome, exit_code=code, signal=None, pid=1, duration=1.0, tail="",
+                     reason=f"exit {code}")  # fmt: skip
+
+
+def test_expand_argv_keeps_each_argument_whole_and_expands_once() -> None:
+    values = {"path": "/in/a b; $(x)", "name": "{item}", "item": "I", "stage": "s",
+              "attempt": "1", "workdir": "/w", "payload": ""}  # fmt: skip
+    argv = expand_argv(("cmd", "{path}", "--name={name}", "{workdir}/out", "{unknown}"), values)
+    assert argv == ("cmd", "/in/a b; $(x)", "--name={item}", "/w/out", "{unknown}")
+    assert uses_placeholder(("a", "x{payload}"), "payload")
+    assert not uses_placeholder(("a",), "payload")
+
+
+def test_backoff_caps_grow_exponentially_up_to_max() -> None:
+    caps = [backoff_delay(STAGE, n, rand=lambda: 1.0) for n in range(1, 6)]
+    assert caps == [1.0, 2.0, 3.0, 3.0, 3.0]
+    assert backoff_delay(STAGE, 2, rand=lambda: 0.25) == 0.5
+
+
+def test_ok_advances_then_finishes() -> None:
+    t = decide(item(0), STAGE, res(Outcome.OK, 0), now=100)
+    assert (t.state, t.stage_index, t.attempts) == (ItemState.QUEUED, 1, 0)
+    t = decide(item(1), STAGE, res(Outcome.OK, 0), now=100)
+    assert (t.state, t.stage_index) == (ItemState.DONE, 2)
+
+
+@pytest.mark.parametrize("outcome", [Outcome.FAILED, Outcome.TIMEOUT, Outcome.STALLED,
+                                     Outcome.KILLED])  # fmt: skip
+def test_failures_retry_while_attempts_left_then_dead(outcome: Outcome) -> None:
+    t = decide(item(attempts=1), STAGE, res(outcome, 1), now=100, rand=lambda: 0.5)
+    assert (t.state, t.not_before, t.attempts) == (ItemState.RETRY_WAIT, 100.5, 1)
+    t = decide(item(attempts=3), STAGE, res(outcome, 1), now=100)
+    assert t.state is ItemState.DEAD
+    assert t.reason is not None and "after 3 attempts" in t.reason
+
+
+def test_fatal_exit_code_is_dead_at_once() -> None:
+    t = decide(item(attempts=1), STAGE, res(Outcome.FAILED, 9), now=0)
+    assert t.state is ItemState.DEAD
+    assert t.reason == "s: exit 9 (a fatal exit code; not retried)"
+
+
+def test_cancelled_requeues_and_gives_the_attempt_back() -> None:
+    t = decide(item(attempts=2), STAGE, res(Outcome.CANCELLED), now=0)
+    assert (t.state, t.stage_index, t.attempts, t.interruption) == (ItemState.QUEUED, 0, 1, True)
