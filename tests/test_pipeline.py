@@ -51,7 +51,8 @@ def test_failures_retry_while_attempts_left_then_dead(outcome: Outcome) -> None:
     assert (t.state, t.not_before, t.attempts) == (ItemState.RETRY_WAIT, 100.5, 1)
     t = decide(item(attempts=3), STAGE, res(outcome, 1), now=100)
     assert t.state is ItemState.DEAD
-    assert t.reason is not None and "after 3 attempts" in t.reason
+    assert t.reason is not None
+    assert "after 3 attempts" in t.reason
 
 
 def test_fatal_exit_code_is_dead_at_once() -> None:

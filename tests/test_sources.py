@@ -1,10 +1,13 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from orchestrator.config import parse_config
 from orchestrator.sources import DirectorySource
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 
 def source(tmp_path: Path, **keys: object) -> DirectorySource:
