@@ -167,3 +167,48 @@ def test_batch_human_summary_and_check(tmp_path: Path) -> None:
     proc = orchestrator("batch", "-c", str(config), "--no-progress", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "1 item(s): done 1" in proc.stdout
+
+
+def test_run_service_processes_new_files_and_exits_0_on_sigterm(tmp_path: Path) -> None:
+    # Given: the service running on an empty folder.
+    import signal
+    import time
+
+    (tmp_path / "in").mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    config = tmp_path / "svc.toml"
+    config.write_text(textwrap.dedent(f"""
+        [http]
+        listen = false
+        [[sources]]
+        name = "in"
+        type = "directory"
+        path = "in"
+        route = ["copy"]
+        settle = "100ms"
+        poll_interval = "100ms"
+        [[stages]]
+        name = "copy"
+        command = ["cp", "--", "{{path}}", "{out}"]
+        """))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "run", "-c", str(config)],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        # When: a file arrives while it runs.
+        (tmp_path / "in" / "late arrival.txt").write_text("hello")
+        deadline = time.monotonic() + 20
+        while not (out / "late arrival.txt").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (out / "late arrival.txt").read_text() == "hello"
+        # Then: SIGTERM drains it and it exits 0.
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "SIGTERM: draining" in err
