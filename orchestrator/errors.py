@@ -7,6 +7,7 @@ The tree::
     ├── StoreError
     │   ├── StoreUnavailable   the state store cannot be opened or written
     │   └── StoreLocked        another instance owns the state folder
+    ├── LeftoverProcesses      a dead instance's processes could not be ended at start-up
     └── ItemNotFound           an operator named an item the store does not hold
 """
 
@@ -55,3 +56,17 @@ class ItemNotFound(OrchestratorError):
     def __init__(self, item_id: str) -> None:
         self.item_id = item_id
         super().__init__(f"no item {item_id!r} in the store; list them with 'orchestrator items'")
+
+
+class LeftoverProcesses(OrchestratorError):
+    """Raised when processes left by a dead instance survive SIGKILL at start-up.
+
+    Starting anyway could run a limited stage twice, so the service refuses to start.
+    """
+
+    def __init__(self, pids: Sequence[int]) -> None:
+        self.pids = list(pids)
+        super().__init__(
+            f"processes {self.pids} left by a dead instance survive SIGKILL (stuck in the "
+            "kernel?); refusing to start while they live"
+        )

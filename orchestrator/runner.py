@@ -73,6 +73,9 @@ class Command:
 
     argv: tuple[str, ...]
     env: Mapping[str, str]
+    #: The file to execute; None looks ``argv[0]`` up (PATH when it has no slash). argv[0] is
+    #: passed to the program unchanged either way.
+    executable: str | None = None
     cwd: str | None = None
     timeout: float | None = None
     stall_timeout: float | None = None
@@ -186,15 +189,19 @@ class _Output:
 
 
 def _spawn(cmd: Command, wfd: int) -> int:
-    argv = cmd.argv if cmd.cwd is None else (*_CHDIR_TRAMPOLINE, cmd.cwd, *cmd.argv)
+    argv = cmd.argv
+    executable = cmd.executable or argv[0]
+    if cmd.cwd is not None:
+        argv = (*_CHDIR_TRAMPOLINE, cmd.cwd, executable, *argv[1:])
+        executable = argv[0]
     actions = [
         (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
         (os.POSIX_SPAWN_DUP2, wfd, 1),
         (os.POSIX_SPAWN_DUP2, wfd, 2),
     ]
-    spawn = os.posix_spawn if "/" in argv[0] else os.posix_spawnp
+    spawn = os.posix_spawn if "/" in executable else os.posix_spawnp
     return spawn(
-        argv[0],
+        executable,
         argv,
         dict(cmd.env),
         file_actions=actions,

@@ -23,20 +23,26 @@ from loguru import logger
 from orchestrator.errors import StoreError
 from orchestrator.limits import Holder, Slots
 from orchestrator.pipeline import decide, expand_argv
+from orchestrator.reaper import STATE_MARKER
 from orchestrator.runner import Command, Outcome, RunResult, run_command
 from orchestrator.sources import DirectorySource
 from orchestrator.store.records import TERMINAL_STATES, Item, ItemState, Transition
-from orchestrator.store.sqlite import op_finish_run, op_source_keys, op_start_run
+from orchestrator.store.sqlite import (
+    op_finish_run,
+    op_record_spawn,
+    op_source_keys,
+    op_start_run,
+)
 
 if TYPE_CHECKING:
     import sqlite3
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable, Iterator, Mapping
     from pathlib import Path
 
     from orchestrator.config import Config, SourceConfig, StageConfig
     from orchestrator.store.sqlite import SqliteStore
 
-__all__ = ["Engine"]
+__all__ = ["Engine", "resolve_executables"]
 
 #: How long a worker may spend recording a run after shutdown cancelled it.
 RECORD_GRACE = 10.0
@@ -66,7 +72,10 @@ class Tally:
 class Engine:
     """Everything the stage workers and pollers share. Built and driven by the supervisor."""
 
-    def __init__(self, config: Config, store: SqliteStore, *, instance: str) -> None:
+    def __init__(
+        self, config: Config, store: SqliteStore, *, instance: str,
+        executables: Mapping[str, str] | None = None,
+    ) -> None:  # fmt: skip
         self.config = config
         self.store = store
         self.instance = instance
@@ -77,6 +86,7 @@ class Engine:
         }
         base = dict(os.environ)
         self._stage_env = {s.name: {**base, **s.env} for s in config.stages}
+        self._executables = dict(executables or {})
         self.tally = Tally()
         #: Items not yet terminal that this process knows of.
         self.outstanding = trio_util.AsyncValue(0)
@@ -183,11 +193,15 @@ class Engine:
         def remember(p: int) -> None:
             nonlocal pid
             pid = p
+            # Before the next checkpoint, so it is queued ahead of the run's result; the group
+            # is findable by its ORCH_STATE marker until this is committed.
+            self.store.submit(lambda c: op_record_spawn(c, run_id, p))
 
         try:
             with trio.CancelScope(shield=True):
                 claim = await self.store.call(
-                    lambda c: _claim(c, item, stage.name, slot_wait, self.instance, workdir)
+                    lambda c: _claim(c, item, stage.name, slot_wait, self.instance, workdir),
+                    power_safe=False,
                 )
             if claim is None:
                 logger.bind(item=item.id, stage=stage.name).warning("item no longer claimable")
@@ -266,8 +280,10 @@ class Engine:
         env.update({f"ORCH_{k.upper()}": v for k, v in values.items()})
         env["ORCH_RUN"] = str(run_id)
         env["ORCH_INSTANCE"] = self.instance
+        env[STATE_MARKER] = str(self.config.state_dir)
         return Command(
             argv=expand_argv(stage.command, values), env=env,
+            executable=self._executables.get(stage.name),
             cwd=str(stage.cwd) if stage.cwd is not None else None,
             timeout=stage.timeout, stall_timeout=stage.stall_timeout,
             grace_period=stage.grace_period, log_path=log_path,
@@ -318,6 +334,28 @@ class Engine:
             logger.bind(source=poller.name).info("ingested {} item(s)", len(added))
         for item in added:
             self.admit(item)
+
+
+def resolve_executables(config: Config) -> dict[str, str]:
+    """Each stage's program as a path, looked up once (blocking: call from a worker thread).
+
+    A bare name is searched in the stage's PATH -- searching it for every run costs a failed
+    exec per PATH entry -- and a relative path is taken relative to the config's folder.
+    Programs not found now are left out and looked up at each run, so one installed later works.
+    """
+    found = {}
+    for stage in config.stages:
+        program = stage.command[0]
+        if "{" in program:
+            continue
+        if "/" in program:
+            found[stage.name] = str(config.base_dir / program)
+            continue
+        path = stage.env.get("PATH", os.environ.get("PATH", os.defpath))
+        where = shutil.which(program, path=path)
+        if where is not None:
+            found[stage.name] = os.path.abspath(where)
+    return found
 
 
 def _is_cancellation(exc: BaseException) -> bool:

@@ -7,6 +7,14 @@ inside its own SAVEPOINT, so one failing operation does not undo the others), th
 callers. This is group commit: a caller returns only after its change is durable, concurrent
 callers share one fsync and one thread hop, and a lone caller pays no added latency.
 
+With ``synchronous=FULL``, an operation may be marked ``power_safe=False`` (the claim of an item
+before its run): a batch of only such operations is committed without an fsync. It is still
+durable against a crash of this process (WAL frames are in the OS), and the next fsynced commit
+makes it durable against power loss too (WAL frames reach the disk in order). What a power cut
+can undo is only that claim: no process of the run survives a power cut, and the item simply runs
+that attempt again. Every outcome, ingest and state change that matters is fsynced before its
+caller continues.
+
 The same synchronous functions (``op_*``) serve the command-line readers (``status``, ``items``,
 ``show``), which open their own connection in their own process; WAL lets them read while the
 service writes.
@@ -23,6 +31,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 import trio
+from loguru import logger
 
 from orchestrator.errors import ItemNotFound, StoreUnavailable
 from orchestrator.store.records import Item, ItemState, NewItem, RunRecord, Transition
@@ -79,6 +88,7 @@ CREATE TABLE IF NOT EXISTS runs (
     slot_wait  REAL,
     pid        INTEGER,
     pgid       INTEGER,
+    proc_start INTEGER,
     log_path   TEXT,
     tail       TEXT,
     reason     TEXT
@@ -284,6 +294,39 @@ def op_finish_run(
            transition.reason)  # fmt: skip
 
 
+def op_record_spawn(conn: sqlite3.Connection, run_id: int, pid: int) -> None:
+    """Record a run's pid (= pgid) and the kernel's start time of that process."""
+    from orchestrator.reaper import proc_start_time
+
+    conn.execute(
+        "UPDATE runs SET pid = ?, pgid = ?, proc_start = ? WHERE id = ?",
+        (pid, pid, proc_start_time(pid), run_id),
+    )
+
+
+def op_open_runs(conn: sqlite3.Connection) -> list[tuple[int, int | None]]:
+    """``(pgid, leader start time)`` of runs a dead instance left open with a known process."""
+    rows = conn.execute(
+        "SELECT pgid, proc_start FROM runs WHERE outcome IS NULL AND pgid IS NOT NULL"
+    )
+    return [(r[0], r[1]) for r in rows]
+
+
+def op_register_instance(conn: sqlite3.Connection, instance: str, pid: int, host: str) -> None:
+    """Record that ``instance`` started (and close any instance left unstopped)."""
+    now = time.time()
+    conn.execute("UPDATE instances SET stopped_at = ? WHERE stopped_at IS NULL", (now,))
+    conn.execute(
+        "INSERT INTO instances (id, pid, host, started_at) VALUES (?, ?, ?, ?)",
+        (instance, pid, host, now),
+    )
+
+
+def op_stop_instance(conn: sqlite3.Connection, instance: str) -> None:
+    """Record a clean stop."""
+    conn.execute("UPDATE instances SET stopped_at = ? WHERE id = ?", (time.time(), instance))
+
+
 def op_pending_items(conn: sqlite3.Connection) -> list[Item]:
     """Every item not yet in a terminal state, oldest first."""
     rows = conn.execute(
@@ -407,6 +450,9 @@ def op_run_stats(conn: sqlite3.Connection) -> list[tuple[str, str, int, float, f
 @attrs.define(eq=False)
 class _Op:
     fn: Callable[[sqlite3.Connection], Any]
+    power_safe: bool = True
+    #: Nobody waits for it: log its error.
+    report: bool = False
     done: trio.Event = attrs.field(factory=trio.Event)
     result: Any = None
     error: BaseException | None = None
@@ -418,9 +464,11 @@ class SqliteStore:
     Built by `open_sqlite_store`, which owns the committer task.
     """
 
-    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+    def __init__(self, conn: sqlite3.Connection, path: Path, synchronous: str = "FULL") -> None:
         self.path = path
         self._conn = conn
+        self._full = synchronous == "FULL"
+        self._synchronous = synchronous
         self._pending: list[_Op] = []
         self._wakeup = trio.Event()
         self._limiter = trio.CapacityLimiter(1)
@@ -429,21 +477,37 @@ class SqliteStore:
         self.commits = 0
         self.operations = 0
 
-    async def call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def call(self, fn: Callable[[sqlite3.Connection], T], *, power_safe: bool = True) -> T:
         """Run ``fn(conn)`` in its own savepoint of the next group commit; return its result.
+
+        Args:
+            fn: the operation; it runs in the store's thread inside a transaction.
+            power_safe: False lets a batch made only of such operations skip the fsync (see
+                the module docstring); it is durable against a crash of this process either way.
 
         Raises:
             StoreUnavailable: the store is closed or the transaction could not be committed.
         """
         if self._closed:
             raise StoreUnavailable("the store is closed")
-        op = _Op(fn)
+        op = _Op(fn, power_safe)
         self._pending.append(op)
         self._wakeup.set()
         await op.done.wait()
         if op.error is not None:
             raise op.error
         return op.result  # type: ignore[no-any-return]
+
+    def submit(self, fn: Callable[[sqlite3.Connection], object], *, power_safe: bool = False) -> None:
+        """Queue ``fn(conn)`` for the next group commit without waiting for it.
+
+        Operations commit in the order they were queued, so a later `call` returning means this
+        one is committed too. A failure is logged, not raised.
+        """
+        if self._closed:
+            return
+        self._pending.append(_Op(fn, power_safe, report=True))
+        self._wakeup.set()
 
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run a read-only ``fn(conn)`` in the store's thread, outside any batch."""
@@ -461,10 +525,17 @@ class SqliteStore:
             finally:
                 for op in batch:
                     op.done.set()
+                    if op.report and op.error is not None:
+                        logger.opt(exception=op.error).error("store operation failed")
 
     def _commit(self, batch: list[_Op]) -> None:
         conn = self._conn
         try:
+            if self._full:
+                wanted = "FULL" if any(op.power_safe for op in batch) else "NORMAL"
+                if wanted != self._synchronous:
+                    conn.execute(f"PRAGMA synchronous={wanted}")
+                    self._synchronous = wanted
             conn.execute("BEGIN IMMEDIATE")
             for op in batch:
                 conn.execute("SAVEPOINT op")
@@ -497,8 +568,10 @@ class SqliteStore:
     async def start_run(
         self, item: Item, stage: str, slot_wait: float, instance: str | None
     ) -> tuple[int, int] | None:
-        """Durably claim ``item`` for a run; see `op_start_run`."""
-        return await self.call(lambda c: op_start_run(c, item, stage, slot_wait, instance))
+        """Claim ``item`` for a run; see `op_start_run` (not fsynced on its own: `call`)."""
+        return await self.call(
+            lambda c: op_start_run(c, item, stage, slot_wait, instance), power_safe=False
+        )
 
     async def finish_run(
         self, *, run_id: int, item: Item, result: RunResult, transition: Transition,
@@ -536,7 +609,7 @@ async def open_sqlite_store(
     conn = await trio.to_thread.run_sync(
         lambda: connect(path, synchronous=synchronous, busy_timeout=busy_timeout)
     )
-    store = SqliteStore(conn, path)
+    store = SqliteStore(conn, path, synchronous)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(store.serve_committer)

@@ -1,0 +1,65 @@
+"""One instance per state folder: an OS file lock held for the life of the process.
+
+Two instances on one store would each believe they own the stage and pool limits, so a second
+``run`` or ``batch`` on the same ``state_dir`` refuses to start. The lock is an ``flock`` on
+``state_dir/orchestrator.lock``: the kernel drops it when the process dies however it dies, so a
+``kill -9`` never leaves a stale lock behind, and its descriptor is close-on-exec, so stage
+programs (and orphans of a dead instance) never hold it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import time
+from typing import TYPE_CHECKING
+
+import attrs
+
+from orchestrator.errors import StoreLocked
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+__all__ = ["LOCK_NAME", "InstanceLock", "acquire_instance_lock"]
+
+#: The lock file's name inside ``state_dir``.
+LOCK_NAME = "orchestrator.lock"
+
+
+@attrs.define
+class InstanceLock:
+    """The held lock; `release` (or process exit) gives it up."""
+
+    path: Path
+    fd: int | None
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            os.close(fd)
+
+
+def acquire_instance_lock(state_dir: Path) -> InstanceLock:
+    """Take the state folder's lock or fail at once (blocking file work: call from a thread).
+
+    Raises:
+        StoreLocked: another live process holds it; the message names its pid and host.
+    """
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = state_dir / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise StoreLocked(
+            f"another orchestrator is already running on {str(state_dir)!r} ({holder}); "
+            "stop it first, or give this one another state_dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {started}\n".encode(), 0)
+    return InstanceLock(path, fd)

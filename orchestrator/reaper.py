@@ -1,0 +1,161 @@
+"""End what a dead instance left running, before this instance starts anything.
+
+When an instance dies by ``kill -9``, OOM or a crash, its runs' process groups live on. If one
+of them is an ``extract`` limited to one at a time and the new instance started its own, the limit
+would be broken. So at start-up -- holding the state folder's lock, before any worker exists --
+every leftover process is found and ended:
+
+- by **environment marker**: every run's environment carries ``ORCH_STATE=<state_dir>``; a process
+  found in ``/proc`` with that marker is a leftover (no live instance of this state exists but us,
+  and we have started nothing yet). This finds a grandchild that left its group (setsid, double
+  fork) too;
+- by **recorded group**: each run's pgid and the leader's start time are in the store; a leader
+  still alive with the same start time is the same process, never a reused pid.
+
+Each is sent SIGTERM (by group where the group is known to be ours), given ``grace`` seconds, then
+SIGKILL. Blocking: call from a worker thread.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import TYPE_CHECKING
+
+import attrs
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+__all__ = ["Leftover", "ReapReport", "find_leftovers", "proc_start_time", "reap"]
+
+#: The environment variable that marks every process of a run with its state folder.
+STATE_MARKER = "ORCH_STATE"
+#: How often to look whether the signalled processes are gone.
+POLL = 0.05
+#: After SIGKILL, how long to wait for the kernel to finish them before giving up (state D).
+KILL_WAIT = 5.0
+
+
+def _stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, pgid, start time in clock ticks) of ``pid``, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    # The command name (field 2) may contain spaces and parentheses: split after the last ')'.
+    fields = data[data.rindex(b")") + 2 :].split()
+    return fields[0].decode(), int(fields[2]), int(fields[19])
+
+
+def proc_start_time(pid: int) -> int | None:
+    """The kernel's start time of ``pid`` (clock ticks since boot), or None if it is gone."""
+    st = _stat(pid)
+    return st[2] if st is not None else None
+
+
+@attrs.frozen
+class Leftover:
+    """A process (and maybe its group) left by a dead instance."""
+
+    pid: int
+    start: int
+    #: Signal the whole group: it is the group of a run we recorded, or led by a marked process.
+    pgid: int | None
+
+
+def find_leftovers(state_dir: str, recorded: Iterable[tuple[int, int | None]]) -> list[Leftover]:
+    """Live processes of dead runs of ``state_dir``.
+
+    Args:
+        state_dir: the value of the ``ORCH_STATE`` marker to look for.
+        recorded: ``(pgid, leader start time)`` of every run the store says was running.
+    """
+    me = os.getpid()
+    marker = f"{STATE_MARKER}={state_dir}".encode()
+    found: dict[int, Leftover] = {}
+    groups: set[int] = set()
+    for leader, start in recorded:
+        st = _stat(leader)
+        if st is not None and start is not None and st[2] == start and st[0] != "Z":
+            found[leader] = Leftover(leader, st[2], leader)
+            groups.add(leader)
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        pid = int(entry)
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:
+            continue  # gone, or not ours to read (then not ours to kill either)
+        if marker not in env:
+            continue
+        st = _stat(pid)
+        if st is None or st[0] == "Z":
+            continue
+        # A marked process leading its own group: the group is a run's; signal all of it.
+        group = st[1] if st[1] == pid or st[1] in groups else None
+        found.setdefault(pid, Leftover(pid, st[2], group))
+    return sorted(found.values(), key=lambda lo: lo.pid)
+
+
+@attrs.frozen
+class ReapReport:
+    """What `reap` did."""
+
+    found: int
+    terminated: int
+    killed: int
+    survivors: tuple[int, ...]
+
+
+def _alive(lo: Leftover) -> bool:
+    st = _stat(lo.pid)
+    return st is not None and st[2] == lo.start and st[0] != "Z"
+
+
+def _signal(lo: Leftover, sig: int) -> None:
+    if not _alive(lo):  # checked right before: never signal a reused pid
+        return
+    try:
+        if lo.pgid is not None:
+            os.killpg(lo.pgid, sig)
+        else:
+            os.kill(lo.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _wait_gone(leftovers: list[Leftover], seconds: float) -> list[Leftover]:
+    deadline = time.monotonic() + seconds
+    alive = [lo for lo in leftovers if _alive(lo)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(POLL)
+        alive = [lo for lo in alive if _alive(lo)]
+    return alive
+
+
+def reap(state_dir: str, recorded: Iterable[tuple[int, int | None]], grace: float) -> ReapReport:
+    """Find the leftovers of ``state_dir``; SIGTERM them, wait up to ``grace``, SIGKILL the rest.
+
+    After the SIGKILL round, ``/proc`` is searched again: a marked process that ignored SIGTERM
+    while its group's leader exited (so its group could no longer be signalled safely) is killed
+    by pid.
+    """
+    leftovers = find_leftovers(state_dir, recorded)
+    for lo in leftovers:
+        _signal(lo, signal.SIGTERM)
+    alive = _wait_gone(leftovers, grace)
+    for lo in alive:
+        _signal(lo, signal.SIGKILL)
+    stragglers = [lo for lo in find_leftovers(state_dir, ()) if lo not in alive]
+    for lo in stragglers:
+        _signal(attrs.evolve(lo, pgid=None), signal.SIGKILL)
+    survivors = _wait_gone(alive + stragglers, KILL_WAIT)
+    return ReapReport(
+        found=len(leftovers), terminated=len(leftovers) - len(alive),
+        killed=len(alive) + len(stragglers), survivors=tuple(lo.pid for lo in survivors),
+    )  # fmt: skip
