@@ -23,8 +23,10 @@ soon as the leader exits, which is exactly when the sweep must happen.
 from __future__ import annotations
 
 import enum
+import errno
 import math
 import os
+import shutil
 import signal
 from typing import TYPE_CHECKING
 
@@ -52,7 +54,9 @@ KILL_WAIT = 30.0
 _RESET_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
 #: A fixed shell trampoline used only to change directory before exec: the user's argv is passed
 #: as positional parameters, so the shell never parses any of it.
-_CHDIR_TRAMPOLINE = ("/bin/sh", "-c", 'cd -- "$1" || exit 127; shift; exec "$@"', "orchestrator-cd")
+_CHDIR_TRAMPOLINE = (
+    "/bin/sh", "-c", 'cd -- "$1" || exit 127; shift; unset OLDPWD; exec "$@"', "orchestrator-cd",
+)  # fmt: skip
 
 
 class Outcome(enum.StrEnum):
@@ -124,6 +128,8 @@ class _Output:
         self.pending: list[bytes] = []
         self.pending_size = 0
         self.log_fd: int | None = None
+        #: Why the log file could not be written (a full disk): the run goes on without it.
+        self.log_error: str | None = None
         self.eof = trio.Event()
         self.on_data: Callable[[], None] = lambda: None
 
@@ -144,7 +150,7 @@ class _Output:
             self.eof.set()
 
     def _keep(self, chunk: bytes) -> None:
-        if self.log_path is None or self.truncated:
+        if self.log_path is None or self.truncated or self.log_error is not None:
             return
         room = self.limit - self.written - self.pending_size
         if len(chunk) > room:
@@ -164,15 +170,22 @@ class _Output:
         await trio.to_thread.run_sync(self._write, data)
 
     def _write(self, data: bytes) -> None:
-        if self.log_fd is None:
-            assert self.log_path is not None
-            self.log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            self.log_fd = os.open(
-                self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600
-            )
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.log_fd, view) :]
+        if self.log_error is not None:
+            return
+        try:
+            if self.log_fd is None:
+                assert self.log_path is not None
+                self.log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                self.log_fd = os.open(
+                    self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600
+                )
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.log_fd, view) :]
+        except OSError as exc:
+            self.log_error = exc.strerror or str(exc)
+            self.pending.clear()
+            self.pending_size = 0
 
     async def aclose(self) -> None:
         await self.stream.aclose()
@@ -181,26 +194,54 @@ class _Output:
         finally:
             if self.log_fd is not None:
                 fd, self.log_fd = self.log_fd, None
-                await trio.to_thread.run_sync(os.close, fd)
+                await trio.to_thread.run_sync(_close_quietly, fd)
 
     def tail_text(self) -> str:
         lines = bytes(self.tail).decode(errors="replace").splitlines()
         return "\n".join(lines[-TAIL_LINES:])
 
 
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _inherited_fds() -> list[int]:
+    """Our descriptors above 2 that a child would inherit (Python makes its own close-on-exec,
+    but a library or an embedding program may not)."""
+    fds = []
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2:
+            try:
+                if os.get_inheritable(fd):
+                    fds.append(fd)
+            except OSError:
+                pass  # the listing's own descriptor, already closed
+    return fds
+
+
 def _spawn(cmd: Command, wfd: int) -> int:
     argv = cmd.argv
     executable = cmd.executable or argv[0]
+    if "/" not in executable:
+        # Looked up in the command's own PATH (a stage may set one), not ours.
+        found = shutil.which(executable, path=cmd.env.get("PATH", os.defpath))
+        if found is None:
+            raise FileNotFoundError(errno.ENOENT, "not found in PATH", executable)
+        executable = found
     if cmd.cwd is not None:
-        argv = (*_CHDIR_TRAMPOLINE, cmd.cwd, executable, *argv[1:])
+        argv = (*_CHDIR_TRAMPOLINE, os.path.abspath(cmd.cwd), executable, *argv[1:])
         executable = argv[0]
-    actions = [
+    actions: list[tuple[int, ...] | tuple[int, int, str, int, int]] = [
         (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
         (os.POSIX_SPAWN_DUP2, wfd, 1),
         (os.POSIX_SPAWN_DUP2, wfd, 2),
     ]
-    spawn = os.posix_spawn if "/" in executable else os.posix_spawnp
-    return spawn(
+    actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in _inherited_fds() if fd != wfd]
+    return os.posix_spawn(
         executable,
         argv,
         dict(cmd.env),
@@ -241,8 +282,6 @@ async def run_command(
         )  # fmt: skip
     finally:
         os.close(wfd)
-    if on_spawn is not None:
-        on_spawn(pid)
     pidfd = os.pidfd_open(pid)
     output = _Output(rfd, cmd.log_path, cmd.output_limit)
     signals_sent: list[str] = []
@@ -263,17 +302,23 @@ async def run_command(
                 await leader_exit()
         # else: the leader obeyed SIGTERM; reap() sweeps whatever is left of the group.
 
-    def reap() -> int:
+    async def reap() -> int:
         # The leader has exited (pidfd readable): sweep its group while the zombie still holds
         # the pid, then reap it.
         _killpg(pid, signal.SIGKILL)
-        _, status = os.waitpid(pid, 0)
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done == 0:
+            # Still not gone after SIGKILL and KILL_WAIT: stuck in the kernel. Wait in a
+            # thread so that the loop never blocks on it.
+            _, status = await trio.to_thread.run_sync(os.waitpid, pid, 0)
         return status
 
     timeout_at = started + cmd.timeout if cmd.timeout is not None else math.inf
     stall = cmd.stall_timeout if cmd.stall_timeout is not None else math.inf
     outcome: Outcome | None = None
     try:
+        if on_spawn is not None:
+            on_spawn(pid)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(output.pump)
             watch = trio.CancelScope(deadline=min(timeout_at, started + stall))
@@ -289,7 +334,8 @@ async def run_command(
                 outcome = Outcome.TIMEOUT if clock() >= timeout_at else Outcome.STALLED
                 with trio.CancelScope(shield=True):
                     await kill_tree()
-            reaped = reap()
+            with trio.CancelScope(shield=True):
+                reaped = await reap()
             with trio.move_on_after(EOF_WAIT):
                 await output.eof.wait()
             nursery.cancel_scope.cancel()
@@ -297,7 +343,7 @@ async def run_command(
         if reaped is None:
             with trio.CancelScope(shield=True):
                 await kill_tree()
-                reaped = reap()
+                reaped = await reap()
         raise
     finally:
         os.close(pidfd)
@@ -319,6 +365,8 @@ async def run_command(
     reason = _describe(outcome, exit_code, sig, cmd)
     if output.truncated:
         reason += f" (log truncated at {cmd.output_limit} bytes)"
+    if output.log_error is not None:
+        reason += f" (run log not written: {output.log_error})"
     return RunResult(
         outcome=outcome, exit_code=exit_code, signal=sig, pid=pid, duration=duration,
         tail=output.tail_text(), reason=reason, signals_sent=tuple(signals_sent),

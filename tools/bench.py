@@ -196,7 +196,21 @@ def machine() -> dict[str, Any]:
         "sqlite": sqlite3.sqlite_version,
         "versions": versions,
         "loadavg_start": os.getloadavg(),
+        "product": product_state(),
     }
+
+
+def product_state() -> dict[str, Any]:
+    """The commit measured, and whether the product's files differ from it (work in progress)."""
+    def git(*args: str) -> str:
+        proc = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
+                              check=False)  # fmt: skip
+        return proc.stdout.rstrip() if proc.returncode == 0 else ""
+
+    porcelain = git("status", "--porcelain", "--", "orchestrator")
+    changed = [line[3:] for line in porcelain.splitlines() if len(line) > 3]
+    commit = git("rev-parse", "--short", "HEAD").strip() or "?"
+    return {"commit": commit, "uncommitted_product_files": changed}
 
 
 def _os_name() -> str:
@@ -306,6 +320,7 @@ def bench_b(n: int, repeat: int) -> dict[str, Any]:
             "wall": res["wall"],
             "ratio": ideal / summary["elapsed_seconds"],
             "ratio_wall": ideal / res["wall"],
+            "ratio_store": ideal / span if span else float("nan"),
             "stage_mean_duration": {
                 k: v["mean_duration"] for k, v in summary["stages"].items()
             },
@@ -316,7 +331,8 @@ def bench_b(n: int, repeat: int) -> dict[str, Any]:
         )
         reps.append(rep)
     out: dict[str, Any] = {"n": n, "repeats": reps}
-    for key in ("t_sleep", "ideal", "makespan", "makespan_store", "wall", "ratio_wall"):
+    for key in ("t_sleep", "ideal", "makespan", "makespan_store", "wall", "ratio_wall",
+                "ratio_store"):
         out[key] = median([rep[key] for rep in reps])
     out["ratio"] = median([rep["ratio"] for rep in reps])
     # Overhead per item on the bottleneck (the one-slot stages), beyond the process itself.
@@ -369,6 +385,7 @@ def bench_c(repeat: int, wait: float = 3.0) -> dict[str, Any]:
                     proc.wait()
             rep = {
                 "rss_mib": status["VmRSS"] / 1024,
+                "rss_mb": status["VmRSS"] * 1024 / 1e6,
                 "hwm_mib": status.get("VmHWM", 0) / 1024,
                 "trio_idle_rss_mib": ref_status["VmRSS"] / 1024,
                 "sigterm_rc": rc,
@@ -383,7 +400,7 @@ def bench_c(repeat: int, wait: float = 3.0) -> dict[str, Any]:
         )
         reps.append(rep)
     out: dict[str, Any] = {"repeats": reps, "wait_s": wait}
-    for key in ("rss_mib", "hwm_mib", "trio_idle_rss_mib"):
+    for key in ("rss_mib", "rss_mb", "hwm_mib", "trio_idle_rss_mib"):
         out[key] = median([rep[key] for rep in reps])
     exits = [rep["sigterm_exit_s"] for rep in reps if rep["sigterm_exit_s"] is not None]
     out["sigterm_exit_s"] = median(exits) if exits else None
@@ -434,14 +451,17 @@ def find_py_spy() -> str | None:
     return shutil.which("py-spy")
 
 
-def classify(stack: list[str], commit_lines: set[str]) -> str:
+def thread_id(label: str) -> str:
+    """``thread (1234): MainThread`` -> ``1234`` (py-spy names a thread only once it knows it)."""
+    return label.split("(", 1)[-1].split(")", 1)[0]
+
+
+def classify(stack: list[str], commit_lines: set[str], main_tid: str) -> str:
     """One py-spy sample (frames root -> leaf, thread first) -> a cost category."""
-    thread = stack[0]
     frames = stack[1:]
     leaf = frames[-1] if frames else ""
     joined = ";".join(frames)
-    main = "MainThread" in thread
-    if main:
+    if thread_id(stack[0]) == main_tid:
         if "EpollIOManager.get_events" in leaf:
             return "main: idle in epoll (waiting for children / the store thread)"
         if "_batch_summary" in joined:
@@ -477,7 +497,9 @@ def classify(stack: list[str], commit_lines: set[str]) -> str:
         return "threads: directory scan"
     if "SqliteStore._commit" in joined:
         return "store thread: other inside the transaction"
-    return "threads: other (thread hand-off)"
+    if "wakeup_thread_and_signal_safe" in leaf or "run_sync_soon" in joined:
+        return "threads: waking the trio loop (thread -> loop hand-off)"
+    return "threads: other"
 
 
 def _commit_lines() -> set[str]:
@@ -545,15 +567,17 @@ def profile_a(n: int, top: int = 25) -> dict[str, Any]:
             return out
         per_thread: Counter[str] = Counter()
         categories: Counter[str] = Counter()
-        for line in raw.read_text().splitlines():
+        lines = raw.read_text().splitlines()
+        main_tid = next((thread_id(x) for x in lines if "MainThread" in x.split(";", 1)[0]), "")
+        for line in lines:
             stack_text, _, count_text = line.rpartition(" ")
             if not stack_text:
                 continue
             stack = stack_text.split(";")
             count = int(count_text)
-            thread = "MainThread" if "MainThread" in stack[0] else "other threads"
-            per_thread[thread] += count
-            categories[classify(stack, commit_lines)] += count
+            main = thread_id(stack[0]) == main_tid
+            per_thread["MainThread" if main else "other threads"] += count
+            categories[classify(stack, commit_lines, main_tid)] += count
         keep = Path(tempfile.gettempdir()) / "bench-a.py-spy.txt"
         shutil.copy(raw, keep)
         out["py_spy_file"] = str(keep)
@@ -590,6 +614,10 @@ def print_report(results: dict[str, Any]) -> None:
           f"SQLite {m['sqlite']}")  # fmt: skip
     print("  " + ", ".join(f"{k} {v}" for k, v in m["versions"].items())
           + f"; loadavg at start {' '.join(f'{x:.2f}' for x in m['loadavg_start'])}")  # fmt: skip
+    prod = m["product"]
+    dirty = prod["uncommitted_product_files"]
+    print(f"  product at commit {prod['commit']}"
+          + (f" + uncommitted changes to {', '.join(dirty)}" if dirty else ""))  # fmt: skip
     print(f"  medians of {results['repeat']} runs; ratios against baselines measured in this run")
     print()
     rows: list[tuple[str, str, str, str, str]] = []
@@ -617,7 +645,8 @@ def print_report(results: dict[str, Any]) -> None:
                 f"ideal (N+2)*t = {b['ideal']:.3f} s, t = {b['t_sleep'] * 1000:.2f} ms",
                 f"{b['ratio']:.3f} (>= 0.95) {verdict('b_ratio', b['ratio'])}",
                 f"wall incl. start-up {b['wall']:.3f} s (ratio {b['ratio_wall']:.3f}); "
-                f"first ingest -> last run end {b['makespan_store']:.3f} s; "
+                f"first ingest -> last run end {b['makespan_store']:.3f} s "
+                f"(ratio {b['ratio_store']:.3f}); "
                 f"+{b['overhead_per_item_ms']:.2f} ms/item",
             ))  # fmt: skip
     c = results.get("c")
@@ -628,7 +657,7 @@ def print_report(results: dict[str, Any]) -> None:
             exit_s = c["sigterm_exit_s"]
             rows.append((
                 "c idle RSS of `run` after 3 s",
-                f"{c['rss_mib']:.1f} MiB",
+                f"{c['rss_mib']:.1f} MiB ({c['rss_mb']:.1f} MB)",
                 f"idle python+trio {c['trio_idle_rss_mib']:.1f} MiB "
                 f"(x{c['ratio_to_trio_idle']:.2f})",
                 f"<= 45 MiB {verdict('c_rss_mib', c['rss_mib'])}",
@@ -671,12 +700,20 @@ def print_report(results: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def _shown(path: str) -> str:
+    try:
+        return os.path.relpath(path, ROOT) if Path(path).is_relative_to(ROOT) else path
+    except ValueError:
+        return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true",
                         help="smaller runs: (a) 1,000 files, (b) 100 items")  # fmt: skip
     parser.add_argument("--only", default="a,b,c", help="scenarios to run, e.g. a,c")
     parser.add_argument("--json", action="store_true", help="print every figure as JSON")
+    parser.add_argument("--save", metavar="FILE", help="also write every figure as JSON to FILE")
     parser.add_argument("--repeat", type=int, default=3, help="runs per figure (median)")
     parser.add_argument("--profile", action="store_true",
                         help="also profile scenario (a) (cProfile + py-spy when installed)")  # fmt: skip
@@ -691,7 +728,7 @@ def main(argv: list[str] | None = None) -> int:
     n_b = 100 if args.quick else 150
 
     results: dict[str, Any] = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": " ".join([_shown(sys.executable), *sys.argv]),
         "quick": args.quick,
         "repeat": args.repeat,
         "machine": machine(),
@@ -713,6 +750,8 @@ def main(argv: list[str] | None = None) -> int:
     results["machine"]["loadavg_end"] = os.getloadavg()
     results["duration_s"] = time.time() - started
 
+    if args.save:
+        Path(args.save).write_text(json.dumps(results, indent=2, default=str) + "\n")
     if args.json:
         print(json.dumps(results, indent=2, default=str))
     else:
