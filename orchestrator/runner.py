@@ -306,7 +306,7 @@ async def run_command(
         # The leader has exited (pidfd readable): sweep its group while the zombie still holds
         # the pid, then reap it.
         _killpg(pid, signal.SIGKILL)
-        done, status = os.waitpid(pid, os.WNOHANG)
+        done, status = os.waitpid(pid, os.WNOHANG)  # noqa: ASYNC222 -- WNOHANG never blocks
         if done == 0:
             # Still not gone after SIGKILL and KILL_WAIT: stuck in the kernel. Wait in a
             # thread so that the loop never blocks on it.
@@ -350,6 +350,7 @@ async def run_command(
         with trio.CancelScope(shield=True):
             await output.aclose()
 
+    assert reaped is not None
     duration = clock() - started
     exit_code: int | None = os.waitstatus_to_exitcode(reaped)
     sig: int | None = None
