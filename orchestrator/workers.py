@@ -9,6 +9,7 @@ happened, releases the slots and hands the item on.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import shutil
@@ -22,11 +23,11 @@ from loguru import logger
 
 from orchestrator.errors import StoreError
 from orchestrator.limits import Holder, Slots
-from orchestrator.pipeline import decide, expand_argv
+from orchestrator.pipeline import decide, expand_argv, uses_placeholder
 from orchestrator.reaper import STATE_MARKER
 from orchestrator.runner import Command, Outcome, RunResult, run_command
 from orchestrator.sources import DirectorySource
-from orchestrator.store.records import TERMINAL_STATES, Item, ItemState, Transition
+from orchestrator.store.records import TERMINAL_STATES, Item, ItemState
 from orchestrator.store.sqlite import (
     op_finish_run,
     op_record_spawn,
@@ -87,6 +88,7 @@ class Engine:
         base = dict(os.environ)
         self._stage_env = {s.name: {**base, **s.env} for s in config.stages}
         self._executables = dict(executables or {})
+        self._route_workdir: dict[tuple[str, ...], bool] = {}
         self.tally = Tally()
         #: Items not yet terminal that this process knows of.
         self.outstanding = trio_util.AsyncValue(0)
@@ -188,6 +190,7 @@ class Engine:
         if idle.cancelled_caught:
             return  # still queued in the store; the next start picks it up
         workdir = self.config.state_dir / "work" / str(item.seq)
+        has_workdir = self._needs_workdir(item)
         pid: int | None = None
 
         def remember(p: int) -> None:
@@ -200,7 +203,10 @@ class Engine:
         try:
             with trio.CancelScope(shield=True):
                 claim = await self.store.call(
-                    lambda c: _claim(c, item, stage.name, slot_wait, self.instance, workdir),
+                    lambda c: _claim(
+                        c, item, stage.name, slot_wait, self.instance,
+                        workdir if has_workdir else None,
+                    ),
                     power_safe=False,
                 )
             if claim is None:
@@ -210,7 +216,9 @@ class Engine:
             item = attrs.evolve(item, state=ItemState.RUNNING, attempts=attempt)
             log = logger.bind(item=item.id, stage=stage.name, attempt=attempt, run=run_id)
             log_path = self.config.state_dir / "runs" / f"{run_id}.log"
-            command = self._command(stage, item, attempt, run_id, workdir, log_path)
+            command = self._command(
+                stage, item, attempt, run_id, workdir if has_workdir else None, log_path
+            )
             log.debug("run started: {}", command.argv)
             try:
                 result = await run_command(command, on_spawn=remember)
@@ -236,7 +244,15 @@ class Engine:
         logged_path = str(log_path) if result.output_bytes else None
         with trio.CancelScope(shield=True):
             await self.store.call(
-                lambda c: _finish(c, run_id, item, result, transition, logged_path, workdir)
+                lambda c: op_finish_run(
+                    c, run_id=run_id, item=item, result=result, transition=transition,
+                    log_path=logged_path,
+                )
+            )
+        if has_workdir and transition.state is ItemState.DONE and self._timers is not None:
+            # Off the store's thread and off this worker's path: nobody waits for it.
+            self._timers.start_soon(
+                functools.partial(trio.to_thread.run_sync, shutil.rmtree, workdir, True)
             )
         self.tally.runs += 1
         if result.outcome is Outcome.OK:
@@ -261,11 +277,26 @@ class Engine:
             self._dispatch(moved)
             self.on_change(self.tally)
 
+    def _needs_workdir(self, item: Item) -> bool:
+        """Items of records (their payload file) and of routes that mention ``{workdir}``."""
+        if item.payload is not None:
+            return True
+        needs = self._route_workdir.get(item.route)
+        if needs is None:
+            needs = any(
+                uses_placeholder(self.stages[name].command, "workdir")
+                for name in item.route if name in self.stages
+            )  # fmt: skip
+            self._route_workdir[item.route] = needs
+        return needs
+
     def _command(
-        self, stage: StageConfig, item: Item, attempt: int, run_id: int, workdir: Path,
+        self, stage: StageConfig, item: Item, attempt: int, run_id: int, workdir: Path | None,
         log_path: Path,
     ) -> Command:  # fmt: skip
-        payload = str(workdir / "payload.json") if item.payload is not None else ""
+        payload = (
+            str(workdir / "payload.json") if item.payload is not None and workdir else ""
+        )
         path = item.path if item.path is not None else payload
         values = {
             "path": path,
@@ -273,11 +304,11 @@ class Engine:
             "item": item.id,
             "stage": stage.name,
             "attempt": str(attempt),
-            "workdir": str(workdir),
+            "workdir": str(workdir) if workdir is not None else "",
             "payload": payload,
         }
         env = dict(self._stage_env[stage.name])
-        env.update({f"ORCH_{k.upper()}": v for k, v in values.items()})
+        env.update({f"ORCH_{k.upper()}": v for k, v in values.items() if v})
         env["ORCH_RUN"] = str(run_id)
         env["ORCH_INSTANCE"] = self.instance
         env[STATE_MARKER] = str(self.config.state_dir)
@@ -373,24 +404,14 @@ def _is_store_failure(exc: BaseException) -> bool:
 
 def _claim(
     conn: sqlite3.Connection, item: Item, stage: str, slot_wait: float, instance: str,
-    workdir: Path,
+    workdir: Path | None,
 ) -> tuple[int, int] | None:  # fmt: skip
     # Runs in the store's thread: the workdir and payload file are made off the event loop.
     claim = op_start_run(conn, item, stage, slot_wait, instance)
-    if claim is not None:
+    if claim is not None and workdir is not None:
         os.makedirs(workdir, mode=0o700, exist_ok=True)
         if item.payload is not None:
             payload = workdir / "payload.json"
             if not payload.exists():
                 payload.write_text(item.payload)
     return claim
-
-
-def _finish(
-    conn: sqlite3.Connection, run_id: int, item: Item, result: RunResult, transition: Transition,
-    log_path: str | None, workdir: Path,
-) -> None:  # fmt: skip
-    op_finish_run(conn, run_id=run_id, item=item, result=result, transition=transition,
-                  log_path=log_path)  # fmt: skip
-    if transition.state is ItemState.DONE:
-        shutil.rmtree(workdir, ignore_errors=True)
