@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import stat
 import threading
@@ -168,8 +169,40 @@ def test_not_a_database_is_a_clear_error(tmp_path: Path) -> None:
         connect(tmp_path / "o.db")
 
 
-async def test_full_synchronous_and_wal_are_in_force(tmp_path: Path) -> None:
-    async with open_sqlite_store(tmp_path / "o.db") as store:
-        mode = await store.read(lambda c: c.execute("PRAGMA journal_mode").fetchone()[0])
-        sync = await store.read(lambda c: c.execute("PRAGMA synchronous").fetchone()[0])
-    assert (mode, sync) == ("wal", 2)
+async def test_full_durability_fsyncs_the_wal_before_durable_callers_return(
+    tmp_path: Path,
+) -> None:
+    synced: list[int] = []
+    real = os.fdatasync
+
+    def spy(fd: int) -> None:
+        real(fd)
+        synced.append(fd)
+
+    os.fdatasync = spy  # type: ignore[assignment]
+    try:
+        async with open_sqlite_store(tmp_path / "o.db") as store:
+            mode = await store.read(lambda c: c.execute("PRAGMA journal_mode").fetchone()[0])
+            [item] = await store.ingest([new("a")])
+            # The ingest returned only after an fsync of the WAL file.
+            assert len(synced) == 1
+            assert os.readlink(f"/proc/self/fd/{synced[0]}") == str(tmp_path / "o.db-wal")
+            # A claim returns without waiting for an fsync.
+            assert await store.start_run(item, "a", 0.0, "i") is not None
+            assert len(synced) == 1
+            await store.finish_run(
+                run_id=1, item=item, result=result(),
+                transition=Transition(state=ItemState.DONE, stage_index=2, attempts=0),
+                log_path=None,
+            )  # fmt: skip
+            assert len(synced) == 2
+    finally:
+        os.fdatasync = real  # type: ignore[assignment]
+    assert mode == "wal"
+
+
+async def test_normal_durability_never_fsyncs_on_commit(tmp_path: Path) -> None:
+    async with open_sqlite_store(tmp_path / "o.db", synchronous="NORMAL") as store:
+        await store.ingest([new("a")])
+        assert store.syncs == 0
+        assert store.commits >= 1

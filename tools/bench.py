@@ -240,7 +240,7 @@ def bench_a(n: int, repeat: int) -> dict[str, Any]:
         error = batch_ok(res, n)
         if error:
             return {"error": f"batch failed: {error}"}
-        rep = {
+        rep: dict[str, Any] = {
             "xargs_wall": base_wall,
             "xargs_ips": n / base_wall,
             "orch_wall": res["wall"],
@@ -312,7 +312,7 @@ def bench_b(n: int, repeat: int) -> dict[str, Any]:
             return {"error": f"batch failed: {error}"}
         summary = res["summary"]
         ideal = (n + 2) * t
-        rep = {
+        rep: dict[str, Any] = {
             "t_sleep": t,
             "ideal": ideal,
             "makespan": summary["elapsed_seconds"],
@@ -383,7 +383,7 @@ def bench_c(repeat: int, wait: float = 3.0) -> dict[str, Any]:
                     rc, exit_s = None, None
                     proc.kill()
                     proc.wait()
-            rep = {
+            rep: dict[str, Any] = {
                 "rss_mib": status["VmRSS"] / 1024,
                 "rss_mb": status["VmRSS"] * 1024 / 1e6,
                 "hwm_mib": status.get("VmHWM", 0) / 1024,

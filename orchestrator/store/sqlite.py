@@ -4,16 +4,22 @@ One connection, driven only from worker threads, one statement at a time (a
 ``CapacityLimiter(1)``). Writers never talk to the connection directly: each operation is queued
 and a committer task runs every operation queued so far in *one* transaction (each operation
 inside its own SAVEPOINT, so one failing operation does not undo the others), then wakes the
-callers. This is group commit: a caller returns only after its change is durable, concurrent
-callers share one fsync and one thread hop, and a lone caller pays no added latency.
+callers. This is group commit: concurrent callers share one transaction and one thread hop, and
+a lone caller pays no added latency.
 
-With ``synchronous=FULL``, an operation may be marked ``power_safe=False`` (the claim of an item
-before its run): a batch of only such operations is committed without an fsync. It is still
-durable against a crash of this process (WAL frames are in the OS), and the next fsynced commit
-makes it durable against power loss too (WAL frames reach the disk in order). What a power cut
-can undo is only that claim: no process of the run survives a power cut, and the item simply runs
-that attempt again. Every outcome, ingest and state change that matters is fsynced before its
-caller continues.
+Durability (``synchronous=FULL``, the default) is kept by a second task, the syncer, rather than
+by SQLite: transactions are committed with SQLite's ``synchronous=NORMAL`` (WAL frames written to
+the OS, no fsync; SQLite still syncs around checkpoints, so the file is never corrupted), and the
+syncer ``fdatasync``s the WAL file for every caller that needs power-loss durability before that
+caller is woken. One fsync covers every transaction committed before it started. This is the
+same guarantee as SQLite's FULL (the caller continues only once its change is on the disk), but
+the fsync happens beside the next transactions instead of in front of them.
+
+An operation may be marked ``power_safe=False`` -- the claim of an item just before its run. It
+returns as soon as it is committed: durable against a crash of this process at once, and against
+a power cut with the next fsync. What a power cut can undo is only such a claim: no process of
+the run survives a power cut, and the item runs that attempt again. Every ingest, outcome and
+state change that matters is fsynced before its caller continues.
 
 The same synchronous functions (``op_*``) serve the command-line readers (``status``, ``items``,
 ``show``), which open their own connection in their own process; WAL lets them read while the
@@ -467,23 +473,27 @@ class SqliteStore:
     def __init__(self, conn: sqlite3.Connection, path: Path, synchronous: str = "FULL") -> None:
         self.path = path
         self._conn = conn
+        #: Fsync the WAL for power-safe operations (``synchronous=FULL``).
         self._full = synchronous == "FULL"
-        self._synchronous = synchronous
         self._pending: list[_Op] = []
         self._wakeup = trio.Event()
+        self._unsynced: list[_Op] = []
+        self._sync_wakeup = trio.Event()
         self._limiter = trio.CapacityLimiter(1)
+        self._wal_fd: int | None = None
         self._closed = False
-        #: Transactions committed and operations carried, for benchmarks and metrics.
+        #: Transactions committed, operations carried and WAL fsyncs, for benchmarks and metrics.
         self.commits = 0
         self.operations = 0
+        self.syncs = 0
 
     async def call(self, fn: Callable[[sqlite3.Connection], T], *, power_safe: bool = True) -> T:
         """Run ``fn(conn)`` in its own savepoint of the next group commit; return its result.
 
         Args:
             fn: the operation; it runs in the store's thread inside a transaction.
-            power_safe: False lets a batch made only of such operations skip the fsync (see
-                the module docstring); it is durable against a crash of this process either way.
+            power_safe: False returns once committed, without waiting for the fsync (see the
+                module docstring); it is durable against a crash of this process either way.
 
         Raises:
             StoreUnavailable: the store is closed or the transaction could not be committed.
@@ -513,7 +523,9 @@ class SqliteStore:
         """Run a read-only ``fn(conn)`` in the store's thread, outside any batch."""
         return await trio.to_thread.run_sync(fn, self._conn, limiter=self._limiter)
 
-    async def serve_committer(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve_committer(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         """Commit queued operations in groups until cancelled."""
         task_status.started()
         while True:
@@ -522,20 +534,59 @@ class SqliteStore:
             batch, self._pending = self._pending, []
             try:
                 await trio.to_thread.run_sync(self._commit, batch, limiter=self._limiter)
+            except BaseException:
+                self._wake(batch)
+                raise
+            if self._full:
+                waiting = [op for op in batch if op.power_safe and op.error is None]
+                if waiting:
+                    self._unsynced.extend(waiting)
+                    self._sync_wakeup.set()
+                    batch = [op for op in batch if not op.power_safe or op.error is not None]
+            self._wake(batch)
+
+    async def serve_syncer(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Fsync the WAL for committed power-safe operations, then wake them; until cancelled.
+
+        Its thread hop does not take the connection's limiter: the fsync runs beside the next
+        transaction.
+        """
+        task_status.started()
+        while True:
+            await self._sync_wakeup.wait()
+            self._sync_wakeup = trio.Event()
+            batch, self._unsynced = self._unsynced, []
+            try:
+                await trio.to_thread.run_sync(self._sync, batch)
             finally:
-                for op in batch:
-                    op.done.set()
-                    if op.report and op.error is not None:
-                        logger.opt(exception=op.error).error("store operation failed")
+                self._wake(batch)
+
+    @staticmethod
+    def _wake(batch: list[_Op]) -> None:
+        for op in batch:
+            op.done.set()
+            if op.report and op.error is not None:
+                logger.opt(exception=op.error).error("store operation failed")
+
+    def _sync(self, batch: list[_Op]) -> None:
+        try:
+            if self._wal_fd is None:
+                self._wal_fd = os.open(f"{self.path}-wal", os.O_RDONLY | os.O_CLOEXEC)
+            os.fdatasync(self._wal_fd)
+        except FileNotFoundError:
+            pass  # no WAL: everything committed is checkpointed into the (synced) database
+        except OSError as exc:
+            error = StoreUnavailable(f"cannot sync the store {str(self.path)!r}: {exc}")
+            for op in batch:
+                op.error = error
+            return
+        self.syncs += 1
 
     def _commit(self, batch: list[_Op]) -> None:
         conn = self._conn
         try:
-            if self._full:
-                wanted = "FULL" if any(op.power_safe for op in batch) else "NORMAL"
-                if wanted != self._synchronous:
-                    conn.execute(f"PRAGMA synchronous={wanted}")
-                    self._synchronous = wanted
             conn.execute("BEGIN IMMEDIATE")
             for op in batch:
                 conn.execute("SAVEPOINT op")
@@ -588,10 +639,14 @@ class SqliteStore:
     async def close(self) -> None:
         self._closed = True
         error = StoreUnavailable("the store is closed")
-        for op in self._pending:
+        for op in self._pending + self._unsynced:
             op.error = error
             op.done.set()
         self._pending.clear()
+        self._unsynced.clear()
+        if self._wal_fd is not None:
+            os.close(self._wal_fd)
+            self._wal_fd = None
         await trio.to_thread.run_sync(self._conn.close, limiter=self._limiter)
 
 
@@ -606,13 +661,15 @@ async def open_sqlite_store(
         async with open_sqlite_store(state_dir / "orchestrator.db") as store:
             added = await store.ingest(new_items)
     """
+    # With FULL, SQLite itself runs at NORMAL and the store's syncer does the fsyncs.
     conn = await trio.to_thread.run_sync(
-        lambda: connect(path, synchronous=synchronous, busy_timeout=busy_timeout)
+        lambda: connect(path, synchronous="NORMAL", busy_timeout=busy_timeout)
     )
     store = SqliteStore(conn, path, synchronous)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(store.serve_committer)
+            await nursery.start(store.serve_syncer)
             try:
                 yield store
             finally:
