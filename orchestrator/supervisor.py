@@ -6,6 +6,8 @@
     └─ serve                      opens the store (its committer task), recovers, then:
        ├─ signals                 SIGTERM/SIGINT → drain; a second SIGINT → stop now
        ├─ timers                  items in retry_wait come back to their stage's queue
+       ├─ status                  status.json rewritten every status.interval
+       ├─ store-watch             admits items re-queued from outside (`orchestrator requeue`)
        ├─ batch-end               (batch only) drains once sources are exhausted and nothing is left
        └─ workers                 per stage: `concurrency` tasks: item → slots → claim → run → record
           └─ sources              per source: a poller: scan (thread) → settle → ingest → admit
@@ -35,6 +37,7 @@ from loguru import logger
 from orchestrator.errors import LeftoverProcesses, StoreUnavailable
 from orchestrator.instance import acquire_instance_lock
 from orchestrator.reaper import reap
+from orchestrator.status import serve_status_file, write_status
 from orchestrator.store.sqlite import (
     Recovery,
     op_open_runs,
@@ -53,6 +56,10 @@ if TYPE_CHECKING:
     from orchestrator.store.sqlite import SqliteStore
 
 __all__ = ["ServiceResult", "serve"]
+
+
+#: How long the final status write at shutdown may take.
+FINAL_STATUS_GRACE = 5.0
 
 
 def workers_for(concurrency: int) -> int:
@@ -150,6 +157,8 @@ async def _serve(
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as root:
             await root.start(engine.serve_timers)
+            await root.start(serve_status_file, engine)
+            await root.start(engine.serve_store_watch)
             for item in pending:
                 engine.admit(item)
             sources_scope = trio.CancelScope()
@@ -201,6 +210,11 @@ async def _serve(
                     if not batch:
                         await trio.sleep_forever()
             root.cancel_scope.cancel()
+    with trio.move_on_after(FINAL_STATUS_GRACE, shield=True):
+        try:
+            await write_status(engine, state="stopped")
+        except OSError as exc:
+            logger.warning("cannot write the final status file: {}", exc)
     return ServiceResult(
         tally=engine.tally, interrupted=interrupted, recovery=recovery,
         admitted=frozenset(engine.admitted),

@@ -8,6 +8,7 @@ happened, releases the slots and hands the item on.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import math
@@ -30,6 +31,7 @@ from orchestrator.sources import DirectorySource
 from orchestrator.store.records import TERMINAL_STATES, Item, ItemState
 from orchestrator.store.sqlite import (
     op_finish_run,
+    op_items_changed_since,
     op_record_spawn,
     op_source_keys,
     op_start_run,
@@ -52,6 +54,24 @@ POLLER_BACKOFF = 1.0
 POLLER_BACKOFF_MAX = 60.0
 #: In batch mode, how often files that are still being written are looked at again.
 BATCH_SETTLE_POLL = 0.2
+#: How many recent failures the status file shows.
+RECENT_ERRORS = 20
+#: How often the store is asked for items put back in a queue by someone else (``requeue``).
+STORE_WATCH_INTERVAL = 1.0
+#: The watch looks this far back in time, so a commit that lands late is not missed.
+STORE_WATCH_OVERLAP = 10.0
+
+
+@attrs.define(eq=False)
+class RunningRun:
+    """A run going on now."""
+
+    run: int
+    item: str
+    stage: str
+    attempt: int
+    pid: int | None = None
+    since: float = attrs.field(factory=trio.current_time)
 
 
 @attrs.define
@@ -100,18 +120,31 @@ class Engine:
         self.on_change: Callable[[Tally], None] = lambda tally: None
         #: Sources whose initial backlog is fully ingested (batch mode waits for all of them).
         self.sources_exhausted = trio_util.AsyncValue(0)
+        #: Seqs of the items in flight here (not terminal); the store watch skips these.
+        self.active: set[int] = set()
+        #: Runs going on now, by run id (status file, watchdog).
+        self.running: dict[int, RunningRun] = {}
+        #: The last failures, newest last (status file).
+        self.recent_errors: collections.deque[dict[str, object]] = collections.deque(
+            maxlen=RECENT_ERRORS
+        )
+        #: Runs that did not end ok, per stage, since start.
+        self.failed_runs: collections.Counter[str] = collections.Counter()
+        self.started_wall = time.time()
 
     # --- admission and dispatch -----------------------------------------------------------
 
     def admit(self, item: Item) -> None:
         """Take charge of an item from the store (ingested now, or pending from before)."""
-        if item.seq in self.admitted:
+        if item.seq in self.active:
             return
-        self.admitted.add(item.seq)
-        self.tally.admitted += 1
+        if item.seq not in self.admitted:
+            self.admitted.add(item.seq)
+            self.tally.admitted += 1
         if item.state in TERMINAL_STATES:
             self._count_terminal(item.state)
             return
+        self.active.add(item.seq)
         self.outstanding.value += 1
         self._dispatch(item)
 
@@ -192,13 +225,16 @@ class Engine:
         workdir = self.config.state_dir / "work" / str(item.seq)
         has_workdir = self._needs_workdir(item)
         pid: int | None = None
+        run_id: int | None = None
 
         def remember(p: int) -> None:
             nonlocal pid
-            pid = p
+            pid = running.pid = p
             # Before the next checkpoint, so it is queued ahead of the run's result; the group
             # is findable by its ORCH_STATE marker until this is committed.
-            self.store.submit(lambda c: op_record_spawn(c, run_id, p))
+            assert run_id is not None
+            spawned = run_id
+            self.store.submit(lambda c: op_record_spawn(c, spawned, p))
 
         try:
             with trio.CancelScope(shield=True):
@@ -214,6 +250,7 @@ class Engine:
                 return
             run_id, attempt = claim
             item = attrs.evolve(item, state=ItemState.RUNNING, attempts=attempt)
+            running = self.running[run_id] = RunningRun(run_id, item.id, stage.name, attempt)
             log = logger.bind(item=item.id, stage=stage.name, attempt=attempt, run=run_id)
             log_path = self.config.state_dir / "runs" / f"{run_id}.log"
             command = self._command(
@@ -239,6 +276,8 @@ class Engine:
                 raise
         finally:
             self.slots.release(holder)
+            if run_id is not None:
+                self.running.pop(run_id, None)
 
         transition = decide(item, stage, result, now=time.time())
         logged_path = str(log_path) if result.output_bytes else None
@@ -258,6 +297,11 @@ class Engine:
         if result.outcome is Outcome.OK:
             log.info("run ok in {:.3f}s", result.duration)
         else:
+            self.failed_runs[stage.name] += 1
+            self.recent_errors.append({
+                "at": time.time(), "item": item.id, "stage": stage.name, "attempt": attempt,
+                "outcome": result.outcome.value, "reason": result.reason, "next": transition.state.value,
+            })  # fmt: skip
             tail = f"; output tail:\n{result.tail}" if result.tail else ""
             nxt = transition.state.value
             log.warning("run {} ({}) -> {}{}", result.outcome.value, result.reason, nxt, tail)
@@ -267,6 +311,7 @@ class Engine:
             reason=transition.reason,
         )  # fmt: skip
         if transition.state in TERMINAL_STATES:
+            self.active.discard(item.seq)
             self.outstanding.value -= 1
             self._count_terminal(transition.state)
             if transition.state is ItemState.DEAD:
@@ -320,6 +365,22 @@ class Engine:
             grace_period=stage.grace_period, log_path=log_path,
             output_limit=stage.output_limit,
         )  # fmt: skip
+
+    async def serve_store_watch(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Admit items another process put back in a queue (``orchestrator requeue``)."""
+        since = time.time() - STORE_WATCH_OVERLAP
+        task_status.started()
+        async with contextlib.aclosing(trio_util.periodic(STORE_WATCH_INTERVAL)) as ticks:
+            async for _ in ticks:
+                now = time.time()
+                found = await self.store.read(functools.partial(op_items_changed_since, since=since))
+                since = now - STORE_WATCH_OVERLAP
+                for item in found:
+                    if item.seq not in self.active:
+                        logger.bind(item=item.id).info("item re-queued from outside; taking it")
+                        self.admit(item)
 
     # --- sources ---------------------------------------------------------------------------
 

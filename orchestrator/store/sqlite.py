@@ -79,6 +79,7 @@ CREATE TABLE IF NOT EXISTS items (
     UNIQUE (source, key)
 );
 CREATE INDEX IF NOT EXISTS items_by_state ON items (state, stage_index);
+CREATE INDEX IF NOT EXISTS items_by_update ON items (updated_at);
 CREATE TABLE IF NOT EXISTS runs (
     id         INTEGER PRIMARY KEY,
     item_seq   INTEGER NOT NULL REFERENCES items (seq),
@@ -331,6 +332,16 @@ def op_register_instance(conn: sqlite3.Connection, instance: str, pid: int, host
 def op_stop_instance(conn: sqlite3.Connection, instance: str) -> None:
     """Record a clean stop."""
     conn.execute("UPDATE instances SET stopped_at = ? WHERE id = ?", (time.time(), instance))
+
+
+def op_items_changed_since(conn: sqlite3.Connection, since: float) -> list[Item]:
+    """Queued or retry-waiting items updated after ``since`` (unix time)."""
+    rows = conn.execute(
+        f"SELECT {_ITEM_COLUMNS} FROM items WHERE updated_at > ?"
+        " AND state IN ('queued', 'retry_wait') ORDER BY seq",
+        (since,),
+    )
+    return [_item(r) for r in rows]
 
 
 def op_pending_items(conn: sqlite3.Connection) -> list[Item]:

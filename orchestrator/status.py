@@ -1,0 +1,140 @@
+"""The status file: ``state_dir/status.json``, rewritten atomically every ``status.interval``.
+
+It is what a person (or ``orchestrator status`` / ``health``) reads to know what the service is
+doing without talking to it: per-stage counts, running runs with their age, who holds and who
+waits for each slot, the last errors. It is written to a temporary file, fsynced and renamed
+over the old one, so a reader always sees a complete JSON document -- never a half-written one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import socket
+from typing import TYPE_CHECKING, Any
+
+import trio
+import trio_util
+
+from orchestrator import __version__
+
+if TYPE_CHECKING:
+    import sqlite3
+    from pathlib import Path
+
+    from orchestrator.workers import Engine
+
+__all__ = ["op_stage_counts", "serve_status_file", "snapshot", "write_atomically"]
+
+
+def _iso(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds")
+
+
+def op_stage_counts(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
+    """Items per stage and state; done items count under the last stage of their route."""
+    counts: dict[str, dict[str, int]] = {}
+    rows = conn.execute(
+        "SELECT route, stage_index, state, count(*) FROM items GROUP BY route, stage_index, state"
+    )
+    for route, index, state, n in rows:
+        names = json.loads(route)
+        if not names:
+            continue
+        stage = names[min(index, len(names) - 1)]
+        per = counts.setdefault(stage, {})
+        per[state] = per.get(state, 0) + n
+    return counts
+
+
+def snapshot(engine: Engine, counts: dict[str, dict[str, int]], *, state: str) -> dict[str, Any]:
+    """The status document (pure: everything comes from the engine and the counts given)."""
+    now = trio.current_time()
+    wall = dt.datetime.now(dt.UTC).timestamp()
+    limits = {(s.kind, s.name): s for s in engine.slots.statistics()}
+    stages: dict[str, Any] = {}
+    for stage in engine.config.stages:
+        per = counts.get(stage.name, {})
+        lim = limits["stage", stage.name]
+        stages[stage.name] = {
+            "queued": per.get("queued", 0),
+            "running": per.get("running", 0),
+            "retry_wait": per.get("retry_wait", 0),
+            "done": per.get("done", 0),
+            "dead": per.get("dead", 0),
+            "rejected": per.get("rejected", 0),
+            "failed_runs": engine.failed_runs.get(stage.name, 0),
+            "concurrency": lim.total,
+            "busy": lim.busy,
+            "waiting": lim.waiting,
+            "holders": list(lim.holders),
+        }
+    pools = {
+        name: {"size": s.total, "busy": s.busy, "waiting": s.waiting, "holders": list(s.holders)}
+        for (kind, name), s in limits.items()
+        if kind == "pool"
+    }
+    running = [
+        {"run": r.run, "item": r.item, "stage": r.stage, "attempt": r.attempt, "pid": r.pid,
+         "age": round(now - r.since, 3)}
+        for r in engine.running.values()
+    ]
+    return {
+        "version": __version__,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "instance": engine.instance,
+        "started": _iso(engine.started_wall),
+        "updated": _iso(wall),
+        "updated_unix": wall,
+        "interval": engine.config.status.interval,
+        "state": state,
+        "stages": stages,
+        "pools": pools,
+        "running": running,
+        "recent_errors": list(engine.recent_errors),
+    }
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data``: temp file, fsync, rename (blocking: call from a thread)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+async def write_status(engine: Engine, *, state: str) -> None:
+    """Write the status file once (store read and file write both in threads)."""
+    counts = await engine.store.read(op_stage_counts)
+    doc = snapshot(engine, counts, state=state)
+    data = json.dumps(doc, indent=1).encode()
+    path = engine.config.status_path
+    await trio.to_thread.run_sync(write_atomically, path, data)
+
+
+async def serve_status_file(
+    engine: Engine, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Rewrite the status file every ``status.interval`` until cancelled.
+
+    A failed write (a full disk) is logged and tried again at the next tick; it never stops the
+    service.
+    """
+    from loguru import logger
+
+    task_status.started()
+    async with contextlib.aclosing(trio_util.periodic(engine.config.status.interval)) as ticks:
+        async for _ in ticks:
+            try:
+                await write_status(engine, state="draining" if engine.stopping else "running")
+            except OSError as exc:
+                logger.warning("cannot write the status file: {}", exc)
