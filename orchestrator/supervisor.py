@@ -40,6 +40,7 @@ from orchestrator.reaper import reap
 from orchestrator.status import serve_status_file, write_status
 from orchestrator.store.sqlite import (
     Recovery,
+    op_items_by_seq,
     op_open_runs,
     op_pending_items,
     op_recover,
@@ -150,6 +151,8 @@ async def _serve(
 ) -> ServiceResult:  # fmt: skip
     interrupted = False
     pending = await store.read(op_pending_items)
+    # Items recovery found poisoned died in this run: a batch reports them.
+    pending += await store.read(lambda c: op_items_by_seq(c, recovery.poisoned_seqs))
     executables = await trio.to_thread.run_sync(resolve_executables, config)
     engine = Engine(config, store, instance=instance, executables=executables)
     if on_start is not None:

@@ -359,6 +359,8 @@ class Recovery:
 
     interrupted: int
     poisoned: int
+    #: Seqs of the items found poisoned (now dead).
+    poisoned_seqs: tuple[int, ...] = ()
 
 
 def op_recover(conn: sqlite3.Connection, max_interruptions: int) -> Recovery:
@@ -370,7 +372,7 @@ def op_recover(conn: sqlite3.Connection, max_interruptions: int) -> Recovery:
     open_runs = conn.execute(
         "SELECT id, item_seq, stage FROM runs WHERE outcome IS NULL ORDER BY id"
     ).fetchall()
-    poisoned = 0
+    poisoned: list[int] = []
     for run_id, seq, stage in open_runs:
         conn.execute(
             "UPDATE runs SET outcome = 'interrupted', ended_at = ?,"
@@ -390,14 +392,26 @@ def op_recover(conn: sqlite3.Connection, max_interruptions: int) -> Recovery:
                 "UPDATE items SET state = 'dead', reason = ? WHERE seq = ?", (reason, seq)
             )
             _event(conn, seq, now, "interrupted", stage, "dead", reason)
-            poisoned += 1
+            poisoned.append(seq)
         else:
             conn.execute("UPDATE items SET state = 'queued' WHERE seq = ?", (seq,))
             _event(conn, seq, now, "interrupted", stage, "queued", f"run {run_id}")
     # An item left 'running' without an open run (cannot happen through these functions, but a
     # hand-edited store must not wedge an item forever) goes back to its queue.
     conn.execute("UPDATE items SET state = 'queued' WHERE state = 'running'")
-    return Recovery(interrupted=len(open_runs), poisoned=poisoned)
+    return Recovery(
+        interrupted=len(open_runs), poisoned=len(poisoned), poisoned_seqs=tuple(poisoned)
+    )
+
+
+def op_items_by_seq(conn: sqlite3.Connection, seqs: Iterable[int]) -> list[Item]:
+    """The items with these seqs."""
+    out = []
+    for seq in seqs:
+        row = conn.execute(f"SELECT {_ITEM_COLUMNS} FROM items WHERE seq = ?", (seq,)).fetchone()
+        if row is not None:
+            out.append(_item(row))
+    return out
 
 
 def op_source_keys(conn: sqlite3.Connection, source: str) -> set[str]:
@@ -692,3 +706,199 @@ async def open_sqlite_store(
     finally:
         with trio.CancelScope(shield=True):
             await store.close()
+
+
+# --- operator commands -----------------------------------------------------------------------
+# Reads and the one write (`op_requeue`) behind `orchestrator items`, `show`, `status` and
+# `requeue`: they run in the operator's process, on their own connection, beside a running service.
+
+
+def connect_readonly(path: Path, *, busy_timeout: float = 5.0) -> sqlite3.Connection:
+    """Open an existing store read-only (never creating it, never writing it).
+
+    WAL lets it read while the service writes; it sees committed transactions only.
+
+    Raises:
+        StoreUnavailable: there is no store at ``path``, it cannot be read, or it is not an
+            orchestrator store this version understands.
+    """
+    if not path.exists():
+        raise StoreUnavailable(f"no store at {str(path)!r}; has the service run yet?")
+    try:
+        # as_uri() percent-encodes the path: a '?' or '#' in a folder name stays part of it.
+        conn = sqlite3.connect(
+            f"{path.absolute().as_uri()}?mode=ro", uri=True, isolation_level=None,
+            timeout=busy_timeout,
+        )  # fmt: skip
+        try:
+            conn.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
+            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        except BaseException:
+            conn.close()
+            raise
+    except sqlite3.Error as exc:
+        raise StoreUnavailable(f"cannot read store {str(path)!r}: {exc}") from exc
+    if row is None or int(row[0]) > SCHEMA_VERSION:
+        conn.close()
+        found = "none" if row is None else row[0]
+        raise StoreUnavailable(
+            f"store {str(path)!r} has schema version {found}; this orchestrator understands "
+            f"up to {SCHEMA_VERSION}: upgrade orchestrator"
+        )
+    return conn
+
+
+@attrs.frozen(kw_only=True)
+class EventRecord:
+    """One row of an item's history."""
+
+    at: float
+    event: str
+    stage: str | None
+    state: str | None
+    detail: str | None
+
+
+@attrs.frozen(kw_only=True)
+class RequeueReport:
+    """What `op_requeue` did: the ids put back, and ``(id, why not)`` for the others."""
+
+    requeued: tuple[str, ...]
+    skipped: tuple[tuple[str, str], ...]
+
+
+_RUN_COLUMNS_R = ", ".join(f"r.{c.strip()}" for c in _RUN_COLUMNS.split(","))
+# The item's current stage in SQL (NULL once past its route), as `Item.stage` computes it.
+_CURRENT_STAGE = "json_extract(route, '$[' || stage_index || ']')"
+
+
+def op_find_items(
+    conn: sqlite3.Connection, *, state: str | None = None, stage: str | None = None,
+    limit: int | None = None,
+) -> list[Item]:  # fmt: skip
+    """Items, oldest first, optionally only those in ``state`` and at current stage ``stage``.
+
+    Done and rejected items are at no stage.
+    """
+    sql = f"SELECT {_ITEM_COLUMNS} FROM items WHERE 1"
+    args: list[Any] = []
+    if state is not None:
+        sql += " AND state = ?"
+        args.append(state)
+    if stage is not None:
+        sql += f" AND state != 'rejected' AND {_CURRENT_STAGE} = ?"
+        args.append(stage)
+    sql += " ORDER BY seq LIMIT ?"
+    args.append(-1 if limit is None else limit)
+    return [_item(r) for r in conn.execute(sql, args)]
+
+
+def op_item_events(conn: sqlite3.Connection, seq: int) -> list[EventRecord]:
+    """Every event of an item, in the order they happened."""
+    rows = conn.execute(
+        "SELECT at, event, stage, state, detail FROM events WHERE item_seq = ? ORDER BY id", (seq,)
+    )
+    return [EventRecord(at=r[0], event=r[1], stage=r[2], state=r[3], detail=r[4]) for r in rows]
+
+
+def op_counts_by_stage(conn: sqlite3.Connection) -> tuple[dict[str, dict[str, int]], int]:
+    """Items per current stage and state, and the number of rejected items.
+
+    A done item counts under the last stage of its route; rejected items count under no stage.
+    """
+    counts: dict[str, dict[str, int]] = {}
+    rejected = 0
+    rows = conn.execute(
+        "SELECT route, stage_index, state, count(*) FROM items GROUP BY route, stage_index, state"
+    )
+    for route, index, state, n in rows:
+        names = json.loads(route)
+        if state == ItemState.REJECTED or not names:
+            rejected += n if state == ItemState.REJECTED else 0
+            continue
+        per = counts.setdefault(names[min(index, len(names) - 1)], {})
+        per[state] = per.get(state, 0) + n
+    return counts, rejected
+
+
+def op_running_runs(conn: sqlite3.Connection) -> list[tuple[str, RunRecord]]:
+    """``(item id, run)`` of every run not yet ended, oldest first."""
+    rows = conn.execute(
+        f"SELECT i.id, {_RUN_COLUMNS_R} FROM runs r JOIN items i ON i.seq = r.item_seq"
+        " WHERE r.outcome IS NULL ORDER BY r.id"
+    )
+    return [(r[0], _run(r[1:])) for r in rows]
+
+
+def op_recent_failures(conn: sqlite3.Connection, limit: int = 10) -> list[tuple[str, RunRecord]]:
+    """``(item id, run)`` of the last ``limit`` runs that ended other than ``ok``, newest first."""
+    rows = conn.execute(
+        f"SELECT i.id, {_RUN_COLUMNS_R} FROM runs r JOIN items i ON i.seq = r.item_seq"
+        " WHERE r.outcome IS NOT NULL AND r.outcome != 'ok' ORDER BY r.id DESC LIMIT ?",
+        (limit,),
+    )
+    return [(r[0], _run(r[1:])) for r in rows]
+
+
+def op_requeue(
+    conn: sqlite3.Connection, ids: Sequence[str] | None, *, dead: bool, stage: str | None,
+    known_stages: Iterable[str] | None = None,
+) -> RequeueReport:  # fmt: skip
+    """Put dead items back to ``queued`` at the stage where they died, with a fresh start.
+
+    Attempts and interruptions go back to 0, ``not_before`` and ``reason`` are cleared (the old
+    reason is kept in the ``requeued`` event's detail). Run it inside one write transaction
+    (``BEGIN IMMEDIATE``): then either every listed item moves or none does.
+
+    Args:
+        ids: the items to requeue, in order; duplicates count once. None with ``dead``.
+        dead: requeue every dead item instead (only those at ``stage`` when given).
+        stage: with ``dead``, only items that died at this stage (ignored with ``ids``).
+        known_stages: the stages of the current config; an item whose stage is not among them
+            is skipped (no worker could take it). None skips the check.
+
+    Returns:
+        The ids requeued and, for each named id not requeued, why. Rejected items are never
+        requeued: they are kept as the evidence of what a source could not use.
+
+    Raises:
+        ValueError: neither or both of ``ids`` and ``dead`` were given.
+    """
+    if (ids is None) != dead:
+        raise ValueError("give either item ids or dead=True")
+    if ids is None:
+        targets: list[tuple[str, Item | None]] = [
+            (item.id, item) for item in op_find_items(conn, state=ItemState.DEAD, stage=stage)
+        ]
+    else:
+        targets = []
+        for item_id in dict.fromkeys(ids):
+            row = conn.execute(
+                f"SELECT {_ITEM_COLUMNS} FROM items WHERE id = ?", (item_id,)
+            ).fetchone()
+            targets.append((item_id, None if row is None else _item(row)))
+    known = None if known_stages is None else set(known_stages)
+    now = time.time()
+    requeued: list[str] = []
+    skipped: list[tuple[str, str]] = []
+    for item_id, item in targets:
+        if item is None:
+            skipped.append((item_id, f"no item {item_id!r} in the store"))
+        elif item.state is ItemState.REJECTED:
+            skipped.append((item_id, f"{item_id!r} is rejected, not dead; rejected items are "
+                                     "kept as evidence and never requeued"))  # fmt: skip
+        elif item.state is not ItemState.DEAD:
+            skipped.append((item_id, f"{item_id!r} is {item.state.value}, not dead; not requeued"))
+        elif item.stage is None or (known is not None and item.stage not in known):
+            skipped.append((item_id, f"{item_id!r} died at stage {item.stage!r}, which is not "
+                                     "in the config; not requeued"))  # fmt: skip
+        else:
+            conn.execute(
+                "UPDATE items SET state = 'queued', attempts = 0, interruptions = 0,"
+                " not_before = NULL, reason = NULL, updated_at = ? WHERE seq = ?",
+                (now, item.seq),
+            )
+            _event(conn, item.seq, now, "requeued", item.stage, ItemState.QUEUED.value,
+                   item.reason)  # fmt: skip
+            requeued.append(item_id)
+    return RequeueReport(requeued=tuple(requeued), skipped=tuple(skipped))

@@ -1,6 +1,6 @@
 """A stage program for tests: proves from the OS that a limit held.
 
-    locked_stage.py LOCKDIR LIMIT RECORD SECONDS [FAIL_UNTIL_ATTEMPT]
+    locked_stage.py LOCKDIR LIMIT RECORD SECONDS|@path [FAIL_UNTIL_ATTEMPT]
 
 It tries LIMIT lock files ``LOCKDIR/slot-<i>.lock`` with a non-blocking ``flock`` and holds the
 first it gets for its whole run. If all LIMIT are held by other runs, the limit was exceeded: it
@@ -13,7 +13,12 @@ import os
 import sys
 import time
 
-lockdir, limit, record, seconds = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+lockdir, limit, record = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+if sys.argv[4] == "@path":  # the duration is written in the item's file
+    with open(os.environ["ORCH_PATH"]) as f:
+        seconds = float(f.read().split()[0])
+else:
+    seconds = float(sys.argv[4])
 fail_until = int(sys.argv[5]) if len(sys.argv) > 5 else 0
 item = os.environ.get("ORCH_ITEM", "?")
 stage = os.environ.get("ORCH_STAGE", "?")

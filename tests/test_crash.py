@@ -1,0 +1,212 @@
+"""Crash safety: kill -9 at random moments loses nothing, reaps orphans, never breaks a limit.
+
+Everything here is observed from the OS: the stage programs take a non-blocking flock for their
+whole run (an overlap is recorded by the program that could not get the lock), and /proc is
+searched for processes carrying the state folder's marker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from typing import TYPE_CHECKING
+
+import pytest
+from conftest import PROGRAMS, PY, processes_with_env
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+STAGE = str(PROGRAMS / "locked_stage.py")
+#: Kills in the suite's run; `ORCH_SOAK_KILLS=200 pytest tests/test_crash.py` for a longer soak.
+KILLS = int(os.environ.get("ORCH_SOAK_KILLS", "20"))
+ITEMS = int(os.environ.get("ORCH_SOAK_ITEMS", "100"))
+
+
+def start(config: Path, log: Path, command: str = "run") -> subprocess.Popen[bytes]:
+    with open(log, "ab") as err:
+        return subprocess.Popen(
+            [sys.executable, "-m", "orchestrator", command, "-c", str(config)],
+            cwd=config.parent, stdout=subprocess.DEVNULL, stderr=err,
+        )  # fmt: skip
+
+
+def states(db: Path) -> dict[str, int]:
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+            return dict(conn.execute("SELECT state, count(*) FROM items GROUP BY state").fetchall())
+    except sqlite3.OperationalError:
+        return {}
+
+
+def write_pipeline(tmp_path: Path, items: int) -> Path:
+    locks, inbox = tmp_path / "locks", tmp_path / "in"
+    locks.mkdir()
+    inbox.mkdir()
+    for i in range(items):
+        # Every tenth item's extract runs long enough to outlive a killed service.
+        (inbox / f"item {i:03} $(x).dat").write_text("0.8" if i % 10 == 0 else "0.01")
+    record = tmp_path / "record.txt"
+
+    def stage(name: str, limit: int, seconds: str) -> str:
+        return textwrap.dedent(f"""
+            [[stages]]
+            name = "{name}"
+            command = ["{PY}", "{STAGE}", "{locks}", "{limit}", "{record}", "{seconds}"]
+            concurrency = {limit}
+            grace_period = "2s"
+            """)
+
+    config = tmp_path / "crash.toml"
+    config.write_text(
+        textwrap.dedent("""
+            shutdown_grace = "5s"
+            # Random SIGKILLs by an operator are not an item's fault: with the default of 3, an
+            # item that happens to be running at three kills would be dead as a poison item.
+            # Poison detection has its own test below.
+            max_interruptions = 1000
+            [http]
+            listen = false
+            [status]
+            interval = "500ms"
+            [[sources]]
+            name = "in"
+            type = "directory"
+            path = "in"
+            route = ["prep", "extract", "store"]
+            settle = "0s"
+            poll_interval = "200ms"
+            """)
+        + stage("prep", 3, "0.01") + stage("extract", 1, "@path") + stage("store", 3, "0.01")
+    )
+    return config
+
+
+@pytest.mark.timeout(150)
+def test_kill_9_at_random_moments_loses_nothing_and_never_overlaps(tmp_path: Path) -> None:
+    # Given: 100 items through prep(3) -> extract(1) -> store(3); extract sometimes runs 0.8 s.
+    config = write_pipeline(tmp_path, ITEMS)
+    db = tmp_path / "state" / "orchestrator.db"
+    log = tmp_path / "service.log"
+    rng = random.Random(os.environ.get("ORCH_SOAK_SEED", "2"))
+
+    # When: the service is SIGKILLed at random moments, KILLS times, and restarted each time.
+    for _ in range(KILLS):
+        proc = start(config, log)
+        time.sleep(rng.uniform(0.2, 0.9))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    # Then it is left to finish, and stopped with SIGTERM.
+    proc = start(config, log)
+    deadline = time.monotonic() + 90
+    while states(db) != {"done": ITEMS} and time.monotonic() < deadline:
+        time.sleep(0.2)
+        assert proc.poll() is None, log.read_text()[-3000:]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0, log.read_text()[-3000:]
+
+    # Then: every item is done, and reached done exactly once.
+    assert states(db) == {"done": ITEMS}
+    with sqlite3.connect(db) as conn:
+        dones = conn.execute(
+            "SELECT item_seq, count(*) FROM events WHERE state = 'done' GROUP BY item_seq"
+        ).fetchall()
+        interrupted = conn.execute(
+            "SELECT count(*) FROM runs WHERE outcome = 'interrupted'"
+        ).fetchone()[0]
+    assert len(dones) == ITEMS
+    assert all(n == 1 for _, n in dones)
+    # The exclusive stages never overlapped, judged by the programs' own flock probes -- also
+    # an orphan of a killed instance against a run of the next one.
+    record = (tmp_path / "record.txt").read_text()
+    assert "OVERLAP" not in record
+    # The scenario really happened: runs were interrupted, and leftovers were found and ended
+    # at restarts.
+    text = log.read_text()
+    assert interrupted > 0
+    assert "left running by a dead instance" in text
+    # No process of any run survives.
+    assert processes_with_env(f"ORCH_STATE={tmp_path / 'state'}") == []
+
+
+def test_poison_item_is_dead_after_max_interruptions(tmp_path: Path) -> None:
+    # Given: a stage that kills the service every time it runs.
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "poison").write_text("x")
+    config = tmp_path / "p.toml"
+    config.write_text(textwrap.dedent("""
+        max_interruptions = 3
+        [http]
+        listen = false
+        [[sources]]
+        name = "in"
+        type = "directory"
+        path = "in"
+        route = ["boom"]
+        settle = "0s"
+        [[stages]]
+        name = "boom"
+        command = ["sh", "-c", "kill -9 $PPID; sleep 5"]
+        """))
+    log = tmp_path / "log"
+    # When: the batch is started again and again.
+    codes = []
+    for _ in range(4):
+        proc = start(config, log, "batch")
+        codes.append(proc.wait(timeout=30))
+    # Then: three deaths, then the item is dead as a poison item and the batch says so.
+    assert codes == [-9, -9, -9, 1]
+    with sqlite3.connect(tmp_path / "state" / "orchestrator.db") as conn:
+        state, reason, interruptions = conn.execute(
+            "SELECT state, reason, interruptions FROM items"
+        ).fetchone()
+    assert (state, interruptions) == ("dead", 3)
+    assert reason == "poison item: interrupted 3 times at stage 'boom'"
+    assert processes_with_env(f"ORCH_STATE={tmp_path / 'state'}") == []
+
+
+def test_second_instance_on_the_same_state_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    config = tmp_path / "c.toml"
+    config.write_text(textwrap.dedent("""
+        [http]
+        listen = false
+        [[sources]]
+        name = "in"
+        type = "directory"
+        path = "in"
+        route = ["s"]
+        [[stages]]
+        name = "s"
+        command = ["true"]
+        """))
+    first = start(config, tmp_path / "first.log")
+    try:
+        deadline = time.monotonic() + 20
+        while not (tmp_path / "state" / "status.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        status = json.loads((tmp_path / "state" / "status.json").read_text())
+        assert status["pid"] == first.pid
+        second = subprocess.run(
+            [sys.executable, "-m", "orchestrator", "run", "-c", str(config)],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        assert second.returncode == 3
+        assert "already running" in second.stderr
+        assert f"pid {first.pid}" in second.stderr
+        # The batch command is refused the same way.
+        batch = subprocess.run(
+            [sys.executable, "-m", "orchestrator", "batch", "-c", str(config), "--json"],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        assert batch.returncode == 3
+    finally:
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=20) == 0
