@@ -1,10 +1,11 @@
-"""The ``orchestrator`` command line: check, run, batch.
+"""The ``orchestrator`` command line: check, run, batch; items, show, status, requeue.
 
 Exit codes are named ``EXIT_*`` below; ``main`` returns them, so tests call ``main([...])``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import sys
@@ -15,19 +16,32 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from orchestrator import __version__
-from orchestrator.errors import ConfigError, StoreError
+from orchestrator.errors import ConfigError, ItemNotFound, StoreError, StoreUnavailable
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from orchestrator.config import Config
     from orchestrator.supervisor import ServiceResult
 
-__all__ = ["EXIT_CONFIG", "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_STORE", "main"]
+__all__ = [
+    "EXIT_CONFIG",
+    "EXIT_FAILED",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_STORE",
+    "EXIT_USAGE",
+    "main",
+]
 
 EXIT_OK = 0
-#: A batch finished with dead or rejected items.
+#: A batch finished with dead or rejected items; ``show`` or ``requeue`` named an item it could
+#: not find or not requeue.
 EXIT_FAILED = 1
 #: The config is invalid (every problem is printed).
 EXIT_CONFIG = 2
+#: The command line asks for something that cannot be (the same code as click's usage errors).
+EXIT_USAGE = 2
 #: The state store cannot be opened or written.
 EXIT_STORE = 3
 #: A batch was stopped by SIGINT/SIGTERM before it was done (128 + SIGINT, like a shell).
@@ -236,6 +250,229 @@ def _print_summary(summary: dict[str, Any]) -> None:
             console.print(f"... and {len(summary['failed_items']) - 50} more")
     if summary["interrupted"]:
         console.print("[yellow]interrupted: the rest stays queued; run again to continue[/]")
+
+
+# --- operator commands: read (and requeue) the store beside a running service -----------------
+
+
+def _db_path(cfg: Config) -> Path:
+    if cfg.db_path is None:
+        _err("this command reads the SQLite store only; the state is in PostgreSQL")
+        raise typer.Exit(EXIT_STORE)
+    return cfg.db_path
+
+
+@contextlib.contextmanager
+def _store_errors() -> Iterator[None]:
+    try:
+        yield
+    except StoreUnavailable as exc:
+        _err(str(exc))
+        raise typer.Exit(EXIT_STORE) from None
+    except sqlite3.Error as exc:
+        _err(f"cannot read the store: {exc}")
+        raise typer.Exit(EXIT_STORE) from None
+
+
+@contextlib.contextmanager
+def _reader(cfg: Config) -> Iterator[sqlite3.Connection]:
+    from orchestrator.store.sqlite import connect_readonly
+
+    path = _db_path(cfg)
+    with _store_errors():
+        conn = connect_readonly(path, busy_timeout=cfg.store.busy_timeout)
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+@app.command()
+def items(
+    config: ConfigOption = Path("orchestrator.toml"),
+    state: Annotated[
+        str | None,
+        typer.Option("--state", help="Only items in this state: queued, running, retry_wait, "
+                                     "done, dead or rejected."),
+    ] = None,
+    stage: Annotated[
+        str | None, typer.Option("--stage", help="Only items now at this stage.")
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", min=1, help="At most this many items.")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:  # fmt: skip
+    """List items, oldest first: id, source, state, stage, attempts, updated, reason.
+
+    Exit 2 for an unknown --state or --stage, 3 when there is no store.
+    """
+    from orchestrator.operator import ITEM_STATES, items_data, render_items
+
+    if state is not None and state not in ITEM_STATES:
+        _err(f"unknown state {state!r}; valid states: {', '.join(ITEM_STATES)}")
+        raise typer.Exit(EXIT_USAGE)
+    cfg = _load(config)
+    names = [s.name for s in cfg.stages]
+    if stage is not None and stage not in names:
+        _err(f"unknown stage {stage!r}; stages: {', '.join(names)}")
+        raise typer.Exit(EXIT_USAGE)
+    with _reader(cfg) as conn:
+        rows = items_data(conn, state=state, stage=stage, limit=limit)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    else:
+        _console().print(render_items(rows))
+
+
+@app.command()
+def show(
+    item: Annotated[str, typer.Argument(help="The item's id, as 'items' lists it.")],
+    config: ConfigOption = Path("orchestrator.toml"),
+    as_json: JsonOption = False,
+) -> None:
+    """Show one item's whole history: its fields, every run with its output tail, its events.
+
+    Exit 1 when the store holds no such item, 3 when there is no store.
+    """
+    from orchestrator.operator import render_show, show_data
+
+    cfg = _load(config)
+    with _reader(cfg) as conn:
+        try:
+            data = show_data(conn, item)
+        except ItemNotFound as exc:
+            _err(str(exc))
+            raise typer.Exit(EXIT_FAILED) from None
+    if as_json:
+        print(json.dumps({"item": data["item"], "runs": data["runs"], "events": data["events"]},
+                         indent=2))  # fmt: skip
+    else:
+        _console().print(render_show(data))
+
+
+@app.command()
+def requeue(
+    item_ids: Annotated[
+        list[str] | None,
+        typer.Argument(metavar="[ITEM]...", help="Dead items to requeue.", show_default=False),
+    ] = None,
+    dead: Annotated[bool, typer.Option("--dead", help="Requeue every dead item.")] = False,
+    stage: Annotated[
+        str | None, typer.Option("--stage", help="With --dead: only items that died here.")
+    ] = None,
+    config: ConfigOption = Path("orchestrator.toml"),
+    as_json: JsonOption = False,
+) -> None:  # fmt: skip
+    """Put dead items back in the queue of the stage where they died, with fresh attempts.
+
+    One transaction; a running service picks them up by itself. Rejected items stay as they are.
+
+    Exit 0 when every named item was requeued, 1 when one was not (not found, not dead),
+    2 for a wrong command line, 3 when the store cannot be written.
+    """
+    from orchestrator import operator
+
+    if not item_ids and not dead:
+        _err("name the items to requeue, or give --dead for every dead item")
+        raise typer.Exit(EXIT_USAGE)
+    if item_ids and dead:
+        _err("give either item ids or --dead, not both")
+        raise typer.Exit(EXIT_USAGE)
+    if stage is not None and not dead:
+        _err("--stage only goes with --dead")
+        raise typer.Exit(EXIT_USAGE)
+    cfg = _load(config)
+    names = [s.name for s in cfg.stages]
+    if stage is not None and stage not in names:
+        _err(f"unknown stage {stage!r}; stages: {', '.join(names)}")
+        raise typer.Exit(EXIT_USAGE)
+    path = _db_path(cfg)
+    with _store_errors():
+        report = operator.requeue(path, None if dead else item_ids, dead=dead, stage=stage,
+                                  config=cfg)  # fmt: skip
+    if as_json:
+        print(json.dumps({
+            "requeued": list(report.requeued),
+            "skipped": [{"id": i, "reason": why} for i, why in report.skipped],
+        }, indent=2))  # fmt: skip
+    else:
+        for _item_id, why in report.skipped:
+            _err(operator.clean(why))
+        n = len(report.requeued)
+        print(f"{n} item{'' if n == 1 else 's'} requeued")
+    raise typer.Exit(EXIT_FAILED if report.skipped else EXIT_OK)
+
+
+@app.command()
+def status(
+    config: ConfigOption = Path("orchestrator.toml"),
+    as_json: JsonOption = False,
+    watch: Annotated[
+        bool, typer.Option("--watch", help="Keep refreshing until Ctrl+C (with --json: one "
+                                           "JSON document per line).")
+    ] = False,
+    interval: Annotated[
+        float, typer.Option("--interval", min=0.05, help="Seconds between refreshes.")
+    ] = 1.0,
+) -> None:  # fmt: skip
+    """Show queue depths per stage, slots, running runs and recent failures.
+
+    Counts come from the store; slots and waiters from the service's status file.
+
+    Exit 0 (also when Ctrl+C ends --watch), 3 when there is no store.
+    """
+    from orchestrator.operator import render_status, status_data
+
+    cfg = _load(config)
+    with _reader(cfg) as conn:
+        data = status_data(conn, cfg, time.time())
+        if not watch:
+            if as_json:
+                print(json.dumps(data, indent=2))
+            else:
+                _console().print(render_status(data))
+            return
+        try:
+            if as_json:
+                while True:
+                    print(json.dumps(data), flush=True)
+                    time.sleep(interval)
+                    data = status_data(conn, cfg, time.time())
+            else:
+                _watch(conn, cfg, interval, render_status(data))
+        except KeyboardInterrupt:
+            pass
+    raise typer.Exit(EXIT_OK)
+
+
+def _watch(conn: sqlite3.Connection, cfg: Config, interval: float, first: Any) -> None:
+    from rich.console import Group
+    from rich.live import Live
+    from rich.text import Text
+
+    from orchestrator.operator import render_status, status_data
+
+    def frame(body: Any) -> Any:
+        head = Text(f"{time.strftime('%H:%M:%S')}  every {interval:g}s  Ctrl+C to quit",
+                    style="dim")  # fmt: skip
+        return Group(head, body)
+
+    with Live(frame(first), console=_console(), auto_refresh=False) as live:
+        while True:
+            time.sleep(interval)
+            try:
+                body = render_status(status_data(conn, cfg, time.time()))
+            except sqlite3.Error as exc:
+                # A busy or briefly unreadable store must not end the watch: show it and retry.
+                body = Text(f"cannot read the store: {exc}", style="red")
+            live.update(frame(body), refresh=True)
 
 
 @app.callback(invoke_without_command=True)

@@ -555,6 +555,10 @@ class SqliteStore:
         task_status.started()
         while True:
             await self._wakeup.wait()
+            # One scheduling round before taking the batch: a task woken by the same event
+            # (the worker that gets a slot a finishing run just released) adds its operation
+            # to this transaction instead of waiting for the next.
+            await trio.lowlevel.cancel_shielded_checkpoint()
             self._wakeup = trio.Event()
             batch, self._pending = self._pending, []
             try:
