@@ -15,7 +15,7 @@ import math
 import os
 import shutil
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
@@ -28,9 +28,10 @@ from orchestrator.pipeline import decide, expand_argv, uses_placeholder
 from orchestrator.reaper import STATE_MARKER
 from orchestrator.runner import Command, Outcome, RunResult, run_command
 from orchestrator.sources import DirectorySource
-from orchestrator.store.records import TERMINAL_STATES, Item, ItemState
+from orchestrator.store.records import TERMINAL_STATES, Item, ItemState, Transition
 from orchestrator.store.sqlite import (
     op_finish_run,
+    op_give_up,
     op_items_changed_since,
     op_record_spawn,
     op_source_keys,
@@ -39,7 +40,7 @@ from orchestrator.store.sqlite import (
 
 if TYPE_CHECKING:
     import sqlite3
-    from collections.abc import Callable, Iterator, Mapping
+    from collections.abc import Awaitable, Callable, Iterator, Mapping
     from pathlib import Path
 
     from orchestrator.config import Config, SourceConfig, StageConfig
@@ -131,6 +132,9 @@ class Engine:
         #: Runs that did not end ok, per stage, since start.
         self.failed_runs: collections.Counter[str] = collections.Counter()
         self.started_wall = time.time()
+        #: Per source: called (in the background) with each of its items that became terminal,
+        #: after the transition is durable -- where a source moves or deletes its file.
+        self.on_terminal: dict[str, Callable[[Item], Awaitable[None]]] = {}
 
     # --- admission and dispatch -----------------------------------------------------------
 
@@ -248,6 +252,13 @@ class Engine:
             if claim is None:
                 logger.bind(item=item.id, stage=stage.name).warning("item no longer claimable")
                 return
+            if isinstance(claim, str):  # its file is gone: dead without a run
+                log = logger.bind(item=item.id, stage=stage.name)
+                self._settle(item, Transition(
+                    state=ItemState.DEAD, stage_index=item.stage_index, attempts=item.attempts,
+                    reason=claim,
+                ), log)  # fmt: skip
+                return
             run_id, attempt = claim
             item = attrs.evolve(item, state=ItemState.RUNNING, attempts=attempt)
             running = self.running[run_id] = RunningRun(run_id, item.id, stage.name, attempt)
@@ -280,6 +291,13 @@ class Engine:
                 self.running.pop(run_id, None)
 
         transition = decide(item, stage, result, now=time.time())
+        if result.outcome is not Outcome.OK and item.path is not None:
+            if not await trio.to_thread.run_sync(os.path.exists, item.path):
+                transition = Transition(
+                    state=ItemState.DEAD, stage_index=item.stage_index, attempts=attempt,
+                    reason=f"{stage.name}: source file {item.path!r} vanished during the run "
+                    f"({result.reason})",
+                )  # fmt: skip
         logged_path = str(log_path) if result.output_bytes else None
         with trio.CancelScope(shield=True):
             await self.store.call(
@@ -305,6 +323,10 @@ class Engine:
             tail = f"; output tail:\n{result.tail}" if result.tail else ""
             nxt = transition.state.value
             log.warning("run {} ({}) -> {}{}", result.outcome.value, result.reason, nxt, tail)
+        self._settle(item, transition, log)
+
+    def _settle(self, item: Item, transition: Transition, log: Any) -> None:
+        """Bookkeeping once a transition is durable: hand the item on, or let it go."""
         moved = attrs.evolve(
             item, state=transition.state, stage_index=transition.stage_index,
             attempts=transition.attempts, not_before=transition.not_before,
@@ -316,6 +338,9 @@ class Engine:
             self._count_terminal(transition.state)
             if transition.state is ItemState.DEAD:
                 log.error("item dead: {}", transition.reason)
+            hook = self.on_terminal.get(item.source)
+            if hook is not None and self._timers is not None:
+                self._timers.start_soon(hook, moved)
         else:
             if transition.state is ItemState.RETRY_WAIT:
                 self.tally.retries += 1
@@ -466,8 +491,15 @@ def _is_store_failure(exc: BaseException) -> bool:
 def _claim(
     conn: sqlite3.Connection, item: Item, stage: str, slot_wait: float, instance: str,
     workdir: Path | None,
-) -> tuple[int, int] | None:  # fmt: skip
-    # Runs in the store's thread: the workdir and payload file are made off the event loop.
+) -> tuple[int, int] | str | None:  # fmt: skip
+    """Claim ``item`` (see `op_start_run`); a string is why it cannot run: its file is gone."""
+    # Runs in the store's thread: the file check, workdir and payload file stay off the loop.
+    if item.path is not None:
+        problem = _file_problem(item.path)
+        if problem is not None:
+            reason = f"{stage}: source file {item.path!r} {problem} before its run"
+            op_give_up(conn, item, reason)
+            return reason
     claim = op_start_run(conn, item, stage, slot_wait, instance)
     if claim is not None and workdir is not None:
         os.makedirs(workdir, mode=0o700, exist_ok=True)
@@ -476,3 +508,15 @@ def _claim(
             if not payload.exists():
                 payload.write_text(item.payload)
     return claim
+
+
+def _file_problem(path: str) -> str | None:
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return "vanished"
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror})"
+    if not os.access(path, os.R_OK):
+        return "cannot be read (permission denied)"
+    return None

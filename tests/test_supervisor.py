@@ -200,3 +200,46 @@ async def test_sigterm_drains_then_cancels_and_requeues_without_spending_an_atte
     assert [r[3] for r in runs_of(config.state_dir)] == ["cancelled"]
     with sqlite3.connect(config.state_dir / "orchestrator.db") as db:
         assert db.execute("SELECT state, attempts FROM items").fetchone() == ("queued", 0)
+
+
+async def test_a_file_that_vanishes_fails_its_item_with_a_clear_reason(
+    tmp_path: Path, write_config: Callable[[str], Config]
+) -> None:
+    # Given: one item whose file disappears between two stages, one whose file disappears
+    # during a run that then fails (and would otherwise be retried).
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "gone-before").write_text("x")
+    (tmp_path / "in" / "gone-during").write_text("x")
+    config = write_config("""
+        [http]
+        listen = false
+        [[sources]]
+        name = "in"
+        type = "directory"
+        path = "in"
+        route = ["first", "second"]
+        settle = "0s"
+        [[stages]]
+        name = "first"
+        command = ["sh", "-c", "case $1 in *before) rm -- \\"$1\\";; *) rm -- \\"$1\\"; exit 1;; esac", "sh", "{path}"]
+        retries = 5
+        [[stages]]
+        name = "second"
+        command = ["true"]
+        """)
+
+    # When
+    result = await serve(config, batch=True)
+
+    # Then: both are dead, not retried, each with what happened to its file.
+    assert result.tally.dead == 2
+    with sqlite3.connect(config.state_dir / "orchestrator.db") as db:
+        reasons = dict(db.execute("SELECT id, reason FROM items").fetchall())
+        runs = db.execute("SELECT count(*) FROM runs").fetchone()[0]
+    before = str(tmp_path / "in" / "gone-before")
+    during = str(tmp_path / "in" / "gone-during")
+    assert reasons["in:gone-before"] == f"second: source file {before!r} vanished before its run"
+    assert reasons["in:gone-during"] == (
+        f"first: source file {during!r} vanished during the run (exit 1)"
+    )
+    assert runs == 2

@@ -344,6 +344,16 @@ def op_items_changed_since(conn: sqlite3.Connection, since: float) -> list[Item]
     return [_item(r) for r in rows]
 
 
+def op_give_up(conn: sqlite3.Connection, item: Item, reason: str) -> None:
+    """Make a queued item ``dead`` without a run (its input is gone)."""
+    now = time.time()
+    conn.execute(
+        "UPDATE items SET state = 'dead', reason = ?, updated_at = ? WHERE seq = ?",
+        (reason, now, item.seq),
+    )
+    _event(conn, item.seq, now, "gave up", item.stage, "dead", reason)
+
+
 def op_pending_items(conn: sqlite3.Connection) -> list[Item]:
     """Every item not yet in a terminal state, oldest first."""
     rows = conn.execute(
