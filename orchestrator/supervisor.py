@@ -36,6 +36,7 @@ from loguru import logger
 
 from orchestrator.errors import LeftoverProcesses, StoreUnavailable
 from orchestrator.instance import acquire_instance_lock
+from orchestrator.pollers import serve_source
 from orchestrator.reaper import reap
 from orchestrator.status import serve_status_file, write_status
 from orchestrator.store.sqlite import (
@@ -207,7 +208,7 @@ async def _serve(
                     async with trio.open_nursery() as sources:
                         for source in config.sources:
                             await sources.start(
-                                functools.partial(engine.serve_source, source, once=batch),
+                                functools.partial(serve_source, engine, source, once=batch),
                                 name=f"source:{source.name}",
                             )
                     if not batch:

@@ -27,14 +27,12 @@ from orchestrator.limits import Holder, Slots
 from orchestrator.pipeline import decide, expand_argv, uses_placeholder
 from orchestrator.reaper import STATE_MARKER
 from orchestrator.runner import Command, Outcome, RunResult, run_command
-from orchestrator.sources import DirectorySource
 from orchestrator.store.records import TERMINAL_STATES, Item, ItemState, Transition
 from orchestrator.store.sqlite import (
     op_finish_run,
     op_give_up,
     op_items_changed_since,
     op_record_spawn,
-    op_source_keys,
     op_start_run,
 )
 
@@ -43,7 +41,7 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterator, Mapping
     from pathlib import Path
 
-    from orchestrator.config import Config, SourceConfig, StageConfig
+    from orchestrator.config import Config, StageConfig
     from orchestrator.store.sqlite import SqliteStore
 
 __all__ = ["Engine", "resolve_executables"]
@@ -406,51 +404,6 @@ class Engine:
                     if item.seq not in self.active:
                         logger.bind(item=item.id).info("item re-queued from outside; taking it")
                         self.admit(item)
-
-    # --- sources ---------------------------------------------------------------------------
-
-    async def serve_source(
-        self, source: SourceConfig, *, once: bool = False,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:  # fmt: skip
-        """Poll ``source`` and admit what it yields; restarted with backoff when it fails.
-
-        With ``once``, return after everything the source holds now has been ingested
-        (files still being written are waited for until they settle).
-        """
-        known = await self.store.read(lambda c: op_source_keys(c, source.name))
-        poller = DirectorySource(source, known)
-        log = logger.bind(source=source.name)
-        task_status.started()
-        backoff = POLLER_BACKOFF
-        interval = min(source.poll_interval, BATCH_SETTLE_POLL) if once else source.poll_interval
-        while True:
-            try:
-                async with contextlib.aclosing(trio_util.periodic(interval)) as ticks:
-                    async for _ in ticks:
-                        await self._poll(poller)
-                        backoff = POLLER_BACKOFF
-                        if once and poller.unsettled == 0:
-                            self.sources_exhausted.value += 1
-                            return
-            except Exception as exc:  # a poller must not take the service down
-                if _is_store_failure(exc):
-                    raise
-                log.opt(exception=exc).error("source poller failed; restart in {:.0f}s", backoff)
-                await trio.sleep(backoff)
-                backoff = min(backoff * 2, POLLER_BACKOFF_MAX)
-
-    async def _poll(self, poller: DirectorySource) -> None:
-        files = await trio.to_thread.run_sync(poller.scan)
-        new = poller.select(files)
-        if not new:
-            return
-        added = await self.store.ingest(new)
-        poller.accepted(n.key for n in new)
-        if added:
-            logger.bind(source=poller.name).info("ingested {} item(s)", len(added))
-        for item in added:
-            self.admit(item)
 
 
 def resolve_executables(config: Config) -> dict[str, str]:
