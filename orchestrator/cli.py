@@ -351,8 +351,7 @@ def show(
             _err(str(exc))
             raise typer.Exit(EXIT_FAILED) from None
     if as_json:
-        print(json.dumps({"item": data["item"], "runs": data["runs"], "events": data["events"]},
-                         indent=2))  # fmt: skip
+        print(json.dumps(data, indent=2))
     else:
         _console().print(render_show(data))
 

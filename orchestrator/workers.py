@@ -48,11 +48,6 @@ __all__ = ["Engine", "resolve_executables"]
 
 #: How long a worker may spend recording a run after shutdown cancelled it.
 RECORD_GRACE = 10.0
-#: A crashed poller is restarted after this many seconds, doubling up to POLLER_BACKOFF_MAX.
-POLLER_BACKOFF = 1.0
-POLLER_BACKOFF_MAX = 60.0
-#: In batch mode, how often files that are still being written are looked at again.
-BATCH_SETTLE_POLL = 0.2
 #: How many recent failures the status file shows.
 RECENT_ERRORS = 20
 #: How often the store is asked for items put back in a queue by someone else (``requeue``).
