@@ -1,0 +1,516 @@
+"""The operator commands (items, show, requeue, status) against a real SQLite file.
+
+The store is built with the same ``op_*`` functions the service uses; the commands run in-process
+through ``main([...])``, and in a subprocess where another process or a signal is the point.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pty
+import select
+import signal
+import sqlite3
+import struct
+import subprocess
+import sys
+import termios
+import textwrap
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from orchestrator.cli import EXIT_FAILED, EXIT_OK, EXIT_STORE, EXIT_USAGE, main
+from orchestrator.instance import acquire_instance_lock
+from orchestrator.runner import Outcome, RunResult
+from orchestrator.store import ItemState, NewItem, Transition, connect
+from orchestrator.store.sqlite import (
+    op_finish_run,
+    op_get_item,
+    op_ingest,
+    op_item_events,
+    op_start_run,
+)
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+ROUTE = ("extract", "convert")
+#: An id that is a newline, a command substitution and rich markup at once: shown, never obeyed.
+WEIRD = "in:we ird\n$(touch x) [red]y[/]"
+#: Output a stage might print: an escape sequence that must not reach the terminal raw.
+TAIL = "starting\nboom: \x1b[31mred\x1b[0m\n"
+
+CONFIG = """
+    state_dir = "state"
+    [pools]
+    gpu = 1
+    [http]
+    listen = false
+    [[sources]]
+    name = "in"
+    type = "directory"
+    path = "in"
+    route = ["extract", "convert"]
+    [[stages]]
+    name = "extract"
+    command = ["true"]
+    [[stages]]
+    name = "convert"
+    command = ["true"]
+    concurrency = 2
+    pools = ["gpu"]
+"""
+
+
+def new(key: str, item_id: str | None = None, **kw: Any) -> NewItem:
+    return NewItem(id=item_id or f"in:{key}", source="in", key=key, route=ROUTE,
+                   path=f"/inbox/{key}", **kw)  # fmt: skip
+
+
+def ok() -> RunResult:
+    return RunResult(outcome=Outcome.OK, exit_code=0, signal=None, pid=101, duration=0.25,
+                     tail="fine\n", reason="exit 0")  # fmt: skip
+
+
+def failed(code: int) -> RunResult:
+    return RunResult(outcome=Outcome.FAILED, exit_code=code, signal=None, pid=102, duration=1.5,
+                     tail=TAIL, reason=f"exit {code}")  # fmt: skip
+
+
+def run_once(
+    conn: sqlite3.Connection, item_id: str, stage: str, result: RunResult | None,
+    transition: Transition | None = None,
+) -> None:  # fmt: skip
+    item = op_get_item(conn, item_id)
+    claim = op_start_run(conn, item, stage, 0.5, "inst")
+    assert claim is not None
+    if result is not None and transition is not None:
+        op_finish_run(conn, run_id=claim[0], item=item, result=result, transition=transition,
+                      log_path=f"/state/runs/{claim[0]}.log")  # fmt: skip
+
+
+def build_store(db: Path) -> None:
+    """in:a.txt done; in:b.txt dead at extract; in:c.txt queued; WEIRD dead at convert;
+    in:d.txt running at extract (its run open); in:bad.json rejected."""
+    conn = connect(db)
+    try:
+        op_ingest(conn, [new("a.txt"), new("b.txt"), new("c.txt"), new("w", WEIRD), new("d.txt")])
+        op_ingest(conn, [new("bad.json", state=ItemState.REJECTED, reason="not JSON")])
+        run_once(conn, "in:a.txt", "extract", ok(),
+                 Transition(state=ItemState.QUEUED, stage_index=1, attempts=0))  # fmt: skip
+        run_once(conn, "in:a.txt", "convert", ok(),
+                 Transition(state=ItemState.DONE, stage_index=2, attempts=0))  # fmt: skip
+        run_once(conn, "in:b.txt", "extract", failed(3),
+                 Transition(state=ItemState.DEAD, stage_index=0, attempts=1, reason="exit 3"))  # fmt: skip
+        run_once(conn, WEIRD, "extract", ok(),
+                 Transition(state=ItemState.QUEUED, stage_index=1, attempts=0))  # fmt: skip
+        run_once(conn, WEIRD, "convert", failed(1),
+                 Transition(state=ItemState.DEAD, stage_index=1, attempts=1, reason="exit 1"))  # fmt: skip
+        run_once(conn, "in:d.txt", "extract", None)
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A config whose state folder holds the store `build_store` describes."""
+    monkeypatch.setenv("COLUMNS", "200")  # rich tables unwrapped, so lines can be matched
+    path = tmp_path / "orchestrator.toml"
+    path.write_text(textwrap.dedent(CONFIG))
+    build_store(tmp_path / "state" / "orchestrator.db")
+    return path
+
+
+def cli_json(capsys: pytest.CaptureFixture[str], *args: str, code: int = EXIT_OK) -> Any:
+    capsys.readouterr()
+    assert main(list(args)) == code
+    return json.loads(capsys.readouterr().out)
+
+
+def orchestrator(*args: str, cwd: Path, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "orchestrator", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout, check=False)  # fmt: skip
+
+
+# --- items -----------------------------------------------------------------------------------
+
+
+def test_items_json_lists_every_item_with_its_current_stage(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = cli_json(capsys, "items", "-c", str(config), "--json")
+    by_id = {r["id"]: r for r in rows}
+    assert list(by_id) == ["in:a.txt", "in:b.txt", "in:c.txt", WEIRD, "in:d.txt", "in:bad.json"]
+    assert {k: by_id["in:b.txt"][k] for k in ("source", "state", "stage", "attempts", "reason")} \
+        == {"source": "in", "state": "dead", "stage": "extract", "attempts": 1, "reason": "exit 3"}
+    assert (by_id[WEIRD]["state"], by_id[WEIRD]["stage"]) == ("dead", "convert")
+    assert (by_id["in:a.txt"]["state"], by_id["in:a.txt"]["stage"]) == ("done", None)
+    assert (by_id["in:bad.json"]["state"], by_id["in:bad.json"]["stage"]) == ("rejected", None)
+    assert by_id["in:d.txt"]["state"] == "running"
+    for key in ("seq", "key", "path", "interruptions", "created_at", "updated_at", "not_before"):
+        assert key in by_id["in:c.txt"]
+
+
+def test_items_filters_by_state_stage_and_limit(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    c = str(config)
+    assert [r["id"] for r in cli_json(capsys, "items", "-c", c, "--json", "--state", "dead")] \
+        == ["in:b.txt", WEIRD]  # fmt: skip
+    assert [r["id"] for r in cli_json(capsys, "items", "-c", c, "--json", "--state", "dead",
+                                      "--stage", "convert")] == [WEIRD]  # fmt: skip
+    assert [r["id"] for r in cli_json(capsys, "items", "-c", c, "--json", "--stage", "extract")] \
+        == ["in:b.txt", "in:c.txt", "in:d.txt"]  # fmt: skip
+    assert len(cli_json(capsys, "items", "-c", c, "--json", "--limit", "2")) == 2
+
+
+def test_items_unknown_state_or_stage_exits_2_with_the_valid_ones(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["items", "-c", str(config), "--state", "finished"]) == EXIT_USAGE
+    assert "unknown state 'finished'; valid states: queued, running, retry_wait, done, dead, " \
+           "rejected" in capsys.readouterr().err  # fmt: skip
+    assert main(["items", "-c", str(config), "--stage", "ocr"]) == EXIT_USAGE
+    assert "unknown stage 'ocr'; stages: extract, convert" in capsys.readouterr().err
+
+
+def test_items_table_shows_an_id_with_a_newline_escaped(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["items", "-c", str(config)]) == EXIT_OK
+    out = capsys.readouterr().out
+    # The id is one cell on one line, as its repr; rich markup in it is not interpreted.
+    [line] = [line for line in out.splitlines() if "we ird" in line]
+    assert repr(WEIRD) in line
+    assert "convert" in line
+    assert "exit 1" in line
+    assert "6 item(s)" in out
+
+
+def test_commands_without_a_store_exit_3_and_create_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "orchestrator.toml"
+    config.write_text(textwrap.dedent(CONFIG))
+    for args in (["items"], ["show", "in:a.txt"], ["status"], ["requeue", "--dead"]):
+        assert main([*args, "-c", str(config)]) == EXIT_STORE, args
+        err = capsys.readouterr().err
+        assert f"no store at '{tmp_path / 'state' / 'orchestrator.db'}'; has the service run " \
+               "yet?" in err  # fmt: skip
+    assert not (tmp_path / "state").exists()
+
+
+# --- show ------------------------------------------------------------------------------------
+
+
+def test_show_json_has_the_item_its_runs_and_events(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = cli_json(capsys, "show", WEIRD, "-c", str(config), "--json")
+    assert data["item"]["id"] == WEIRD
+    assert (data["item"]["state"], data["item"]["stage"], data["item"]["route"]) \
+        == ("dead", "convert", ["extract", "convert"])  # fmt: skip
+    assert [(r["stage"], r["outcome"], r["exit_code"]) for r in data["runs"]] \
+        == [("extract", "ok", 0), ("convert", "failed", 1)]  # fmt: skip
+    last = data["runs"][-1]
+    assert (last["tail"], last["slot_wait"], last["duration"], last["pid"]) == (TAIL, 0.5, 1.5, 102)
+    assert last["log_path"] == f"/state/runs/{last['id']}.log"
+    assert [(e["event"], e["stage"], e["state"]) for e in data["events"]] == [
+        ("ingested", "extract", "queued"),
+        ("started", "extract", "running"),
+        ("ok", "convert", "queued"),
+        ("started", "convert", "running"),
+        ("failed", "convert", "dead"),
+    ]
+
+
+def test_show_for_people_indents_the_tail_and_escapes_control_characters(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["show", "in:b.txt", "-c", str(config)]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "\x1b" not in out  # the program's escape sequence is shown, not sent
+    assert "      boom: \\x1b[31mred\\x1b[0m" in out
+    assert "      starting" in out
+    assert "failed" in out
+    assert "exit 3" in out
+    assert "slot wait 0.50s" in out
+    assert "log: /state/runs/3.log" in out
+    assert "events (3)" in out
+    assert "ingested" in out
+    assert "started" in out
+
+
+def test_show_unknown_item_exits_1(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["show", "in:nope", "-c", str(config)]) == EXIT_FAILED
+    assert "no item 'in:nope' in the store" in capsys.readouterr().err
+
+
+# --- requeue ---------------------------------------------------------------------------------
+
+
+def test_requeue_puts_a_dead_item_back_at_its_stage_with_fresh_attempts(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["requeue", WEIRD, "-c", str(config)]) == EXIT_OK
+    assert "1 item requeued" in capsys.readouterr().out
+    conn = connect(config.parent / "state" / "orchestrator.db", create=False)
+    item = op_get_item(conn, WEIRD)
+    assert (item.state, item.stage, item.attempts, item.interruptions, item.reason,
+            item.not_before) == (ItemState.QUEUED, "convert", 0, 0, None, None)  # fmt: skip
+    last = op_item_events(conn, item.seq)[-1]
+    assert (last.event, last.stage, last.state, last.detail) \
+        == ("requeued", "convert", "queued", "exit 1")  # fmt: skip
+    # The other dead item was not touched.
+    assert op_get_item(conn, "in:b.txt").state is ItemState.DEAD
+
+
+def test_requeue_dead_takes_every_dead_item_or_those_of_one_stage(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    c = str(config)
+    assert cli_json(capsys, "requeue", "--dead", "--stage", "extract", "-c", c, "--json") \
+        == {"requeued": ["in:b.txt"], "skipped": []}  # fmt: skip
+    assert cli_json(capsys, "requeue", "--dead", "-c", c, "--json") \
+        == {"requeued": [WEIRD], "skipped": []}  # fmt: skip
+    assert cli_json(capsys, "items", "-c", c, "--json", "--state", "dead") == []
+    queued = cli_json(capsys, "items", "-c", c, "--json", "--state", "queued")
+    assert {(r["id"], r["stage"], r["attempts"]) for r in queued} \
+        == {("in:b.txt", "extract", 0), ("in:c.txt", "extract", 0), (WEIRD, "convert", 0)}  # fmt: skip
+
+
+def test_requeue_skips_what_is_not_dead_and_exits_1(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    c = str(config)
+    report = cli_json(capsys, "requeue", "in:a.txt", "in:b.txt", "in:bad.json", "in:nope",
+                      "in:b.txt", "-c", c, "--json", code=EXIT_FAILED)  # fmt: skip
+    assert report["requeued"] == ["in:b.txt"]
+    assert [s["id"] for s in report["skipped"]] == ["in:a.txt", "in:bad.json", "in:nope"]
+    assert report["skipped"][0]["reason"] == "'in:a.txt' is done, not dead; not requeued"
+    assert "rejected" in report["skipped"][1]["reason"]
+    assert "no item 'in:nope'" in report["skipped"][2]["reason"]
+    # For people: every refusal on stderr, the count on stdout.
+    assert main(["requeue", "in:c.txt", "-c", c]) == EXIT_FAILED
+    out, err = capsys.readouterr()
+    assert "'in:c.txt' is queued, not dead; not requeued" in err
+    assert "0 items requeued" in out
+
+
+def test_requeue_needs_items_or_dead(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["requeue", "-c", str(config)]) == EXIT_USAGE
+    assert "--dead" in capsys.readouterr().err
+    assert main(["requeue", "in:b.txt", "--dead", "-c", str(config)]) == EXIT_USAGE
+    assert main(["requeue", "in:b.txt", "--stage", "extract", "-c", str(config)]) == EXIT_USAGE
+
+
+def test_requeue_skips_an_item_whose_stage_left_the_config(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given: the config no longer has the stage WEIRD died at (no worker could take it).
+    smaller = config.parent / "smaller.toml"
+    smaller.write_text('state_dir = "state"\n[[stages]]\nname = "extract"\ncommand = ["true"]\n')
+    report = cli_json(capsys, "requeue", "--dead", "-c", str(smaller), "--json", code=EXIT_FAILED)
+    assert report["requeued"] == ["in:b.txt"]
+    assert report["skipped"] == [{"id": WEIRD, "reason": f"{WEIRD!r} died at stage 'convert', "
+                                  "which is not in the config; not requeued"}]  # fmt: skip
+
+
+def test_requeue_waits_for_the_writer_of_the_moment(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given: a service holds the instance lock, and its connection the write lock for 0.5 s.
+    lock = acquire_instance_lock(config.parent / "state")
+    db = config.parent / "state" / "orchestrator.db"
+    writer = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    writer.execute("BEGIN IMMEDIATE")
+    threading.Timer(0.5, lambda: writer.execute("COMMIT")).start()
+    # When: requeue runs meanwhile. Then: it waited (busy timeout) and committed after it.
+    t0 = time.monotonic()
+    try:
+        assert main(["requeue", "in:b.txt", "-c", str(config)]) == EXIT_OK
+    finally:
+        lock.release()
+    assert time.monotonic() - t0 >= 0.4
+    writer.close()
+    assert op_get_item(connect(db, create=False), "in:b.txt").state is ItemState.QUEUED
+
+
+# --- status ----------------------------------------------------------------------------------
+
+
+def test_status_json_counts_per_stage_running_runs_and_failures(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = cli_json(capsys, "status", "-c", str(config), "--json")
+    assert list(data["stages"]) == ["extract", "convert"]
+    assert data["stages"]["extract"] \
+        == {"queued": 1, "running": 1, "retry_wait": 0, "done": 0, "dead": 1}  # fmt: skip
+    assert data["stages"]["convert"] \
+        == {"queued": 0, "running": 0, "retry_wait": 0, "done": 1, "dead": 1}  # fmt: skip
+    assert data["rejected"] == 1
+    [running] = data["running"]
+    assert (running["item"], running["stage"], running["attempt"]) == ("in:d.txt", "extract", 1)
+    assert 0 <= running["age"] < 60
+    assert [(f["item"], f["stage"], f["outcome"], f["reason"]) for f in data["recent_failures"]] \
+        == [(WEIRD, "convert", "failed", "exit 1"), ("in:b.txt", "extract", "failed", "exit 3")]  # fmt: skip
+    assert data["service"] is None
+
+
+def test_status_without_a_status_file_says_the_service_is_not_running(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["status", "-c", str(config)]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "service: not running (no status file)" in out
+    assert "rejected items: 1" in out
+    assert "in:d.txt" in out
+    assert repr(WEIRD) in out
+
+
+def test_status_shows_slots_holders_and_waiters_from_the_status_file(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given: a status file as the service writes it, naming this (live) process, 3 s old.
+    now = time.time()
+    doc = {
+        "version": "0.1.0", "pid": os.getpid(), "host": os.uname().nodename,
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(now - 3)),
+        "interval": 10.0, "state": "running",
+        "stages": {"extract": {"concurrency": 1, "busy": 1, "waiting": 2, "holders": ["in:d.txt"]},
+                   "convert": {"concurrency": 2, "busy": 0, "waiting": 0}},
+        "pools": {"gpu": {"size": 1, "busy": 1, "waiting": 3, "holders": [WEIRD]}},
+    }  # fmt: skip
+    (config.parent / "state" / "status.json").write_text(json.dumps(doc))
+    # Then: JSON carries it with the pid's liveness and the file's age ...
+    service = cli_json(capsys, "status", "-c", str(config), "--json")["service"]
+    assert (service["pid"], service["alive"], service["state"], service["stale"]) \
+        == (os.getpid(), True, "running", False)  # fmt: skip
+    assert 2 <= service["age"] < 30
+    assert service["pools"]["gpu"]["waiting"] == 3
+    # ... and people see busy/total, waiters and holders per stage and pool.
+    assert main(["status", "-c", str(config)]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert f"pid {os.getpid()}" in out
+    assert "(alive)" in out
+    [extract] = [line for line in out.splitlines() if line.lstrip("│ ").startswith("extract")]
+    assert "1/1" in extract
+    assert " 2 " in extract
+    assert "in:d.txt" in extract
+    [gpu] = [line for line in out.splitlines() if line.lstrip("│ ").startswith("gpu")]
+    assert "1/1" in gpu
+    assert " 3 " in gpu
+    assert repr(WEIRD) in gpu
+
+
+def test_status_reports_a_dead_service_and_an_unreadable_file(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status_file = config.parent / "state" / "status.json"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    status_file.write_text(json.dumps({"pid": int(gone.stdout), "updated_unix": time.time() - 100,
+                                       "interval": 10}))  # fmt: skip
+    service = cli_json(capsys, "status", "-c", str(config), "--json")["service"]
+    assert (service["alive"], service["stale"]) == (False, True)
+    status_file.write_text('{"pid": 1, "upd')  # a torn file (the service never writes one)
+    service = cli_json(capsys, "status", "-c", str(config), "--json")["service"]
+    assert "not valid JSON" in service["error"]
+
+
+# --- beside a running service ----------------------------------------------------------------
+
+
+def test_readers_work_while_a_writer_holds_the_store_and_see_only_commits(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given: a service holding the instance lock, in the middle of a transaction adding an item.
+    lock = acquire_instance_lock(config.parent / "state")
+    db = config.parent / "state" / "orchestrator.db"
+    writer = sqlite3.connect(db, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute(
+        "INSERT INTO items (id, source, key, route, state, created_at, updated_at)"
+        " VALUES ('in:uncommitted', 'in', 'u', '[\"extract\"]', 'queued', 0, 0)"
+    )
+    try:
+        # When: another process lists items, shows one and reads the status.
+        items = orchestrator("items", "-c", str(config), "--json", cwd=config.parent)
+        show = orchestrator("show", "in:c.txt", "-c", str(config), "--json", cwd=config.parent)
+        status = orchestrator("status", "-c", str(config), "--json", cwd=config.parent)
+        # Then: all answer at once, without the uncommitted row.
+        assert items.returncode == 0, items.stderr
+        assert "in:uncommitted" not in [r["id"] for r in json.loads(items.stdout)]
+        assert show.returncode == 0, show.stderr
+        assert json.loads(show.stdout)["item"]["state"] == "queued"
+        assert status.returncode == 0, status.stderr
+        assert json.loads(status.stdout)["stages"]["extract"]["queued"] == 1
+    finally:
+        writer.execute("COMMIT")
+        writer.close()
+        lock.release()
+    assert "in:uncommitted" in [r["id"] for r in cli_json(capsys, "items", "-c", str(config),
+                                                          "--json")]  # fmt: skip
+
+
+def _read_until(fd: int, needle: bytes, timeout: float) -> bytes:
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while needle not in seen and time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.1)
+        if ready:
+            try:
+                seen += os.read(fd, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+    return seen
+
+
+def test_status_watch_refreshes_on_a_terminal_and_exits_0_on_sigint(config: Path) -> None:
+    # Given: status --watch on a (pseudo) terminal, so rich draws the live view.
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "status", "-c", str(config), "--watch",
+         "--interval", "0.2"],
+        stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, cwd=config.parent,
+    )  # fmt: skip
+    os.close(slave)
+    try:
+        # When: it has drawn a few frames and gets SIGINT (Ctrl+C).
+        seen = _read_until(master, b"Ctrl+C to quit", timeout=15)
+        assert b"stages" in seen, seen
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        # Then: it leaves quietly with exit 0.
+        assert proc.wait(timeout=10) == EXIT_OK
+        assert b"Traceback" not in seen + _read_until(master, b"\0", timeout=0.5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+
+
+def test_status_watch_json_prints_one_document_per_line_until_sigint(config: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "status", "-c", str(config), "--watch",
+         "--json", "--interval", "0.1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=config.parent,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        first = json.loads(proc.stdout.readline())
+        second = json.loads(proc.stdout.readline())
+        assert first["stages"] == second["stages"]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == EXIT_OK
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=10)
