@@ -141,6 +141,14 @@ class Engine:
         if item.state in TERMINAL_STATES:
             self._count_terminal(item.state)
             return
+        if item.stage not in self.stages:
+            # The config changed since it was queued; it waits (queued) for a config that
+            # has its stage again, rather than crash the service.
+            logger.bind(item=item.id).warning(
+                "item is queued for stage {!r}, which is not in the config; left queued",
+                item.stage,
+            )
+            return
         self.active.add(item.seq)
         self.outstanding.value += 1
         self._dispatch(item)
