@@ -128,6 +128,15 @@ class Engine:
         #: Per source: called (in the background) with each of its items that became terminal,
         #: after the transition is durable -- where a source moves or deletes its file.
         self.on_terminal: dict[str, Callable[[Item], Awaitable[None]]] = {}
+        #: Called after each run's result is durable: (stage, result, slot wait, transition).
+        #: Observers (metrics) must be quick and must not raise.
+        self.on_run_end: list[Callable[[str, RunResult, float, Transition], None]] = []
+        #: trio.current_time() of the latest run start (watchdog: pipeline stall detection).
+        self.last_run_started: float | None = None
+        #: Who is waiting for slots now, and since when (trio time; watchdog: slot_wait_warn).
+        self.slot_waiters: dict[Holder, float] = {}
+        #: trio.current_time() of each source's latest completed poll (metrics, watchdog).
+        self.last_poll: dict[str, float] = {}
 
     # --- admission and dispatch -----------------------------------------------------------
 
@@ -223,8 +232,12 @@ class Engine:
 
     async def _process(self, stage: StageConfig, item: Item) -> None:
         holder = Holder(item.id, stage.name)
-        with self._interruptible() as idle:
-            slot_wait = await self.slots.acquire(holder)
+        self.slot_waiters[holder] = trio.current_time()
+        try:
+            with self._interruptible() as idle:
+                slot_wait = await self.slots.acquire(holder)
+        finally:
+            del self.slot_waiters[holder]
         if idle.cancelled_caught:
             return  # still queued in the store; the next start picks it up
         workdir = self.config.state_dir / "work" / str(item.seq)
@@ -263,6 +276,7 @@ class Engine:
             run_id, attempt = claim
             item = attrs.evolve(item, state=ItemState.RUNNING, attempts=attempt)
             running = self.running[run_id] = RunningRun(run_id, item.id, stage.name, attempt)
+            self.last_run_started = running.since
             log = logger.bind(item=item.id, stage=stage.name, attempt=attempt, run=run_id)
             log_path = self.config.state_dir / "runs" / f"{run_id}.log"
             command = self._command(
@@ -313,6 +327,8 @@ class Engine:
                 functools.partial(trio.to_thread.run_sync, shutil.rmtree, workdir, True)
             )
         self.tally.runs += 1
+        for observe in self.on_run_end:
+            observe(stage.name, result, slot_wait, transition)
         if result.outcome is Outcome.OK:
             log.info("run ok in {:.3f}s", result.duration)
         else:

@@ -517,6 +517,8 @@ class SqliteStore:
         self._limiter = trio.CapacityLimiter(1)
         self._wal_fd: int | None = None
         self._closed = False
+        #: Why the last transaction or fsync failed; None once one succeeds again (health).
+        self.last_failure: str | None = None
         #: Transactions committed, operations carried and WAL fsyncs, for benchmarks and metrics.
         self.commits = 0
         self.operations = 0
@@ -618,6 +620,7 @@ class SqliteStore:
             pass  # no WAL: everything committed is checkpointed into the (synced) database
         except OSError as exc:
             error = StoreUnavailable(f"cannot sync the store {str(self.path)!r}: {exc}")
+            self.last_failure = str(error)
             for op in batch:
                 op.error = error
             return
@@ -643,9 +646,11 @@ class SqliteStore:
                 except sqlite3.Error:
                     pass
             error = StoreUnavailable(f"cannot write the store {str(self.path)!r}: {exc}")
+            self.last_failure = str(error)
             for op in batch:
                 op.error = error
             return
+        self.last_failure = None
         self.commits += 1
         self.operations += len(batch)
 
