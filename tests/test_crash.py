@@ -207,6 +207,26 @@ def test_second_instance_on_the_same_state_is_refused(tmp_path: Path) -> None:
             capture_output=True, text=True, timeout=30, check=False,
         )  # fmt: skip
         assert batch.returncode == 3
+        # The operator's commands read the store while the service runs.
+        (tmp_path / "in" / "one").write_text("1")
+        deadline = time.monotonic() + 20
+        items: list[dict[str, object]] = []
+        while time.monotonic() < deadline:
+            out = subprocess.run(
+                [sys.executable, "-m", "orchestrator", "items", "-c", str(config), "--json"],
+                capture_output=True, text=True, timeout=30, check=True,
+            )  # fmt: skip
+            items = json.loads(out.stdout)
+            if items and items[0]["state"] == "done":
+                break
+            time.sleep(0.1)
+        assert [(i["id"], i["state"]) for i in items] == [("in:one", "done")]
+        for command in (["show", "in:one"], ["status"]):
+            out = subprocess.run(
+                [sys.executable, "-m", "orchestrator", *command, "-c", str(config), "--json"],
+                capture_output=True, text=True, timeout=30, check=True,
+            )  # fmt: skip
+            assert json.loads(out.stdout)
     finally:
         first.send_signal(signal.SIGTERM)
         assert first.wait(timeout=20) == 0

@@ -243,3 +243,52 @@ async def test_a_file_that_vanishes_fails_its_item_with_a_clear_reason(
         f"first: source file {during!r} vanished during the run (exit 1)"
     )
     assert runs == 2
+
+
+async def test_a_second_sigint_stops_at_once_and_still_kills_the_tree(
+    tmp_path: Path, write_config: Callable[[str], Config]
+) -> None:
+    # Given: a service with a long drain grace, running a stage that ignores SIGTERM.
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "slow").write_text("x")
+    pidfile = tmp_path / "pid"
+    config = write_config(f"""
+        shutdown_grace = "60s"
+        [http]
+        listen = false
+        [[sources]]
+        name = "in"
+        type = "directory"
+        path = "in"
+        route = ["slow"]
+        settle = "0s"
+        poll_interval = "50ms"
+        [[stages]]
+        name = "slow"
+        command = ["sh", "-c", "trap '' TERM; echo $$ > {pidfile}; sleep 300"]
+        grace_period = "300ms"
+        """)
+    result = None
+
+    async def run_service() -> None:
+        nonlocal result
+        result = await serve(config)
+
+    # When: SIGINT twice.
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_service)
+            while not (pidfile.exists() and pidfile.read_text().strip()):
+                await trio.sleep(0.02)
+            t0 = trio.current_time()
+            os.kill(os.getpid(), signal.SIGINT)
+            await trio.sleep(0.2)
+            os.kill(os.getpid(), signal.SIGINT)
+    elapsed = trio.current_time() - t0
+
+    # Then: it did not wait the 60 s grace; the TERM-ignoring run was killed after its 0.3 s.
+    assert elapsed < 5
+    assert result is not None
+    assert result.interrupted
+    assert pids_alive([int(pidfile.read_text())]) == []
+    assert [r[3] for r in runs_of(config.state_dir)] == ["cancelled"]
