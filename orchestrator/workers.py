@@ -14,6 +14,7 @@ import functools
 import math
 import os
 import shutil
+import sys
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -399,9 +400,20 @@ class Engine:
         env["ORCH_RUN"] = str(run_id)
         env["ORCH_INSTANCE"] = self.instance
         env[STATE_MARKER] = str(self.config.state_dir)
+        argv = expand_argv(stage.command, values)
+        executable = self._executables.get(stage.name)
+        faults = self.config.faults
+        if faults.enabled and (not faults.stages or stage.name in faults.stages):
+            # Fire drill: the fault wrapper draws a delay, failure or hang, else execs argv.
+            argv = (
+                sys.executable, "-m", "orchestrator.fakestage", "--wrap",
+                "--fail-rate", str(faults.fail_rate), "--hang-rate", str(faults.hang_rate),
+                "--delay-rate", str(faults.delay_rate), "--delay", str(faults.delay),
+                "--", executable or argv[0], *argv[1:],
+            )  # fmt: skip
+            executable = sys.executable
         return Command(
-            argv=expand_argv(stage.command, values), env=env,
-            executable=self._executables.get(stage.name),
+            argv=argv, env=env, executable=executable,
             cwd=str(stage.cwd) if stage.cwd is not None else None,
             timeout=stage.timeout, stall_timeout=stage.stall_timeout,
             grace_period=stage.grace_period, log_path=log_path,
