@@ -48,6 +48,9 @@ FLUSH_BYTES = 256 * 1024
 #: After the leader exited and its group was swept, how long to wait for the output pipe to
 #: close. Only a process that left the group (setsid) can hold it open longer; we stop reading.
 EOF_WAIT = 2.0
+#: After the sweep, how long the pipe may stay open before processes that left the group are
+#: searched for by their marker.
+ESCAPE_CHECK = 0.1
 #: Upper bound on waiting for a SIGKILLed leader to exit (a process stuck in the kernel, state D).
 KILL_WAIT = 30.0
 #: Signals Python sets to SIG_IGN that a child must get back at their default disposition.
@@ -88,6 +91,10 @@ class Command:
     log_path: Path | None = None
     #: The log file stops growing at this many bytes (the tail still follows the output).
     output_limit: int = 1_048_576
+    #: Environment entries (``"ORCH_RUN=12"``) that only this run's processes carry. When a
+    #: process that left the group still holds the output pipe after the leader exited, every
+    #: process carrying all of them is found in /proc and killed.
+    marker: tuple[str, ...] = ()
 
 
 @attrs.frozen(kw_only=True)
@@ -199,6 +206,31 @@ class _Output:
     def tail_text(self) -> str:
         lines = bytes(self.tail).decode(errors="replace").splitlines()
         return "\n".join(lines[-TAIL_LINES:])
+
+
+def kill_marked(marker: tuple[str, ...]) -> list[int]:
+    """SIGKILL every live process whose environment holds every entry of ``marker``.
+
+    Blocking (reads /proc): call it from a worker thread. Returns the pids signalled.
+    """
+    wanted = {m.encode() for m in marker}
+    me = os.getpid()
+    killed = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = set(f.read().split(b"\0"))
+        except OSError:
+            continue
+        if wanted <= env:
+            try:
+                os.kill(int(entry), signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                continue
+            killed.append(int(entry))
+    return killed
 
 
 def _close_quietly(fd: int) -> None:
@@ -336,6 +368,12 @@ async def run_command(
                     await kill_tree()
             with trio.CancelScope(shield=True):
                 reaped = await reap()
+            if cmd.marker:
+                with trio.move_on_after(ESCAPE_CHECK):
+                    await output.eof.wait()
+                if not output.eof.is_set():
+                    # Someone outside the swept group holds the pipe: a process that left it.
+                    await trio.to_thread.run_sync(kill_marked, cmd.marker)
             with trio.move_on_after(EOF_WAIT):
                 await output.eof.wait()
             nursery.cancel_scope.cancel()

@@ -418,6 +418,7 @@ class Engine:
             timeout=stage.timeout, stall_timeout=stage.stall_timeout,
             grace_period=stage.grace_period, log_path=log_path,
             output_limit=stage.output_limit,
+            marker=(f"ORCH_RUN={run_id}", f"{STATE_MARKER}={self.config.state_dir}"),
         )  # fmt: skip
 
     async def serve_store_watch(

@@ -377,6 +377,43 @@ print("leader done")
             os.kill(escaped, signal.SIGKILL)
 
 
+async def test_run_command_kills_a_marked_process_that_left_the_group(tmp_path: Path) -> None:
+    # A descendant that left the group (setsid) but carries the run's marker and holds the pipe
+    # is found in /proc and killed: the run returns promptly and leaves nothing behind.
+    escaped_file = tmp_path / "escaped.pid"
+    code = (
+        "import os, sys, time\n"
+        + WRITE_ATOMIC
+        + """
+if os.fork() == 0:
+    os.setsid()
+    write_atomic(sys.argv[1], str(os.getpid()))
+    time.sleep(1000)
+    os._exit(0)
+while not os.path.exists(sys.argv[1]):
+    time.sleep(0.01)
+print("leader done")
+"""
+    )
+    env = {**os.environ, "ORCH_RUN": "run-under-test", "ORCH_STATE": str(tmp_path)}
+    escaped: int | None = None
+    try:
+        result = await run_command(cmd(
+            py(code, str(escaped_file)), env=env,
+            marker=("ORCH_RUN=run-under-test", f"ORCH_STATE={tmp_path}"),
+        ))  # fmt: skip
+        escaped = int(escaped_file.read_text())
+        assert result.outcome is Outcome.OK
+        assert result.duration < EOF_WAIT
+        deadline = time.monotonic() + 5
+        while not is_dead(escaped) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert is_dead(escaped)
+    finally:
+        if escaped is not None and not is_dead(escaped):
+            os.kill(escaped, signal.SIGKILL)
+
+
 # --- argv, cwd, environment --------------------------------------------------------------------
 
 HOSTILE_ARGS = (
