@@ -204,8 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", choices=BEHAVIOURS, help="force one behaviour")
     p.add_argument("--faults", default="", help='rates, e.g. "fail=0.1,hang=0.02,flood=0.01"')
     p.add_argument("--duration", default="0.01:0.05", help="seconds, or LOW:HIGH (uniform)")
-    p.add_argument("--audit", help="append start/end/overlap lines (JSON) to this file")
-    p.add_argument("--lock-dir", help="folder of the limit's flock slots")
+    p.add_argument("--audit", default=os.environ.get("ORCH_FAKE_AUDIT"),
+                   help="append start/end/overlap lines (JSON) to this file "
+                   "(default: $ORCH_FAKE_AUDIT, which `orchestrator stress` sets)")  # fmt: skip
+    p.add_argument("--lock-dir", default=os.environ.get("ORCH_FAKE_LOCK_DIR"),
+                   help="folder of the limit's flock slots (default: $ORCH_FAKE_LOCK_DIR)")  # fmt: skip
     p.add_argument("--limit", type=int, default=0, help="the stage's limit (slots to try)")
     p.add_argument("--seed", help="random seed (default: from item, stage and attempt)")
     p.add_argument("--wrap", action="store_true", help="[faults] wrapper mode: exec the command")

@@ -284,11 +284,18 @@ def _run(
     unhealthy: list[str] = []
     fed = 0
 
+    # Fake stages without --audit/--lock-dir (configs/stress.toml) find them here.
+    # `python3` in a config means this interpreter (a virtual environment's, say).
+    env = {
+        **os.environ, "ORCH_FAKE_AUDIT": str(audit), "ORCH_FAKE_LOCK_DIR": str(root / "locks"),
+        "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]),
+    }  # fmt: skip
+
     def start() -> subprocess.Popen[bytes]:
         with open(service_log, "ab") as err:
             return subprocess.Popen(
                 [sys.executable, "-m", "orchestrator", "run", "-c", str(config_path)],
-                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
+                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True, env=env,
             )  # fmt: skip
 
     t0 = time.monotonic()
