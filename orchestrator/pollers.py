@@ -1,33 +1,59 @@
 """Source pollers: each source polled on `trio_util.periodic`, new items ingested and admitted.
 
-File system work happens in worker threads; a poller that fails is restarted with backoff and
-never takes the service down (a store failure does).
+File system work happens in worker threads (see `orchestrator.sources`); a poller that fails is
+restarted with backoff and never takes the service down (a store failure does).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 import trio_util
 from loguru import logger
 
+from orchestrator.config import SourceType
 from orchestrator.errors import StoreError
-from orchestrator.sources import DirectorySource
-from orchestrator.store.sqlite import op_source_keys
+from orchestrator.sources import DirectorySource, JsonArraySource, JsonlSource
 
 if TYPE_CHECKING:
     from orchestrator.config import SourceConfig
     from orchestrator.workers import Engine
 
-__all__ = ["serve_source"]
+__all__ = ["Source", "make_source", "serve_source"]
 
 #: A crashed poller is restarted after this many seconds, doubling up to POLLER_BACKOFF_MAX.
 POLLER_BACKOFF = 1.0
 POLLER_BACKOFF_MAX = 60.0
-#: In batch mode, how often files that are still being written are looked at again.
+#: In batch mode, how often a source that is not exhausted yet (files still being written,
+#: a JSON file mid-rewrite) is looked at again.
 BATCH_SETTLE_POLL = 0.2
+
+
+class Source(Protocol):
+    """What a poller drives: one of `orchestrator.sources`."""
+
+    name: str
+
+    async def load(self, engine: Engine) -> None:
+        """Learn what the store holds of this source (keys taken, stored position)."""
+
+    async def poll(self, engine: Engine, *, once: bool) -> bool:
+        """One pass: ingest and admit what is new; True once everything it holds now is in."""
+        ...
+
+    def close(self) -> None:
+        """Let go of open files."""
+
+
+def make_source(config: SourceConfig) -> Source:
+    """The source object for a ``[[sources]]`` entry."""
+    if config.type is SourceType.JSONL:
+        return JsonlSource(config)
+    if config.type is SourceType.JSON:
+        return JsonArraySource(config, set())
+    return DirectorySource(config, set())
 
 
 def _is_store_failure(exc: BaseException) -> bool:
@@ -42,41 +68,36 @@ async def serve_source(
 ) -> None:  # fmt: skip
     """Poll ``source`` and admit what it yields; restarted with backoff when it fails.
 
-    With ``once``, return after everything the source holds now has been ingested
-    (files still being written are waited for until they settle), counting the source in
-    ``engine.sources_exhausted``.
+    With ``once``, return after everything the source holds now has been ingested (files still
+    being written are waited for until they settle; a JSONL file is read to its end, an
+    incomplete last line aside; a JSON file until it parses, or it failed to at several polls),
+    counting the source in ``engine.sources_exhausted`` exactly once.
     """
-    known = await engine.store.read(lambda c: op_source_keys(c, source.name))
-    poller = DirectorySource(source, known)
+    poller = make_source(source)
+    if isinstance(poller, DirectorySource) and poller.disposes:
+        # Before the first checkpoint: an item that ends from now on has its file moved.
+        engine.on_terminal[source.name] = poller.on_terminal
     log = logger.bind(source=source.name)
-    task_status.started()
-    backoff = POLLER_BACKOFF
-    interval = min(source.poll_interval, BATCH_SETTLE_POLL) if once else source.poll_interval
-    while True:
-        try:
-            async with contextlib.aclosing(trio_util.periodic(interval)) as ticks:
-                async for _ in ticks:
-                    await _poll(engine, poller)
-                    backoff = POLLER_BACKOFF
-                    if once and poller.unsettled == 0:
-                        engine.sources_exhausted.value += 1
-                        return
-        except Exception as exc:  # a poller must not take the service down
-            if _is_store_failure(exc):
-                raise
-            log.opt(exception=exc).error("source poller failed; restart in {:.0f}s", backoff)
-            await trio.sleep(backoff)
-            backoff = min(backoff * 2, POLLER_BACKOFF_MAX)
-
-
-async def _poll(engine: Engine, poller: DirectorySource) -> None:
-    files = await trio.to_thread.run_sync(poller.scan)
-    new = poller.select(files)
-    if not new:
-        return
-    added = await engine.store.ingest(new)
-    poller.accepted(n.key for n in new)
-    if added:
-        logger.bind(source=poller.name).info("ingested {} item(s)", len(added))
-    for item in added:
-        engine.admit(item)
+    try:
+        await poller.load(engine)
+        task_status.started()
+        backoff = POLLER_BACKOFF
+        interval = min(source.poll_interval, BATCH_SETTLE_POLL) if once else source.poll_interval
+        while True:
+            try:
+                async with contextlib.aclosing(trio_util.periodic(interval)) as ticks:
+                    async for _ in ticks:
+                        exhausted = await poller.poll(engine, once=once)
+                        engine.last_poll[source.name] = trio.current_time()
+                        backoff = POLLER_BACKOFF
+                        if once and exhausted:
+                            engine.sources_exhausted.value += 1
+                            return
+            except Exception as exc:  # a poller must not take the service down
+                if _is_store_failure(exc):
+                    raise
+                log.opt(exception=exc).error("source poller failed; restart in {:.0f}s", backoff)
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, POLLER_BACKOFF_MAX)
+    finally:
+        poller.close()

@@ -1,13 +1,23 @@
+"""The directory source without a store: scanning, settling, keys, dispositions (real files)."""
+
 from __future__ import annotations
 
+import errno
 import os
+import time
 from typing import TYPE_CHECKING
 
 from orchestrator.config import parse_config
 from orchestrator.sources import DirectorySource
+from orchestrator.sources.directory import Disposed, free_name, move_no_clobber
+from orchestrator.store.records import Item, ItemState
 
 if TYPE_CHECKING:
     from pathlib import Path
+
+    import pytest
+
+    from orchestrator.store.records import NewItem
 
 
 def source(tmp_path: Path, **keys: object) -> DirectorySource:
@@ -26,9 +36,9 @@ def test_scan_matches_patterns_skips_ignored_and_survives_a_missing_folder(tmp_p
         (tmp_path / "in" / name).write_text("x")
     (tmp_path / "in" / "sub").mkdir()
     (tmp_path / "in" / "sub" / "deep.pdf").write_text("x")
-    assert sorted(f.key for f in src.scan()) == ["a.pdf", "b.txt", "new\nline.txt"]
+    assert sorted(f.rel for f in src.scan()) == ["a.pdf", "b.txt", "new\nline.txt"]
     deep = source(tmp_path, pattern="*.pdf", recursive=True)
-    assert sorted(f.key for f in deep.scan()) == ["a.pdf", "sub/deep.pdf"]
+    assert sorted(f.rel for f in deep.scan()) == ["a.pdf", "sub/deep.pdf"]
 
 
 def test_a_file_is_taken_once_it_has_settled(tmp_path: Path) -> None:
@@ -58,3 +68,121 @@ def test_old_files_are_taken_at_once_and_known_keys_never_again(tmp_path: Path) 
     [item] = src.select(src.scan())
     src.accepted([item.key])
     assert src.select(src.scan()) == []
+
+
+# --- reingest_changed -----------------------------------------------------------------------
+
+
+def test_a_rewritten_file_is_new_only_with_reingest_changed(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    f = tmp_path / "in" / "doc.txt"
+    f.write_text("v1")
+    os.utime(f, (1000, 1000))
+    plain, changed = source(tmp_path), source(tmp_path, reingest_changed=True)
+    [a] = plain.select(plain.scan())
+    [b] = changed.select(changed.scan())
+    assert (a.id, a.key) == ("in:doc.txt", "doc.txt")
+    assert (b.id, b.key) == ("in:doc.txt@2:1000000000000", "doc.txt@2:1000000000000")
+    plain.accepted([a.key])
+    changed.accepted([b.key])
+    # Rewritten with new content: only the reingest_changed source takes it again.
+    f.write_text("version 2")
+    os.utime(f, (2000, 2000))
+    assert plain.select(plain.scan()) == []
+    [b2] = changed.select(changed.scan())
+    assert b2.key == "doc.txt@9:2000000000000"
+    changed.accepted([b2.key])
+    assert changed.select(changed.scan()) == []
+
+
+# --- dispositions -----------------------------------------------------------------------------
+
+
+def item_of(new: NewItem, state: ItemState) -> Item:
+    return Item(
+        seq=1, id=new.id, source=new.source, key=new.key, route=new.route, path=new.path,
+        payload=None, stage_index=0, state=state, attempts=1, interruptions=0,
+        not_before=None, reason=None, created_at=0.0, updated_at=0.0,
+    )  # fmt: skip
+
+
+def test_move_keeps_the_relative_path_creates_the_folder_and_never_overwrites(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    (tmp_path / "done" / "sub").mkdir(parents=True)
+    (tmp_path / "done" / "sub" / "a.pdf").write_text("an older a.pdf")
+    (tmp_path / "done" / "sub" / "a.1.pdf").write_text("and another")
+    (tmp_path / "in" / "sub" / "a.pdf").write_text("new")
+    (tmp_path / "in" / "README").write_text("readme")
+    src = source(tmp_path, recursive=True, on_done="move:done", on_dead="move:failed")
+    new = {n.key: n for n in src.select(src.scan(), wall=time.time() + 60)}
+
+    moved = str(tmp_path / "done" / "sub" / "a.2.pdf")
+    assert src.dispose(item_of(new["sub/a.pdf"], ItemState.DONE)) == Disposed(
+        f"moved 'sub/a.pdf' to {moved!r}", moved_to=moved
+    )
+    assert src.dispose(item_of(new["README"], ItemState.DEAD)) is not None
+    assert (tmp_path / "done" / "sub" / "a.pdf").read_text() == "an older a.pdf"
+    assert (tmp_path / "done" / "sub" / "a.1.pdf").read_text() == "and another"
+    assert (tmp_path / "done" / "sub" / "a.2.pdf").read_text() == "new"
+    assert (tmp_path / "failed" / "README").read_text() == "readme"
+    assert sorted(p.name for p in (tmp_path / "in").rglob("*")) == ["sub"]
+    # Gone already (moved by an earlier pass): nothing to do, no error.
+    assert src.dispose(item_of(new["README"], ItemState.DEAD)) is None
+
+
+def test_delete_and_keep(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "x").write_text("x")
+    src = source(tmp_path, on_done="delete")
+    [new] = src.select(src.scan(), wall=time.time() + 60)
+    assert src.dispose(item_of(new, ItemState.DEAD)) is None  # on_dead = keep
+    assert (tmp_path / "in" / "x").exists()
+    assert src.dispose(item_of(new, ItemState.DONE)) == Disposed("deleted 'x'")
+    assert not (tmp_path / "in" / "x").exists()
+    assert src.removed == {"x"}
+
+
+def test_a_changed_file_is_left_in_place_with_reingest_changed(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    f = tmp_path / "in" / "x"
+    f.write_text("x")
+    src = source(tmp_path, on_done="delete", reingest_changed=True)
+    [new] = src.select(src.scan(), wall=time.time() + 60)
+    f.write_text("a new version")
+    assert src.dispose(item_of(new, ItemState.DONE)) == Disposed(
+        "'x' changed since its item was taken; left in place"
+    )
+    assert f.exists()
+
+
+def test_the_disposition_folders_inside_the_source_are_not_scanned(tmp_path: Path) -> None:
+    (tmp_path / "in" / "done").mkdir(parents=True)
+    (tmp_path / "in" / "done" / "old.txt").write_text("x")
+    (tmp_path / "in" / "sub").mkdir()
+    (tmp_path / "in" / "sub" / "new.txt").write_text("x")
+    src = source(tmp_path, recursive=True, on_done="move:in/done")
+    assert [f.rel for f in src.scan()] == ["sub/new.txt"]
+
+
+def test_free_name() -> None:
+    assert free_name("/d/a.tar.gz", 1) == "/d/a.tar.1.gz"
+    assert free_name("/d/README", 2) == "/d/README.2"
+    assert free_name("/d/.env", 1) == "/d/.env.1"
+
+
+def test_move_no_clobber_across_file_systems(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_link(*_args: object, **_kw: object) -> None:
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", no_link)
+    (tmp_path / "a").write_text("payload")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "a").write_text("taken")
+    assert move_no_clobber(str(tmp_path / "a"), str(tmp_path / "out" / "a")) == str(
+        tmp_path / "out" / "a.1"
+    )
+    assert (tmp_path / "out" / "a.1").read_text() == "payload"
+    assert (tmp_path / "out" / "a").read_text() == "taken"
+    assert not (tmp_path / "a").exists()

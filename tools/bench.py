@@ -3,7 +3,7 @@
 Usage (from the repository root)::
 
     .venv/bin/python tools/bench.py                 # all scenarios, full size, table
-    .venv/bin/python tools/bench.py --quick         # smaller (a) and (b), same repeats
+    .venv/bin/python tools/bench.py --quick         # smaller (a), (b), shorter (d), (e)
     .venv/bin/python tools/bench.py --only a,c      # some scenarios
     .venv/bin/python tools/bench.py --json          # every figure as JSON on stdout
     .venv/bin/python tools/bench.py --profile       # where the time of (a) goes (py-spy/cProfile)
@@ -23,6 +23,17 @@ b  makespan: N items (150; 100 with --quick) through extract(1) -> convert(1) ->
 c  idle RSS of ``orchestrator run`` (one directory source on an empty folder, one stage) after
    3 s, from /proc/<pid>/status VmRSS, in MiB (target <= 45); then SIGTERM, which must end it
    with exit 0 within 10 s. Baseline: an idle ``python -c 'import trio; trio.run(...)'``.
+d  polling cost: CPU (utime + stime from /proc/<pid>/stat) of ``orchestrator run`` over a 15 s
+   window (8 s with --quick), its one directory source polling a folder of 10,000 files every
+   2 s, all of them known already (their items are put in the store as done before the start,
+   so nothing is ingested: the steady state of a big inbox). Target: under 2% of one core.
+   Baseline: the same service on an empty folder, measured right before (what the service costs
+   without the poller's scans). Then one new file is dropped, to show the poller is alive.
+e  detection latency: files created one at a time at random moments (60; 30 with --quick) in a
+   folder polled every 0.5 s with settle 0.5 s; the one stage appends its start time. Latency =
+   stage start - file creation. Target: p99 within poll_interval + settle + 100 ms (1.1 s).
+
+d and e run once per invocation (no --repeat): each is already a long sample.
 
 Nothing here imports the product: it is driven through its command line, as a user would.
 """
@@ -34,6 +45,7 @@ import contextlib
 import json
 import os
 import platform
+import random
 import shutil
 import signal
 import sqlite3
@@ -53,6 +65,8 @@ TARGETS = {
     "a_ratio": (">=", 0.55),
     "b_ratio": (">=", 0.95),
     "c_rss_mib": ("<=", 45.0),
+    "d_cpu_pct": ("<=", 2.0),
+    "e_p99_s": ("<=", 0.5 + 0.5 + 0.1),
 }
 
 # --------------------------------------------------------------------------------------------
@@ -92,7 +106,10 @@ def make_files(folder: Path, n: int) -> None:
         os.utime(entry.path, (past, past))
 
 
-def write_config(folder: Path, route: list[str], stages: list[tuple[str, list[str], int]]) -> Path:
+def write_config(
+    folder: Path, route: list[str], stages: list[tuple[str, list[str], int]], *,
+    settle: str = "0s", poll_interval: str = "1s",
+) -> Path:  # fmt: skip
     lines = [
         'state_dir = "state"',
         "[log]",
@@ -104,8 +121,8 @@ def write_config(folder: Path, route: list[str], stages: list[tuple[str, list[st
         'type = "directory"',
         'path = "inbox"',
         f"route = {json.dumps(route)}",
-        'settle = "0s"',
-        'poll_interval = "1s"',
+        f"settle = {json.dumps(settle)}",
+        f"poll_interval = {json.dumps(poll_interval)}",
     ]
     for name, command, concurrency in stages:
         lines += [
@@ -410,6 +427,200 @@ def bench_c(repeat: int, wait: float = 3.0) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
+# (d) CPU of polling a big folder
+
+D_FILES = 10_000
+D_POLL = "2s"
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process so far, in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # Fields 14 and 15 of proc(5); the split starts at field 3 (state).
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def items_in(state_db: Path) -> int:
+    conn = sqlite3.connect(f"file:{state_db}?mode=ro", uri=True, timeout=5)
+    try:
+        return int(conn.execute("SELECT count(*) FROM items").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def mark_known(state_db: Path, inbox: Path, names: list[str]) -> None:
+    """Record ``names`` as items of source "in" that are done, as an earlier run would have."""
+    now = time.time()
+    conn = sqlite3.connect(state_db, timeout=5)
+    try:
+        with conn:
+            conn.executemany(
+                "INSERT INTO items (id, source, key, path, route, stage_index, state, created_at,"
+                " updated_at) VALUES (?, 'in', ?, ?, '[\"s\"]', 1, 'done', ?, ?)",
+                [(f"in:{n}", n, str(inbox / n), now, now) for n in names],
+            )
+    finally:
+        conn.close()
+
+
+def _start_run(config: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    with open(log_path, "ab") as out:
+        return subprocess.Popen(
+            [*orchestrator_argv(), "run", "-c", str(config)], cwd=config.parent,
+            env=child_env(), stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+        )  # fmt: skip
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> int | None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return None
+
+
+def _cpu_window(proc: subprocess.Popen[bytes], warmup: float, window: float) -> float | None:
+    """CPU share of one core (%) of ``proc`` over ``window`` seconds, after ``warmup``."""
+    time.sleep(warmup)
+    if proc.poll() is not None:
+        return None
+    c0, t0 = cpu_seconds(proc.pid), time.monotonic()
+    time.sleep(window)
+    if proc.poll() is not None:
+        return None
+    c1, t1 = cpu_seconds(proc.pid), time.monotonic()
+    return (c1 - c0) / (t1 - t0) * 100
+
+
+def bench_d(window: float, warmup: float = 4.0) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="bench-d-") as tmp:
+        folder = Path(tmp)
+        inbox = folder / "inbox"
+        inbox.mkdir()
+        config = write_config(folder, ["s"], [("s", ["true"], 2)], settle="1s",
+                              poll_interval=D_POLL)  # fmt: skip
+        log_path = folder / "service.log"
+        # Baseline: the same service on an empty folder. It also creates the store.
+        proc = _start_run(config, log_path)
+        base = _cpu_window(proc, warmup, window)
+        rc = _stop(proc)
+        if base is None or rc != 0:
+            return {"error": f"baseline `run` failed ({rc}): {log_path.read_text()[-2000:]}"}
+        # 10,000 files, all known: the store holds them as done items.
+        names = [f"f{i:05d}" for i in range(D_FILES)]  # as make_files names them
+        make_files(inbox, D_FILES)
+        state_db = folder / "state" / "orchestrator.db"
+        mark_known(state_db, inbox, names)
+        proc = _start_run(config, log_path)
+        try:
+            busy = _cpu_window(proc, warmup, window)
+            ingested_during = items_in(state_db) - D_FILES
+            # Alive? A new file is taken within a couple of polls.
+            (inbox / "new.dat").write_text("new")
+            t0 = time.monotonic()
+            while items_in(state_db) < D_FILES + 1 and time.monotonic() - t0 < 10:
+                time.sleep(0.05)
+            detected = time.monotonic() - t0 if items_in(state_db) == D_FILES + 1 else None
+        finally:
+            rc = _stop(proc)
+        if busy is None or rc != 0:
+            return {"error": f"`run` failed ({rc}): {log_path.read_text()[-2000:]}"}
+    out: dict[str, Any] = {
+        "files": D_FILES,
+        "poll_interval": D_POLL,
+        "window_s": window,
+        "cpu_pct": busy,
+        "idle_service_cpu_pct": base,
+        "poller_cpu_pct": busy - base,
+        "ingested_during_window": ingested_during,
+        "new_file_detected_s": detected,
+    }
+    log(
+        f"  d: {busy:.2f}% of a core with 10,000 known files (idle service {base:.2f}%, "
+        f"poller {busy - base:.2f}%); new file taken in "
+        f"{'-' if detected is None else f'{detected:.2f}s'}"
+    )
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# (e) detection latency
+
+E_POLL = 0.5
+E_SETTLE = 0.5
+# The stage: one line per run, "<file name> <start time>", appended (O_APPEND: whole lines).
+E_STAGE = ["sh", "-c", 'echo "$1 $(date +%s.%N)" >> "$2"', "stamp"]
+
+
+def bench_e(n: int) -> dict[str, Any]:
+    rng = random.Random(5)
+    with tempfile.TemporaryDirectory(prefix="bench-e-") as tmp:
+        folder = Path(tmp)
+        inbox = folder / "inbox"
+        inbox.mkdir()
+        starts = folder / "starts.txt"
+        config = write_config(
+            folder, ["stamp"], [("stamp", [*E_STAGE, "{name}", str(starts)], 2)],
+            settle=f"{E_SETTLE}s", poll_interval=f"{E_POLL}s",
+        )  # fmt: skip
+        log_path = folder / "service.log"
+        proc = _start_run(config, log_path)
+        created: dict[str, float] = {}
+        try:
+            time.sleep(2.0)  # start-up
+            for i in range(n):
+                time.sleep(rng.uniform(0.05, 0.6))
+                name = f"e{i:03d}.dat"
+                tmp_path = inbox / f".{name}.part"  # ignored by default until renamed
+                tmp_path.write_text(name)
+                os.rename(tmp_path, inbox / name)
+                created[name] = time.time()
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                if starts.exists() and len(starts.read_text().splitlines()) >= n:
+                    break
+                time.sleep(0.05)
+        finally:
+            rc = _stop(proc)
+        seen = {}
+        if starts.exists():
+            for line in starts.read_text().splitlines():
+                name, _, at = line.rpartition(" ")
+                seen[name] = float(at)
+        if rc != 0 or len(seen) != n:
+            return {"error": f"`run` exit {rc}, {len(seen)}/{n} started: "
+                    + log_path.read_text()[-2000:]}  # fmt: skip
+    latencies = sorted(seen[k] - created[k] for k in created)
+    out: dict[str, Any] = {
+        "n": n,
+        "poll_interval": E_POLL,
+        "settle": E_SETTLE,
+        "target_s": E_POLL + E_SETTLE + 0.1,
+        "p50_s": _quantile(latencies, 0.5),
+        "p90_s": _quantile(latencies, 0.9),
+        "p99_s": _quantile(latencies, 0.99),
+        "max_s": latencies[-1],
+        "min_s": latencies[0],
+    }
+    log(
+        f"  e: latency p50 {out['p50_s']:.3f}s, p90 {out['p90_s']:.3f}s, p99 "
+        f"{out['p99_s']:.3f}s, max {out['max_s']:.3f}s (target p99 <= {out['target_s']:.1f}s)"
+    )
+    return out
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    """The ``q`` quantile by linear interpolation between closest ranks."""
+    pos = (len(sorted_values) - 1) * q
+    low = int(pos)
+    high = min(low + 1, len(sorted_values) - 1)
+    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (pos - low)
+
+
+# --------------------------------------------------------------------------------------------
 # profile of (a)
 
 # Runs in the child: counts the store's transactions (wrapping the method from the outside; the
@@ -665,6 +876,35 @@ def print_report(results: dict[str, Any]) -> None:
                 + ("yes" if c["clean_exit"] else "NO")
                 + ("" if exit_s is None else f" (median {exit_s:.2f} s)"),
             ))  # fmt: skip
+    d = results.get("d")
+    if d is not None:
+        if "error" in d:
+            rows.append(("d polling CPU", "ERROR", "", "< 2% of a core", d["error"][:60]))
+        else:
+            detected = d["new_file_detected_s"]
+            rows.append((
+                f"d polling {d['files']:,} known files every {d['poll_interval']}",
+                f"{d['cpu_pct']:.2f}% of a core ({d['window_s']:.0f} s window)",
+                f"idle service, empty folder {d['idle_service_cpu_pct']:.2f}%",
+                f"<= 2% {verdict('d_cpu_pct', d['cpu_pct'])}",
+                f"poller's own share {d['poller_cpu_pct']:.2f}%; ingested during window "
+                f"{d['ingested_during_window']}; a new file taken in "
+                + ("NOT SEEN" if detected is None else f"{detected:.2f} s"),
+            ))  # fmt: skip
+    e = results.get("e")
+    if e is not None:
+        if "error" in e:
+            rows.append(("e detection latency", "ERROR", "", "p99 <= 1.1 s", e["error"][:60]))
+        else:
+            rows.append((
+                f"e detection latency, {e['n']} files, poll {e['poll_interval']:g}s "
+                f"settle {e['settle']:g}s",
+                f"p99 {e['p99_s']:.3f} s",
+                f"poll + settle = {e['poll_interval'] + e['settle']:.1f} s",
+                f"<= {e['target_s']:.1f} s {verdict('e_p99_s', e['p99_s'])}",
+                f"p50 {e['p50_s']:.3f} s, p90 {e['p90_s']:.3f} s, min {e['min_s']:.3f} s, "
+                f"max {e['max_s']:.3f} s (file created -> first stage started)",
+            ))  # fmt: skip
     headers = ("scenario", "orchestrator", "baseline", "ratio / target", "notes")
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
               for i, h in enumerate(headers)]  # fmt: skip
@@ -711,7 +951,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true",
                         help="smaller runs: (a) 1,000 files, (b) 100 items")  # fmt: skip
-    parser.add_argument("--only", default="a,b,c", help="scenarios to run, e.g. a,c")
+    parser.add_argument("--only", default="a,b,c,d,e", help="scenarios to run, e.g. a,c")
     parser.add_argument("--json", action="store_true", help="print every figure as JSON")
     parser.add_argument("--save", metavar="FILE", help="also write every figure as JSON to FILE")
     parser.add_argument("--repeat", type=int, default=3, help="runs per figure (median)")
@@ -719,7 +959,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="also profile scenario (a) (cProfile + py-spy when installed)")  # fmt: skip
     args = parser.parse_args(argv)
     only = {s.strip() for s in args.only.split(",") if s.strip()}
-    unknown = only - {"a", "b", "c"}
+    unknown = only - {"a", "b", "c", "d", "e"}
     if unknown:
         parser.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
     if args.repeat < 1:
@@ -744,6 +984,14 @@ def main(argv: list[str] | None = None) -> int:
     if "c" in only:
         log("(c) idle RSS of `orchestrator run`, then SIGTERM")
         results["c"] = bench_c(args.repeat)
+    if "d" in only:
+        window = 8.0 if args.quick else 15.0
+        log(f"(d) CPU of `orchestrator run` polling {D_FILES:,} known files every {D_POLL}")
+        results["d"] = bench_d(window)
+    if "e" in only:
+        n_e = 30 if args.quick else 60
+        log(f"(e) detection latency: {n_e} files, poll {E_POLL}s, settle {E_SETTLE}s")
+        results["e"] = bench_e(n_e)
     if args.profile:
         log(f"profile of (a): {n_a} files")
         results["profile"] = profile_a(n_a)
@@ -757,7 +1005,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print_report(results)
     failed = any(isinstance(results.get(k), dict) and "error" in results[k]
-                 for k in ("a", "b", "c", "profile"))  # fmt: skip
+                 for k in ("a", "b", "c", "d", "e", "profile"))  # fmt: skip
     return 1 if failed else 0
 
 

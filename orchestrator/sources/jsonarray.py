@@ -1,0 +1,188 @@
+"""The json source: a file holding one JSON array that its writer rewrites, element by element.
+
+Each element is an object with an ``id_field``; an element whose id the source has not taken
+before becomes an item (its payload the element), and a known id is never taken again -- the
+store refuses a duplicate key, and the source keeps the same set in memory so it does not even
+ask. An element that is not an object, or has no usable id, becomes a ``rejected`` item (keyed by
+a hash of its content, so it is rejected once, not at every poll).
+
+The writer may rewrite the file atomically (rename) or in place. Content that does not parse --
+the writer is in the middle of it -- is tried again at the next poll, and a warning is logged
+only after `FAILURES_BEFORE_WARNING` polls in a row failed. An unchanged file (same inode, size
+and mtime, and not modified within the last `FRESH` seconds, the mtime's granularity) is not
+read again. Reading and parsing happen in a worker thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from typing import TYPE_CHECKING
+
+import attrs
+import trio
+from loguru import logger
+
+from orchestrator.sources.jsonl import id_of, json_type, show_raw
+from orchestrator.store.records import ItemState, NewItem
+from orchestrator.store.sqlite import op_source_keys
+
+if TYPE_CHECKING:
+    from orchestrator.config import SourceConfig
+    from orchestrator.workers import Engine
+
+__all__ = ["ArrayRead", "JsonArraySource", "new_elements"]
+
+#: Polls in a row that found unparsable content before a warning (a writer mid-rewrite is
+#: normal); in batch mode, the source gives up after that many.
+FAILURES_BEFORE_WARNING = 5
+#: A file modified less than this many seconds ago is read again even if its signature is
+#: unchanged: a rewrite within the mtime's granularity would not show in it.
+FRESH = 1.0
+#: Characters of a rejected element kept in its reason.
+ELEMENT_SHOWN = 4096
+
+
+@attrs.frozen
+class ArrayRead:
+    """What one look at the file found."""
+
+    #: "missing", "unchanged", "failed" or "parsed".
+    outcome: str
+    items: list[NewItem] = attrs.Factory(list)
+    error: str | None = None
+    elements: int = 0
+
+
+def new_elements(
+    config: SourceConfig, elements: list[object], known: set[str]
+) -> list[NewItem]:  # fmt: skip
+    """Items for the elements of the array whose key is not in ``known`` (pure)."""
+    assert config.id_field is not None
+    route = tuple(config.route)
+    seen: set[str] = set()
+    items: list[NewItem] = []
+    for index, element in enumerate(elements):
+        reason = None
+        payload = json.dumps(element, ensure_ascii=False)
+        try:
+            if not isinstance(element, dict):
+                raise ValueError(f"not a JSON object but {json_type(element)}")
+            key = id_of(element, config.id_field)
+        except ValueError as exc:
+            digest = hashlib.sha256(
+                json.dumps(element, sort_keys=True, separators=(",", ":")).encode()
+            ).hexdigest()[:16]
+            key = f"#{digest}"
+            reason = f"element {index}: {exc}; element: {_show(payload)}"
+        if key in known or key in seen:
+            continue
+        seen.add(key)
+        if reason is None:
+            items.append(NewItem(id=f"{config.name}:{key}", source=config.name, key=key,
+                                 route=route, payload=payload))  # fmt: skip
+        else:
+            items.append(NewItem(id=f"{config.name}:{key}", source=config.name, key=key,
+                                 route=route, state=ItemState.REJECTED, reason=reason))  # fmt: skip
+    return items
+
+
+def _show(text: str) -> str:
+    if len(text) <= ELEMENT_SHOWN:
+        return text
+    return f"{text[:ELEMENT_SHOWN]}... (first {ELEMENT_SHOWN} of {len(text)} characters)"
+
+
+class JsonArraySource:
+    """New elements, by ``id_field``, of a JSON array file rewritten by its writer."""
+
+    def __init__(self, config: SourceConfig, known: set[str]) -> None:
+        self.config = config
+        self.name = config.name
+        self.path = os.path.abspath(config.path)
+        self.known = known
+        #: (device, inode, size, mtime_ns) of the content last looked at, and whether it parsed.
+        self._signature: tuple[int, int, int, int] | None = None
+        self._parsed = False
+        self._last_error: str | None = None
+        #: Polls in a row whose content did not parse.
+        self.failures = 0
+        self._log = logger.bind(source=self.name)
+
+    # --- the poller's side (trio) -----------------------------------------------------------
+
+    async def load(self, engine: Engine) -> None:
+        """Learn the keys this source has ingested before."""
+        self.known.update(await engine.store.read(lambda c: op_source_keys(c, self.name)))
+
+    async def poll(self, engine: Engine, *, once: bool) -> bool:
+        """Look at the file and ingest new elements; True once it parsed (or, batch, gave up)."""
+        found = await trio.to_thread.run_sync(self.read)
+        if found.outcome == "failed":
+            self.failures += 1
+            if self.failures == FAILURES_BEFORE_WARNING:
+                self._log.warning(
+                    "{} did not parse at {} polls in a row ({}); {}", self.path, self.failures,
+                    found.error, "giving up for this batch" if once else "still trying",
+                )  # fmt: skip
+            return once and self.failures >= FAILURES_BEFORE_WARNING
+        if self.failures >= FAILURES_BEFORE_WARNING:
+            self._log.info("{} parses again", self.path)
+        self.failures = 0
+        if found.items:
+            added = await engine.store.ingest(found.items)
+            self.known.update(i.key for i in found.items)
+            rejected = [i for i in added if i.state is ItemState.REJECTED]
+            if len(added) > len(rejected):
+                self._log.info("ingested {} element(s)", len(added) - len(rejected))
+            for item in rejected:
+                self._log.bind(item=item.id).warning("element rejected: {}", item.reason)
+            for item in added:
+                engine.admit(item)
+        return True
+
+    def close(self) -> None:
+        """Nothing to let go of (the file is opened only while it is read)."""
+
+    # --- reading (worker thread) ------------------------------------------------------------
+
+    def read(self) -> ArrayRead:
+        """Read and parse the file unless it is unchanged (blocking: worker thread)."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            self._signature = None
+            return ArrayRead("missing")
+        signature = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        fresh = time.time() - st.st_mtime_ns / 1e9 < FRESH
+        if signature == self._signature and not fresh:
+            if self._parsed:
+                return ArrayRead("unchanged")
+            return ArrayRead("failed", error=self._last_error)
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:  # replaced between the stat and the open
+            self._signature = None
+            return ArrayRead("failed", error="the file was replaced while being read")
+        error = None
+        try:
+            document = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            error = f"not valid JSON: {exc}; starts with {show_raw(data[:80], len(data))}"
+        else:
+            if not isinstance(document, list):
+                error = f"not a JSON array but {json_type(document)}"
+        # The signature of what was read: the stat before the read, so a write during the read
+        # makes the next poll read again -- as does a file modified just now, whose next rewrite
+        # might not change its mtime.
+        self._signature = None if fresh else signature
+        if error is not None:
+            self._parsed, self._last_error = False, error
+            return ArrayRead("failed", error=error)
+        self._parsed, self._last_error = True, None
+        assert isinstance(document, list)
+        return ArrayRead("parsed", new_elements(self.config, document, self.known),
+                         elements=len(document))  # fmt: skip

@@ -1,0 +1,507 @@
+"""The jsonl source: records appended to a file, one JSON object per line.
+
+The source reads from its stored position -- the file's (device, inode) and the byte offset just
+past the last line it took -- and stores the new position in the same transaction as the items
+those lines became (`op_ingest_records`), so a restart after any crash resumes exactly there:
+no record is skipped, none is read twice.
+
+- A last line without its newline is still being written: it waits for the newline.
+- A line that is not UTF-8, not JSON or not a JSON object -- or lacks ``id_field`` when one is
+  configured -- becomes a ``rejected`` item whose reason gives the line number, the error and the
+  raw bytes (the first 4 KiB, escaped); the lines after it are read as usual. Blank lines are
+  skipped.
+- Truncation (the file is shorter than the offset, or the byte before the offset is no longer
+  the newline it was) restarts at offset 0, with a warning.
+- Rotation (another file, or none, at the path): the old file is kept open and read to its end
+  through that descriptor -- a writer may still append to it -- and once it has been quiet for
+  about one poll (at once in batch mode) the source follows the file now at the path from its
+  start. A restart in the middle of this finds the old file again if it was renamed beside the
+  path (by its inode), and warns when it is gone.
+
+An item's id is ``source:<id_field value>`` when ``id_field`` is configured (a record whose id
+was taken already is skipped), else ``source:<inode>:<offset>``. The record is the item's payload,
+which each stage gets as a JSON file (``{payload}``).
+
+Reading happens in a worker thread, at most `READ_SIZE` bytes and `STEP_RECORDS` lines per
+transaction; a poll takes as many such steps as it needs to reach the end of the file.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import TYPE_CHECKING
+
+import attrs
+import trio
+from loguru import logger
+
+from orchestrator.sources.ops import Position, op_ingest_records, op_source_position
+from orchestrator.store.records import ItemState, NewItem
+
+if TYPE_CHECKING:
+    from orchestrator.config import SourceConfig
+    from orchestrator.store.records import Item
+    from orchestrator.workers import Engine
+
+__all__ = ["JsonlSource", "Line", "Step", "parse_record", "show_raw", "split_lines"]
+
+#: Bytes read per step. A line longer than this is rejected (it is skipped up to its newline).
+READ_SIZE = 4 << 20
+#: Lines per step: one transaction, so a large backlog is ingested in bounded pieces.
+STEP_RECORDS = 2000
+#: Bytes of a rejected line kept in its reason.
+RAW_SHOWN = 4096
+#: Bytes read at a time when counting the lines before a stored offset (once, at start).
+COUNT_CHUNK = 1 << 20
+#: Rejections logged one by one per poll; the rest are counted.
+REJECTIONS_LOGGED = 10
+#: Bytes before the offset remembered to notice a file truncated and grown back between polls.
+TAIL = 64
+#: A rotated-away file is finished once its size has held still this long (in poll intervals).
+QUIET_POLLS = 0.5
+
+
+@attrs.frozen
+class Line:
+    """One line of the file, without its newline."""
+
+    offset: int  #: byte offset of its first byte
+    number: int  #: 1-based line number in the file
+    raw: bytes
+
+
+def split_lines(
+    data: bytes, offset: int, lines_before: int, *, limit: int, final: bool = False
+) -> tuple[list[Line], int]:
+    """Cut ``data`` (read at ``offset``) into complete lines, at most ``limit`` of them.
+
+    Args:
+        lines_before: lines of the file before ``offset`` (numbering goes on from there).
+        final: the data ends the file for good: a last line without newline counts too.
+
+    Returns:
+        The lines, and how many bytes of ``data`` they span (newlines included).
+    """
+    lines: list[Line] = []
+    pos = 0
+    number = lines_before
+    while len(lines) < limit:
+        end = data.find(b"\n", pos)
+        if end < 0:
+            if final and pos < len(data):
+                lines.append(Line(offset + pos, number + 1, data[pos:]))
+                pos = len(data)
+            break
+        number += 1
+        lines.append(Line(offset + pos, number, data[pos:end]))
+        pos = end + 1
+    return lines, pos
+
+
+def show_raw(raw: bytes, length: int | None = None, limit: int = RAW_SHOWN) -> str:
+    """Bytes as a safe, escaped literal (at most ``limit`` of them), for a reason or a log.
+
+    ``length`` is the length of the whole of which ``raw`` may be only the beginning.
+    """
+    length = len(raw) if length is None else length
+    shown = repr(raw[:limit])
+    if length > limit:
+        shown += f" (first {limit} of {length} bytes)"
+    return shown
+
+
+_JSON_TYPES = {
+    dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
+    type(None): "null",
+}  # fmt: skip
+
+
+def json_type(value: object) -> str:
+    """How JSON calls the type of a parsed value (for messages)."""
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def id_of(record: dict[str, object], field: str) -> str:
+    """The item key a record's ``field`` gives it.
+
+    Raises:
+        ValueError: the field is missing, empty or not a string or an integer.
+    """
+    if field not in record:
+        raise ValueError(f"no {field!r} field")
+    value = record[field]
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise ValueError(f"{field!r} must be a string or an integer, not {json_type(value)}")
+    key = str(value)
+    if not key:
+        raise ValueError(f"{field!r} is empty")
+    return key
+
+
+def parse_record(raw: bytes, id_field: str | None) -> tuple[str, str | None] | None:
+    """Check one line: ``(payload text, id)``; None for a blank line (pure).
+
+    Raises:
+        ValueError: why the line is not a valid record.
+    """
+    if not raw.strip():
+        return None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not valid JSON ({exc})") from None
+    except RecursionError:
+        raise ValueError("not valid JSON (nested too deeply)") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"not a JSON object but {json_type(record)}")
+    key = id_of(record, id_field) if id_field is not None else None
+    return text.strip(), key
+
+
+@attrs.define
+class _Open:
+    fd: int
+    device: int
+    inode: int
+    path: str
+
+
+@attrs.frozen
+class _Skip:
+    """A line longer than `READ_SIZE`, being skipped up to its newline."""
+
+    offset: int
+    number: int
+    head: bytes
+    scanned: int  #: searched for its newline up to here
+
+
+@attrs.frozen
+class Step:
+    """What one read found: records, and where the source stands after them."""
+
+    records: list[tuple[NewItem, bool]] = attrs.Factory(list)
+    #: Stored together with the records (None: the stored position stays).
+    position: Position | None = None
+    offset: int = 0
+    lines: int = 0
+    #: A limit cut the read short, or the source moved to another file: read again at once.
+    more: bool = False
+    #: Everything the source holds now is read (an incomplete last line aside).
+    at_end: bool = True
+    #: The rotated-away file is finished: close it.
+    finish: bool = False
+    skip: _Skip | None = None
+    #: The last bytes before ``offset`` (None: unchanged).
+    tail: bytes | None = None
+
+
+class JsonlSource:
+    """Records appended to a JSON-lines file, followed across truncation and rotation."""
+
+    def __init__(self, config: SourceConfig, position: Position | None = None) -> None:
+        self.config = config
+        self.name = config.name
+        self.path = os.path.abspath(config.path)
+        #: The committed position (as the store holds it).
+        self.stored = position
+        self._file: _Open | None = None
+        #: Where reading goes on in the open file, and the lines before that.
+        self.offset = 0
+        self.lines = 0
+        self._skip: _Skip | None = None
+        self._tail = b""
+        #: While the open file is no longer at the path: its size and since when it held it.
+        self._rotated: tuple[int, float] | None = None
+        #: The last file was read to its end and let go (no warning when it is gone).
+        self._finished = False
+        self._log = logger.bind(source=self.name)
+
+    # --- the poller's side (trio) -----------------------------------------------------------
+
+    async def load(self, engine: Engine) -> None:
+        """Learn the stored position."""
+        self.stored = await engine.store.read(lambda c: op_source_position(c, self.name))
+
+    async def poll(self, engine: Engine, *, once: bool) -> bool:
+        """Read what was appended and ingest it; True once at the end of the file."""
+        rejected: list[Item] = []
+        while True:
+            step = await trio.to_thread.run_sync(self.read, once)
+            if step.records or step.position is not None:
+                added = await engine.store.call(functools.partial(
+                    op_ingest_records, source=self.name, records=step.records,
+                    position=step.position,
+                ))  # fmt: skip
+                self._report(step, added, rejected)
+                for item in added:
+                    engine.admit(item)
+            self.apply(step)
+            if not step.more:
+                break
+        for item in rejected[:REJECTIONS_LOGGED]:
+            self._log.bind(item=item.id).warning("record rejected: {}", item.reason)
+        if len(rejected) > REJECTIONS_LOGGED:
+            self._log.warning("... and {} more record(s) rejected", len(rejected) - REJECTIONS_LOGGED)
+        return step.at_end
+
+    def _report(self, step: Step, added: list[Item], rejected: list[Item]) -> None:
+        good = [i for i in added if i.state is not ItemState.REJECTED]
+        rejected += [i for i in added if i.state is ItemState.REJECTED]
+        if good:
+            self._log.info("ingested {} record(s)", len(good))
+        skipped = len(step.records) - len(added)
+        if skipped:
+            self._log.info("skipped {} record(s) whose id was taken already", skipped)
+
+    def close(self) -> None:
+        """Let go of the open file."""
+        if self._file is not None:
+            os.close(self._file.fd)
+            self._file = None
+
+    def apply(self, step: Step) -> None:
+        """Take ``step`` as done (its records are committed)."""
+        self.offset, self.lines, self._skip = step.offset, step.lines, step.skip
+        if step.tail is not None:
+            self._tail = step.tail
+        if step.position is not None:
+            self.stored = step.position
+        if step.finish:
+            self.close()
+            self._rotated = None
+            self._finished = True
+
+    # --- reading (worker thread) ------------------------------------------------------------
+
+    def read(self, hurry: bool = False) -> Step:
+        """Read the next piece of the file (blocking: worker thread); `apply` it once committed.
+
+        Args:
+            hurry: finish a rotated-away file as soon as it is read to its end (batch mode)
+                rather than once it has been quiet for a poll.
+        """
+        if self._file is None:
+            self._open()
+            if self._file is None:
+                return Step(offset=self.offset, lines=self.lines)
+        f = self._file
+        size = os.fstat(f.fd).st_size
+        if self._truncated(f, size):
+            self._log.warning(
+                "{} was truncated (now {} bytes, was read up to byte {}); reading it again "
+                "from its start", f.path, size, max(self.offset, self._skip.scanned if self._skip else 0),
+            )  # fmt: skip
+            self.offset, self.lines, self._skip, self._tail = 0, 0, None, b""
+        rotated = self._moved(f)
+        if rotated and (self._rotated is None or self._rotated[0] != size):
+            self._rotated = (size, time.monotonic())
+        quiet = rotated and (
+            hurry or (
+                self._rotated is not None
+                and time.monotonic() - self._rotated[1] >= QUIET_POLLS * self.config.poll_interval
+            )
+        )  # fmt: skip
+        if self._skip is not None:
+            return self._read_skipping(f, size, final=quiet)
+        start = self.offset
+        data = os.pread(f.fd, min(READ_SIZE, size - start), start) if size > start else b""
+        to_end = start + len(data) >= size
+        lines, used = split_lines(data, start, self.lines, limit=STEP_RECORDS,
+                                  final=quiet and to_end)  # fmt: skip
+        records = [r for r in (self._record(f, line) for line in lines) if r is not None]
+        end = start + used
+        number = lines[-1].number if lines else self.lines
+        if not lines and len(data) == READ_SIZE:
+            # One line longer than a whole read: reject it once its newline shows up.
+            skip = _Skip(start, self.lines + 1, data[:RAW_SHOWN], start + len(data))
+            return Step(offset=start, lines=self.lines, more=True, at_end=False, skip=skip)
+        if quiet and end >= size:
+            return self._finish(f, records, end, number)
+        more = end < size and (len(lines) == STEP_RECORDS or not to_end)
+        return Step(
+            records=records, position=self._position(f, end), offset=end, lines=number,
+            more=more, at_end=not more and not rotated,
+            tail=(self._tail + data[:used])[-TAIL:] if used else None,
+        )  # fmt: skip
+
+    def _read_skipping(self, f: _Open, size: int, *, final: bool) -> Step:
+        skip = self._skip
+        assert skip is not None
+        data = os.pread(f.fd, min(READ_SIZE, size - skip.scanned), skip.scanned)
+        newline = data.find(b"\n")
+        if newline < 0 and not (final and skip.scanned + len(data) >= size):
+            scanned = skip.scanned + len(data)
+            return Step(
+                offset=self.offset, lines=self.lines, skip=attrs.evolve(skip, scanned=scanned),
+                more=scanned < size, at_end=scanned >= size and not final,
+            )  # fmt: skip
+        end = skip.scanned + (newline + 1 if newline >= 0 else len(data))
+        length = end - skip.offset - (1 if newline >= 0 else 0)
+        error = f"longer than {READ_SIZE} bytes ({length} bytes)"
+        line = Line(skip.offset, skip.number, skip.head)
+        record = self._rejected(f, line, error, length)
+        return Step(
+            records=[record], position=self._position(f, end), offset=end, lines=skip.number,
+            more=True, at_end=False, tail=data[: end - skip.scanned][-TAIL:],
+        )  # fmt: skip
+
+    def _finish(self, f: _Open, records: list[tuple[NewItem, bool]], end: int, number: int) -> Step:
+        """The rotated-away file is read to its end: store where the path's file starts."""
+        try:
+            st = os.stat(self.path)
+            position = Position(st.st_dev, st.st_ino, 0)
+            self._log.info("{} was rotated and is read to its end; following {} from its start",
+                           f.path, self.path)  # fmt: skip
+        except FileNotFoundError:
+            position = Position(f.device, f.inode, end)
+            self._log.info("{} was removed and is read to its end", f.path)
+        return Step(
+            records=records, position=position, offset=0, lines=0, more=True, at_end=False,
+            finish=True, tail=b"",
+        )  # fmt: skip
+
+    def _position(self, f: _Open, end: int) -> Position | None:
+        position = Position(f.device, f.inode, end)
+        return None if position == self.stored else position
+
+    def _record(self, f: _Open, line: Line) -> tuple[NewItem, bool] | None:
+        try:
+            parsed = parse_record(line.raw, self.config.id_field)
+        except ValueError as exc:
+            return self._rejected(f, line, str(exc), len(line.raw))
+        if parsed is None:
+            return None
+        payload, key = parsed
+        route = tuple(self.config.route)
+        if key is not None:
+            item = NewItem(id=f"{self.name}:{key}", source=self.name, key=key, route=route,
+                           payload=payload)  # fmt: skip
+            return item, False
+        key = f"{f.inode}:{line.offset}"
+        item = NewItem(id=f"{self.name}:{key}", source=self.name, key=key, route=route,
+                       payload=payload)  # fmt: skip
+        return item, True
+
+    def _rejected(self, f: _Open, line: Line, error: str, length: int) -> tuple[NewItem, bool]:
+        shown = show_raw(line.raw, length)
+        key = f"{f.inode}:{line.offset}"
+        reason = f"line {line.number} (byte {line.offset}) of {f.path}: {error}; raw: {shown}"
+        item = NewItem(
+            id=f"{self.name}:{key}", source=self.name, key=key, route=tuple(self.config.route),
+            state=ItemState.REJECTED, reason=reason,
+        )  # fmt: skip
+        return item, True
+
+    def _truncated(self, f: _Open, size: int) -> bool:
+        reached = max(self.offset, self._skip.scanned if self._skip is not None else 0)
+        if size < reached:
+            return True
+        if self.offset == 0:
+            return False
+        # Shrunk and grown again past the offset between two polls: the bytes before the offset
+        # are no longer those read there (after a restart, all we know is that a line ended).
+        tail = self._tail or b"\n"
+        return os.pread(f.fd, len(tail), self.offset - len(tail)) != tail
+
+    def _moved(self, f: _Open) -> bool:
+        """Whether the path no longer names the open file (rotated away, or removed)."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return True
+        return (st.st_dev, st.st_ino) != (f.device, f.inode)
+
+    def _open(self) -> None:
+        stored = self.stored
+        try:
+            st: os.stat_result | None = os.stat(self.path)
+        except FileNotFoundError:
+            st = None
+        if stored is not None and (
+            st is None or (st.st_dev, st.st_ino) != (stored.device, stored.inode)
+        ):
+            # After a restart, the file we were reading may have been renamed beside the path.
+            # (One this process finished is not looked for: what it was given is all read.)
+            beside = None if self._finished else self._find_beside(stored)
+            if beside is not None and self._attach(beside, stored.offset, stored, strict=True):
+                self._log.info("resuming {} at byte {}: it was rotated away from {}",
+                               beside, stored.offset, self.path)  # fmt: skip
+                return
+            if st is None:
+                return
+            if stored.offset > 0 and not self._finished:
+                self._log.warning(
+                    "the file read up to byte {} (inode {}) is no longer at {} nor beside it; "
+                    "what was appended to it after that is not read. Reading {} from its start",
+                    stored.offset, stored.inode, self.path, self.path,
+                )  # fmt: skip
+            stored = None
+        if st is None:
+            return
+        self._attach(self.path, stored.offset if stored is not None else 0, stored)
+
+    def _attach(
+        self, path: str, offset: int, expect: Position | None = None, *, strict: bool = False
+    ) -> bool:
+        """Open ``path`` to read from ``offset``; False (nothing opened) when ``strict`` and it
+        is not the ``expect``-ed file."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            if strict:
+                return False
+            raise
+        try:
+            st = os.fstat(fd)
+            if expect is not None and (st.st_dev, st.st_ino) != (expect.device, expect.inode):
+                if strict:
+                    os.close(fd)
+                    return False
+                offset = 0  # replaced between the stat and the open: a new file
+            lines = _count_lines(fd, min(offset, st.st_size)) if offset else 0
+        except BaseException:
+            os.close(fd)
+            raise
+        self._file = _Open(fd, st.st_dev, st.st_ino, path)
+        self.offset, self.lines, self._skip, self._rotated = offset, lines, None, None
+        self._tail = b""
+        self._finished = False
+        return True
+
+    def _find_beside(self, stored: Position) -> str | None:
+        """The file with the stored inode in the path's folder (where rotation renames it)."""
+        folder = os.path.dirname(self.path)
+        try:
+            with os.scandir(folder) as listing:
+                for entry in listing:
+                    if entry.inode() != stored.inode or entry.path == self.path:
+                        continue
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    if st.st_dev == stored.device and entry.is_file(follow_symlinks=False):
+                        return entry.path
+        except OSError:
+            return None
+        return None
+
+
+def _count_lines(fd: int, end: int) -> int:
+    count = 0
+    offset = 0
+    while offset < end:
+        chunk = os.pread(fd, min(COUNT_CHUNK, end - offset), offset)
+        if not chunk:
+            break
+        count += chunk.count(b"\n")
+        offset += len(chunk)
+    return count

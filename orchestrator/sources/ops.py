@@ -1,0 +1,124 @@
+"""Store operations of the sources: plain functions of a connection, like the store's ``op_*``.
+
+Each runs inside the transaction `SqliteStore.call` opens (or through `SqliteStore.read`), so
+what one operation writes is committed together or not at all -- a record source's items and
+the position just past them are one transaction, which is what lets a restart neither skip nor
+repeat a record.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import attrs
+
+from orchestrator.store.sqlite import op_ingest, op_items_by_seq
+
+if TYPE_CHECKING:
+    import sqlite3
+    from collections.abc import Iterable, Sequence
+
+    from orchestrator.store.records import Item, NewItem
+
+__all__ = [
+    "Position",
+    "op_ingest_records",
+    "op_items_by_key",
+    "op_set_item_path",
+    "op_source_position",
+]
+
+#: Keys looked up per statement (SQLite's default limit of host parameters is 999 or more).
+KEYS_PER_QUERY = 500
+
+
+@attrs.frozen
+class Position:
+    """Where a record source has read up to: a file (device, inode) and a byte offset in it."""
+
+    device: int
+    inode: int
+    offset: int
+
+
+def op_source_position(conn: sqlite3.Connection, source: str) -> Position | None:
+    """The stored position of ``source``, or None when it has none yet."""
+    row = conn.execute(
+        "SELECT device, inode, offset FROM source_offsets WHERE source = ?", (source,)
+    ).fetchone()
+    if row is None or row[0] is None or row[1] is None:
+        return None
+    return Position(int(row[0]), int(row[1]), int(row[2]))
+
+
+def op_ingest_records(
+    conn: sqlite3.Connection, source: str, records: Sequence[tuple[NewItem, bool]],
+    position: Position | None = None,
+) -> list[Item]:  # fmt: skip
+    """Insert a source's new items and, in the same transaction, store its new position.
+
+    Args:
+        records: ``(item, positional)`` in the order found. A positional item is keyed by where
+            it was found (inode and offset); since the stored position guarantees no record is
+            read twice, a positional key already taken can only be an older record at the same
+            place (the file was truncated, or its inode reused), so the new one gets a ``~N``
+            suffix instead of being dropped. Other items are keyed by their content's id and a
+            known key is skipped.
+        position: stored as the source's position when given.
+
+    Returns:
+        The items actually inserted.
+    """
+    claimed: set[str] = set()  # keys given in this call (not inserted yet)
+    items = [
+        _unique(conn, source, new, claimed) if positional else new for new, positional in records
+    ]
+    added = op_ingest(conn, items)
+    if position is not None:
+        conn.execute(
+            "INSERT INTO source_offsets (source, device, inode, offset, updated_at)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (source) DO UPDATE SET device = excluded.device,"
+            " inode = excluded.inode, offset = excluded.offset, updated_at = excluded.updated_at",
+            (source, position.device, position.inode, position.offset, time.time()),
+        )
+    return added
+
+
+def _unique(conn: sqlite3.Connection, source: str, new: NewItem, claimed: set[str]) -> NewItem:
+    n = 1
+    key, item_id = new.key, new.id
+    while key in claimed or _taken(conn, source, key, item_id):
+        n += 1
+        key, item_id = f"{new.key}~{n}", f"{new.id}~{n}"
+    claimed.add(key)
+    return new if n == 1 else attrs.evolve(new, key=key, id=item_id)
+
+
+def _taken(conn: sqlite3.Connection, source: str, key: str, item_id: str) -> bool:
+    row = conn.execute(
+        "SELECT 1 FROM items WHERE (source = ? AND key = ?) OR id = ? LIMIT 1",
+        (source, key, item_id),
+    ).fetchone()
+    return row is not None
+
+
+def op_items_by_key(conn: sqlite3.Connection, source: str, keys: Iterable[str]) -> list[Item]:
+    """The items of ``source`` with these keys (those the store holds), in ingest order."""
+    wanted = list(keys)
+    seqs: list[int] = []
+    for start in range(0, len(wanted), KEYS_PER_QUERY):
+        chunk = wanted[start : start + KEYS_PER_QUERY]
+        marks = ", ".join("?" * len(chunk))
+        seqs += [
+            r[0]
+            for r in conn.execute(
+                f"SELECT seq FROM items WHERE source = ? AND key IN ({marks})", (source, *chunk)
+            )
+        ]
+    return op_items_by_seq(conn, sorted(seqs))
+
+
+def op_set_item_path(conn: sqlite3.Connection, seq: int, path: str) -> None:
+    """Record that an item's file is now at ``path`` (its source moved it)."""
+    conn.execute("UPDATE items SET path = ? WHERE seq = ?", (path, seq))

@@ -1,0 +1,318 @@
+"""The jsonl source without a store: pure line logic, then real files read through `read`/`apply`."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import TYPE_CHECKING
+
+import pytest
+
+from orchestrator.config import parse_config
+from orchestrator.sources import JsonlSource, Position
+from orchestrator.sources import jsonl as jsonl_module
+from orchestrator.sources.jsonl import parse_record, show_raw, split_lines
+from orchestrator.sources.ops import op_ingest_records, op_source_position
+from orchestrator.store.records import ItemState, NewItem
+from orchestrator.store.sqlite import connect
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+
+def source(tmp_path: Path, position: Position | None = None, **keys: object) -> JsonlSource:
+    data = {
+        "sources": [{"name": "log", "type": "jsonl", "path": "log.jsonl", "route": ["s"],
+                     "poll_interval": "100ms", **keys}],
+        "stages": [{"name": "s", "command": ["true"]}],
+    }  # fmt: skip
+    return JsonlSource(parse_config(data, base_dir=tmp_path).sources[0], position)
+
+
+def drain(src: JsonlSource, *, hurry: bool = False) -> list[NewItem]:
+    """Read until the source says there is nothing more now, as a poll does (no store)."""
+    items: list[NewItem] = []
+    while True:
+        step = src.read(hurry)
+        items += [item for item, _ in step.records]
+        src.apply(step)
+        if not step.more:
+            return items
+
+
+def numbers(items: list[NewItem]) -> list[int]:
+    return [json.loads(i.payload or "null")["n"] for i in items if i.state is ItemState.QUEUED]
+
+
+def append(path: Path, *records: object, raw: bytes = b"") -> None:
+    with open(path, "ab") as f:
+        for r in records:
+            f.write(json.dumps(r).encode() + b"\n")
+        f.write(raw)
+
+
+# --- pure -----------------------------------------------------------------------------------
+
+
+def test_split_lines_keeps_a_half_line_for_later_and_numbers_lines() -> None:
+    data = b'{"a":1}\n\n{"b":2}\n{"c"'
+    lines, used = split_lines(data, 100, 7, limit=10)
+    assert [(ln.offset, ln.number, ln.raw) for ln in lines] == [
+        (100, 8, b'{"a":1}'), (108, 9, b""), (109, 10, b'{"b":2}'),
+    ]  # fmt: skip
+    assert used == 17
+    # The limit cuts after whole lines; `final` takes a last line without its newline.
+    assert split_lines(data, 0, 0, limit=1)[1] == 8
+    lines, used = split_lines(data, 0, 0, limit=10, final=True)
+    assert (lines[-1].raw, used) == (b'{"c"', len(data))
+
+
+def test_parse_record_accepts_objects_and_says_what_is_wrong_otherwise() -> None:
+    assert parse_record(b'  {"n": 1}\r', None) == ('{"n": 1}', None)
+    assert parse_record(b"   ", None) is None
+    assert parse_record(b'{"id": "x-1"}', "id") == ('{"id": "x-1"}', "x-1")
+    assert parse_record(b'{"id": 42}', "id") == ('{"id": 42}', "42")
+    cases = {
+        b'{"n": ': "not valid JSON (Expecting value: line 1 column 7 (char 6))",
+        b"[1, 2]": "not a JSON object but an array",
+        b'"text"': "not a JSON object but a string",
+        b"\xff\xfe{}": "not UTF-8 text (invalid start byte at byte 0)",
+    }
+    for raw, message in cases.items():
+        with pytest.raises(ValueError) as info:
+            parse_record(raw, None)
+        assert str(info.value) == message
+    for raw, message in {
+        b'{"n": 1}': "no 'id' field",
+        b'{"id": null}': "'id' must be a string or an integer, not null",
+        b'{"id": true}': "'id' must be a string or an integer, not a boolean",
+        b'{"id": ""}': "'id' is empty",
+    }.items():
+        with pytest.raises(ValueError) as info:
+            parse_record(raw, "id")
+        assert str(info.value) == message
+
+
+def test_show_raw_escapes_and_caps() -> None:
+    assert show_raw(b"ok\x1b[31m\n") == "b'ok\\x1b[31m\\n'"
+    assert show_raw(b"x" * 10, limit=4) == "b'xxxx' (first 4 of 10 bytes)"
+
+
+# --- real files -----------------------------------------------------------------------------
+
+
+def test_appends_while_reading_and_a_half_line_completed_later(tmp_path: Path) -> None:
+    log = tmp_path / "log.jsonl"
+    src = source(tmp_path)
+    assert drain(src) == []  # no file yet
+    append(log, {"n": 1}, {"n": 2}, raw=b'{"n": ')
+    first = drain(src)
+    assert numbers(first) == [1, 2]
+    assert src.stored == Position(log.stat().st_dev, log.stat().st_ino, 18)
+    # The half line waits; once its newline is there it is one record, read once.
+    assert drain(src) == []
+    append(log, raw=b"3")
+    assert drain(src) == []
+    append(log, raw=b'}\n{"n": 4}\n')
+    assert numbers(drain(src)) == [3, 4]
+    # Ids: source, inode and offset; the record is the payload.
+    assert first[0].id == f"log:{log.stat().st_ino}:0"
+    assert first[1].key == f"{log.stat().st_ino}:9"
+    assert first[1].payload == '{"n": 2}'
+
+
+def test_malformed_lines_become_rejected_items_and_reading_goes_on(tmp_path: Path) -> None:
+    log = tmp_path / "log.jsonl"
+    log.write_bytes(b'{"n": 1}\nnot json\n\n[1]\n{"n": 2}\n\xff\x00\x1b\n')
+    items = drain(source(tmp_path))
+    assert numbers(items) == [1, 2]
+    rejected = [i for i in items if i.state is ItemState.REJECTED]
+    assert [r.reason for r in rejected] == [
+        f"line 2 (byte 9) of {log}: not valid JSON (Expecting value: line 1 column 1 (char 0));"
+        " raw: b'not json'",
+        f"line 4 (byte 19) of {log}: not a JSON object but an array; raw: b'[1]'",
+        f"line 6 (byte 32) of {log}: not UTF-8 text (invalid start byte at byte 0);"
+        " raw: b'\\xff\\x00\\x1b'",
+    ]
+    assert all(r.payload is None and r.route == ("s",) for r in rejected)
+
+
+def test_a_line_longer_than_a_read_is_rejected_with_its_head(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(jsonl_module, "READ_SIZE", 64)
+    log = tmp_path / "log.jsonl"
+    log.write_bytes(b'{"n": 1}\n' + b"x" * 200)
+    src = source(tmp_path)
+    assert numbers(drain(src)) == [1]
+    append(log, {"n": 2}, raw=b'\n{"n": 3}\n')
+    items = drain(src)
+    assert numbers(items) == [3]
+    [long] = [i for i in items if i.state is ItemState.REJECTED]
+    assert long.reason is not None
+    assert long.reason.startswith(f"line 2 (byte 9) of {log}: longer than 64 bytes (208 bytes); raw: b'xxx")
+
+
+def test_truncation_restarts_at_zero_with_a_warning(tmp_path: Path) -> None:
+    log = tmp_path / "log.jsonl"
+    append(log, {"n": 1}, {"n": 2})
+    src = source(tmp_path)
+    assert numbers(drain(src)) == [1, 2]
+    # Truncated to nothing, then a shorter content: size below the offset.
+    log.write_bytes(b"")
+    append(log, {"n": 3})
+    assert numbers(drain(src)) == [3]
+    # Truncated and grown back past the offset between two polls -- even with lines of the
+    # same length: caught by the bytes before the offset.
+    offset = src.offset
+    log.write_bytes(b"")
+    append(log, {"n": 4}, {"n": 5}, {"n": 6})
+    assert log.stat().st_size > offset
+    assert numbers(drain(src)) == [4, 5, 6]
+
+
+def test_rotation_finishes_the_old_file_through_its_descriptor(tmp_path: Path) -> None:
+    # Given: a writer holding the file open.
+    log = tmp_path / "log.jsonl"
+    writer = open(log, "ab", buffering=0)
+    try:
+        writer.write(b'{"n": 1}\n')
+        src = source(tmp_path)
+        assert numbers(drain(src)) == [1]
+        old_inode = log.stat().st_ino
+
+        # When: the file is renamed away, a new one started at the path, and the writer still
+        # appends to the old one (it has not reopened yet) -- all before the next poll.
+        os.rename(log, tmp_path / "log.jsonl.1")
+        append(log, {"n": 10})
+        writer.write(b'{"n": 2}\n{"n": 3}\n')
+        first = drain(src)
+        # The old file is read to its end, and followed until it has been quiet for a poll.
+        writer.write(b'{"n": 4}\n')
+        time.sleep(0.06)
+        second = drain(src)
+    finally:
+        writer.close()
+    time.sleep(0.06)
+    third = drain(src)
+
+    # Then: every record exactly once, the old file's first, then the new file's.
+    assert numbers(first + second + third) == [2, 3, 4, 10]
+    assert src.stored == Position(log.stat().st_dev, log.stat().st_ino, 10)
+    keys = [i.key for i in first + second + third]
+    assert keys[0].startswith(f"{old_inode}:")
+    assert keys[-1] == f"{log.stat().st_ino}:0"
+
+
+def test_a_rotated_file_ending_in_a_half_line_gives_it_as_its_last_record(tmp_path: Path) -> None:
+    log = tmp_path / "log.jsonl"
+    log.write_bytes(b'{"n": 1}\n{"n": 2}')
+    src = source(tmp_path)
+    assert numbers(drain(src)) == [1]
+    os.rename(log, tmp_path / "old.jsonl")
+    append(log, {"n": 3})
+    assert numbers(drain(src, hurry=True)) == [2, 3]
+
+
+def test_restart_resumes_at_the_stored_position_even_after_rotation(tmp_path: Path) -> None:
+    log = tmp_path / "log.jsonl"
+    append(log, {"n": 1}, {"n": 2})
+    src = source(tmp_path)
+    assert numbers(drain(src)) == [1, 2]
+    stored = src.stored
+    src.close()
+    # While stopped: more appended, then the file rotated and a new one begun.
+    append(log, {"n": 3}, raw=b"broken\n")
+    os.rename(log, tmp_path / "log.jsonl.1")
+    append(log, {"n": 4})
+
+    again = source(tmp_path, stored)
+    items = drain(again, hurry=True)
+    assert numbers(items) == [3, 4]
+    [bad] = [i for i in items if i.state is ItemState.REJECTED]
+    assert bad.reason is not None
+    assert bad.reason.startswith(f"line 4 (byte 27) of {tmp_path / 'log.jsonl.1'}:")
+    again.close()
+
+
+def test_restart_without_the_old_file_warns_and_reads_the_new_one(tmp_path: Path) -> None:
+    log = tmp_path / "log.jsonl"
+    append(log, {"n": 1})
+    src = source(tmp_path)
+    drain(src)
+    stored = src.stored
+    src.close()
+    (tmp_path / "archive").mkdir()
+    os.rename(log, tmp_path / "archive" / "log.jsonl")  # not beside the path: not found
+    append(log, {"n": 2})
+    again = source(tmp_path, stored)
+    assert numbers(drain(again)) == [2]
+    again.close()
+
+
+def test_id_field_gives_ids_and_rejects_records_without_one(tmp_path: Path) -> None:
+    log = tmp_path / "log.jsonl"
+    append(log, {"id": "QA-1", "n": 1}, {"n": 2}, {"id": 7, "n": 3})
+    items = drain(source(tmp_path, id_field="id"))
+    assert [(i.id, i.key, i.state.value) for i in items] == [
+        ("log:QA-1", "QA-1", "queued"),
+        (f"log:{log.stat().st_ino}:23", f"{log.stat().st_ino}:23", "rejected"),
+        ("log:7", "7", "queued"),
+    ]
+    assert items[1].reason is not None
+    assert "no 'id' field" in items[1].reason
+
+
+def test_a_large_backlog_is_read_in_bounded_steps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(jsonl_module, "STEP_RECORDS", 7)
+    log = tmp_path / "log.jsonl"
+    append(log, *({"n": n} for n in range(50)))
+    src = source(tmp_path)
+    sizes = []
+    while True:
+        step = src.read()
+        sizes.append(len(step.records))
+        src.apply(step)
+        if not step.more:
+            break
+    assert sizes == [7] * 7 + [1]
+    assert step.at_end
+
+
+# --- the store operation ----------------------------------------------------------------------
+
+
+def test_ingest_records_stores_the_position_and_never_drops_a_positional_record(
+    tmp_path: Path,
+) -> None:
+    conn = connect(tmp_path / "store.db")
+    try:
+        def new(key: str, *, positional: bool) -> tuple[NewItem, bool]:
+            item = NewItem(id=f"log:{key}", source="log", key=key, route=("s",), payload="{}")
+            return item, positional
+
+        conn.execute("BEGIN")
+        added = op_ingest_records(
+            conn, "log", [new("7:0", positional=True), new("QA-1", positional=False)],
+            Position(1, 7, 20),
+        )  # fmt: skip
+        conn.execute("COMMIT")
+        assert [i.key for i in added] == ["7:0", "QA-1"]
+        assert op_source_position(conn, "log") == Position(1, 7, 20)
+        # After a truncation the same place holds a new record: it gets a suffix, not dropped.
+        # A record whose id was taken is skipped.
+        conn.execute("BEGIN")
+        again = op_ingest_records(
+            conn, "log", [new("7:0", positional=True), new("QA-1", positional=False),
+                          new("7:0", positional=True)],
+            Position(1, 7, 9),
+        )  # fmt: skip
+        conn.execute("COMMIT")
+        assert [(i.id, i.key) for i in again] == [("log:7:0~2", "7:0~2"), ("log:7:0~3", "7:0~3")]
+        assert op_source_position(conn, "log") == Position(1, 7, 9)
+        assert op_source_position(conn, "other") is None
+    finally:
+        conn.close()
