@@ -760,6 +760,14 @@ def _collect(exc: BaseException, path: tuple[_Segment, ...], out: list[_Problem]
         out.append((path, f"invalid value ({exc})"))
 
 
+#: Source keys that only a directory source uses, and those only record sources use: a key
+#: given to the wrong type would be silently ignored, so it is an error.
+DIRECTORY_ONLY_KEYS = (
+    "pattern", "recursive", "ignore", "settle", "on_done", "on_dead", "reingest_changed",
+)  # fmt: skip
+RECORD_ONLY_KEYS = ("id_field",)
+
+
 def _cross_reference_problems(data: Mapping[str, Any]) -> list[_Problem]:
     # Over the raw data, so these are found even when the sections failed to structure; every
     # part of the wrong type is skipped (its structural error is reported elsewhere).
@@ -780,6 +788,18 @@ def _cross_reference_problems(data: Mapping[str, Any]) -> list[_Problem]:
     for index, source in enumerate(sources if isinstance(sources, list) else []):
         if isinstance(source, Mapping):
             check_stage_refs(source.get("route"), ("sources", index, "route"))
+            kind = source.get("type")
+            wrong = DIRECTORY_ONLY_KEYS if kind in ("jsonl", "json") else (
+                RECORD_ONLY_KEYS if kind == "directory" else ()
+            )  # fmt: skip
+            for key in wrong:
+                if key in source:
+                    only = "record sources (jsonl, json)" if key in RECORD_ONLY_KEYS else (
+                        'sources of type "directory"'
+                    )  # fmt: skip
+                    problems.append(((
+                        "sources", index, key), f"only for {only}, not {describe_value(kind)}"
+                    ))  # fmt: skip
     faults = data.get("faults")
     if isinstance(faults, Mapping):
         check_stage_refs(faults.get("stages"), ("faults", "stages"))

@@ -694,3 +694,19 @@ def test_format_duration(seconds: float | None, text: str) -> None:
     assert format_duration(seconds) == text
     if seconds is not None:
         assert parse_duration(text) == pytest.approx(seconds)
+
+
+def test_source_keys_of_another_type_are_errors() -> None:
+    data = {
+        "sources": [
+            {"name": "a", "type": "jsonl", "path": "x", "route": ["s"], "settle": "1s"},
+            {"name": "b", "type": "directory", "path": "y", "route": ["s"], "id_field": "id"},
+        ],
+        "stages": [{"name": "s", "command": ["true"]}],
+    }
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data, base_dir=Path("/tmp"))
+    assert caught.value.errors == [
+        'sources[0].settle: only for sources of type "directory", not "jsonl"',
+        'sources[1].id_field: only for record sources (jsonl, json), not "directory"',
+    ]
