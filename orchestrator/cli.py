@@ -1,4 +1,4 @@
-"""The ``orchestrator`` command line: check, run, batch; items, show, status, requeue.
+"""The ``orchestrator`` command line: check, run, batch; items, show, status, requeue; health.
 
 Exit codes are named ``EXIT_*`` below; ``main`` returns them, so tests call ``main([...])``.
 """
@@ -16,7 +16,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from orchestrator import __version__
-from orchestrator.errors import ConfigError, ItemNotFound, StoreError, StoreUnavailable
+from orchestrator.errors import (
+    ConfigError,
+    ItemNotFound,
+    OrchestratorError,
+    StoreError,
+    StoreUnavailable,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -26,11 +32,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EXIT_CONFIG",
+    "EXIT_CRITICAL",
     "EXIT_FAILED",
     "EXIT_INTERRUPTED",
+    "EXIT_LOOP_STALLED",
     "EXIT_OK",
     "EXIT_STORE",
     "EXIT_USAGE",
+    "EXIT_WARNING",
     "main",
 ]
 
@@ -46,6 +55,13 @@ EXIT_USAGE = 2
 EXIT_STORE = 3
 #: A batch was stopped by SIGINT/SIGTERM before it was done (128 + SIGINT, like a shell).
 EXIT_INTERRUPTED = 130
+#: ``run``/``batch``: the watchdog found the event loop blocked past ``loop_stall_timeout`` and
+#: ended the process to be restarted (``orchestrator.watchdog.EXIT_LOOP_STALLED``; EX_SOFTWARE).
+EXIT_LOOP_STALLED = 70
+#: ``health``: the status file is getting old (older than 2 intervals).
+EXIT_WARNING = 1
+#: ``health``: the service is not running, or its status file is older than 4 intervals.
+EXIT_CRITICAL = 2
 
 app = typer.Typer(
     add_completion=False,
@@ -163,6 +179,17 @@ def _serve(cfg: Config, *, batch: bool, progress: bool = False) -> ServiceResult
         for exc in group.exceptions:
             _err(f"orchestrator: {exc}")
         raise typer.Exit(EXIT_STORE) from None
+    except* OrchestratorError as failures:  # cannot start: HTTP cannot listen, leftover processes
+        for failure in _leaves(failures):
+            _err(f"orchestrator: {failure}")
+        raise typer.Exit(EXIT_FAILED) from None
+
+
+def _leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return out
 
 
 def _batch_summary(
@@ -472,6 +499,91 @@ def _watch(conn: sqlite3.Connection, cfg: Config, interval: float, first: Any) -
                 # A busy or briefly unreadable store must not end the watch: show it and retry.
                 body = Text(f"cannot read the store: {exc}", style="red")
             live.update(frame(body), refresh=True)
+
+
+@app.command()
+def health(
+    config: ConfigOption = Path("orchestrator.toml"),
+    as_json: JsonOption = False,
+    watch: Annotated[
+        bool, typer.Option("--watch", help="Judge again every --interval until Ctrl+C (with "
+                                           "--json: one JSON document per line).")
+    ] = False,
+    restart_cmd: Annotated[
+        str | None,
+        typer.Option("--restart-cmd", metavar="CMD",
+                     help="With --watch: run CMD (split like a shell would, but never run by "
+                          "one) when the service is critical, with backoff between restarts."),
+    ] = None,
+    interval: Annotated[
+        float | None,
+        typer.Option("--interval", min=0.1, help="With --watch: seconds between judgements "
+                                                 "(default: status.interval)."),
+    ] = None,
+    backoff: Annotated[
+        float, typer.Option("--backoff", min=0.0, help="Seconds after a restart before the "
+                                                       "next one; doubles while still critical.")
+    ] = 10.0,
+    backoff_max: Annotated[
+        float, typer.Option("--backoff-max", min=0.0, help="The longest pause between restarts.")
+    ] = 300.0,
+) -> None:  # fmt: skip
+    """Judge the service's health from its status file: age, process, its own problems.
+
+    Fresh (updated within 2 status intervals) and its process alive: ok. Older than 2
+    intervals, or the service reports problems: warning. Older than 4, the process gone, the
+    service stopped, or no status file: critical.
+
+    Exit 0 ok, 1 warning, 2 critical (--watch: 0 when Ctrl+C ends it).
+    """
+    import shlex
+
+    from orchestrator import health as checks
+
+    if restart_cmd is not None and not watch:
+        _err("--restart-cmd only goes with --watch")
+        raise typer.Exit(EXIT_USAGE)
+    try:
+        argv = shlex.split(restart_cmd) if restart_cmd is not None else None
+    except ValueError as exc:  # an unclosed quote
+        _err(f"--restart-cmd {restart_cmd!r}: {exc}")
+        raise typer.Exit(EXIT_USAGE) from None
+    if restart_cmd is not None and not argv:
+        _err("--restart-cmd is empty")
+        raise typer.Exit(EXIT_USAGE)
+    cfg = _load(config)
+
+    def verdict() -> checks.Verdict:
+        return checks.judge(cfg.status_path, interval=cfg.status.interval)
+
+    shown: list[str] = []
+
+    def report(v: checks.Verdict, action: str | None) -> None:
+        if as_json:
+            doc = v.to_json()
+            if watch:
+                doc["at"] = time.time()
+                doc["action"] = action
+            print(json.dumps(doc) if watch else json.dumps(doc, indent=2), flush=True)
+            return
+        line = v.describe()
+        if watch:
+            if shown and shown[-1] == v.status and not action:
+                return  # people see changes; programs (--json) see every verdict
+            shown.append(v.status)
+            line = f"{time.strftime('%H:%M:%S')} {line}"
+        print(line, flush=True)
+        if action:
+            print(f"{time.strftime('%H:%M:%S')} {action}", flush=True)
+
+    if not watch:
+        v = verdict()
+        report(v, None)
+        raise typer.Exit(v.level)
+    with contextlib.suppress(KeyboardInterrupt):
+        checks.watch(verdict, argv, interval=interval or cfg.status.interval, backoff=backoff,
+                    backoff_max=backoff_max, report=report)  # fmt: skip
+    raise typer.Exit(EXIT_OK)
 
 
 @app.callback(invoke_without_command=True)

@@ -1,7 +1,16 @@
 """Log sinks, configured once by the command line: console for people, optional file, JSON lines.
 
+- The console (stderr; journald under systemd) is for people: one line per event with its
+  context, colours on a terminal.
+- ``[log] file`` adds a file sink, written by a background thread (a slow SD card never blocks
+  the event loop), rotated at ``rotation`` bytes, the last ``retention`` files kept, compressed
+  (``compression``, gz by default) -- what a small flash disk that nobody cleans needs.
+- ``json = true`` writes JSON lines, one object per event with ``time``, ``level``, ``message``
+  and the context keys, to the file; with no file, to the console.
+
 Modules only ``from loguru import logger`` and bind context (``item``, ``stage``, ``attempt``,
-``run``, ``source``, ``pool``); every line shows the context it was bound with.
+``run``, ``source``, ``pool``); every line shows the context it was bound with. Every line of a
+run (from its claim to its recorded outcome) carries ``item``, ``stage``, ``attempt`` and ``run``.
 """
 
 from __future__ import annotations
@@ -9,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import traceback
 from typing import TYPE_CHECKING, Any
 
 from loguru import logger
@@ -46,8 +56,10 @@ def _json(record: Record) -> str:
         "message": record["message"],
     }
     doc.update({k: v for k, v in record["extra"].items() if not k.startswith("_")})
-    if record["exception"] is not None:
-        doc["exception"] = str(record["exception"].value)
+    exc = record["exception"]
+    if exc is not None and exc.type is not None:
+        doc["exception"] = f"{exc.type.__name__}: {exc.value}"
+        doc["traceback"] = "".join(traceback.format_exception(exc.type, exc.value, exc.traceback))
     record["extra"]["_json"] = json.dumps(doc, default=str)
     return "{extra[_json]}\n"
 
@@ -74,9 +86,11 @@ def configure_logging(config: LogConfig | None, *, console_level: str | None = N
     logger.remove()
     level = config.level if config is not None else "INFO"
     as_json = config is not None and config.json
+    has_file = config is not None and config.file is not None
+    console_json = as_json and not has_file  # with a file, JSON goes there; people read stderr
     logger.add(
-        sys.stderr, level=console_level or level, format=_json if as_json else _human,
-        colorize=None if not as_json else False, backtrace=False, diagnose=False,
+        sys.stderr, level=console_level or level, format=_json if console_json else _human,
+        colorize=False if console_json else None, backtrace=False, diagnose=False,
     )  # fmt: skip
     if config is not None and config.file is not None:
         config.file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)

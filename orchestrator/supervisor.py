@@ -6,19 +6,27 @@
     └─ serve                      opens the store (its committer task), recovers, then:
        ├─ signals                 SIGTERM/SIGINT → drain; a second SIGINT → stop now
        ├─ timers                  items in retry_wait come back to their stage's queue
+       ├─ http                    /health /metrics /status / (hypercorn, trio worker); [http] listen
+       ├─ watchdog                heartbeat (+ WATCHDOG=1 to systemd), stall checks, STATUS=
+       │                          (+ the loop-block thread, outside the loop)
        ├─ status                  status.json rewritten every status.interval
        ├─ store-watch             admits items re-queued from outside (`orchestrator requeue`)
        ├─ batch-end               (batch only) drains once sources are exhausted and nothing is left
        └─ workers                 per stage: `concurrency` tasks: item → slots → claim → run → record
           └─ sources              per source: a poller: scan (thread) → settle → ingest → admit
 
-Start-up order: store → recovery of a dead instance's runs → pending items admitted → timers →
-workers → sources. Sources start last so that nothing is ingested before there is someone to run
-it, and workers start before sources so that recovered items run first (FIFO).
+Start-up order: store → recovery of a dead instance's runs → timers → http → watchdog → status →
+store-watch → pending items admitted → workers → sources → ``READY=1`` to systemd. HTTP comes before the
+workers so that the service can be looked at from its first run on, and the watchdog before
+anything that could block the loop. Sources start last so that nothing is ingested before there
+is someone to run it, and workers start before sources so that recovered items run first (FIFO).
+Readiness is told once the store and HTTP are up and the pipeline is running.
 
-Shutdown (drain): stop the sources → workers finish the run they are in and take no other →
-at ``shutdown_grace`` the runs still going are cancelled (their process trees killed TERM → grace
-→ KILL, runs recorded ``cancelled``, items re-queued without spending an attempt) → store closed.
+Shutdown (drain): ``STOPPING=1`` to systemd → stop the sources → workers finish the run they are
+in and take no other → at ``shutdown_grace`` the runs still going are cancelled (their process
+trees killed TERM → grace → KILL, runs recorded ``cancelled``, items re-queued without spending
+an attempt) → http, watchdog and the rest cancelled → final status → store closed. HTTP answers
+until the runs are over (``/health`` says 503 ``draining``).
 """
 
 from __future__ import annotations
@@ -49,6 +57,8 @@ from orchestrator.store.sqlite import (
     op_stop_instance,
     open_sqlite_store,
 )
+from orchestrator.systemd import Notifier
+from orchestrator.watchdog import Watchdog
 from orchestrator.workers import Engine, Tally, resolve_executables
 
 if TYPE_CHECKING:
@@ -102,6 +112,7 @@ async def serve(
 
     Raises:
         StoreUnavailable: the store cannot be opened or written (the service cannot go on).
+        HttpUnavailable: ``[http] listen`` cannot be bound (the port is taken).
     """
     instance = uuid.uuid4().hex
     if config.db_path is None:
@@ -110,17 +121,20 @@ async def serve(
             ' use state = "sqlite"'
         )
     lock = await trio.to_thread.run_sync(acquire_instance_lock, config.state_dir)
+    notifier = Notifier.from_environ(os.environ)
     try:
         async with open_sqlite_store(
             config.db_path, synchronous=config.store.synchronous,
             busy_timeout=config.store.busy_timeout,
         ) as store:  # fmt: skip
             recovery = await _recover(config, store, instance)
-            result = await _serve(config, store, instance, recovery, batch, on_start)
+            result = await _serve(config, store, instance, recovery, batch, on_start, notifier)
             await store.call(lambda c: op_stop_instance(c, instance))
             return result
     finally:
         lock.release()
+        if notifier is not None:
+            notifier.close()
 
 
 async def _recover(config: Config, store: SqliteStore, instance: str) -> Recovery:
@@ -148,7 +162,7 @@ async def _recover(config: Config, store: SqliteStore, instance: str) -> Recover
 
 async def _serve(
     config: Config, store: SqliteStore, instance: str, recovery: Recovery, batch: bool,
-    on_start: Callable[[Engine], None] | None,
+    on_start: Callable[[Engine], None] | None, notifier: Notifier | None,
 ) -> ServiceResult:  # fmt: skip
     interrupted = False
     pending = await store.read(op_pending_items)
@@ -158,9 +172,19 @@ async def _serve(
     engine = Engine(config, store, instance=instance, executables=executables)
     if on_start is not None:
         on_start(engine)
+    watchdog = Watchdog(engine, notifier=notifier)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as root:
             await root.start(engine.serve_timers)
+            if config.http.listen is not None:
+                from orchestrator.web import serve_http  # hypercorn + prometheus: only when used
+
+                urls = await root.start(
+                    functools.partial(serve_http, engine, watchdog, listen=config.http.listen),
+                    name="http",
+                )
+                logger.info("http: listening on {}", ", ".join(urls))
+            await root.start(watchdog.serve, name="watchdog")
             await root.start(serve_status_file, engine)
             await root.start(engine.serve_store_watch)
             for item in pending:
@@ -170,6 +194,8 @@ async def _serve(
             async with trio.open_nursery() as workers:
 
                 def drain(grace: float) -> None:
+                    if notifier is not None and not engine.stopping:
+                        notifier.notify("STOPPING=1", "STATUS=draining")
                     sources_scope.cancel()
                     engine.stop_taking_work()
                     workers.cancel_scope.deadline = min(
@@ -211,6 +237,8 @@ async def _serve(
                                 functools.partial(serve_source, engine, source, once=batch),
                                 name=f"source:{source.name}",
                             )
+                        if notifier is not None:
+                            notifier.notify("READY=1", "STATUS=running")
                     if not batch:
                         await trio.sleep_forever()
             root.cancel_scope.cancel()

@@ -1,0 +1,253 @@
+"""`orchestrator health`: the status file judged from outside -- fresh, stale, frozen, dead, restarted."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import time
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from conftest import PY
+from servicekit import DEFAULT_PIPELINE, Service, service_config
+
+from orchestrator.cli import EXIT_CRITICAL, EXIT_OK, EXIT_USAGE, EXIT_WARNING, main
+from orchestrator.health import CRITICAL, OK, WARNING, Verdict, judge, watch
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+NOW = 1_800_000_000.0
+
+
+def status_doc(**overrides: Any) -> dict[str, Any]:
+    started = time.time()  # this (test) process started before: it may stand for the service
+    doc = {
+        "pid": os.getpid(), "host": socket.gethostname(), "state": "running", "interval": 10.0,
+        "started": dt.datetime.fromtimestamp(started, dt.UTC).isoformat(timespec="seconds"),
+        "updated": "2027-01-15T08:00:00+00:00", "updated_unix": NOW,
+    }  # fmt: skip
+    doc.update(overrides)
+    return doc
+
+
+def write(path: Path, doc: dict[str, Any]) -> Path:
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.mark.parametrize(
+    ("age", "level"),
+    [(0.0, OK), (19.9, OK), (20.0, WARNING), (39.9, WARNING), (40.0, CRITICAL), (3600, CRITICAL)],
+)
+def test_judge_by_age_in_intervals(tmp_path: Path, age: float, level: int) -> None:
+    path = write(tmp_path / "status.json", status_doc())
+    verdict = judge(path, interval=99, now=NOW + age)  # the file's own interval (10 s) wins
+    assert verdict.level == level, verdict
+    assert verdict.interval == 10.0
+    assert verdict.pid_alive is True
+
+
+def test_judge_pid_gone_is_critical_even_when_fresh(tmp_path: Path) -> None:
+    pid = dead_pid()
+    verdict = judge(write(tmp_path / "s.json", status_doc(pid=pid)), interval=10, now=NOW)
+    assert verdict.level == CRITICAL
+    assert verdict.reasons == (f"its process (pid {pid}) is gone",)
+    assert verdict.pid_alive is False
+
+
+def test_judge_pid_reused_by_a_younger_process_is_critical(tmp_path: Path) -> None:
+    # This test process started long after the "service" said it started: not the service.
+    doc = status_doc(started="2001-01-01T00:00:00+00:00")
+    verdict = judge(write(tmp_path / "s.json", doc), interval=10, now=NOW)
+    assert verdict.level == CRITICAL
+    assert "now belongs to another process" in verdict.reasons[0]
+
+
+def test_judge_other_host_skips_the_pid(tmp_path: Path) -> None:
+    doc = status_doc(pid=dead_pid(), host="elsewhere")
+    verdict = judge(write(tmp_path / "s.json", doc), interval=10, now=NOW + 1)
+    assert verdict.level == OK
+    assert verdict.pid_alive is None
+
+
+def test_judge_stopped_missing_garbage_and_service_problems(tmp_path: Path) -> None:
+    stopped = judge(write(tmp_path / "a.json", status_doc(state="stopped")), interval=10, now=NOW)
+    assert stopped.level == CRITICAL
+    assert stopped.reasons == ("the service stopped at 2027-01-15T08:00:00+00:00",)
+
+    missing = judge(tmp_path / "nope.json", interval=10)
+    assert missing.level == CRITICAL
+    assert "no status file at" in missing.reasons[0]
+
+    (tmp_path / "bad.json").write_text("{not json")
+    assert judge(tmp_path / "bad.json", interval=10).level == CRITICAL
+
+    unwell = status_doc(health={"status": "degraded", "reasons": ["store: disk full"]})
+    verdict = judge(write(tmp_path / "b.json", unwell), interval=10, now=NOW)
+    assert verdict.level == WARNING
+    assert verdict.reasons == ("store: disk full",)
+
+
+def test_watch_restarts_when_critical_with_doubling_backoff(tmp_path: Path) -> None:
+    # Given: a service that is critical for 8 rounds of 1 s, then ok, then critical again.
+    marker = tmp_path / "restarts"
+    argv = [PY, "-c", "import os, sys; open(sys.argv[1], 'a').write("
+            "os.environ['ORCH_HEALTH_STATUS'] + ' ' + os.environ.get('ORCH_HEALTH_PID', '-') + '\\n')",
+            str(marker)]  # fmt: skip
+    levels = [CRITICAL] * 8 + [OK, CRITICAL]
+    clock = [0.0]
+    seen: list[tuple[float, str | None]] = []
+
+    def verdict() -> Verdict:
+        return Verdict(level=levels[len(seen)], reasons=("x",), path="p")
+
+    def report(v: Verdict, action: str | None) -> None:
+        seen.append((clock[0], action))
+
+    def sleep(seconds: float) -> None:
+        clock[0] += seconds
+
+    # When
+    watch(verdict, argv, interval=1.0, backoff=1.0, backoff_max=4.0, report=report,
+          sleep=sleep, clock=lambda: clock[0], rounds=len(levels))  # fmt: skip
+
+    # Then: restarts at 0, 1, 3, 7 (backoff 1, 2, 4, capped at 4), and at once after an ok.
+    restarted = [t for t, action in seen if action]
+    assert restarted == [0.0, 1.0, 3.0, 7.0, 9.0]
+    assert all("exit status 0" in a for _, a in seen if a)
+    assert marker.read_text().splitlines() == ["critical -"] * 5
+
+
+def test_health_cli_exit_codes_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "orchestrator.toml"
+    config.write_text(service_config(DEFAULT_PIPELINE, listen="false"))
+    (tmp_path / "state").mkdir()
+    status = tmp_path / "state" / "status.json"
+
+    assert main(["health", "-c", str(config)]) == EXIT_CRITICAL  # no status file yet
+    assert "no status file" in capsys.readouterr().out
+
+    write(status, status_doc(updated_unix=time.time(), interval=10))
+    assert main(["health", "-c", str(config)]) == EXIT_OK
+    assert capsys.readouterr().out.startswith("ok: running, pid")
+
+    write(status, status_doc(updated_unix=time.time() - 25, interval=10))
+    assert main(["health", "-c", str(config), "--json"]) == EXIT_WARNING
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["status"] == "warning"
+    assert doc["exit"] == 1
+    assert doc["pid"] == os.getpid()
+
+    assert main(["health", "-c", str(config), "--restart-cmd", "true"]) == EXIT_USAGE
+    assert main(["health", "-c", str(config), "--watch", "--restart-cmd", "'x"]) == EXIT_USAGE
+    assert "No closing quotation" in capsys.readouterr().err
+
+
+def health(config: Path) -> tuple[int, dict[str, Any]]:
+    proc = subprocess.run([PY, "-m", "orchestrator", "health", "-c", str(config), "--json"],
+                          capture_output=True, text=True, timeout=20, check=False)  # fmt: skip
+    return proc.returncode, json.loads(proc.stdout)
+
+
+def wait_health(config: Path, code: int, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        got, doc = health(config)
+        if got == code or time.monotonic() > deadline:
+            assert got == code, doc
+            return doc
+        time.sleep(0.1)
+
+
+def test_frozen_service_is_critical_then_fresh_after_sigcont(tmp_path: Path) -> None:
+    # Given: a running service rewriting its status file every 0.3 s; a loop-block watchdog
+    # that would end it after 1 s of blocked loop (a frozen process must not count as that).
+    config = service_config(DEFAULT_PIPELINE + """
+        [watchdog]
+        loop_stall_warn = "0.5s"
+        loop_stall_timeout = "1s"
+        """)  # fmt: skip
+    service = Service(tmp_path, config)
+    try:
+        wait_health(service.config_path, EXIT_OK, timeout=15)
+
+        # When: it is frozen
+        service.signal(signal.SIGSTOP)
+        # Then: critical once the file is 4 intervals (1.2 s) old
+        doc = wait_health(service.config_path, EXIT_CRITICAL, timeout=5)
+        assert doc["pid_alive"] is True
+        assert "the service is hung, frozen or dead" in doc["reasons"][0]
+
+        # When: it runs again
+        service.signal(signal.SIGCONT)
+        # Then: fresh again within an interval or two; it was not taken for a blocked loop.
+        wait_health(service.config_path, EXIT_OK, timeout=3)
+        time.sleep(0.5)
+        assert service.proc.poll() is None, service.log
+        assert "event loop blocked" not in service.log
+    finally:
+        code = service.stop()
+    assert code == 0
+
+
+def test_watch_restarts_a_killed_service(tmp_path: Path) -> None:
+    # Given: a running service, and a watcher whose restart command starts it again.
+    service = Service(tmp_path, service_config(DEFAULT_PIPELINE))
+    config = service.config_path
+    restarted_pids: list[int] = []
+    watcher = None
+    try:
+        first = wait_health(config, EXIT_OK, timeout=15)["pid"]
+        start = f"exec {shlex.quote(PY)} -m orchestrator run -c {shlex.quote(str(config))} " \
+                f">>{shlex.quote(str(tmp_path / 'restarted.log'))} 2>&1 &"
+        watcher = subprocess.Popen(
+            [PY, "-m", "orchestrator", "health", "-c", str(config), "--watch", "--json",
+             "--interval", "0.2", "--backoff", "5", "--restart-cmd", f"sh -c {shlex.quote(start)}"],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+
+        # When: the service dies hard
+        service.signal(signal.SIGKILL)
+        service.wait()
+
+        # Then: the watcher finds it critical (pid gone) and its command brings a new one up.
+        verdicts = []
+        assert watcher.stdout is not None
+        deadline = time.monotonic() + 20
+        for line in watcher.stdout:
+            verdicts.append(json.loads(line))
+            if verdicts[-1]["status"] == "ok" and verdicts[-1]["pid"] != first:
+                break
+            assert time.monotonic() < deadline, verdicts
+        restarted_pids.append(verdicts[-1]["pid"])
+        actions = [v["action"] for v in verdicts if v["action"]]
+        assert len(actions) == 1, actions  # backoff: one restart, not one per verdict
+        assert "exit status 0" in actions[0]
+        critical = [v for v in verdicts if v["status"] == "critical"]
+        assert critical
+        assert f"its process (pid {first}) is gone" in critical[0]["reasons"]
+    finally:
+        if watcher is not None:
+            watcher.send_signal(signal.SIGINT)
+            assert watcher.wait(10) == 0
+            assert watcher.stdout is not None
+            watcher.stdout.close()
+        service.stop()
+        for pid in restarted_pids:
+            os.kill(pid, signal.SIGTERM)
+        for pid in restarted_pids:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
+                time.sleep(0.05)

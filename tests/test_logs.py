@@ -1,0 +1,142 @@
+"""Logs: JSON lines in a rotated, compressed file; people's lines on the console; run context."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import sys
+from typing import TYPE_CHECKING
+
+import pytest
+from conftest import PY
+from loguru import logger
+
+from orchestrator.logs import configure_logging
+from orchestrator.supervisor import serve
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+    from pathlib import Path
+
+    from orchestrator.config import Config
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    logger.remove()
+    logger.add(sys.stderr)
+    root.handlers[:], root.level = handlers, level
+
+
+async def test_every_line_of_a_run_carries_item_stage_and_attempt(
+    tmp_path: Path, write_config: Callable[[str], Config], capfd: pytest.CaptureFixture[str]
+) -> None:
+    # Given: JSON logs to a file at DEBUG; a stage that fails on its first attempt.
+    (tmp_path / "in").mkdir()
+    for name in ("a", "b"):
+        (tmp_path / "in" / name).write_text(name)
+    config = write_config(f"""
+        state_dir = "state"
+        [http]
+        listen = false
+        [log]
+        level = "DEBUG"
+        file = "logs/orchestrator.log"
+        json = true
+        [[sources]]
+        name = "in"
+        type = "directory"
+        path = "in"
+        settle = "0s"
+        route = ["flaky"]
+        [[stages]]
+        name = "flaky"
+        command = ["{PY}", "-c", "import os, sys; sys.exit(os.environ['ORCH_ATTEMPT'] == '1')"]
+        retries = 1
+        backoff = "0.01s"
+        backoff_max = "0.01s"
+        """)  # fmt: skip
+    configure_logging(config.log)
+
+    # When
+    result = await serve(config, batch=True)
+    await logger.complete()
+    logger.remove()  # flush and close the file
+
+    # Then: every line is a JSON object; the run lines carry the run's context.
+    assert result.tally.done == 2
+    assert config.log.file is not None
+    lines = [json.loads(line) for line in config.log.file.read_text().splitlines()]
+    assert all({"time", "level", "message"} <= line.keys() for line in lines)
+    of_runs = [line for line in lines if "run" in line]
+    messages = [line["message"] for line in of_runs]
+    assert any(m.startswith("run started:") for m in messages)
+    assert any(m.startswith("run failed (exit 1) -> retry_wait") for m in messages)
+    assert any(m.startswith("run ok in") for m in messages)
+    for line in of_runs:
+        assert {"item", "stage", "attempt"} <= line.keys(), line
+    # The slot bookkeeping around a run (orchestrator.limits) has item and stage, not yet the
+    # attempt: the attempt is known once the item is claimed, after its slots are taken.
+    slot_lines = [line for line in lines if "item" in line and "run" not in line]
+    assert all(line["message"].startswith(("waiting for slot", "slot acquired", "slot released"))
+               for line in slot_lines), slot_lines  # fmt: skip
+    assert {(line["item"], line["attempt"]) for line in of_runs if line["level"] == "INFO"} == {
+        ("in:a", 2), ("in:b", 2)}
+    # … and the console stayed for people (not JSON), with the same context.
+    err = capfd.readouterr().err
+    assert "WARNING run failed (exit 1) -> retry_wait  [item='in:a' stage=flaky attempt=1 run=" \
+           in err or "WARNING run failed (exit 1) -> retry_wait  [item='in:b' stage=flaky" in err
+    assert not any(line.startswith("{") for line in err.splitlines())
+
+
+def test_file_rotates_keeps_retention_and_compresses(
+    tmp_path: Path, write_config: Callable[[str], Config]
+) -> None:
+    config = write_config("""
+        [log]
+        file = "logs/orchestrator.log"
+        rotation = "2 KB"
+        retention = 2
+        [[stages]]
+        name = "a"
+        command = ["true"]
+        """)  # fmt: skip
+    configure_logging(config.log)
+    for n in range(200):
+        logger.bind(item=f"i{n}", stage="a", attempt=1).info("line {} {}", n, "x" * 40)
+    logger.complete()
+    logger.remove()
+    assert config.log.file is not None
+    folder = config.log.file.parent
+    rotated = sorted(p.name for p in folder.iterdir() if p.name.endswith(".gz"))
+    assert len(rotated) == 2, sorted(p.name for p in folder.iterdir())
+    with gzip.open(folder / rotated[-1], "rt") as f:
+        assert "[item='i" in f.read()
+    current = config.log.file.read_text()
+    assert "line 199" in current
+    assert "stage=a attempt=1" in current
+    assert config.log.file.stat().st_size <= 2048 + 200
+
+
+def test_json_without_a_file_goes_to_the_console(
+    write_config: Callable[[str], Config], capfd: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config("""
+        [log]
+        json = true
+        [[stages]]
+        name = "a"
+        command = ["true"]
+        """)  # fmt: skip
+    configure_logging(config.log)
+    logger.bind(item="x", stage="a", attempt=3).warning("hello {}", "there")
+    logging.getLogger("hypercorn.error").warning("from stdlib")
+    [mine, stdlib] = [json.loads(line) for line in capfd.readouterr().err.splitlines()]
+    assert mine["message"] == "hello there"
+    assert mine["level"] == "WARNING"
+    assert (mine["item"], mine["stage"], mine["attempt"]) == ("x", "a", 3)
+    assert stdlib["message"] == "from stdlib"

@@ -1,0 +1,238 @@
+"""The HTTP face: real HTTP on 127.0.0.1 (port 0), a real store, a real full disk."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from typing import TYPE_CHECKING
+
+import pytest
+import trio
+from servicekit import CI, DEFAULT_PIPELINE, Service, aget, http_get, service_config
+
+from orchestrator.cli import EXIT_FAILED
+from orchestrator.errors import StoreUnavailable
+from orchestrator.store.records import NewItem
+from orchestrator.store.sqlite import open_sqlite_store
+from orchestrator.watchdog import Watchdog
+from orchestrator.web import HttpUnavailable, serve_http
+from orchestrator.workers import Engine
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable, Iterator
+    from pathlib import Path
+
+    from orchestrator.config import Config
+
+PIPELINE = """
+    state_dir = "state"
+    [http]
+    listen = "127.0.0.1:0"
+    [pools]
+    gpu = 1
+    [[sources]]
+    name = "in"
+    type = "directory"
+    path = "in"
+    route = ["a"]
+    [[stages]]
+    name = "a"
+    command = ["true"]
+    pools = ["gpu"]
+    """
+
+
+def fetch(method: str, url: str) -> tuple[int, bytes, dict[str, str]]:
+    conn = http.client.HTTPConnection(url.split("//")[1].split("/")[0], timeout=5)
+    try:
+        conn.request(method, "/" + url.split("//")[1].partition("/")[2])
+        response = conn.getresponse()
+        return response.status, response.read(), dict(response.headers)
+    finally:
+        conn.close()
+
+
+@contextlib.asynccontextmanager
+async def web(config: Config, db: Path | None = None) -> AsyncIterator[tuple[Engine, str]]:
+    """The HTTP server on a real engine and store, without workers or sources."""
+    config.state_dir.mkdir(exist_ok=True)
+    async with open_sqlite_store(db or config.state_dir / "orchestrator.db") as store:
+        engine = Engine(config, store, instance="test")
+        watchdog = Watchdog(engine)
+        async with trio.open_nursery() as nursery:
+            [url] = await nursery.start(
+                functools.partial(serve_http, engine, watchdog, listen="127.0.0.1:0")
+            )
+            yield engine, url
+            nursery.cancel_scope.cancel()
+
+
+async def test_routes(write_config: Callable[[str], Config]) -> None:
+    async with web(write_config(PIPELINE)) as (_engine, url):
+        status, body, headers = await aget(url + "/health")
+        assert (status, json.loads(body)) == (200, {"status": "ok", "reasons": []})
+        assert headers["content-type"] == "application/json"
+        assert headers["cache-control"] == "no-store"
+
+        status, body, _ = await aget(url + "/status")
+        doc = json.loads(body)
+        assert status == 200
+        assert doc["pid"] == os.getpid()
+        assert doc["state"] == "running"
+        assert doc["stages"]["a"]["concurrency"] == 1
+        assert doc["pools"]["gpu"]["size"] == 1
+        assert doc["health"] == {"status": "ok", "reasons": []}
+
+        status, body, headers = await aget(url + "/")
+        assert status == 200
+        assert headers["content-type"].startswith("text/html")
+        assert b'<table id="stages">' in body
+        assert b'fetch("status"' in body
+
+        status, body, _ = await aget(url + "/nope")
+        assert status == 404
+        assert json.loads(body)["pages"] == ["/", "/health", "/metrics", "/status"]
+
+        status, body, headers = await trio.to_thread.run_sync(fetch, "POST", url + "/health")
+        assert status == 405
+        assert headers["allow"] == "GET, HEAD"
+
+        status, body, headers = await trio.to_thread.run_sync(fetch, "HEAD", url + "/metrics")
+        assert status == 200
+        assert body == b""
+        assert int(headers["content-length"]) > 1000
+
+
+async def test_draining_engine_is_503(write_config: Callable[[str], Config]) -> None:
+    async with web(write_config(PIPELINE)) as (engine, url):
+        engine.stop_taking_work()
+        status, body, _ = await aget(url + "/health")
+        assert status == 503
+        assert json.loads(body) == {"status": "draining", "reasons": ["draining: shutting down"]}
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs (root only): a disk that can really fill up. (Sync: see need_tool.)"""
+    folder = tmp_path / "disk"
+    reason = None
+    if os.geteuid() != 0:
+        reason = "mounting a tmpfs needs root"
+    else:
+        folder.mkdir()
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs",
+                               str(folder)], capture_output=True, text=True, check=False)  # fmt: skip
+        if proc.returncode != 0:
+            reason = f"cannot mount a tmpfs: {proc.stderr.strip()}"
+    if reason is not None:
+        message = f"{reason} (a store whose disk is full needs a small file system)"
+        if CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def fill(folder: Path) -> Path:
+    filler = folder / "filler"
+    with open(filler, "wb", buffering=0) as f, pytest.raises(OSError) as full:  # noqa: PT012
+        while True:
+            f.write(b"\0" * 4096)
+    assert full.value.errno == errno.ENOSPC
+    return filler
+
+
+async def test_health_is_503_when_the_store_cannot_be_written(
+    disk: Path, write_config: Callable[[str], Config]
+) -> None:
+    config = write_config(PIPELINE)
+    async with web(config, db=disk / "orchestrator.db") as (engine, url):
+        assert (await aget(url + "/health"))[0] == 200
+        # Given: the store's disk is full
+        filler = await trio.to_thread.run_sync(fill, disk)
+        # When: a write is tried (what an ingest of a big record does)
+        item = NewItem(id="in:big", source="in", key="big", route=("a",), payload="x" * 300_000)
+        with pytest.raises(StoreUnavailable, match="database or disk is full"):
+            await engine.store.ingest([item])
+        # Then: /health is 503 and says why; the metric shows it.
+        status, body, _ = await aget(url + "/health")
+        doc = json.loads(body)
+        assert status == 503, doc
+        assert doc["status"] == "degraded"
+        [reason] = doc["reasons"]
+        assert reason.startswith("store: cannot write the store")
+        assert "database or disk is full" in reason
+        metrics = (await aget(url + "/metrics"))[1].decode()
+        assert "orchestrator_store_write_failed 1.0" in metrics
+
+        # When: there is room again and a write succeeds
+        filler.unlink()
+        await engine.store.ingest([NewItem(id="in:x", source="in", key="x", route=("a",))])
+        # Then: healthy again.
+        assert (await aget(url + "/health"))[0] == 200
+
+
+async def test_port_taken_is_a_clear_error(write_config: Callable[[str], Config]) -> None:
+    config = write_config(PIPELINE)
+    config.state_dir.mkdir()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        listen = f"127.0.0.1:{taken.getsockname()[1]}"
+        async with open_sqlite_store(config.state_dir / "db") as store:
+            engine = Engine(config, store, instance="t")
+            message = f"cannot listen on '{listen}' for HTTP: address already in use; free the port"
+            with pytest.RaisesGroup(pytest.RaisesExc(HttpUnavailable, match=message)):
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(
+                        functools.partial(serve_http, engine, Watchdog(engine), listen=listen)
+                    )
+
+
+def test_run_exits_1_when_its_port_is_taken(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        service = Service(tmp_path, service_config(DEFAULT_PIPELINE, listen=f"127.0.0.1:{port}"))
+        code = service.wait()
+    assert code == EXIT_FAILED
+    assert f"orchestrator: cannot listen on '127.0.0.1:{port}' for HTTP: address already in use" \
+           in service.log  # fmt: skip
+    assert "Traceback" not in service.log
+
+
+def test_service_answers_until_drained_then_stops(tmp_path: Path) -> None:
+    # Given: a service with a 1.5 s run going on
+    service = Service(tmp_path, service_config(DEFAULT_PIPELINE))
+    try:
+        url = service.url
+        (tmp_path / "in" / "slow").write_text("1.5")
+        service.wait_log("ingested")
+        time.sleep(0.3)
+        assert http_get(url + "/health")[0] == 200
+        # When: SIGTERM; the run is allowed to finish
+        service.signal(signal.SIGTERM)
+        service.wait_log("draining")
+        # Then: HTTP still answers, 503 draining, and the run shows on /status
+        status, body, _ = http_get(url + "/health")
+        assert (status, json.loads(body)["status"]) == (503, "draining")
+        doc = json.loads(http_get(url + "/status")[1])
+        assert doc["state"] == "draining"
+        assert [r["item"] for r in doc["running"]] == ["in:slow"]
+        assert service.wait() == 0
+        # and then the port is closed.
+        with pytest.raises(OSError):
+            http_get(url + "/health", timeout=1)
+    finally:
+        service.stop()
