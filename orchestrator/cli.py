@@ -586,6 +586,81 @@ def health(
     raise typer.Exit(EXIT_OK)
 
 
+@app.command()
+def stress(
+    config: Annotated[
+        Path | None,
+        typer.Option("-c", "--config", help="The pipeline to drive (default: a synthetic one)."),
+    ] = None,
+    n_items: Annotated[int, typer.Option("--items", help="Inputs to generate.")] = 200,
+    duration: Annotated[str, typer.Option(help='Longest run, e.g. "60s", "10m".')] = "60s",
+    faults: Annotated[
+        str, typer.Option(help='Fault rates of the synthetic stages, e.g. "fail=0.1,hang=0.02".')
+    ] = "",
+    kill_every: Annotated[
+        str | None, typer.Option(help='SIGKILL and restart the service this often, e.g. "5s".')
+    ] = None,
+    freeze_every: Annotated[
+        str | None, typer.Option(help="SIGSTOP the service this often (then SIGCONT).")
+    ] = None,
+    freeze_for: Annotated[str, typer.Option(help="How long each freeze lasts.")] = "1s",
+    as_json: JsonOption = False,
+) -> None:
+    """Load and faults against a pipeline, then every invariant checked from the OS.
+
+    Exit 0 only when every invariant held.
+    """
+    from orchestrator.durations import parse_duration
+    from orchestrator.stress import DEFAULT_FAULTS, StressOptions, run_stress
+
+    try:
+        options = StressOptions(
+            config=config, items=n_items, duration=parse_duration(duration),
+            faults=faults or DEFAULT_FAULTS,
+            kill_every=parse_duration(kill_every) if kill_every else None,
+            freeze_every=parse_duration(freeze_every) if freeze_every else None,
+            freeze_for=parse_duration(freeze_for),
+        )  # fmt: skip
+        from orchestrator.fakestage import parse_faults
+
+        parse_faults(options.faults)
+    except ValueError as exc:
+        _err(f"orchestrator stress: {exc}")
+        raise typer.Exit(EXIT_USAGE) from None
+    if config is not None:
+        _load(config)  # every config problem reported, exit 2
+    report = run_stress(options, log=None if as_json else (lambda line: _err(f"stress: {line}")))
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_stress(report)
+    raise typer.Exit(EXIT_OK if report["ok"] else EXIT_FAILED)
+
+
+def _print_stress(report: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    console = _console()
+    table = Table(title="invariants", title_justify="left")
+    for col in ("invariant", "held", "evidence"):
+        table.add_column(col)
+    for name, inv in report["invariants"].items():
+        table.add_row(name, "[green]yes[/]" if inv["held"] else "[red]NO[/]", inv["evidence"])
+    console.print(table)
+    console.print(
+        f"items {report['items']}; runs {report['runs']}; retries {report['retries']}; "
+        f"kills {report['kills']}, restarts {report['restarts']}, freezes {report['freezes']}"
+    )
+    console.print(f"faults drawn: {report['faults']}")
+    console.print(f"throughput {report['throughput']} items/s over {report['elapsed_seconds']} s")
+    for stage, pct in report["latency"].items():
+        console.print(f"  {stage}: run time {pct}")
+    if report.get("workdir"):
+        console.print(f"evidence kept in {report['workdir']}")
+    console.print("[green]ok: every invariant held[/]" if report["ok"]
+                  else "[red]FAILED: an invariant did not hold[/]")  # fmt: skip
+
+
 @app.callback(invoke_without_command=True)
 def _root(
     version: Annotated[bool, typer.Option("--version", help="Print the version.")] = False,

@@ -65,7 +65,9 @@ class Slots:
                 try:
                     limiter.acquire_on_behalf_of_nowait(holder)
                 except trio.WouldBlock:
-                    log = logger.bind(item=holder.item, stage=holder.stage, pool=name)
+                    log = logger.bind(item=holder.item, stage=holder.stage)
+                    if kind == "pool":
+                        log = log.bind(pool=name)
                     stats = limiter.statistics()
                     log.debug(
                         "waiting for slot ({} {}: {}/{} busy, {} waiting)", kind, name,

@@ -22,6 +22,7 @@ from orchestrator import __version__
 
 if TYPE_CHECKING:
     import sqlite3
+    from collections.abc import Callable
     from pathlib import Path
 
     from orchestrator.workers import Engine
@@ -49,9 +50,17 @@ def op_stage_counts(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
     return counts
 
 
-def snapshot(engine: Engine, counts: dict[str, dict[str, int]], *, state: str) -> dict[str, Any]:
-    """The status document (pure: everything comes from the engine and the counts given)."""
+def snapshot(
+    engine: Engine, counts: dict[str, dict[str, int]], *, state: str,
+    health: dict[str, Any] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """The status document (pure: everything comes from the engine and the arguments)."""
     now = trio.current_time()
+    waiters: dict[str, list[dict[str, Any]]] = {}
+    for holder, since in engine.slot_waiters.items():
+        waiters.setdefault(holder.stage, []).append(
+            {"item": holder.item, "waited": round(now - since, 3)}
+        )
     wall = dt.datetime.now(dt.UTC).timestamp()
     limits = {(s.kind, s.name): s for s in engine.slots.statistics()}
     stages: dict[str, Any] = {}
@@ -70,6 +79,7 @@ def snapshot(engine: Engine, counts: dict[str, dict[str, int]], *, state: str) -
             "busy": lim.busy,
             "waiting": lim.waiting,
             "holders": list(lim.holders),
+            "waiters": waiters.get(stage.name, []),
         }
     pools = {
         name: {"size": s.total, "busy": s.busy, "waiting": s.waiting, "holders": list(s.holders)}
@@ -95,6 +105,7 @@ def snapshot(engine: Engine, counts: dict[str, dict[str, int]], *, state: str) -
         "pools": pools,
         "running": running,
         "recent_errors": list(engine.recent_errors),
+        "health": health,
     }
 
 
@@ -112,18 +123,21 @@ def write_atomically(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-async def write_status(engine: Engine, *, state: str) -> None:
+async def write_status(
+    engine: Engine, *, state: str, health: Callable[[], dict[str, Any]] | None = None
+) -> None:
     """Write the status file once (store read and file write both in threads)."""
     counts = await engine.store.read(op_stage_counts)
-    doc = snapshot(engine, counts, state=state)
+    doc = snapshot(engine, counts, state=state, health=health() if health else None)
     data = json.dumps(doc, indent=1).encode()
     path = engine.config.status_path
     await trio.to_thread.run_sync(write_atomically, path, data)
 
 
 async def serve_status_file(
-    engine: Engine, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-) -> None:
+    engine: Engine, *, health: Callable[[], dict[str, Any]] | None = None,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:  # fmt: skip
     """Rewrite the status file every ``status.interval`` until cancelled.
 
     A failed write (a full disk) is logged and tried again at the next tick; it never stops the
@@ -135,6 +149,7 @@ async def serve_status_file(
     async with contextlib.aclosing(trio_util.periodic(engine.config.status.interval)) as ticks:
         async for _ in ticks:
             try:
-                await write_status(engine, state="draining" if engine.stopping else "running")
+                state = "draining" if engine.stopping else "running"
+                await write_status(engine, state=state, health=health)
             except OSError as exc:
                 logger.warning("cannot write the status file: {}", exc)

@@ -304,8 +304,9 @@ def _run(
     say(f"service pid {proc.pid}; state {state_dir}")
     if not _wait_status(status, proc.pid, HEALTH_WAIT):
         unhealthy.append(f"start (pid {proc.pid}): no fresh status within {HEALTH_WAIT:g}s")
-    # Feed the load in a few waves so that arrivals overlap with kills and runs.
-    waves = max(1, min(5, options.items // 20))
+    # Feed the load in waves, about one a second over the first 60% of the run, so that
+    # arrivals overlap with kills, freezes and runs for most of it.
+    waves = max(1, min(options.items, int(options.duration * 0.6)))
     per_wave = [options.items // waves + (1 if i < options.items % waves else 0)
                 for i in range(waves)]  # fmt: skip
     next_kill = t0 + options.kill_every if options.kill_every else float("inf")
@@ -318,7 +319,7 @@ def _run(
         if wave < waves and now >= next_wave:
             fed += _feed(config, per_wave[wave], fed)
             wave += 1
-            next_wave = now + max(options.duration / (2 * waves), 0.5)
+            next_wave = now + options.duration * 0.6 / waves
         if now >= next_kill:
             proc.send_signal(signal.SIGKILL)
             proc.wait()

@@ -176,7 +176,8 @@ async def _serve(
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as root:
             await root.start(engine.serve_timers)
-            if config.http.listen is not None:
+            # A batch job serves no HTTP: it would contend with a service for the port.
+            if config.http.listen is not None and not batch:
                 from orchestrator.web import serve_http  # hypercorn + prometheus: only when used
 
                 urls = await root.start(
@@ -185,7 +186,9 @@ async def _serve(
                 )
                 logger.info("http: listening on {}", ", ".join(urls))
             await root.start(watchdog.serve, name="watchdog")
-            await root.start(serve_status_file, engine)
+            await root.start(
+                functools.partial(serve_status_file, engine, health=watchdog.health)
+            )
             await root.start(engine.serve_store_watch)
             for item in pending:
                 engine.admit(item)
@@ -244,7 +247,7 @@ async def _serve(
             root.cancel_scope.cancel()
     with trio.move_on_after(FINAL_STATUS_GRACE, shield=True):
         try:
-            await write_status(engine, state="stopped")
+            await write_status(engine, state="stopped", health=watchdog.health)
         except OSError as exc:
             logger.warning("cannot write the final status file: {}", exc)
     return ServiceResult(

@@ -128,9 +128,8 @@ class WebApp:
             return _json(503, {"error": f"cannot read the store: {exc}",
                                "health": self.watchdog.health()})  # fmt: skip
         state = "draining" if self.engine.stopping else "running"
-        doc = snapshot(self.engine, counts, state=state)
-        doc["health"] = self.watchdog.health()
-        return _json(200, doc)
+        return _json(200, snapshot(self.engine, counts, state=state,
+                                   health=self.watchdog.health()))  # fmt: skip
 
 
 def _json(status: int, doc: object) -> tuple[int, _Headers, bytes]:

@@ -232,6 +232,12 @@ class Engine:
             await self._process(stage, item)
 
     async def _process(self, stage: StageConfig, item: Item) -> None:
+        # The attempt this run will be (the claim records attempts + 1): every line about it,
+        # the slot lines included, carries item, stage and attempt.
+        with logger.contextualize(item=item.id, stage=stage.name, attempt=item.attempts + 1):
+            await self._process_item(stage, item)
+
+    async def _process_item(self, stage: StageConfig, item: Item) -> None:
         holder = Holder(item.id, stage.name)
         self.slot_waiters[holder] = trio.current_time()
         try:

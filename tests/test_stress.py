@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -73,3 +74,23 @@ def test_a_broken_setup_that_overlaps_exclusive_stages_is_caught(tmp_path: Path)
     assert not report["ok"]
     assert not report["invariants"]["limits"]["held"]
     assert "flock overlaps in the audit log: 0" not in report["invariants"]["limits"]["evidence"]
+
+
+def test_stress_command_line_json_and_exit_code(capsys: pytest.CaptureFixture[str]) -> None:
+    from orchestrator.cli import main
+
+    code = main(["stress", "--items", "6", "--duration", "20s", "--faults", "fail=0.2", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert report["ok"]
+    assert report["items"]["generated"] == 6
+    assert {"ok", "invariants", "items", "restarts", "kills", "faults", "throughput", "latency",
+            "retries"} <= set(report)  # fmt: skip
+
+
+def test_stress_refuses_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
+    from orchestrator.cli import main
+
+    assert main(["stress", "--faults", "explode=1"]) == 2
+    assert "unknown fault 'explode'" in capsys.readouterr().err
+    assert main(["stress", "--duration", "soon"]) == 2

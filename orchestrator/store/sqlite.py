@@ -637,6 +637,8 @@ class SqliteStore:
                 except Exception as exc:
                     conn.execute("ROLLBACK TO op")
                     op.error = exc
+                    if isinstance(exc, sqlite3.OperationalError) and _is_disk_error(exc):
+                        self.last_failure = f"cannot write the store {str(self.path)!r}: {exc}"
                 conn.execute("RELEASE op")
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -650,7 +652,8 @@ class SqliteStore:
             for op in batch:
                 op.error = error
             return
-        self.last_failure = None
+        if not any(op.error is not None for op in batch):
+            self.last_failure = None
         self.commits += 1
         self.operations += len(batch)
 
@@ -692,6 +695,11 @@ class SqliteStore:
             os.close(self._wal_fd)
             self._wal_fd = None
         await trio.to_thread.run_sync(self._conn.close, limiter=self._limiter)
+
+
+def _is_disk_error(exc: sqlite3.Error) -> bool:
+    text = str(exc).lower()
+    return "disk" in text or "i/o" in text or "readonly" in text or "read-only" in text
 
 
 @asynccontextmanager
