@@ -23,7 +23,6 @@ import trio
 import trio_util
 from loguru import logger
 
-from orchestrator.errors import StoreError
 from orchestrator.limits import Holder, Slots
 from orchestrator.pipeline import decide, expand_argv, uses_placeholder
 from orchestrator.reaper import STATE_MARKER
@@ -473,10 +472,6 @@ def _is_cancellation(exc: BaseException) -> bool:
     return isinstance(exc, trio.Cancelled)
 
 
-def _is_store_failure(exc: BaseException) -> bool:
-    if isinstance(exc, BaseExceptionGroup):
-        return any(_is_store_failure(e) for e in exc.exceptions)
-    return isinstance(exc, StoreError)
 
 
 def _claim(

@@ -429,33 +429,8 @@ def op_source_keys(conn: sqlite3.Connection, source: str) -> set[str]:
     return {r[0] for r in conn.execute("SELECT key FROM items WHERE source = ?", (source,))}
 
 
-def op_counts(conn: sqlite3.Connection) -> list[tuple[str | None, str, int]]:
-    """``(stage, state, count)`` rows; stage is None for items past their route or rejected."""
-    rows = conn.execute(
-        "SELECT route, stage_index, state, count(*) FROM items GROUP BY route, stage_index, state"
-    )
-    merged: dict[tuple[str | None, str], int] = {}
-    for route, index, state, n in rows:
-        names = json.loads(route)
-        stage = names[index] if index < len(names) and state != "done" else None
-        merged[stage, state] = merged.get((stage, state), 0) + n
-    return [(stage, state, n) for (stage, state), n in merged.items()]
 
 
-def op_list_items(
-    conn: sqlite3.Connection, state: str | None = None, limit: int | None = None
-) -> list[Item]:
-    """Items, oldest first, optionally only those in ``state``."""
-    sql = f"SELECT {_ITEM_COLUMNS} FROM items"
-    args: list[Any] = []
-    if state is not None:
-        sql += " WHERE state = ?"
-        args.append(state)
-    sql += " ORDER BY seq"
-    if limit is not None:
-        sql += " LIMIT ?"
-        args.append(limit)
-    return [_item(r) for r in conn.execute(sql, args)]
 
 
 def op_get_item(conn: sqlite3.Connection, item_id: str) -> Item:
@@ -476,13 +451,6 @@ def op_item_runs(conn: sqlite3.Connection, seq: int) -> list[RunRecord]:
     return [_run(r) for r in rows]
 
 
-def op_run_stats(conn: sqlite3.Connection) -> list[tuple[str, str, int, float, float, float]]:
-    """Per stage and outcome: ``(stage, outcome, runs, mean duration, max duration, mean wait)``."""
-    rows = conn.execute(
-        "SELECT stage, outcome, count(*), avg(duration), max(duration), avg(slot_wait)"
-        " FROM runs WHERE outcome IS NOT NULL GROUP BY stage, outcome ORDER BY stage, outcome"
-    )
-    return [tuple(r) for r in rows]
 
 
 # --- the async store -------------------------------------------------------------------------
