@@ -206,3 +206,18 @@ async def test_normal_durability_never_fsyncs_on_commit(tmp_path: Path) -> None:
         await store.ingest([new("a")])
         assert store.syncs == 0
         assert store.commits >= 1
+
+
+async def test_checkpoints_run_off_the_commit_path(tmp_path: Path) -> None:
+    # The writer never checkpoints by itself (wal_autocheckpoint=0); a background task on its
+    # own connection copies the WAL into the database file once there were commits.
+    db = tmp_path / "o.db"
+    async with open_sqlite_store(db) as store:
+        auto = await store.read(lambda c: c.execute("PRAGMA wal_autocheckpoint").fetchone()[0])
+        before = db.stat().st_size
+        await store.ingest([new(f"k{i} " + "x" * 200) for i in range(500)])
+        assert db.stat().st_size == before  # committed into the WAL only
+        with trio.fail_after(10):
+            while db.stat().st_size == before:
+                await trio.sleep(0.1)
+    assert auto == 0
