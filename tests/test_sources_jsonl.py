@@ -316,3 +316,30 @@ def test_ingest_records_stores_the_position_and_never_drops_a_positional_record(
         assert op_source_position(conn, "other") is None
     finally:
         conn.close()
+
+
+def test_a_file_rewritten_under_the_same_inode_while_stopped_is_read_from_its_start(
+    tmp_path: Path,
+) -> None:
+    # Given: a log read to its end, its position (with the bytes before it) stored.
+    log = tmp_path / "log.jsonl"
+    append(log, {"n": 1, "p": "a" * 40}, {"n": 2, "p": "b" * 40})
+    first = source(tmp_path)
+    assert numbers(drain(first)) == [1, 2]
+    stored = first.stored
+    assert stored is not None
+    assert stored.tail.endswith(b'"}\n')
+    first.close()
+    # When: while the service is stopped, the file is rewritten in place (same inode) with new
+    # records that happen to have a line end exactly at the stored offset.
+    inode = log.stat().st_ino
+    with open(log, "r+b") as f:
+        f.truncate(0)
+        filler = b"x" * (stored.offset - len(b'{"n": 3}\n') - len(b'{"n": 4, "p": "') - 3)
+        f.write(b'{"n": 3}\n' + b'{"n": 4, "p": "' + filler + b'"}\n')
+        f.write(json.dumps({"n": 5}).encode() + b"\n")
+    assert log.stat().st_ino == inode
+    assert log.read_bytes()[stored.offset - 1 : stored.offset] == b"\n"
+    # Then: the restarted source sees the bytes before its offset changed and reads it all.
+    again = source(tmp_path, stored)
+    assert numbers(drain(again)) == [3, 4, 5]

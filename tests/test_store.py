@@ -221,3 +221,22 @@ async def test_checkpoints_run_off_the_commit_path(tmp_path: Path) -> None:
             while db.stat().st_size == before:
                 await trio.sleep(0.1)
     assert auto == 0
+
+
+def test_a_version_1_store_is_migrated(tmp_path: Path) -> None:
+    # Given: a store as version 1 wrote it (source_offsets without its tail column).
+    db = sqlite3.connect(tmp_path / "o.db")
+    db.executescript(
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+        "INSERT INTO meta VALUES ('schema_version', '1');"
+        "CREATE TABLE source_offsets (source TEXT PRIMARY KEY, device INTEGER, inode INTEGER,"
+        " offset INTEGER NOT NULL, updated_at REAL NOT NULL);"
+        "INSERT INTO source_offsets VALUES ('log', 1, 2, 30, 0);"
+    )
+    db.commit()
+    db.close()
+    # When: this version opens it.
+    conn = connect(tmp_path / "o.db")
+    # Then: the column exists, the row is kept, and the version says 2.
+    assert conn.execute("SELECT offset, tail FROM source_offsets").fetchone() == (30, None)
+    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("2",)

@@ -326,10 +326,10 @@ class JsonlSource:
         if quiet and end >= size:
             return self._finish(f, records, end, number)
         more = end < size and (len(lines) == STEP_RECORDS or not to_end)
+        tail = (self._tail + data[:used])[-TAIL:] if used else None
         return Step(
-            records=records, position=self._position(f, end), offset=end, lines=number,
-            more=more, at_end=not more and not rotated,
-            tail=(self._tail + data[:used])[-TAIL:] if used else None,
+            records=records, position=self._position(f, end, self._tail if tail is None else tail),
+            offset=end, lines=number, more=more, at_end=not more and not rotated, tail=tail,
         )  # fmt: skip
 
     def _read_skipping(self, f: _Open, size: int, *, final: bool) -> Step:
@@ -348,9 +348,10 @@ class JsonlSource:
         error = f"longer than {READ_SIZE} bytes ({length} bytes)"
         line = Line(skip.offset, skip.number, skip.head)
         record = self._rejected(f, line, error, length)
+        tail = data[: end - skip.scanned][-TAIL:]
         return Step(
-            records=[record], position=self._position(f, end), offset=end, lines=skip.number,
-            more=True, at_end=False, tail=data[: end - skip.scanned][-TAIL:],
+            records=[record], position=self._position(f, end, tail), offset=end,
+            lines=skip.number, more=True, at_end=False, tail=tail,
         )  # fmt: skip
 
     def _finish(self, f: _Open, records: list[tuple[NewItem, bool]], end: int, number: int) -> Step:
@@ -368,8 +369,8 @@ class JsonlSource:
             finish=True, tail=b"",
         )  # fmt: skip
 
-    def _position(self, f: _Open, end: int) -> Position | None:
-        position = Position(f.device, f.inode, end)
+    def _position(self, f: _Open, end: int, tail: bytes) -> Position | None:
+        position = Position(f.device, f.inode, end, tail)
         return None if position == self.stored else position
 
     def _record(self, f: _Open, line: Line) -> tuple[NewItem, bool] | None:
@@ -472,7 +473,10 @@ class JsonlSource:
             raise
         self._file = _Open(fd, st.st_dev, st.st_ino, path)
         self.offset, self.lines, self._skip, self._rotated = offset, lines, None, None
-        self._tail = b""
+        # The stored bytes before the stored offset: the first read checks the file still has
+        # them there (a file recreated under a reused inode does not).
+        resumed = expect is not None and offset == expect.offset and offset > 0
+        self._tail = expect.tail if resumed and expect is not None else b""
         self._finished = False
         return True
 

@@ -40,16 +40,19 @@ class Position:
     device: int
     inode: int
     offset: int
+    #: The last bytes before ``offset`` (up to 64): after a restart they tell whether the file
+    #: at (device, inode) is still the one read -- a file recreated with a reused inode is not.
+    tail: bytes = attrs.field(default=b"", eq=False)
 
 
 def op_source_position(conn: sqlite3.Connection, source: str) -> Position | None:
     """The stored position of ``source``, or None when it has none yet."""
     row = conn.execute(
-        "SELECT device, inode, offset FROM source_offsets WHERE source = ?", (source,)
+        "SELECT device, inode, offset, tail FROM source_offsets WHERE source = ?", (source,)
     ).fetchone()
     if row is None or row[0] is None or row[1] is None:
         return None
-    return Position(int(row[0]), int(row[1]), int(row[2]))
+    return Position(int(row[0]), int(row[1]), int(row[2]), bytes(row[3] or b""))
 
 
 def op_ingest_records(
@@ -77,11 +80,13 @@ def op_ingest_records(
     added = op_ingest(conn, items)
     if position is not None:
         conn.execute(
-            "INSERT INTO source_offsets (source, device, inode, offset, updated_at)"
-            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (source) DO UPDATE SET device = excluded.device,"
-            " inode = excluded.inode, offset = excluded.offset, updated_at = excluded.updated_at",
-            (source, position.device, position.inode, position.offset, time.time()),
-        )
+            "INSERT INTO source_offsets (source, device, inode, offset, tail, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (source) DO UPDATE SET"
+            " device = excluded.device, inode = excluded.inode, offset = excluded.offset,"
+            " tail = excluded.tail, updated_at = excluded.updated_at",
+            (source, position.device, position.inode, position.offset, position.tail,
+             time.time()),
+        )  # fmt: skip
     return added
 
 

@@ -56,8 +56,9 @@ T = TypeVar("T")
 
 #: How often the service copies its write-ahead log into the database file (when it changed).
 CHECKPOINT_INTERVAL = 1.0
-#: Bumped whenever the schema changes; a newer file than this code refuses to open.
-SCHEMA_VERSION = 1
+#: Bumped whenever the schema changes; a newer file than this code refuses to open, an older
+#: one is migrated when opened for writing (see `_migrate`).
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -121,6 +122,7 @@ CREATE TABLE IF NOT EXISTS source_offsets (
     device     INTEGER,
     inode      INTEGER,
     offset     INTEGER NOT NULL,
+    tail       BLOB,
     updated_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS instances (
@@ -172,6 +174,7 @@ def connect(
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
                 (str(SCHEMA_VERSION),),
             )
+            _migrate(conn)
         row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
     except sqlite3.Error as exc:
         raise StoreUnavailable(f"cannot open store {str(path)!r}: {exc}") from exc
@@ -183,6 +186,16 @@ def connect(
             f"up to {SCHEMA_VERSION}: upgrade orchestrator or point state_dir elsewhere"
         )
     return conn
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a store written by an older version up to SCHEMA_VERSION (idempotent)."""
+    version = int(conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
+    if version < 2:  # 2: source_offsets.tail
+        columns = {r[1] for r in conn.execute("PRAGMA table_info(source_offsets)")}
+        if "tail" not in columns:
+            conn.execute("ALTER TABLE source_offsets ADD COLUMN tail BLOB")
+        conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
 
 
 # --- operations: plain functions of a connection, run inside a transaction by the caller -----
