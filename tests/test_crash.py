@@ -51,8 +51,11 @@ def write_pipeline(tmp_path: Path, items: int) -> Path:
     locks.mkdir()
     inbox.mkdir()
     for i in range(items):
-        # Every tenth item's extract runs long enough to outlive a killed service.
-        (inbox / f"item {i:03} $(x).dat").write_text("0.8" if i % 10 == 0 else "0.01")
+        # Every twentieth item's extract runs long enough to outlive a killed service.
+        slow = i % 20 == 0
+        (inbox / f"{'slow' if slow else 'item'} {i:03} $(x).dat").write_text(
+            "1.5" if slow else "0.01"
+        )
     record = tmp_path / "record.txt"
 
     def stage(name: str, limit: int, seconds: str) -> str:
@@ -91,16 +94,41 @@ def write_pipeline(tmp_path: Path, items: int) -> Path:
 
 @pytest.mark.timeout(150)
 def test_kill_9_at_random_moments_loses_nothing_and_never_overlaps(tmp_path: Path) -> None:
-    # Given: 100 items through prep(3) -> extract(1) -> store(3); extract sometimes runs 0.8 s.
+    # Given: 100 items through prep(3) -> extract(1) -> store(3); extract sometimes runs 1.5 s.
     config = write_pipeline(tmp_path, ITEMS)
     db = tmp_path / "state" / "orchestrator.db"
     log = tmp_path / "service.log"
     rng = random.Random(os.environ.get("ORCH_SOAK_SEED", "2"))
 
     # When: the service is SIGKILLed at random moments, KILLS times, and restarted each time.
-    for _ in range(KILLS):
+    status = tmp_path / "state" / "status.json"
+    record = tmp_path / "record.txt"
+
+    def slow_starts() -> int:
+        text = record.read_text() if record.exists() else ""
+        return sum(1 for ln in text.splitlines() if ln.startswith("start extract") and "slow" in ln)
+
+    for cycle in range(KILLS):
         proc = start(config, log)
-        time.sleep(rng.uniform(0.2, 0.9))
+        # Once it is working (its status file names it) -- so that a loaded machine's slow
+        # start-up cannot turn a kill into a no-op --, kill it at a random moment; every other
+        # time, right after a slow extract started, so that its orphan is alive at the restart.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if json.loads(status.read_text()).get("pid") == proc.pid:
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.02)
+        if cycle % 2 == 0:
+            seen = slow_starts()
+            deadline = time.monotonic() + 0.8
+            while slow_starts() == seen and time.monotonic() < deadline:
+                time.sleep(0.02)
+            time.sleep(0.1)
+        else:
+            time.sleep(rng.uniform(0.05, 0.6))
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
     # Then it is left to finish, and stopped with SIGTERM.
@@ -125,8 +153,7 @@ def test_kill_9_at_random_moments_loses_nothing_and_never_overlaps(tmp_path: Pat
     assert all(n == 1 for _, n in dones)
     # The exclusive stages never overlapped, judged by the programs' own flock probes -- also
     # an orphan of a killed instance against a run of the next one.
-    record = (tmp_path / "record.txt").read_text()
-    assert "OVERLAP" not in record
+    assert "OVERLAP" not in record.read_text()
     # The scenario really happened: runs were interrupted, and leftovers were found and ended
     # at restarts.
     text = log.read_text()

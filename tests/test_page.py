@@ -76,7 +76,7 @@ class WebDriver:
         return self.call("POST", f"/session/{self.session}/execute/sync",
                          {"script": script, "args": []})  # fmt: skip
 
-    def wait(self, script: str, timeout: float = 10.0) -> Any:
+    def wait(self, script: str, timeout: float = 30.0) -> Any:
         """Run ``script`` until it returns something truthy."""
         deadline = time.monotonic() + timeout
         while True:
@@ -100,7 +100,7 @@ def browser(tmp_path: Path) -> Iterator[WebDriver]:
                                 stderr=subprocess.STDOUT)  # fmt: skip
     driver = WebDriver(f"http://127.0.0.1:{port}")
     try:
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while True:
             try:
                 if driver.call("GET", "/status")["ready"]:
