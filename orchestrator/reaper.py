@@ -26,9 +26,12 @@ from typing import TYPE_CHECKING
 import attrs
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Iterable, Iterator
 
-__all__ = ["Leftover", "ReapReport", "find_leftovers", "proc_start_time", "reap"]
+__all__ = [
+    "Leftover", "ReapReport", "find_leftovers", "other_pids", "proc_environ", "proc_start_time",
+    "proc_stat", "reap",
+]  # fmt: skip
 
 #: The environment variable that marks every process of a run with its state folder.
 STATE_MARKER = "ORCH_STATE"
@@ -38,7 +41,24 @@ POLL = 0.05
 KILL_WAIT = 5.0
 
 
-def _stat(pid: int) -> tuple[str, int, int] | None:
+def proc_environ(pid: int) -> list[bytes] | None:
+    """The ``NAME=value`` entries of ``pid``'s environment, or None when gone or not ours."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return f.read().split(b"\0")
+    except OSError:
+        return None
+
+
+def other_pids() -> Iterator[int]:
+    """Every pid in /proc but ours."""
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != me:
+            yield int(entry)
+
+
+def proc_stat(pid: int) -> tuple[str, int, int] | None:
     """(state, pgid, start time in clock ticks) of ``pid``, or None if it is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -52,7 +72,7 @@ def _stat(pid: int) -> tuple[str, int, int] | None:
 
 def proc_start_time(pid: int) -> int | None:
     """The kernel's start time of ``pid`` (clock ticks since boot), or None if it is gone."""
-    st = _stat(pid)
+    st = proc_stat(pid)
     return st[2] if st is not None else None
 
 
@@ -73,27 +93,19 @@ def find_leftovers(state_dir: str, recorded: Iterable[tuple[int, int | None]]) -
         state_dir: the value of the ``ORCH_STATE`` marker to look for.
         recorded: ``(pgid, leader start time)`` of every run the store says was running.
     """
-    me = os.getpid()
     marker = f"{STATE_MARKER}={state_dir}".encode()
     found: dict[int, Leftover] = {}
     groups: set[int] = set()
     for leader, start in recorded:
-        st = _stat(leader)
+        st = proc_stat(leader)
         if st is not None and start is not None and st[2] == start and st[0] != "Z":
             found[leader] = Leftover(leader, st[2], leader)
             groups.add(leader)
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == me:
+    for pid in other_pids():
+        env = proc_environ(pid)  # None: gone, or not ours to read (then not ours to kill)
+        if env is None or marker not in env:
             continue
-        pid = int(entry)
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                env = f.read().split(b"\0")
-        except OSError:
-            continue  # gone, or not ours to read (then not ours to kill either)
-        if marker not in env:
-            continue
-        st = _stat(pid)
+        st = proc_stat(pid)
         if st is None or st[0] == "Z":
             continue
         # A marked process leading its own group: the group is a run's; signal all of it.
@@ -113,7 +125,7 @@ class ReapReport:
 
 
 def _alive(lo: Leftover) -> bool:
-    st = _stat(lo.pid)
+    st = proc_stat(lo.pid)
     return st is not None and st[2] == lo.start and st[0] != "Z"
 
 

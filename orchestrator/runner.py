@@ -213,23 +213,18 @@ def kill_marked(marker: tuple[str, ...]) -> list[int]:
 
     Blocking (reads /proc): call it from a worker thread. Returns the pids signalled.
     """
+    from orchestrator.reaper import other_pids, proc_environ
+
     wanted = {m.encode() for m in marker}
-    me = os.getpid()
     killed = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == me:
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                env = set(f.read().split(b"\0"))
-        except OSError:
-            continue
-        if wanted <= env:
+    for pid in other_pids():
+        env = proc_environ(pid)
+        if env is not None and wanted <= set(env):
             try:
-                os.kill(int(entry), signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 continue
-            killed.append(int(entry))
+            killed.append(pid)
     return killed
 
 

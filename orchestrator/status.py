@@ -19,6 +19,7 @@ import trio
 import trio_util
 
 from orchestrator import __version__
+from orchestrator.store.sqlite import op_counts_by_stage
 
 if TYPE_CHECKING:
     import sqlite3
@@ -36,18 +37,7 @@ def _iso(ts: float) -> str:
 
 def op_stage_counts(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
     """Items per stage and state; done items count under the last stage of their route."""
-    counts: dict[str, dict[str, int]] = {}
-    rows = conn.execute(
-        "SELECT route, stage_index, state, count(*) FROM items GROUP BY route, stage_index, state"
-    )
-    for route, index, state, n in rows:
-        names = json.loads(route)
-        if not names:
-            continue
-        stage = names[min(index, len(names) - 1)]
-        per = counts.setdefault(stage, {})
-        per[state] = per.get(state, 0) + n
-    return counts
+    return op_counts_by_stage(conn, rejected_apart=False)[0]
 
 
 def snapshot(

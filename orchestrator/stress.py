@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from orchestrator.config import SourceType, load_config
-from orchestrator.reaper import STATE_MARKER
+from orchestrator.reaper import STATE_MARKER, other_pids, proc_environ, proc_stat
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -116,33 +116,18 @@ def _synthetic_config(root: Path, faults: str) -> Path:
     return path
 
 
-def _environ(pid: int) -> dict[bytes, bytes] | None:
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            raw = f.read()
-    except OSError:
-        return None
-    return dict(e.split(b"=", 1) for e in raw.split(b"\0") if b"=" in e)
-
-
 def _run_processes(state_dir: str) -> Iterator[tuple[int, int, str]]:
     """(pid, pgid, stage) of live processes carrying the state folder's marker."""
-    marker = state_dir.encode()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+    marker = f"{STATE_MARKER}={state_dir}".encode()
+    for pid in other_pids():
+        env = proc_environ(pid)
+        if env is None or marker not in env:
             continue
-        env = _environ(int(entry))
-        if env is None or env.get(STATE_MARKER.encode()) != marker:
+        st = proc_stat(pid)
+        if st is None or st[0] == "Z":
             continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                data = f.read()
-        except OSError:
-            continue
-        fields = data[data.rindex(b")") + 2 :].split()
-        if fields[0] == b"Z":
-            continue
-        yield int(entry), int(fields[2]), env.get(b"ORCH_STAGE", b"?").decode()
+        stage = next((e[len(b"ORCH_STAGE="):] for e in env if e.startswith(b"ORCH_STAGE=")), b"?")
+        yield pid, st[1], stage.decode()
 
 
 def _sample(state_dir: Path, status: Path, samples: _Samples, stop: threading.Event) -> None:

@@ -839,10 +839,13 @@ def op_item_events(conn: sqlite3.Connection, seq: int) -> list[EventRecord]:
     return [EventRecord(at=r[0], event=r[1], stage=r[2], state=r[3], detail=r[4]) for r in rows]
 
 
-def op_counts_by_stage(conn: sqlite3.Connection) -> tuple[dict[str, dict[str, int]], int]:
+def op_counts_by_stage(
+    conn: sqlite3.Connection, *, rejected_apart: bool = True
+) -> tuple[dict[str, dict[str, int]], int]:
     """Items per current stage and state, and the number of rejected items.
 
-    A done item counts under the last stage of its route; rejected items count under no stage.
+    A done item counts under the last stage of its route; rejected items count under no stage
+    (with ``rejected_apart``), else under the stage they were rejected at, like the others.
     """
     counts: dict[str, dict[str, int]] = {}
     rejected = 0
@@ -851,8 +854,9 @@ def op_counts_by_stage(conn: sqlite3.Connection) -> tuple[dict[str, dict[str, in
     )
     for route, index, state, n in rows:
         names = json.loads(route)
-        if state == ItemState.REJECTED or not names:
-            rejected += n if state == ItemState.REJECTED else 0
+        if state == ItemState.REJECTED:
+            rejected += n
+        if not names or (rejected_apart and state == ItemState.REJECTED):
             continue
         per = counts.setdefault(names[min(index, len(names) - 1)], {})
         per[state] = per.get(state, 0) + n
