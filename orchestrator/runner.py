@@ -26,6 +26,7 @@ import enum
 import errno
 import math
 import os
+import select
 import shutil
 import signal
 from typing import TYPE_CHECKING
@@ -122,10 +123,10 @@ def _killpg(pgid: int, sig: int) -> bool:
 
 
 class _Output:
-    """Reads the run's pipe until EOF: tail in memory, capped copy in the log file."""
+    """The run's pipe, drained without blocking: tail in memory, capped copy in the log file."""
 
     def __init__(self, fd: int, log_path: Path | None, limit: int) -> None:
-        self.stream = trio.lowlevel.FdStream(fd)
+        self.fd = fd
         self.log_path = log_path
         self.limit = limit
         self.tail = bytearray()
@@ -137,24 +138,27 @@ class _Output:
         self.log_fd: int | None = None
         #: Why the log file could not be written (a full disk): the run goes on without it.
         self.log_error: str | None = None
-        self.eof = trio.Event()
-        self.on_data: Callable[[], None] = lambda: None
+        self.eof = False
 
-    async def pump(self) -> None:
-        try:
-            while chunk := await self.stream.receive_some(65536):
-                self.total += len(chunk)
-                self.on_data()
-                self.tail += chunk
-                if len(self.tail) > TAIL_BYTES:
-                    del self.tail[: len(self.tail) - TAIL_BYTES]
-                self._keep(chunk)
-                if self.pending_size >= FLUSH_BYTES:
-                    await self.flush()
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass
-        finally:
-            self.eof.set()
+    def drain(self) -> bool:
+        """Read what the pipe holds now; True when anything (data or EOF) arrived."""
+        got = False
+        while True:
+            try:
+                chunk = os.read(self.fd, 65536)
+            except BlockingIOError:
+                return got
+            got = True
+            if not chunk:
+                self.eof = True
+                return True
+            self.total += len(chunk)
+            self.tail += chunk
+            if len(self.tail) > TAIL_BYTES:
+                del self.tail[: len(self.tail) - TAIL_BYTES]
+            self._keep(chunk)
+            if len(chunk) < 65536:
+                return True
 
     def _keep(self, chunk: bytes) -> None:
         if self.log_path is None or self.truncated or self.log_error is not None:
@@ -195,7 +199,10 @@ class _Output:
             self.pending_size = 0
 
     async def aclose(self) -> None:
-        await self.stream.aclose()
+        """Close the pipe; write what is pending to the log and close it (only then a thread hop)."""
+        os.close(self.fd)
+        if not self.pending and self.log_fd is None:
+            return
         try:
             await self.flush()
         finally:
@@ -206,6 +213,55 @@ class _Output:
     def tail_text(self) -> str:
         lines = bytes(self.tail).decode(errors="replace").splitlines()
         return "\n".join(lines[-TAIL_LINES:])
+
+
+class _Watch:
+    """One epoll set holding the run's pidfd and its pipe, so one task waits for both.
+
+    The trio loop waits for the set itself to become readable; what is ready is then read
+    without blocking. A source that has said all it will (the leader exited, the pipe reached
+    EOF) leaves the set so the wait never spins on it.
+    """
+
+    def __init__(self, pidfd: int, output: _Output) -> None:
+        self.pidfd = pidfd
+        self.output = output
+        self.leader_exited = False
+        self.epoll = select.epoll(2)
+        self.epoll.register(pidfd, select.EPOLLIN)
+        self.epoll.register(output.fd, select.EPOLLIN)
+
+    def poll(self) -> bool:
+        """Take what is ready now; True when output (or EOF) arrived."""
+        got = False
+        for fd, _ in self.epoll.poll(0):
+            if fd == self.pidfd:
+                self.leader_exited = True
+                self.epoll.unregister(fd)
+            elif self.output.drain():
+                got = True
+                if self.output.eof:
+                    self.epoll.unregister(fd)
+        return got
+
+    async def wait(self, on_data: Callable[[], None] | None = None) -> None:
+        """Until something is ready (then take it); flushes the log as output piles up."""
+        await trio.lowlevel.wait_readable(self.epoll.fileno())
+        if self.poll() and on_data is not None:
+            on_data()
+        if self.output.pending_size >= FLUSH_BYTES:
+            await self.output.flush()
+
+    async def until_leader_exits(self, on_data: Callable[[], None] | None = None) -> None:
+        while not self.leader_exited:
+            await self.wait(on_data)
+
+    async def until_eof(self) -> None:
+        while not self.output.eof:
+            await self.wait()
+
+    def close(self) -> None:
+        self.epoll.close()
 
 
 def kill_marked(marker: tuple[str, ...]) -> list[int]:
@@ -309,24 +365,23 @@ async def run_command(
         )  # fmt: skip
     finally:
         os.close(wfd)
-    pidfd = os.pidfd_open(pid)
+    os.set_blocking(rfd, False)
     output = _Output(rfd, cmd.log_path, cmd.output_limit)
+    pidfd = os.pidfd_open(pid)
+    watch = _Watch(pidfd, output)
     signals_sent: list[str] = []
     reaped: int | None = None
-
-    async def leader_exit() -> None:
-        await trio.lowlevel.wait_readable(pidfd)
 
     async def kill_tree() -> None:
         signals_sent.append("SIGTERM")
         _killpg(pid, signal.SIGTERM)
         with trio.move_on_after(cmd.grace_period) as grace:
-            await leader_exit()
+            await watch.until_leader_exits()
         if grace.cancelled_caught:
             signals_sent.append("SIGKILL")
             _killpg(pid, signal.SIGKILL)
             with trio.move_on_after(KILL_WAIT):
-                await leader_exit()
+                await watch.until_leader_exits()
         # else: the leader obeyed SIGTERM; reap() sweeps whatever is left of the group.
 
     async def reap() -> int:
@@ -337,7 +392,8 @@ async def run_command(
         if done == 0:
             # Still not gone after SIGKILL and KILL_WAIT: stuck in the kernel. Wait in a
             # thread so that the loop never blocks on it.
-            _, status = await trio.to_thread.run_sync(os.waitpid, pid, 0)
+            with trio.CancelScope(shield=True):
+                _, status = await trio.to_thread.run_sync(os.waitpid, pid, 0)
         return status
 
     timeout_at = started + cmd.timeout if cmd.timeout is not None else math.inf
@@ -346,32 +402,29 @@ async def run_command(
     try:
         if on_spawn is not None:
             on_spawn(pid)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(output.pump)
-            watch = trio.CancelScope(deadline=min(timeout_at, started + stall))
+        with trio.CancelScope(deadline=min(timeout_at, started + stall)) as watched:
+            rearm = None
             if stall != math.inf:
 
                 def rearm() -> None:
-                    watch.deadline = min(timeout_at, clock() + stall)
+                    watched.deadline = min(timeout_at, clock() + stall)
 
-                output.on_data = rearm
-            with watch:
-                await leader_exit()
-            if watch.cancelled_caught:
-                outcome = Outcome.TIMEOUT if clock() >= timeout_at else Outcome.STALLED
-                with trio.CancelScope(shield=True):
-                    await kill_tree()
+            await watch.until_leader_exits(rearm)
+        if watched.cancelled_caught:
+            outcome = Outcome.TIMEOUT if clock() >= timeout_at else Outcome.STALLED
             with trio.CancelScope(shield=True):
-                reaped = await reap()
+                await kill_tree()
+        reaped = await reap()
+        watch.poll()  # the pipe is usually at EOF already: the group is gone
+        if not output.eof:
             if cmd.marker:
                 with trio.move_on_after(ESCAPE_CHECK):
-                    await output.eof.wait()
-                if not output.eof.is_set():
+                    await watch.until_eof()
+                if not output.eof:
                     # Someone outside the swept group holds the pipe: a process that left it.
                     await trio.to_thread.run_sync(kill_marked, cmd.marker)
             with trio.move_on_after(EOF_WAIT):
-                await output.eof.wait()
-            nursery.cancel_scope.cancel()
+                await watch.until_eof()
     except BaseException:
         if reaped is None:
             with trio.CancelScope(shield=True):
@@ -379,11 +432,11 @@ async def run_command(
                 reaped = await reap()
         raise
     finally:
+        watch.close()
         os.close(pidfd)
         with trio.CancelScope(shield=True):
             await output.aclose()
 
-    assert reaped is not None
     duration = clock() - started
     exit_code: int | None = os.waitstatus_to_exitcode(reaped)
     sig: int | None = None
