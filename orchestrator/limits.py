@@ -86,6 +86,22 @@ class Slots:
         )
         return waited
 
+    def try_acquire(self, holder: Holder) -> bool:
+        """Take every slot ``holder.stage`` needs if all are free now (nobody waiting first);
+        otherwise take none and return False (then `acquire` waits in line)."""
+        taken: list[trio.CapacityLimiter] = []
+        for _kind, _name, limiter in self._order[holder.stage]:
+            try:
+                limiter.acquire_on_behalf_of_nowait(holder)
+            except trio.WouldBlock:
+                for got in reversed(taken):
+                    got.release_on_behalf_of(holder)
+                return False
+            taken.append(limiter)
+        holder.since = trio.current_time()
+        logger.bind(item=holder.item, stage=holder.stage).debug("slot acquired after 0.000s")
+        return True
+
     def release(self, holder: Holder) -> None:
         """Give back every slot ``holder`` took."""
         for _kind, _name, limiter in reversed(self._order[holder.stage]):

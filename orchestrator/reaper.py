@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
 
 __all__ = [
-    "Leftover", "ReapReport", "find_leftovers", "other_pids", "proc_environ", "proc_start_time",
+    "Leftover", "ReapReport", "SeenRun", "find_leftovers", "other_pids", "proc_environ", "proc_start_time",
     "proc_stat", "reap",
 ]  # fmt: skip
 
@@ -77,6 +77,17 @@ def proc_start_time(pid: int) -> int | None:
 
 
 @attrs.frozen
+class SeenRun:
+    """A dead instance's run, as its leftover process's environment tells it."""
+
+    run: int
+    item: str
+    stage: str
+    attempt: int
+    instance: str | None
+
+
+@attrs.frozen
 class Leftover:
     """A process (and maybe its group) left by a dead instance."""
 
@@ -84,6 +95,23 @@ class Leftover:
     start: int
     #: Signal the whole group: it is the group of a run we recorded, or led by a marked process.
     pgid: int | None
+    #: The run it belongs to, from its environment (found by marker only).
+    run: SeenRun | None = attrs.field(default=None, eq=False)
+
+
+def _seen_run(env: list[bytes]) -> SeenRun | None:
+    marks = {}
+    for entry in env:
+        if entry.startswith(b"ORCH_"):
+            name, _, value = entry.partition(b"=")
+            marks[name.decode(errors="replace")] = value.decode(errors="replace")
+    try:
+        return SeenRun(
+            run=int(marks["ORCH_RUN"]), item=marks["ORCH_ITEM"], stage=marks["ORCH_STAGE"],
+            attempt=int(marks["ORCH_ATTEMPT"]), instance=marks.get("ORCH_INSTANCE"),
+        )  # fmt: skip
+    except (KeyError, ValueError):
+        return None
 
 
 def find_leftovers(state_dir: str, recorded: Iterable[tuple[int, int | None]]) -> list[Leftover]:
@@ -110,7 +138,7 @@ def find_leftovers(state_dir: str, recorded: Iterable[tuple[int, int | None]]) -
             continue
         # A marked process leading its own group: the group is a run's; signal all of it.
         group = st[1] if st[1] == pid or st[1] in groups else None
-        found.setdefault(pid, Leftover(pid, st[2], group))
+        found.setdefault(pid, Leftover(pid, st[2], group, _seen_run(env)))
     return sorted(found.values(), key=lambda lo: lo.pid)
 
 
@@ -122,6 +150,8 @@ class ReapReport:
     terminated: int
     killed: int
     survivors: tuple[int, ...]
+    #: The runs the leftovers belonged to (by their environment), one each.
+    runs: tuple[SeenRun, ...] = ()
 
 
 def _alive(lo: Leftover) -> bool:
@@ -167,7 +197,9 @@ def reap(state_dir: str, recorded: Iterable[tuple[int, int | None]], grace: floa
     for lo in stragglers:
         _signal(attrs.evolve(lo, pgid=None), signal.SIGKILL)
     survivors = _wait_gone(alive + stragglers, KILL_WAIT)
+    runs = {lo.run.run: lo.run for lo in leftovers + stragglers if lo.run is not None}
     return ReapReport(
         found=len(leftovers), terminated=len(leftovers) - len(alive),
         killed=len(alive) + len(stragglers), survivors=tuple(lo.pid for lo in survivors),
+        runs=tuple(runs[k] for k in sorted(runs)),
     )  # fmt: skip

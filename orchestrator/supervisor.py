@@ -59,7 +59,7 @@ from orchestrator.store.sqlite import (
 )
 from orchestrator.systemd import Notifier
 from orchestrator.watchdog import Watchdog
-from orchestrator.workers import Engine, Tally, resolve_executables
+from orchestrator.workers import RECORD_GRACE, Engine, Tally, resolve_executables
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -75,14 +75,14 @@ FINAL_STATUS_GRACE = 5.0
 
 
 def workers_for(concurrency: int) -> int:
-    """Worker tasks per stage: twice its limit.
+    """Worker tasks per stage: one per slot.
 
-    The limit is the stage's limiter, not the number of workers. The extra workers each hold the
-    next item at the slot, so when a run ends its successor claims the slot at once and its
-    claim is committed together with its predecessor's result (one fsync for both) instead of
-    after it.
+    The limit is the stage's limiter, not the number of workers (a pool can hold them back). A
+    worker never waits for the store: its run's claim and result are queued for the next group
+    commit and the item is handed on once that is durable, while the worker takes its next
+    prepared item.
     """
-    return 2 * concurrency
+    return concurrency
 
 
 @attrs.frozen
@@ -151,7 +151,10 @@ async def _recover(config: Config, store: SqliteStore, instance: str) -> Recover
         raise LeftoverProcesses(report.survivors)
     host = socket.gethostname()
     await store.call(lambda c: op_register_instance(c, instance, os.getpid(), host))
-    recovery = await store.call(lambda c: op_recover(c, config.max_interruptions))
+    recovery = await store.call(
+        lambda c: op_recover(c, config.max_interruptions, report.runs)
+    )
+    await store.reload_run_ids()
     if recovery.interrupted:
         logger.warning(
             "recovered {} run(s) left open by a dead instance; {} poison item(s) now dead",
@@ -244,6 +247,10 @@ async def _serve(
                             notifier.notify("READY=1", "STATUS=running")
                     if not batch:
                         await trio.sleep_forever()
+            # Results of the last runs may still be on their way to the disk: let them land
+            # and their items be handed on (terminal hooks) before the timers go.
+            with trio.move_on_after(RECORD_GRACE, shield=True):
+                await engine.unsettled.wait_value(0)
             root.cancel_scope.cancel()
     with trio.move_on_after(FINAL_STATUS_GRACE, shield=True):
         try:

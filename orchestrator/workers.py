@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
-import math
 import os
 import shutil
 import sys
@@ -32,17 +31,15 @@ from orchestrator.store.sqlite import (
     op_finish_run,
     op_give_up,
     op_items_changed_since,
-    op_record_spawn,
     op_start_run,
 )
 
 if TYPE_CHECKING:
-    import sqlite3
     from collections.abc import Awaitable, Callable, Iterator, Mapping
     from pathlib import Path
 
     from orchestrator.config import Config, StageConfig
-    from orchestrator.store.sqlite import SqliteStore
+    from orchestrator.store.sqlite import SqliteStore, _Op
 
 __all__ = ["Engine", "resolve_executables"]
 
@@ -54,6 +51,38 @@ RECENT_ERRORS = 20
 STORE_WATCH_INTERVAL = 1.0
 #: The watch looks this far back in time, so a commit that lands late is not missed.
 STORE_WATCH_OVERLAP = 10.0
+#: Items are prepared (their file checked, their workdir made) about this much work ahead of
+#: their run -- and never more than one batch of `PREPARE_BATCH_MAX` runs per slot ahead.
+PREPARE_AHEAD = 0.05
+PREPARE_BATCH_MAX = 64
+
+
+@attrs.define(eq=False)
+class _Lane:
+    """One stage's items waiting to run.
+
+    Items are queued as they come (FIFO), then prepared off the loop a few at a time just ahead
+    of the workers -- is the input file still there, the workdir made -- so that a worker whose
+    slot frees finds its next item ready, and the thread hop is paid once per batch.
+    """
+
+    concurrency: int
+    queued: collections.deque[Item] = attrs.field(factory=collections.deque)
+    ready: collections.deque[Item] = attrs.field(factory=collections.deque)
+    #: Wakes the preparer: something was queued, or a worker took a ready item.
+    wanted: trio.Event = attrs.field(factory=trio.Event)
+    #: Wakes idle workers: items are ready (replaced by a fresh event each time it is set).
+    has_ready: trio.Event = attrs.field(factory=trio.Event)
+    #: Moving average of this stage's run durations (seconds): how far ahead to prepare.
+    mean_run: float = PREPARE_AHEAD
+
+    def depth(self) -> int:
+        """How many prepared items to keep: one per slot, more when runs are short."""
+        per_slot = int(PREPARE_AHEAD / max(self.mean_run, 1e-6))
+        return self.concurrency * min(max(per_slot, 1), PREPARE_BATCH_MAX)
+
+    def __len__(self) -> int:
+        return len(self.queued) + len(self.ready)
 
 
 @attrs.define(eq=False)
@@ -96,9 +125,9 @@ class Engine:
         self.instance = instance
         self.slots = Slots(config)
         self.stages = {s.name: s for s in config.stages}
-        self._queues = {
-            s.name: trio.open_memory_channel[Item](math.inf) for s in config.stages
-        }
+        self._lanes = {s.name: _Lane(s.concurrency) for s in config.stages}
+        self._runs_dir = config.state_dir / "runs"
+        self._work_dir = config.state_dir / "work"
         base = dict(os.environ)
         self._stage_env = {s.name: {**base, **s.env} for s in config.stages}
         self._executables = dict(executables or {})
@@ -137,6 +166,9 @@ class Engine:
         self.slot_waiters: dict[Holder, float] = {}
         #: trio.current_time() of each source's latest completed poll (metrics, watchdog).
         self.last_poll: dict[str, float] = {}
+        #: Runs whose result is queued in the store but not yet durable (their items are not
+        #: handed on until it is).
+        self.unsettled = trio_util.AsyncValue(0)
 
     # --- admission and dispatch -----------------------------------------------------------
 
@@ -168,13 +200,16 @@ class Engine:
             if delay > 0 and self._timers is not None:
                 self._timers.start_soon(self._retry_later, item, delay)
                 return
-        stage = item.stage
-        assert stage is not None
-        self._queues[stage][0].send_nowait(item)
+        self._enqueue(item)
+
+    def _enqueue(self, item: Item) -> None:
+        lane = self._lanes[item.stage or ""]
+        lane.queued.append(item)
+        lane.wanted.set()
 
     async def _retry_later(self, item: Item, delay: float) -> None:
         await trio.sleep(delay)
-        self._queues[item.stage or ""][0].send_nowait(item)
+        self._enqueue(item)
 
     def _count_terminal(self, state: ItemState) -> None:
         if state is ItemState.DONE:
@@ -187,9 +222,7 @@ class Engine:
 
     def queue_depths(self) -> dict[str, int]:
         """Items waiting in each stage's queue (not counting retry timers)."""
-        return {
-            name: send.statistics().current_buffer_used for name, (send, _) in self._queues.items()
-        }
+        return {name: len(lane) for name, lane in self._lanes.items()}
 
     # --- shutdown --------------------------------------------------------------------------
 
@@ -214,90 +247,142 @@ class Engine:
     # --- workers ---------------------------------------------------------------------------
 
     async def serve_timers(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Own the retry timers until cancelled (pending retries stay ``retry_wait`` in the store)."""
+        """Own the retry timers and the stages' preparers until cancelled (pending retries stay
+        ``retry_wait`` in the store)."""
         async with trio.open_nursery() as nursery:
             self._timers = nursery
+            for name, lane in self._lanes.items():
+                nursery.start_soon(self._serve_lane, lane, name=f"prepare:{name}")
             task_status.started()
             await trio.sleep_forever()
 
+    async def _serve_lane(self, lane: _Lane) -> None:
+        """Keep ``lane.depth()`` items prepared ahead of the stage's workers."""
+        while True:
+            room = lane.depth() - len(lane.ready)
+            if not lane.queued or room <= 0:
+                await lane.wanted.wait()
+                lane.wanted = trio.Event()
+                continue
+            batch = [lane.queued.popleft() for _ in range(min(room, len(lane.queued)))]
+            jobs = [
+                (item.seq, item.path, self._workdir(item), item.payload)
+                for item in batch
+                if item.path is not None or self._needs_workdir(item)
+            ]
+            problems = await trio.to_thread.run_sync(_prepare, jobs) if jobs else {}
+            for item in batch:
+                problem = problems.get(item.seq)
+                if problem is None:
+                    lane.ready.append(item)
+                else:
+                    self._give_up(item, f"{item.stage}: source file {item.path!r} {problem} before its run")
+            lane.has_ready.set()
+            lane.has_ready = trio.Event()
+
+    def _give_up(self, item: Item, reason: str) -> None:
+        """Its input is gone: dead without a run, once that is durable."""
+        log = logger.bind(item=item.id, stage=item.stage)
+        transition = Transition(
+            state=ItemState.DEAD, stage_index=item.stage_index, attempts=item.attempts,
+            reason=reason,
+        )  # fmt: skip
+
+        def given_up(op: _Op) -> None:
+            self.unsettled.value -= 1
+            if op.error is not None:
+                self._fail(op.error)
+            else:
+                self._settle(item, transition, log)
+
+        self.unsettled.value += 1
+        self.store.submit(lambda c: op_give_up(c, item, reason), power_safe=True, on_done=given_up)
+
+    def _fail(self, error: BaseException) -> None:
+        """The store cannot record what happened: the service cannot go on."""
+
+        async def fail() -> None:
+            raise error
+
+        assert self._timers is not None
+        self._timers.start_soon(fail)
+
     async def serve_worker(self, stage: StageConfig) -> None:
         """Run items of ``stage`` one after another until told to stop."""
-        receive = self._queues[stage.name][1]
+        lane = self._lanes[stage.name]
         while not self.stopping:
-            with self._interruptible() as idle:
-                item = await receive.receive()
-            if idle.cancelled_caught:
-                return
-            await self._process(stage, item)
+            if not lane.ready:
+                with self._interruptible() as idle:
+                    await lane.has_ready.wait()
+                if idle.cancelled_caught:
+                    return
+                continue
+            item = lane.ready.popleft()
+            lane.wanted.set()
+            # The attempt this run will be: every line about it, the slot lines included,
+            # carries item, stage and attempt.
+            with logger.contextualize(item=item.id, stage=stage.name, attempt=item.attempts + 1):
+                await self._process_item(stage, lane, item)
 
-    async def _process(self, stage: StageConfig, item: Item) -> None:
-        # The attempt this run will be (the claim records attempts + 1): every line about it,
-        # the slot lines included, carries item, stage and attempt.
-        with logger.contextualize(item=item.id, stage=stage.name, attempt=item.attempts + 1):
-            await self._process_item(stage, item)
-
-    async def _process_item(self, stage: StageConfig, item: Item) -> None:
+    async def _process_item(self, stage: StageConfig, lane: _Lane, item: Item) -> None:
         holder = Holder(item.id, stage.name)
-        self.slot_waiters[holder] = trio.current_time()
-        try:
-            with self._interruptible() as idle:
-                slot_wait = await self.slots.acquire(holder)
-        finally:
-            del self.slot_waiters[holder]
-        if idle.cancelled_caught:
-            return  # still queued in the store; the next start picks it up
-        workdir = self.config.state_dir / "work" / str(item.seq)
+        slot_wait = 0.0
+        if not self.slots.try_acquire(holder):
+            self.slot_waiters[holder] = trio.current_time()
+            try:
+                with self._interruptible() as idle:
+                    slot_wait = await self.slots.acquire(holder)
+            finally:
+                del self.slot_waiters[holder]
+            if idle.cancelled_caught:
+                return  # still queued in the store; the next start picks it up
         has_workdir = self._needs_workdir(item)
-        pid: int | None = None
-        run_id: int | None = None
+        workdir = self._workdir(item) if has_workdir else None
+        attempt = item.attempts + 1
+        run_id = self.store.new_run_id()
+        claimed = False
+        log = logger.bind(item=item.id, stage=stage.name, attempt=attempt, run=run_id)
 
-        def remember(p: int) -> None:
-            nonlocal pid
-            pid = running.pid = p
-            # Before the next checkpoint, so it is queued ahead of the run's result; the group
-            # is findable by its ORCH_STATE marker until this is committed.
-            assert run_id is not None
-            spawned = run_id
-            self.store.submit(lambda c: op_record_spawn(c, spawned, p))
+        def claim(pid: int | None) -> None:
+            # Queued right after the spawn, before the run's first checkpoint: the claim, the
+            # pid and the process's start time land in one transaction with the next group
+            # (its environment marker finds the run's processes until then).
+            nonlocal claimed
+            claimed = True
+            running.pid = pid
+            name = stage.name
+
+            def claimed_now(op: _Op) -> None:
+                if op.error is not None:
+                    self._fail(op.error)
+                elif op.result is None:
+                    log.warning("item no longer claimable; its run is not recorded")
+
+            self.store.submit(
+                lambda c: op_start_run(
+                    c, item, name, slot_wait, self.instance, run_id=run_id, pid=pid
+                ),
+                on_done=claimed_now,
+            )  # fmt: skip
 
         try:
-            with trio.CancelScope(shield=True):
-                claim = await self.store.call(
-                    lambda c: _claim(
-                        c, item, stage.name, slot_wait, self.instance,
-                        workdir if has_workdir else None,
-                    ),
-                    power_safe=False,
-                )
-            if claim is None:
-                logger.bind(item=item.id, stage=stage.name).warning("item no longer claimable")
-                return
-            if isinstance(claim, str):  # its file is gone: dead without a run
-                log = logger.bind(item=item.id, stage=stage.name)
-                self._settle(item, Transition(
-                    state=ItemState.DEAD, stage_index=item.stage_index, attempts=item.attempts,
-                    reason=claim,
-                ), log)  # fmt: skip
-                return
-            run_id, attempt = claim
-            item = attrs.evolve(item, state=ItemState.RUNNING, attempts=attempt)
             running = self.running[run_id] = RunningRun(run_id, item.id, stage.name, attempt)
             self.last_run_started = running.since
-            log = logger.bind(item=item.id, stage=stage.name, attempt=attempt, run=run_id)
-            log_path = self.config.state_dir / "runs" / f"{run_id}.log"
-            command = self._command(
-                stage, item, attempt, run_id, workdir if has_workdir else None, log_path
-            )
+            item = attrs.evolve(item, state=ItemState.RUNNING, attempts=attempt)
+            log_path = self._runs_dir / f"{run_id}.log"
+            command = self._command(stage, item, attempt, run_id, workdir, log_path)
             log.debug("run started: {}", command.argv)
             try:
-                result = await run_command(command, on_spawn=remember)
+                result = await run_command(command, on_spawn=claim)
             except BaseException as exc:
                 if not _is_cancellation(exc):
                     raise
                 result = RunResult(
-                    outcome=Outcome.CANCELLED, exit_code=None, signal=None, pid=pid,
+                    outcome=Outcome.CANCELLED, exit_code=None, signal=None, pid=running.pid,
                     duration=0.0, tail="", reason="cancelled by shutdown; process group killed",
                 )  # fmt: skip
+                if not claimed:
+                    claim(None)
                 transition = decide(item, stage, result, now=time.time())
                 with trio.move_on_after(RECORD_GRACE, shield=True):
                     await self.store.finish_run(
@@ -308,8 +393,10 @@ class Engine:
                 raise
         finally:
             self.slots.release(holder)
-            if run_id is not None:
-                self.running.pop(run_id, None)
+            self.running.pop(run_id, None)
+        if not claimed:  # it could not be started: its run is recorded all the same
+            claim(None)
+        lane.mean_run += (result.duration - lane.mean_run) * 0.2
 
         transition = decide(item, stage, result, now=time.time())
         if result.outcome is not Outcome.OK and item.path is not None:
@@ -320,15 +407,31 @@ class Engine:
                     f"({result.reason})",
                 )  # fmt: skip
         logged_path = str(log_path) if result.output_bytes else None
-        with trio.CancelScope(shield=True):
-            await self.store.call(
-                lambda c: op_finish_run(
-                    c, run_id=run_id, item=item, result=result, transition=transition,
-                    log_path=logged_path,
-                )
-            )
-        if has_workdir and transition.state is ItemState.DONE and self._timers is not None:
-            # Off the store's thread and off this worker's path: nobody waits for it.
+
+        def finished(op: _Op) -> None:
+            self.unsettled.value -= 1
+            if op.error is not None:
+                self._fail(op.error)
+                return
+            self._ran(stage, item, result, transition, slot_wait, log, workdir)
+
+        # The item is handed on once its result is durable; the worker goes on meanwhile.
+        self.unsettled.value += 1
+        self.store.submit(
+            lambda c: op_finish_run(
+                c, run_id=run_id, item=item, result=result, transition=transition,
+                log_path=logged_path,
+            ),
+            power_safe=True, on_done=finished,
+        )  # fmt: skip
+
+    def _ran(
+        self, stage: StageConfig, item: Item, result: RunResult, transition: Transition,
+        slot_wait: float, log: Any, workdir: str | None,
+    ) -> None:  # fmt: skip
+        """A run's result is durable: report it and hand its item on."""
+        if workdir is not None and transition.state is ItemState.DONE and self._timers is not None:
+            # Off the store's thread and off the workers' path: nobody waits for it.
             self._timers.start_soon(
                 functools.partial(trio.to_thread.run_sync, shutil.rmtree, workdir, True)
             )
@@ -340,7 +443,7 @@ class Engine:
         else:
             self.failed_runs[stage.name] += 1
             self.recent_errors.append({
-                "at": time.time(), "item": item.id, "stage": stage.name, "attempt": attempt,
+                "at": time.time(), "item": item.id, "stage": stage.name, "attempt": item.attempts,
                 "outcome": result.outcome.value, "reason": result.reason, "next": transition.state.value,
             })  # fmt: skip
             tail = f"; output tail:\n{result.tail}" if result.tail else ""
@@ -370,6 +473,10 @@ class Engine:
             self._dispatch(moved)
             self.on_change(self.tally)
 
+    def _workdir(self, item: Item) -> str | None:
+        """The item's workdir, when its route (or its record) needs one."""
+        return str(self._work_dir / str(item.seq)) if self._needs_workdir(item) else None
+
     def _needs_workdir(self, item: Item) -> bool:
         """Items of records (their payload file) and of routes that mention ``{workdir}``."""
         if item.payload is not None:
@@ -384,11 +491,11 @@ class Engine:
         return needs
 
     def _command(
-        self, stage: StageConfig, item: Item, attempt: int, run_id: int, workdir: Path | None,
+        self, stage: StageConfig, item: Item, attempt: int, run_id: int, workdir: str | None,
         log_path: Path,
     ) -> Command:  # fmt: skip
         payload = (
-            str(workdir / "payload.json") if item.payload is not None and workdir else ""
+            os.path.join(workdir, "payload.json") if item.payload is not None and workdir else ""
         )
         path = item.path if item.path is not None else payload
         values = {
@@ -397,7 +504,7 @@ class Engine:
             "item": item.id,
             "stage": stage.name,
             "attempt": str(attempt),
-            "workdir": str(workdir) if workdir is not None else "",
+            "workdir": workdir if workdir is not None else "",
             "payload": payload,
         }
         env = dict(self._stage_env[stage.name])
@@ -474,26 +581,27 @@ def _is_cancellation(exc: BaseException) -> bool:
 
 
 
-def _claim(
-    conn: sqlite3.Connection, item: Item, stage: str, slot_wait: float, instance: str,
-    workdir: Path | None,
-) -> tuple[int, int] | str | None:  # fmt: skip
-    """Claim ``item`` (see `op_start_run`); a string is why it cannot run: its file is gone."""
-    # Runs in the store's thread: the file check, workdir and payload file stay off the loop.
-    if item.path is not None:
-        problem = _file_problem(item.path)
-        if problem is not None:
-            reason = f"{stage}: source file {item.path!r} {problem} before its run"
-            op_give_up(conn, item, reason)
-            return reason
-    claim = op_start_run(conn, item, stage, slot_wait, instance)
-    if claim is not None and workdir is not None:
-        os.makedirs(workdir, mode=0o700, exist_ok=True)
-        if item.payload is not None:
-            payload = workdir / "payload.json"
-            if not payload.exists():
-                payload.write_text(item.payload)
-    return claim
+def _prepare(jobs: list[tuple[int, str | None, str | None, str | None]]) -> dict[int, str]:
+    """Ready items for their runs (in a worker thread): ``(seq, path, workdir, payload)`` each.
+
+    Checks that the input file is still there and readable, makes the workdir and writes the
+    record's payload file. Returns what is wrong, by seq, for items that cannot run.
+    """
+    problems = {}
+    for seq, path, workdir, payload in jobs:
+        if path is not None:
+            problem = _file_problem(path)
+            if problem is not None:
+                problems[seq] = problem
+                continue
+        if workdir is not None:
+            os.makedirs(workdir, mode=0o700, exist_ok=True)
+            if payload is not None:
+                target = os.path.join(workdir, "payload.json")
+                if not os.path.exists(target):
+                    with open(target, "w", encoding="utf-8") as f:
+                        f.write(payload)
+    return problems
 
 
 def _file_problem(path: str) -> str | None:

@@ -184,9 +184,11 @@ async def test_queued_items_with_free_slots_and_no_run_is_a_stall(
 
             # When: a worker takes the item
             async with trio.open_nursery() as nursery:
+                await nursery.start(engine.serve_timers)  # the stages' preparers live there
                 nursery.start_soon(engine.serve_worker, config.stage("a"))
                 await engine.outstanding.wait_value(0)
                 engine.stop_taking_work()
+                nursery.cancel_scope.cancel()
             watchdog.check_stalls()
             # Then: the stall clears (the engine is draining now: the test stopped it).
             assert watchdog.stalls == {}

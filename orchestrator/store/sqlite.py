@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterable, Sequence
     from pathlib import Path
 
+    from orchestrator.reaper import SeenRun
     from orchestrator.runner import RunResult
 
 __all__ = ["SqliteStore", "connect", "open_sqlite_store"]
@@ -252,19 +253,36 @@ def op_ingest(conn: sqlite3.Connection, items: Iterable[NewItem]) -> list[Item]:
         _event(conn, seq, now, "ingested", stage, new.state.value, new.reason)
         added.append(
             Item(
-                seq=seq, id=new.id, source=new.source, key=new.key, route=new.route,
-                path=new.path, payload=new.payload, stage_index=0, state=new.state,
-                attempts=0, interruptions=0, not_before=None, reason=new.reason,
-                created_at=now, updated_at=now,
+                seq=seq,
+                id=new.id,
+                source=new.source,
+                key=new.key,
+                route=new.route,
+                path=new.path,
+                payload=new.payload,
+                stage_index=0,
+                state=new.state,
+                attempts=0,
+                interruptions=0,
+                not_before=None,
+                reason=new.reason,
+                created_at=now,
+                updated_at=now,
             )
         )
     return added
 
 
 def op_start_run(
-    conn: sqlite3.Connection, item: Item, stage: str, slot_wait: float, instance: str | None
-) -> tuple[int, int] | None:
+    conn: sqlite3.Connection, item: Item, stage: str, slot_wait: float, instance: str | None,
+    *, run_id: int | None = None, pid: int | None = None,
+) -> tuple[int, int] | None:  # fmt: skip
     """Atomically claim a queued (or retry-waiting) item for a run of ``stage``.
+
+    Args:
+        run_id: the run's id, when the caller chose it (`SqliteStore.new_run_id`).
+        pid: the run's process (= group), when it is already started: recorded with its
+            kernel start time in the same transaction.
 
     Returns ``(run_id, attempt)``, or None when the item is no longer claimable there.
     """
@@ -279,10 +297,15 @@ def op_start_run(
     if row is None:
         return None
     attempt = int(row[0])
+    proc_start = None
+    if pid is not None:
+        from orchestrator.reaper import proc_start_time
+
+        proc_start = proc_start_time(pid)
     cur = conn.execute(
-        "INSERT INTO runs (item_seq, stage, attempt, instance, started_at, slot_wait)"
-        " VALUES (?, ?, ?, ?, ?, ?)",
-        (item.seq, stage, attempt, instance, now, slot_wait),
+        "INSERT INTO runs (id, item_seq, stage, attempt, instance, started_at, slot_wait, pid,"
+        " pgid, proc_start) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (run_id, item.seq, stage, attempt, instance, now, slot_wait, pid, pid, proc_start),
     )
     run_id = cur.lastrowid
     assert run_id is not None
@@ -299,14 +322,19 @@ def op_finish_run(
     transition: Transition,
     log_path: str | None,
 ) -> None:
-    """Atomically close a run with its result and move its item as ``transition`` says."""
+    """Atomically close a run with its result and move its item as ``transition`` says.
+
+    A run that was never claimed (`op_start_run` found the item moved) moves nothing.
+    """
     now = time.time()
-    conn.execute(
+    cur = conn.execute(
         "UPDATE runs SET ended_at = ?, outcome = ?, exit_code = ?, signal = ?, duration = ?,"
         " pid = ?, pgid = ?, log_path = ?, tail = ?, reason = ? WHERE id = ?",
         (now, result.outcome.value, result.exit_code, result.signal, result.duration,
          result.pid, result.pid, log_path, result.tail, result.reason, run_id),
     )  # fmt: skip
+    if cur.rowcount == 0:
+        return
     conn.execute(
         "UPDATE items SET state = ?, stage_index = ?, attempts = ?, not_before = ?, reason = ?,"
         " updated_at = ? WHERE seq = ?",
@@ -390,12 +418,35 @@ class Recovery:
     poisoned_seqs: tuple[int, ...] = ()
 
 
-def op_recover(conn: sqlite3.Connection, max_interruptions: int) -> Recovery:
+def op_recover(
+    conn: sqlite3.Connection, max_interruptions: int, seen: Iterable[SeenRun] = ()
+) -> Recovery:
     """Close runs a dead instance left open as ``interrupted``; re-queue or kill their items.
 
     An item interrupted ``max_interruptions`` times is dead as a poison item. Attempts are kept.
+
+    Args:
+        seen: runs whose leftover processes the reaper found, as their environment tells them.
+            A run is recorded right after its spawn; one whose record the dead instance did
+            not get to write is recorded now (so that it counts as an interruption).
     """
     now = time.time()
+    for run in seen:
+        if conn.execute("SELECT 1 FROM runs WHERE id = ?", (run.run,)).fetchone() is not None:
+            continue
+        row = conn.execute(
+            "UPDATE items SET state = 'running', attempts = max(attempts, ?), updated_at = ?"
+            " WHERE id = ? AND state IN ('queued', 'retry_wait', 'running')"
+            " AND json_extract(route, '$[' || stage_index || ']') = ? RETURNING seq",
+            (run.attempt, now, run.item, run.stage),
+        ).fetchone()
+        if row is None:
+            continue
+        conn.execute(
+            "INSERT INTO runs (id, item_seq, stage, attempt, instance, started_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (run.run, row[0], run.stage, run.attempt, run.instance, now),
+        )
     open_runs = conn.execute(
         "SELECT id, item_seq, stage FROM runs WHERE outcome IS NULL ORDER BY id"
     ).fetchall()
@@ -415,9 +466,7 @@ def op_recover(conn: sqlite3.Connection, max_interruptions: int) -> Recovery:
             continue
         if row[0] >= max_interruptions:
             reason = f"poison item: interrupted {row[0]} times at stage {stage!r}"
-            conn.execute(
-                "UPDATE items SET state = 'dead', reason = ? WHERE seq = ?", (reason, seq)
-            )
+            conn.execute("UPDATE items SET state = 'dead', reason = ? WHERE seq = ?", (reason, seq))
             _event(conn, seq, now, "interrupted", stage, "dead", reason)
             poisoned.append(seq)
         else:
@@ -446,10 +495,6 @@ def op_source_keys(conn: sqlite3.Connection, source: str) -> set[str]:
     return {r[0] for r in conn.execute("SELECT key FROM items WHERE source = ?", (source,))}
 
 
-
-
-
-
 def op_get_item(conn: sqlite3.Connection, item_id: str) -> Item:
     """The item with this id.
 
@@ -468,8 +513,6 @@ def op_item_runs(conn: sqlite3.Connection, seq: int) -> list[RunRecord]:
     return [_run(r) for r in rows]
 
 
-
-
 # --- the async store -------------------------------------------------------------------------
 
 
@@ -479,6 +522,8 @@ class _Op:
     power_safe: bool = True
     #: Nobody waits for it: log its error.
     report: bool = False
+    #: Called in the loop once the operation is through (durable, or failed: see ``error``).
+    on_done: Callable[[_Op], None] | None = None
     done: trio.Event = attrs.field(factory=trio.Event)
     result: Any = None
     error: BaseException | None = None
@@ -490,7 +535,10 @@ class SqliteStore:
     Built by `open_sqlite_store`, which owns the committer task.
     """
 
-    def __init__(self, conn: sqlite3.Connection, path: Path, synchronous: str = "FULL") -> None:
+    def __init__(
+        self, conn: sqlite3.Connection, path: Path, synchronous: str = "FULL", *,
+        last_run_id: int = 0,
+    ) -> None:  # fmt: skip
         self.path = path
         self._conn = conn
         #: Fsync the WAL for power-safe operations (``synchronous=FULL``).
@@ -508,6 +556,20 @@ class SqliteStore:
         self.commits = 0
         self.operations = 0
         self.syncs = 0
+        self._last_run_id = last_run_id
+
+    def new_run_id(self) -> int:
+        """A run id nobody has used: the one writer of this store (the instance lock) picks them,
+        so a run's id -- and its environment marker -- exists before its record is written."""
+        self._last_run_id += 1
+        return self._last_run_id
+
+    async def reload_run_ids(self) -> None:
+        """Continue run ids after the highest recorded (recovery records runs of the dead)."""
+        last = await self.read(
+            lambda c: c.execute("SELECT coalesce(max(id), 0) FROM runs").fetchone()[0]
+        )
+        self._last_run_id = max(self._last_run_id, int(last))
 
     async def call(self, fn: Callable[[sqlite3.Connection], T], *, power_safe: bool = True) -> T:
         """Run ``fn(conn)`` in its own savepoint of the next group commit; return its result.
@@ -530,15 +592,23 @@ class SqliteStore:
             raise op.error
         return op.result  # type: ignore[no-any-return]
 
-    def submit(self, fn: Callable[[sqlite3.Connection], object], *, power_safe: bool = False) -> None:
+    def submit(
+        self, fn: Callable[[sqlite3.Connection], object], *, power_safe: bool = False,
+        on_done: Callable[[_Op], None] | None = None,
+    ) -> None:  # fmt: skip
         """Queue ``fn(conn)`` for the next group commit without waiting for it.
 
         Operations commit in the order they were queued, so a later `call` returning means this
-        one is committed too. A failure is logged, not raised.
+        one is committed too. ``on_done(op)`` is called in the loop once the operation is
+        through -- committed (and fsynced when ``power_safe`` and the store is FULL) or failed
+        (``op.error``); without it, a failure is logged.
         """
         if self._closed:
+            if on_done is not None:
+                op = _Op(fn, power_safe, error=StoreUnavailable("the store is closed"))
+                on_done(op)
             return
-        self._pending.append(_Op(fn, power_safe, report=True))
+        self._pending.append(_Op(fn, power_safe, report=on_done is None, on_done=on_done))
         self._wakeup.set()
 
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -593,7 +663,9 @@ class SqliteStore:
     def _wake(batch: list[_Op]) -> None:
         for op in batch:
             op.done.set()
-            if op.report and op.error is not None:
+            if op.on_done is not None:
+                op.on_done(op)
+            elif op.report and op.error is not None:
                 logger.opt(exception=op.error).error("store operation failed")
 
     def _sync(self, batch: list[_Op]) -> None:
@@ -663,7 +735,11 @@ class SqliteStore:
         """Durably close a run and move its item; see `op_finish_run`."""
         await self.call(
             lambda c: op_finish_run(
-                c, run_id=run_id, item=item, result=result, transition=transition,
+                c,
+                run_id=run_id,
+                item=item,
+                result=result,
+                transition=transition,
                 log_path=log_path,
             )
         )
@@ -674,6 +750,8 @@ class SqliteStore:
         for op in self._pending + self._unsynced:
             op.error = error
             op.done.set()
+            if op.on_done is not None:
+                op.on_done(op)
         self._pending.clear()
         self._unsynced.clear()
         if self._wal_fd is not None:
@@ -698,8 +776,9 @@ async def open_sqlite_store(
         async with open_sqlite_store(state_dir / "orchestrator.db") as store:
             added = await store.ingest(new_items)
     """
+
     # With FULL, SQLite itself runs at NORMAL and the store's syncer does the fsyncs.
-    def open_both() -> tuple[sqlite3.Connection, sqlite3.Connection]:
+    def open_both() -> tuple[sqlite3.Connection, sqlite3.Connection, int]:
         conn = connect(path, synchronous="NORMAL", busy_timeout=busy_timeout)
         # Checkpoints (copying the WAL into the database, with two fsyncs) are taken off the
         # commit path: a second connection runs them from its own thread.
@@ -708,10 +787,11 @@ async def open_sqlite_store(
             path, isolation_level=None, check_same_thread=False, timeout=busy_timeout
         )
         checkpointer.execute("PRAGMA synchronous=NORMAL")
-        return conn, checkpointer
+        last_run_id = conn.execute("SELECT coalesce(max(id), 0) FROM runs").fetchone()[0]
+        return conn, checkpointer, int(last_run_id)
 
-    conn, checkpointer = await trio.to_thread.run_sync(open_both)
-    store = SqliteStore(conn, path, synchronous)
+    conn, checkpointer, last_run_id = await trio.to_thread.run_sync(open_both)
+    store = SqliteStore(conn, path, synchronous, last_run_id=last_run_id)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(store.serve_committer)
