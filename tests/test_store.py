@@ -13,6 +13,7 @@ import pytest
 import trio
 
 from orchestrator.errors import StoreUnavailable
+from orchestrator.reaper import SeenRun
 from orchestrator.runner import Outcome, RunResult
 from orchestrator.store import ItemState, NewItem, Transition, connect, open_sqlite_store
 from orchestrator.store.sqlite import (
@@ -143,6 +144,37 @@ async def test_recovery_requeues_interrupted_and_kills_poison_items(tmp_path: Pa
     assert b2.state is ItemState.DEAD
     assert b2.reason == "poison item: interrupted 3 times at stage 'a'"
     assert runs[0].outcome == "interrupted"
+
+
+async def test_recovery_records_runs_known_only_from_their_leftovers(tmp_path: Path) -> None:
+    # Given: a run's claim never reached the store (its instance died right after the spawn),
+    # but its leftover process told the reaper who it was; plus a run that was recorded.
+    async with open_sqlite_store(tmp_path / "o.db") as store:
+        a, b, c = await store.ingest([new("a"), new("b"), new("c")])
+        claim = await store.start_run(b, "a", 0.0, "dead")
+        assert claim is not None
+        seen = [
+            SeenRun(run=41, item=a.id, stage="a", attempt=1, instance="dead"),
+            SeenRun(run=claim[0], item=b.id, stage="a", attempt=1, instance="dead"),  # recorded
+            SeenRun(run=43, item=c.id, stage="b", attempt=1, instance="dead"),  # not its stage
+        ]
+        # When: the next start recovers.
+        rec = await store.call(lambda conn: op_recover(conn, 3, seen))
+        await store.reload_run_ids()
+        next_id = store.new_run_id()
+        a2, b2, c2 = [
+            await store.read(lambda conn, k=k: op_get_item(conn, f"src:{k}")) for k in "abc"
+        ]
+        runs_a = await store.read(lambda conn: op_item_runs(conn, a.seq))
+        runs_c = await store.read(lambda conn: op_item_runs(conn, c.seq))
+    # Then: the unrecorded run is recorded as interrupted and counts; nothing twice; a run
+    # that does not match the item's stage is not invented; ids continue after the highest.
+    assert rec.interrupted == 2
+    assert (a2.state, a2.attempts, a2.interruptions) == (ItemState.QUEUED, 1, 1)
+    assert [(r.id, r.outcome) for r in runs_a] == [(41, "interrupted")]
+    assert (b2.state, b2.interruptions) == (ItemState.QUEUED, 1)
+    assert (c2.state, c2.interruptions, runs_c) == (ItemState.QUEUED, 0, [])
+    assert next_id == 42
 
 
 async def test_store_files_are_private(tmp_path: Path) -> None:
