@@ -29,6 +29,7 @@ import os
 import select
 import shutil
 import signal
+import time
 from typing import TYPE_CHECKING
 
 import attrs
@@ -54,6 +55,12 @@ EOF_WAIT = 2.0
 ESCAPE_CHECK = 0.1
 #: Upper bound on waiting for a SIGKILLed leader to exit (a process stuck in the kernel, state D).
 KILL_WAIT = 30.0
+#: How often the descriptors a child would inherit are listed again (see `_inherited_fds`).
+FD_SCAN_INTERVAL = 1.0
+_fd_scan: tuple[float, list[int]] = (-math.inf, [])
+#: Idle epoll sets kept for the next runs (one per concurrent run is enough).
+EPOLL_POOL = 64
+_EPOLLS: list[select.epoll] = []
 #: Signals Python sets to SIG_IGN that a child must get back at their default disposition.
 _RESET_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
 #: A fixed shell trampoline used only to change directory before exec: the user's argv is passed
@@ -227,7 +234,8 @@ class _Watch:
         self.pidfd = pidfd
         self.output = output
         self.leader_exited = False
-        self.epoll = select.epoll(2)
+        # Reused from run to run: the trio loop's registration of the set stays valid.
+        self.epoll = _EPOLLS.pop() if _EPOLLS else select.epoll(2)
         self.epoll.register(pidfd, select.EPOLLIN)
         self.epoll.register(output.fd, select.EPOLLIN)
 
@@ -261,7 +269,15 @@ class _Watch:
             await self.wait()
 
     def close(self) -> None:
-        self.epoll.close()
+        """Give the set back for the next run, empty."""
+        if not self.leader_exited:
+            self.epoll.unregister(self.pidfd)
+        if not self.output.eof:
+            self.epoll.unregister(self.output.fd)
+        if len(_EPOLLS) < EPOLL_POOL:
+            _EPOLLS.append(self.epoll)
+        else:
+            self.epoll.close()
 
 
 def kill_marked(marker: tuple[str, ...]) -> list[int]:
@@ -293,7 +309,17 @@ def _close_quietly(fd: int) -> None:
 
 def _inherited_fds() -> list[int]:
     """Our descriptors above 2 that a child would inherit (Python makes its own close-on-exec,
-    but a library or an embedding program may not)."""
+    but a library or an embedding program may not), listed at most every `FD_SCAN_INTERVAL`.
+
+    Listing ``/proc/self/fd`` costs about as much as the rest of a spawn, and what it finds
+    changes rarely: descriptors this process inherited are there from the start, and one a
+    library makes inheritable later is found within the interval. Closing a listed descriptor
+    that has been closed since is harmless (the child closes it, or it was close-on-exec).
+    """
+    global _fd_scan
+    now = time.monotonic()
+    if now - _fd_scan[0] < FD_SCAN_INTERVAL:
+        return _fd_scan[1]
     fds = []
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
@@ -303,6 +329,7 @@ def _inherited_fds() -> list[int]:
                     fds.append(fd)
             except OSError:
                 pass  # the listing's own descriptor, already closed
+    _fd_scan = (now, fds)
     return fds
 
 

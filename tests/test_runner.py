@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import trio
 
+from orchestrator import runner
 from orchestrator.runner import EOF_WAIT, Command, Outcome, RunResult, run_command
 
 PY = sys.executable
@@ -783,7 +784,12 @@ async def test_run_command_cwd_keeps_env_exact_but_pwd(tmp_path: Path) -> None:
     assert seen == env
 
 
-async def test_run_command_child_does_not_inherit_our_fds(tmp_path: Path) -> None:
+async def test_run_command_child_does_not_inherit_our_fds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Descriptors are listed at most every FD_SCAN_INTERVAL; this one appears between two runs.
+    await run_command(cmd(("true",)))
+    monkeypatch.setattr(runner, "FD_SCAN_INTERVAL", 0.0)
     rfd, wfd = os.pipe()
     try:
         os.set_inheritable(wfd, True)
