@@ -259,11 +259,13 @@ class Engine:
     async def _serve_lane(self, lane: _Lane) -> None:
         """Keep ``lane.depth()`` items prepared ahead of the stage's workers."""
         while True:
-            room = lane.depth() - len(lane.ready)
-            if not lane.queued or room <= 0:
+            depth = lane.depth()
+            # Refill once half the prepared items are taken: batches, not a hop per item.
+            if not lane.queued or len(lane.ready) > depth // 2:
                 await lane.wanted.wait()
                 lane.wanted = trio.Event()
                 continue
+            room = depth - len(lane.ready)
             batch = [lane.queued.popleft() for _ in range(min(room, len(lane.queued)))]
             jobs = [
                 (item.seq, item.path, self._workdir(item), item.payload)

@@ -32,7 +32,7 @@ import os
 import re
 import shutil
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import attrs
 import trio
@@ -43,7 +43,7 @@ from orchestrator.store.records import TERMINAL_STATES, ItemState, NewItem
 from orchestrator.store.sqlite import op_source_keys
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Iterable, Iterator
 
     from orchestrator.config import Disposition, SourceConfig
     from orchestrator.store.records import Item
@@ -53,6 +53,12 @@ __all__ = ["DirectorySource", "Disposed", "FileSeen", "free_name", "move_no_clob
 
 #: Copy buffer when a move crosses file systems.
 COPY_CHUNK = 1 << 20
+#: New files are ingested (one durable transaction each) in chunks growing from this size...
+INGEST_FIRST_CHUNK = 50
+#: ...up to this one.
+INGEST_MAX_CHUNK = 5000
+
+T = TypeVar("T")
 
 
 @attrs.frozen
@@ -249,13 +255,16 @@ class DirectorySource:
             leftovers, self.leftovers = self.leftovers, []
             await self._dispose_leftovers(engine, leftovers)
         new = self.select(files)
-        if new:
-            added = await engine.store.ingest(new)
-            self.accepted(n.key for n in new)
-            if added:
-                self._log.info("ingested {} item(s)", len(added))
+        total = 0
+        # In growing chunks: the first items run while the rest is still being written.
+        for chunk in _chunks(new, INGEST_FIRST_CHUNK, INGEST_MAX_CHUNK):
+            added = await engine.store.ingest(chunk)
+            self.accepted(n.key for n in chunk)
+            total += len(added)
             for item in added:
                 engine.admit(item)
+        if total:
+            self._log.info("ingested {} item(s)", total)
         return self.unsettled == 0
 
     def close(self) -> None:
@@ -410,3 +419,12 @@ def _copy_no_clobber(src: str, dest: str) -> str | None:
         raise
     os.unlink(src)
     return candidate
+
+
+def _chunks(items: list[T], first: int, most: int) -> Iterator[list[T]]:
+    """``items`` in consecutive chunks of ``first``, then four times more each, up to ``most``."""
+    size, start = first, 0
+    while start < len(items):
+        yield items[start : start + size]
+        start += size
+        size = min(size * 4, most)
