@@ -683,7 +683,31 @@ class SqliteStore:
             return
         self.syncs += 1
 
+    def _commit_together(self, batch: list[_Op]) -> bool:
+        """The common case, cheaply: every operation succeeds, no savepoint each. False (rolled
+        back, nothing recorded) when any fails -- then `_commit` isolates each in a savepoint."""
+        conn = self._conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            results = [op.fn(conn) for op in batch]
+            conn.execute("COMMIT")
+        except Exception:
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            return False
+        for op, result in zip(batch, results, strict=True):
+            op.result = result
+        self.last_failure = None
+        self.commits += 1
+        self.operations += len(batch)
+        return True
+
     def _commit(self, batch: list[_Op]) -> None:
+        if len(batch) > 1 and self._commit_together(batch):
+            return
         conn = self._conn
         try:
             conn.execute("BEGIN IMMEDIATE")
