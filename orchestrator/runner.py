@@ -147,25 +147,19 @@ class _Output:
         self.log_error: str | None = None
         self.eof = False
 
-    def drain(self) -> bool:
-        """Read what the pipe holds now; True when anything (data or EOF) arrived."""
-        got = False
-        while True:
-            try:
-                chunk = os.read(self.fd, 65536)
-            except BlockingIOError:
-                return got
-            got = True
-            if not chunk:
-                self.eof = True
-                return True
-            self.total += len(chunk)
-            self.tail += chunk
-            if len(self.tail) > TAIL_BYTES:
-                del self.tail[: len(self.tail) - TAIL_BYTES]
-            self._keep(chunk)
-            if len(chunk) < 65536:
-                return True
+    def read(self) -> bool:
+        """Take one chunk from the pipe, which is readable (it never blocks then); True when
+        anything (data or EOF) arrived."""
+        chunk = os.read(self.fd, 65536)
+        if not chunk:
+            self.eof = True
+            return True
+        self.total += len(chunk)
+        self.tail += chunk
+        if len(self.tail) > TAIL_BYTES:
+            del self.tail[: len(self.tail) - TAIL_BYTES]
+        self._keep(chunk)
+        return True
 
     def _keep(self, chunk: bytes) -> None:
         if self.log_path is None or self.truncated or self.log_error is not None:
@@ -206,8 +200,7 @@ class _Output:
             self.pending_size = 0
 
     async def aclose(self) -> None:
-        """Close the pipe; write what is pending to the log and close it (only then a thread hop)."""
-        os.close(self.fd)
+        """Write what is pending to the log and close it (only then a thread hop)."""
         if not self.pending and self.log_fd is None:
             return
         try:
@@ -227,17 +220,19 @@ class _Watch:
 
     The trio loop waits for the set itself to become readable; what is ready is then read
     without blocking. A source that has said all it will (the leader exited, the pipe reached
-    EOF) leaves the set so the wait never spins on it.
+    EOF) leaves the set before the next wait, so the wait never spins on it. Sets are reused
+    from run to run (the loop's registration of a set stays valid): `release` after the run's
+    descriptors are closed, which takes them out of the set.
     """
 
     def __init__(self, pidfd: int, output: _Output) -> None:
         self.pidfd = pidfd
         self.output = output
         self.leader_exited = False
-        # Reused from run to run: the trio loop's registration of the set stays valid.
         self.epoll = _EPOLLS.pop() if _EPOLLS else select.epoll(2)
         self.epoll.register(pidfd, select.EPOLLIN)
         self.epoll.register(output.fd, select.EPOLLIN)
+        self._watching_pid = self._watching_output = True
 
     def poll(self) -> bool:
         """Take what is ready now; True when output (or EOF) arrived."""
@@ -245,15 +240,18 @@ class _Watch:
         for fd, _ in self.epoll.poll(0):
             if fd == self.pidfd:
                 self.leader_exited = True
-                self.epoll.unregister(fd)
-            elif self.output.drain():
-                got = True
-                if self.output.eof:
-                    self.epoll.unregister(fd)
+            elif not self.output.eof:
+                got = self.output.read() or got
         return got
 
     async def wait(self, on_data: Callable[[], None] | None = None) -> None:
         """Until something is ready (then take it); flushes the log as output piles up."""
+        if self.leader_exited and self._watching_pid:
+            self.epoll.unregister(self.pidfd)
+            self._watching_pid = False
+        if self.output.eof and self._watching_output:
+            self.epoll.unregister(self.output.fd)
+            self._watching_output = False
         await trio.lowlevel.wait_readable(self.epoll.fileno())
         if self.poll() and on_data is not None:
             on_data()
@@ -268,12 +266,8 @@ class _Watch:
         while not self.output.eof:
             await self.wait()
 
-    def close(self) -> None:
-        """Give the set back for the next run, empty."""
-        if not self.leader_exited:
-            self.epoll.unregister(self.pidfd)
-        if not self.output.eof:
-            self.epoll.unregister(self.output.fd)
+    def release(self) -> None:
+        """Give the set back for the next run (the run's descriptors are closed: it is empty)."""
         if len(_EPOLLS) < EPOLL_POOL:
             _EPOLLS.append(self.epoll)
         else:
@@ -392,7 +386,6 @@ async def run_command(
         )  # fmt: skip
     finally:
         os.close(wfd)
-    os.set_blocking(rfd, False)
     output = _Output(rfd, cmd.log_path, cmd.output_limit)
     pidfd = os.pidfd_open(pid)
     watch = _Watch(pidfd, output)
@@ -459,8 +452,9 @@ async def run_command(
                 reaped = await reap()
         raise
     finally:
-        watch.close()
         os.close(pidfd)
+        os.close(rfd)
+        watch.release()
         with trio.CancelScope(shield=True):
             await output.aclose()
 
