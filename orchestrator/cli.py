@@ -6,6 +6,7 @@ Exit codes are named ``EXIT_*`` below; ``main`` returns them, so tests call ``ma
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import sqlite3
 import sys
@@ -62,6 +63,8 @@ EXIT_LOOP_STALLED = 70
 EXIT_WARNING = 1
 #: ``health``: the service is not running, or its status file is older than 4 intervals.
 EXIT_CRITICAL = 2
+#: Allocations between two collections of young objects while the engine runs (Python: 700).
+GC_YOUNG_THRESHOLD = 10_000
 
 app = typer.Typer(
     add_completion=False,
@@ -161,6 +164,11 @@ def _serve(cfg: Config, *, batch: bool, progress: bool = False) -> ServiceResult
 
     from orchestrator.supervisor import serve
 
+    # Every run allocates many short-lived objects: collect young garbage every 10,000
+    # allocations rather than 700 (about 10 % of a trivial stage's cost), and leave what
+    # start-up built out of every collection.
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
     try:
         if not progress:
             return trio.run(lambda: serve(cfg, batch=batch))
