@@ -278,7 +278,7 @@ class Engine:
                 if problem is None:
                     lane.ready.append(item)
                 else:
-                    self._give_up(item, f"{item.stage}: source file {item.path!r} {problem} before its run")
+                    self._give_up(item, f"{item.stage}: {problem}")
             lane.has_ready.set()
             lane.has_ready = trio.Event()
 
@@ -594,15 +594,18 @@ def _prepare(jobs: list[tuple[int, str | None, str | None, str | None]]) -> dict
         if path is not None:
             problem = _file_problem(path)
             if problem is not None:
-                problems[seq] = problem
+                problems[seq] = f"source file {path!r} {problem} before its run"
                 continue
         if workdir is not None:
-            os.makedirs(workdir, mode=0o700, exist_ok=True)
-            if payload is not None:
-                target = os.path.join(workdir, "payload.json")
-                if not os.path.exists(target):
-                    with open(target, "w", encoding="utf-8") as f:
-                        f.write(payload)
+            try:
+                os.makedirs(workdir, mode=0o700, exist_ok=True)
+                if payload is not None:
+                    target = os.path.join(workdir, "payload.json")
+                    if not os.path.exists(target):
+                        with open(target, "w", encoding="utf-8") as f:
+                            f.write(payload)
+            except OSError as exc:  # a full disk: the item says why (requeue it later)
+                problems[seq] = f"cannot prepare its workdir {workdir!r}: {exc.strerror or exc}"
     return problems
 
 

@@ -143,6 +143,40 @@ def test_batch_exit_1_and_reason_when_an_item_is_dead(tmp_path: Path) -> None:
     assert tails == ["bad input x.txt"] * 3
 
 
+def test_a_workdir_that_cannot_be_made_kills_the_item_with_the_reason(tmp_path: Path) -> None:
+    # Given: a stage that uses {workdir}, and the state's work folder blocked by a file (as a
+    # full disk would block it).
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "x.txt").write_text("x")
+    (tmp_path / "state").mkdir(mode=0o700)
+    (tmp_path / "state" / "work").write_text("not a folder")
+    config = tmp_path / "c.toml"
+    config.write_text(textwrap.dedent("""
+        [http]
+        listen = false
+        [[sources]]
+        name = "in"
+        type = "directory"
+        path = "in"
+        route = ["s"]
+        settle = "0s"
+        [[stages]]
+        name = "s"
+        command = ["touch", "{workdir}/ran"]
+        """))
+
+    # When
+    proc = orchestrator("batch", "-c", str(config), "--json", "--no-progress", cwd=tmp_path)
+
+    # Then: exit 1, nothing ran, the item is dead and says why (it can be requeued later).
+    assert proc.returncode == 1, proc.stderr
+    summary = json.loads(proc.stdout)
+    [failed] = summary["failed_items"]
+    assert failed["stage"] == "s"
+    assert "cannot prepare its workdir" in failed["reason"]
+    assert summary["stages"]["s"]["runs"] == 0
+
+
 def test_batch_human_summary_and_check(tmp_path: Path) -> None:
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "one.txt").write_text("1")
