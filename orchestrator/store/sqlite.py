@@ -346,14 +346,9 @@ def op_finish_run(
            transition.reason)  # fmt: skip
 
 
-def op_record_spawn(conn: sqlite3.Connection, run_id: int, pid: int) -> None:
-    """Record a run's pid (= pgid) and the kernel's start time of that process."""
-    from orchestrator.reaper import proc_start_time
-
-    conn.execute(
-        "UPDATE runs SET pid = ?, pgid = ?, proc_start = ? WHERE id = ?",
-        (pid, pid, proc_start_time(pid), run_id),
-    )
+def op_last_run_id(conn: sqlite3.Connection) -> int:
+    """The highest run id recorded (0 for none)."""
+    return int(conn.execute("SELECT coalesce(max(id), 0) FROM runs").fetchone()[0])
 
 
 def op_open_runs(conn: sqlite3.Connection) -> list[tuple[int, int | None]]:
@@ -566,10 +561,8 @@ class SqliteStore:
 
     async def reload_run_ids(self) -> None:
         """Continue run ids after the highest recorded (recovery records runs of the dead)."""
-        last = await self.read(
-            lambda c: c.execute("SELECT coalesce(max(id), 0) FROM runs").fetchone()[0]
-        )
-        self._last_run_id = max(self._last_run_id, int(last))
+        last = await self.read(op_last_run_id)
+        self._last_run_id = max(self._last_run_id, last)
 
     async def call(self, fn: Callable[[sqlite3.Connection], T], *, power_safe: bool = True) -> T:
         """Run ``fn(conn)`` in its own savepoint of the next group commit; return its result.
@@ -692,11 +685,7 @@ class SqliteStore:
             results = [op.fn(conn) for op in batch]
             conn.execute("COMMIT")
         except Exception:
-            if conn.in_transaction:
-                try:
-                    conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
+            _rollback_quietly(conn)
             return False
         for op, result in zip(batch, results, strict=True):
             op.result = result
@@ -723,11 +712,7 @@ class SqliteStore:
                 conn.execute("RELEASE op")
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
-            if conn.in_transaction:
-                try:
-                    conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
+            _rollback_quietly(conn)
             error = StoreUnavailable(f"cannot write the store {str(self.path)!r}: {exc}")
             self.last_failure = str(error)
             for op in batch:
@@ -784,6 +769,14 @@ class SqliteStore:
         await trio.to_thread.run_sync(self._conn.close, limiter=self._limiter)
 
 
+def _rollback_quietly(conn: sqlite3.Connection) -> None:
+    if conn.in_transaction:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+
+
 def _is_disk_error(exc: sqlite3.Error) -> bool:
     text = str(exc).lower()
     return "disk" in text or "i/o" in text or "readonly" in text or "read-only" in text
@@ -811,8 +804,7 @@ async def open_sqlite_store(
             path, isolation_level=None, check_same_thread=False, timeout=busy_timeout
         )
         checkpointer.execute("PRAGMA synchronous=NORMAL")
-        last_run_id = conn.execute("SELECT coalesce(max(id), 0) FROM runs").fetchone()[0]
-        return conn, checkpointer, int(last_run_id)
+        return conn, checkpointer, op_last_run_id(conn)
 
     conn, checkpointer, last_run_id = await trio.to_thread.run_sync(open_both)
     store = SqliteStore(conn, path, synchronous, last_run_id=last_run_id)
