@@ -221,8 +221,8 @@ class _Watch:
     The trio loop waits for the set itself to become readable; what is ready is then read
     without blocking. A source that has said all it will (the leader exited, the pipe reached
     EOF) leaves the set before the next wait, so the wait never spins on it. Sets are reused
-    from run to run (the loop's registration of a set stays valid): `release` after the run's
-    descriptors are closed, which takes them out of the set.
+    from run to run (the loop's registration of a set stays valid): `close` ends the run's use
+    of it.
     """
 
     def __init__(self, pidfd: int, output: _Output) -> None:
@@ -266,8 +266,23 @@ class _Watch:
         while not self.output.eof:
             await self.wait()
 
-    def release(self) -> None:
-        """Give the set back for the next run (the run's descriptors are closed: it is empty)."""
+    def close(self) -> None:
+        """Close the run's pidfd and pipe and give the set back for the next run.
+
+        Each source still in the set leaves it *before* its descriptor is closed: closing
+        alone takes it out only when no other process holds the description, and a sibling
+        run's child keeps copies of our close-on-exec descriptors for a moment after its
+        exec has let the spawning thread go on. A pooled set left holding a finished run's
+        pidfd would report it, under the same number, as the next run's leader exiting.
+        """
+        if self._watching_pid:
+            self.epoll.unregister(self.pidfd)
+            self._watching_pid = False
+        if self._watching_output:
+            self.epoll.unregister(self.output.fd)
+            self._watching_output = False
+        os.close(self.pidfd)
+        os.close(self.output.fd)
         if len(_EPOLLS) < EPOLL_POOL:
             _EPOLLS.append(self.epoll)
         else:
@@ -452,9 +467,7 @@ async def run_command(
                 reaped = await reap()
         raise
     finally:
-        os.close(pidfd)
-        os.close(rfd)
-        watch.release()
+        watch.close()
         with trio.CancelScope(shield=True):
             await output.aclose()
 

@@ -141,7 +141,9 @@ def test_kill_9_at_random_moments_loses_nothing_and_never_overlaps(tmp_path: Pat
     assert proc.wait(timeout=30) == 0, log.read_text()[-3000:]
 
     # Then: every item is done, and reached done exactly once.
-    assert states(db) == {"done": ITEMS}
+    text = log.read_text()
+    tail = text[-3000:]  # every assertion below shows it: a rare failure must explain itself
+    assert states(db) == {"done": ITEMS}, tail
     with sqlite3.connect(db) as conn:
         dones = conn.execute(
             "SELECT item_seq, count(*) FROM events WHERE state = 'done' GROUP BY item_seq"
@@ -149,18 +151,18 @@ def test_kill_9_at_random_moments_loses_nothing_and_never_overlaps(tmp_path: Pat
         interrupted = conn.execute(
             "SELECT count(*) FROM runs WHERE outcome = 'interrupted'"
         ).fetchone()[0]
-    assert len(dones) == ITEMS
-    assert all(n == 1 for _, n in dones)
+    assert len(dones) == ITEMS, tail
+    assert [seq for seq, n in dones if n != 1] == [], tail
     # The exclusive stages never overlapped, judged by the programs' own flock probes -- also
     # an orphan of a killed instance against a run of the next one.
-    assert "OVERLAP" not in record.read_text()
+    overlaps = [ln for ln in record.read_text().splitlines() if "OVERLAP" in ln]
+    assert overlaps == [], tail
     # The scenario really happened: runs were interrupted, and leftovers were found and ended
     # at restarts.
-    text = log.read_text()
-    assert interrupted > 0
-    assert "left running by a dead instance" in text
+    assert interrupted > 0, tail
+    assert "left running by a dead instance" in text, tail
     # No process of any run survives.
-    assert processes_with_env(f"ORCH_STATE={tmp_path / 'state'}") == []
+    assert processes_with_env(f"ORCH_STATE={tmp_path / 'state'}") == [], tail
 
 
 def test_poison_item_is_dead_after_max_interruptions(tmp_path: Path) -> None:

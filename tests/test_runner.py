@@ -799,3 +799,46 @@ async def test_run_command_child_does_not_inherit_our_fds(
     finally:
         os.close(rfd)
         os.close(wfd)
+
+
+async def test_a_reused_epoll_set_never_reports_a_finished_runs_descriptor() -> None:
+    # The kernel lets a vfork parent go on at exec's point of no return, *before* the child has
+    # closed its copies of our close-on-exec descriptors. A run that ends in that moment closes
+    # its pidfd while the description is still open in the sibling, so closing alone does not
+    # take it out of the epoll set; the set went back to the pool with it, and the next run to
+    # get the same descriptor number read the old "leader exited" and SIGKILLed its own live
+    # group (found by the kill -9 soak: a prep run "killed by SIGKILL" 2 ms after it started).
+    # The sibling's copy is played here by a dup that outlives the close.
+    finished = subprocess_pid(("true",))
+    pidfd = os.pidfd_open(finished)
+    os.waitid(os.P_PID, finished, os.WEXITED | os.WNOWAIT)  # exited: its pidfd is readable
+    rfd, wfd = os.pipe()
+    watch = runner._Watch(pidfd, runner._Output(rfd, None, 1024))
+    await watch.until_leader_exits()
+    sibling_copy = os.dup(pidfd)
+    watch.close()  # closes pidfd and rfd, gives the set back to the pool
+    os.close(wfd)
+    os.waitpid(finished, 0)
+
+    alive = subprocess_pid(("sleep", "30"))
+    try:
+        fresh = os.pidfd_open(alive)
+        if fresh != pidfd:  # the next run's pidfd gets the finished one's number
+            os.dup2(fresh, pidfd)
+            os.close(fresh)
+        rfd2, wfd2 = os.pipe()
+        watch2 = runner._Watch(pidfd, runner._Output(rfd2, None, 1024))
+        assert watch2.epoll is watch.epoll  # the pooled set, as in a run
+        watch2.poll()
+        assert not watch2.leader_exited
+        watch2.close()
+        os.close(wfd2)
+    finally:
+        os.close(sibling_copy)
+        os.kill(alive, signal.SIGKILL)
+        os.waitpid(alive, 0)
+
+
+def subprocess_pid(argv: tuple[str, ...]) -> int:
+    """A plain child (not a run): its pid, for tests of the runner's parts."""
+    return os.posix_spawnp(argv[0], list(argv), dict(os.environ))
