@@ -230,8 +230,12 @@ class _Watch:
         self.output = output
         self.leader_exited = False
         self.epoll = _EPOLLS.pop() if _EPOLLS else select.epoll(2)
-        self.epoll.register(pidfd, select.EPOLLIN)
-        self.epoll.register(output.fd, select.EPOLLIN)
+        try:
+            self.epoll.register(pidfd, select.EPOLLIN)
+            self.epoll.register(output.fd, select.EPOLLIN)
+        except BaseException:
+            self.epoll.close()  # never back to the pool with an entry left in it
+            raise
         self._watching_pid = self._watching_output = True
 
     def poll(self) -> bool:
@@ -389,21 +393,40 @@ async def run_command(
     """
     clock = trio.current_time
     started = clock()
-    rfd, wfd = os.pipe()
+
+    def failed(reason: str, pid: int | None = None) -> RunResult:
+        return RunResult(
+            outcome=Outcome.FAILED, exit_code=None, signal=None, pid=pid,
+            duration=clock() - started, tail="", reason=reason,
+        )  # fmt: skip
+
+    try:
+        rfd, wfd = os.pipe()
+    except OSError as exc:  # a full descriptor table: nothing was started
+        return failed(f"cannot start {cmd.argv[0]!r}: {exc.strerror or exc}")
     try:
         pid = _spawn(cmd, wfd)
     except OSError as exc:
         os.close(rfd)
-        reason = f"cannot start {cmd.argv[0]!r}: {exc.strerror or exc}"
-        return RunResult(
-            outcome=Outcome.FAILED, exit_code=None, signal=None, pid=None,
-            duration=clock() - started, tail="", reason=reason,
-        )  # fmt: skip
+        return failed(f"cannot start {cmd.argv[0]!r}: {exc.strerror or exc}")
     finally:
         os.close(wfd)
     output = _Output(rfd, cmd.log_path, cmd.output_limit)
-    pidfd = os.pidfd_open(pid)
-    watch = _Watch(pidfd, output)
+    try:
+        pidfd = os.pidfd_open(pid)
+        try:
+            watch = _Watch(pidfd, output)
+        except BaseException:
+            os.close(pidfd)
+            raise
+    except OSError as exc:
+        # Started, but it cannot be watched (a full descriptor table): end its group now
+        # rather than leave it running unwatched; the item is retried like any failed run.
+        _killpg(pid, signal.SIGKILL)
+        os.close(rfd)
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(os.waitpid, pid, 0)
+        return failed(f"cannot watch {cmd.argv[0]!r} (killed): {exc.strerror or exc}", pid)
     signals_sent: list[str] = []
     reaped: int | None = None
 

@@ -10,6 +10,7 @@ The last section pins down bugs found in review (fixed since).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -842,3 +843,74 @@ async def test_a_reused_epoll_set_never_reports_a_finished_runs_descriptor() -> 
 def subprocess_pid(argv: tuple[str, ...]) -> int:
     """A plain child (not a run): its pid, for tests of the runner's parts."""
     return os.posix_spawnp(argv[0], list(argv), dict(os.environ))
+
+
+async def test_a_run_that_cannot_be_watched_is_killed_reaped_and_reported(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A full descriptor table after the spawn (pidfd_open fails with EMFILE; injected): the run
+    # used to raise out of the runner -- stopping the engine -- with its process tree running
+    # on unwatched. Now its group is killed and reaped, and the run is an ordinary failure.
+    def no_pidfd(pid: int) -> int:
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    fds = open_fds()
+    before = set(our_children())
+    spawned: list[int] = []
+    monkeypatch.setattr(os, "pidfd_open", no_pidfd)
+    result = await run_command(cmd(sh("sleep 30 & sleep 30")), on_spawn=spawned.append)
+    monkeypatch.undo()
+    assert result.outcome is Outcome.FAILED
+    assert result.reason == "cannot watch '/bin/sh' (killed): Too many open files"
+    assert result.pid is not None
+    assert_reaped(result.pid)
+    assert live_group_members(result.pid) == []  # the grandchild too
+    assert not (set(our_children()) - before)
+    assert open_fds() == fds
+    assert spawned == []  # never reported as running
+
+
+async def test_a_run_without_a_pipe_is_failed_and_starts_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def no_pipe() -> tuple[int, int]:
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    before = set(our_children())
+    monkeypatch.setattr(os, "pipe", no_pipe)
+    result = await run_command(cmd(("true",)))
+    monkeypatch.undo()
+    assert (result.outcome, result.pid) == (Outcome.FAILED, None)
+    assert result.reason == "cannot start 'true': Too many open files"
+    assert set(our_children()) == before
+
+
+def test_a_watch_that_cannot_register_never_goes_back_to_the_pool(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The second registration fails (the kernel's epoll watch limit; a fake set plays it): the
+    # set holds the first one, so it must be closed, not pooled for the next run.
+    class HalfFullEpoll:
+        def __init__(self) -> None:
+            self.registered: list[int] = []
+            self.closed = False
+
+        def register(self, fd: int, mask: int) -> None:
+            if self.registered:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self.registered.append(fd)
+
+        def close(self) -> None:
+            self.closed = True
+
+    fake = HalfFullEpoll()
+    monkeypatch.setattr(runner, "_EPOLLS", [fake])
+    rfd, wfd = os.pipe()
+    try:
+        with pytest.raises(OSError, match="No space left"):
+            runner._Watch(rfd, runner._Output(wfd, None, 1024))
+    finally:
+        os.close(rfd)
+        os.close(wfd)
+    assert fake.closed
+    assert runner._EPOLLS == []
