@@ -250,17 +250,21 @@ class _Watch:
 
     async def wait(self, on_data: Callable[[], None] | None = None) -> None:
         """Until something is ready (then take it); flushes the log as output piles up."""
-        if self.leader_exited and self._watching_pid:
-            self.epoll.unregister(self.pidfd)
-            self._watching_pid = False
-        if self.output.eof and self._watching_output:
-            self.epoll.unregister(self.output.fd)
-            self._watching_output = False
+        self._leave(pid=self.leader_exited, output=self.output.eof)
         await trio.lowlevel.wait_readable(self.epoll.fileno())
         if self.poll() and on_data is not None:
             on_data()
         if self.output.pending_size >= FLUSH_BYTES:
             await self.output.flush()
+
+    def _leave(self, *, pid: bool, output: bool) -> None:
+        """Take the pidfd and/or the pipe out of the set, each at most once."""
+        if pid and self._watching_pid:
+            self.epoll.unregister(self.pidfd)
+            self._watching_pid = False
+        if output and self._watching_output:
+            self.epoll.unregister(self.output.fd)
+            self._watching_output = False
 
     async def until_leader_exits(self, on_data: Callable[[], None] | None = None) -> None:
         while not self.leader_exited:
@@ -279,12 +283,7 @@ class _Watch:
         exec has let the spawning thread go on. A pooled set left holding a finished run's
         pidfd would report it, under the same number, as the next run's leader exiting.
         """
-        if self._watching_pid:
-            self.epoll.unregister(self.pidfd)
-            self._watching_pid = False
-        if self._watching_output:
-            self.epoll.unregister(self.output.fd)
-            self._watching_output = False
+        self._leave(pid=True, output=True)
         os.close(self.pidfd)
         os.close(self.output.fd)
         if len(_EPOLLS) < EPOLL_POOL:

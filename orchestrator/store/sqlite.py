@@ -42,6 +42,7 @@ import trio_util
 from loguru import logger
 
 from orchestrator.errors import ItemNotFound, StoreUnavailable
+from orchestrator.reaper import proc_start_time
 from orchestrator.store.records import Item, ItemState, NewItem, RunRecord, Transition
 
 if TYPE_CHECKING:
@@ -299,8 +300,6 @@ def op_start_run(
     attempt = int(row[0])
     proc_start = None
     if pid is not None:
-        from orchestrator.reaper import proc_start_time
-
         proc_start = proc_start_time(pid)
     cur = conn.execute(
         "INSERT INTO runs (id, item_seq, stage, attempt, instance, started_at, slot_wait, pid,"
