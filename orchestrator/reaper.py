@@ -60,10 +60,18 @@ def other_pids() -> Iterator[int]:
 
 def proc_stat(pid: int) -> tuple[str, int, int] | None:
     """(state, pgid, start time in clock ticks) of ``pid``, or None if it is gone."""
+    # Raw system calls, not open(): the store's thread reads this for every run it claims.
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
+        return None
+    try:
+        data = os.read(fd, 4096)  # procfs hands the whole line over in one read
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if not data:
         return None
     # The command name (field 2) may contain spaces and parentheses: split after the last ')'.
     fields = data[data.rindex(b")") + 2 :].split()

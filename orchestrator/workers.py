@@ -27,12 +27,7 @@ from orchestrator.pipeline import decide, expand_argv, uses_placeholder
 from orchestrator.reaper import STATE_MARKER
 from orchestrator.runner import Command, Outcome, RunResult, run_command
 from orchestrator.store.records import TERMINAL_STATES, Item, ItemState, Transition
-from orchestrator.store.sqlite import (
-    op_finish_run,
-    op_give_up,
-    op_items_changed_since,
-    op_start_run,
-)
+from orchestrator.store.sqlite import Claim, Finish, op_give_up, op_items_changed_since
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterator, Mapping
@@ -361,9 +356,7 @@ class Engine:
                     log.warning("item no longer claimable; its run is not recorded")
 
             self.store.submit(
-                lambda c: op_start_run(
-                    c, item, name, slot_wait, self.instance, run_id=run_id, pid=pid
-                ),
+                Claim(item, name, slot_wait, self.instance, run_id, attempt, pid),
                 on_done=claimed_now,
             )  # fmt: skip
 
@@ -420,10 +413,7 @@ class Engine:
         # The item is handed on once its result is durable; the worker goes on meanwhile.
         self.unsettled.value += 1
         self.store.submit(
-            lambda c: op_finish_run(
-                c, run_id=run_id, item=item, result=result, transition=transition,
-                log_path=logged_path,
-            ),
+            Finish(run_id, item, result, transition, logged_path),
             power_safe=True, on_done=finished,
         )  # fmt: skip
 

@@ -13,11 +13,16 @@ import pytest
 import trio
 
 from orchestrator.errors import StoreUnavailable
-from orchestrator.reaper import SeenRun
+from orchestrator.reaper import SeenRun, proc_start_time
 from orchestrator.runner import Outcome, RunResult
 from orchestrator.store import ItemState, NewItem, Transition, connect, open_sqlite_store
+from orchestrator.store import sqlite as store_module
 from orchestrator.store.sqlite import (
     SCHEMA_VERSION,
+    Claim,
+    Finish,
+    SqliteStore,
+    _Op,
     op_get_item,
     op_item_runs,
     op_pending_items,
@@ -101,6 +106,103 @@ async def test_claim_run_and_transition_are_recorded(tmp_path: Path) -> None:
     assert (moved.state, moved.stage, moved.attempts) == (ItemState.QUEUED, "b", 0)
     [run] = runs
     assert (run.outcome, run.exit_code, run.slot_wait, run.tail) == ("ok", 0, 0.25, "last line")
+
+
+def _history(db: Path) -> dict[str, list[tuple[object, ...]]]:
+    """Every row a run leaves, without the clock's columns."""
+    conn = connect(db, create=False)
+    return {
+        "items": conn.execute(
+            "SELECT seq, state, stage_index, attempts, not_before, reason FROM items ORDER BY seq"
+        ).fetchall(),
+        "runs": conn.execute(
+            "SELECT id, item_seq, stage, attempt, instance, outcome, exit_code, signal, duration,"
+            " slot_wait, pid, pgid, proc_start, log_path, tail, reason FROM runs ORDER BY id"
+        ).fetchall(),
+        "events": conn.execute(
+            "SELECT item_seq, event, stage, state, detail FROM events ORDER BY id"
+        ).fetchall(),
+    }
+
+
+async def _claims_and_results(store: SqliteStore, *, together: bool) -> list[object]:
+    """Three claims and two results, queued at once (one group commit) or one at a time."""
+    a, b, c = await store.ingest([new("a"), new("b"), new("c")])
+    me = os.getpid()
+    work = [
+        Claim(a, "a", 0.25, "inst", 1, 1, me),
+        Claim(b, "a", 0.0, "inst", 2, 1, None),
+        Claim(c, "a", 0.0, "inst", 3, 1, None),
+        Finish(1, a, result(), Transition(state=ItemState.QUEUED, stage_index=1, attempts=0),
+               "/logs/1.log"),
+        Finish(2, b, result(Outcome.FAILED, 3),
+               Transition(state=ItemState.RETRY_WAIT, stage_index=0, attempts=1,
+                          not_before=1e9, reason="exit 3"), None),
+    ]  # fmt: skip
+    if not together:
+        return [await store.call(op) for op in work]
+    ops: list[_Op] = []
+    commits = store.commits
+    for op in work:
+        store.submit(op, power_safe=isinstance(op, Finish), on_done=ops.append)
+    with trio.fail_after(10):
+        while len(ops) < len(work):
+            await trio.sleep(0.01)
+    assert store.commits == commits + 1  # one transaction for all five
+    assert all(op.error is None for op in ops)
+    return [op.result for op in ops]
+
+
+async def test_claims_and_results_queued_together_leave_the_rows_one_at_a_time_would(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    # Given: the same claims and results, once queued together, once one after another.
+    def one_at_a_time(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a group of claims and results was done one at a time")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(store_module, "op_start_run", one_at_a_time)
+        patch.setattr(store_module, "op_finish_run", one_at_a_time)
+        async with open_sqlite_store(tmp_path / "together.db") as store:
+            grouped = await _claims_and_results(store, together=True)
+    async with open_sqlite_store(tmp_path / "alone.db") as store:
+        alone = await _claims_and_results(store, together=False)
+    # Then: the same results and the same rows, down to the events and the claimer's start time.
+    assert grouped == alone == [(1, 1), (2, 1), (3, 1), None, None]
+    history = _history(tmp_path / "together.db")
+    assert history == _history(tmp_path / "alone.db")
+    assert history["runs"][0][12] == proc_start_time(os.getpid())  # the claimer's, read then
+    assert [row[1] for row in history["items"]] == ["queued", "retry_wait", "running"]
+    assert [row[1] for row in history["events"]][-5:] == [
+        "started", "started", "started", "ok", "failed",
+    ]  # fmt: skip
+
+
+async def test_a_claim_that_no_longer_applies_does_not_spoil_its_group(tmp_path: Path) -> None:
+    async with open_sqlite_store(tmp_path / "o.db") as store:
+        a, b = await store.ingest([new("a"), new("b")])
+        assert await store.start_run(a, "a", 0.0, "other") is not None  # someone got there first
+        ops: list[_Op] = []
+        # When: a group holds a claim of the taken item, a good claim and a result of a run
+        # nobody recorded.
+        store.submit(Claim(a, "a", 0.0, "inst", 10, 1, None), on_done=ops.append)
+        store.submit(Claim(b, "a", 0.0, "inst", 11, 1, None), on_done=ops.append)
+        store.submit(
+            Finish(99, b, result(), Transition(state=ItemState.DONE, stage_index=2, attempts=1),
+                   None),
+            on_done=ops.append,
+        )  # fmt: skip
+        with trio.fail_after(10):
+            while len(ops) < 3:
+                await trio.sleep(0.01)
+        b2 = await store.read(lambda c: op_get_item(c, "src:b"))
+        runs_a = await store.read(lambda c: op_item_runs(c, a.seq))
+    # Then: each operation did what it does alone: the taken item is refused, the other
+    # claimed, and the stray result moved nothing.
+    assert [op.error for op in ops] == [None, None, None]
+    assert [op.result for op in ops] == [None, (11, 1), None]
+    assert (b2.state, b2.attempts) == (ItemState.RUNNING, 1)
+    assert [r.id for r in runs_a] == [1]  # only the first claim's run
 
 
 async def test_group_commit_shares_transactions_and_isolates_a_failing_op(tmp_path: Path) -> None:

@@ -221,14 +221,16 @@ def _run(row: Sequence[Any]) -> RunRecord:
     )  # fmt: skip
 
 
+_EVENT_SQL = (
+    "INSERT INTO events (item_seq, at, event, stage, state, detail) VALUES (?, ?, ?, ?, ?, ?)"
+)
+
+
 def _event(
     conn: sqlite3.Connection, seq: int, now: float, event: str, stage: str | None,
     state: str, detail: str | None = None,
 ) -> None:  # fmt: skip
-    conn.execute(
-        "INSERT INTO events (item_seq, at, event, stage, state, detail) VALUES (?, ?, ?, ?, ?, ?)",
-        (seq, now, event, stage, state, detail),
-    )
+    conn.execute(_EVENT_SQL, (seq, now, event, stage, state, detail))
 
 
 def op_ingest(conn: sqlite3.Connection, items: Iterable[NewItem]) -> list[Item]:
@@ -340,9 +342,159 @@ def op_finish_run(
         (transition.state.value, transition.stage_index, transition.attempts,
          transition.not_before, transition.reason, now, item.seq),
     )  # fmt: skip
-    stage = item.route[transition.stage_index] if transition.stage_index < len(item.route) else None
-    _event(conn, item.seq, now, result.outcome.value, stage, transition.state.value,
-           transition.reason)  # fmt: skip
+    _event(conn, item.seq, now, result.outcome.value, _stage_after(item, transition),
+           transition.state.value, transition.reason)  # fmt: skip
+
+
+@attrs.frozen
+class Claim:
+    """`op_start_run` as data, so that a group commit can run many of them at once."""
+
+    item: Item
+    stage: str
+    slot_wait: float
+    instance: str | None
+    run_id: int
+    #: The attempt this run is: one more than the item's attempts in the store.
+    attempt: int
+    pid: int | None
+
+    def __call__(self, conn: sqlite3.Connection) -> tuple[int, int] | None:
+        return op_start_run(
+            conn, self.item, self.stage, self.slot_wait, self.instance, run_id=self.run_id,
+            pid=self.pid,
+        )  # fmt: skip
+
+
+@attrs.frozen
+class Finish:
+    """`op_finish_run` as data, so that a group commit can run many of them at once."""
+
+    run_id: int
+    item: Item
+    result: RunResult
+    transition: Transition
+    log_path: str | None
+
+    def __call__(self, conn: sqlite3.Connection) -> None:
+        op_finish_run(
+            conn, run_id=self.run_id, item=self.item, result=self.result,
+            transition=self.transition, log_path=self.log_path,
+        )  # fmt: skip
+
+
+class _NotAllAtOnce(Exception):
+    """A claim or result of a group does not apply as expected: the group is done one by one."""
+
+
+def _claims_at_once(conn: sqlite3.Connection, claims: Sequence[Claim]) -> list[tuple[int, int]]:
+    """Every claim of ``claims`` in three statements; the same rows as `op_start_run` each.
+
+    Raises `_NotAllAtOnce` (the caller rolls back) unless every item is still claimable with
+    the attempt count its claim expects.
+    """
+    now = time.time()
+    cur = conn.executemany(
+        "UPDATE items SET state = 'running', attempts = attempts + 1, not_before = NULL,"
+        " updated_at = ? WHERE seq = ? AND stage_index = ? AND attempts = ?"
+        " AND state IN ('queued', 'retry_wait')",
+        [(now, c.item.seq, c.item.stage_index, c.attempt - 1) for c in claims],
+    )
+    if cur.rowcount != len(claims):
+        raise _NotAllAtOnce
+    conn.executemany(
+        "INSERT INTO runs (id, item_seq, stage, attempt, instance, started_at, slot_wait, pid,"
+        " pgid, proc_start) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            (c.run_id, c.item.seq, c.stage, c.attempt, c.instance, now, c.slot_wait, c.pid,
+             c.pid, None if c.pid is None else proc_start_time(c.pid))
+            for c in claims
+        ],
+    )  # fmt: skip
+    conn.executemany(
+        _EVENT_SQL,
+        [
+            (c.item.seq, now, "started", c.stage, "running", f"run {c.run_id} attempt {c.attempt}")
+            for c in claims
+        ],
+    )  # fmt: skip
+    return [(c.run_id, c.attempt) for c in claims]
+
+
+def _finishes_at_once(conn: sqlite3.Connection, finishes: Sequence[Finish]) -> None:
+    """Every result of ``finishes`` in three statements; the same rows as `op_finish_run` each.
+
+    Raises `_NotAllAtOnce` (the caller rolls back) unless every run is recorded.
+    """
+    now = time.time()
+    cur = conn.executemany(
+        "UPDATE runs SET ended_at = ?, outcome = ?, exit_code = ?, signal = ?, duration = ?,"
+        " pid = ?, pgid = ?, log_path = ?, tail = ?, reason = ? WHERE id = ?",
+        [
+            (now, f.result.outcome.value, f.result.exit_code, f.result.signal,
+             f.result.duration, f.result.pid, f.result.pid, f.log_path, f.result.tail,
+             f.result.reason, f.run_id)
+            for f in finishes
+        ],
+    )  # fmt: skip
+    if cur.rowcount != len(finishes):
+        raise _NotAllAtOnce
+    conn.executemany(
+        "UPDATE items SET state = ?, stage_index = ?, attempts = ?, not_before = ?, reason = ?,"
+        " updated_at = ? WHERE seq = ?",
+        [
+            (f.transition.state.value, f.transition.stage_index, f.transition.attempts,
+             f.transition.not_before, f.transition.reason, now, f.item.seq)
+            for f in finishes
+        ],
+    )  # fmt: skip
+    conn.executemany(
+        _EVENT_SQL,
+        [
+            (f.item.seq, now, f.result.outcome.value, _stage_after(f.item, f.transition),
+             f.transition.state.value, f.transition.reason)
+            for f in finishes
+        ],
+    )  # fmt: skip
+
+
+def _stage_after(item: Item, transition: Transition) -> str | None:
+    index = transition.stage_index
+    return item.route[index] if index < len(item.route) else None
+
+
+def _run_together(conn: sqlite3.Connection, batch: Sequence[_Op]) -> list[Any]:
+    """Run ``batch`` in order in the open transaction; return each operation's result.
+
+    Claims and results (`Claim`, `Finish`) between two other operations go in a few
+    statements for all of them: claims first, then results. That keeps each run's claim before
+    its result, and nothing else can come between: an item's next claim is only made once its
+    last result is durable, that is, in a later transaction.
+    """
+    results: list[Any] = [None] * len(batch)
+    claims: list[int] = []
+    finishes: list[int] = []
+
+    def flush() -> None:
+        if claims:
+            done = _claims_at_once(conn, [batch[i].fn for i in claims])  # type: ignore[misc]
+            for i, result in zip(claims, done, strict=True):
+                results[i] = result
+            claims.clear()
+        if finishes:
+            _finishes_at_once(conn, [batch[i].fn for i in finishes])  # type: ignore[misc]
+            finishes.clear()
+
+    for i, op in enumerate(batch):
+        if isinstance(op.fn, Claim):
+            claims.append(i)
+        elif isinstance(op.fn, Finish):
+            finishes.append(i)
+        else:
+            flush()
+            results[i] = op.fn(conn)
+    flush()
+    return results
 
 
 def op_last_run_id(conn: sqlite3.Connection) -> int:
@@ -681,7 +833,7 @@ class SqliteStore:
         conn = self._conn
         try:
             conn.execute("BEGIN IMMEDIATE")
-            results = [op.fn(conn) for op in batch]
+            results = _run_together(conn, batch)
             conn.execute("COMMIT")
         except Exception:
             _rollback_quietly(conn)
