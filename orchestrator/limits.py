@@ -8,11 +8,13 @@ hold what the other waits for. ``CapacityLimiter`` queues waiters FIFO.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
 from loguru import logger
+
+from orchestrator.logs import debug_enabled
 
 if TYPE_CHECKING:
     from orchestrator.config import Config
@@ -26,7 +28,13 @@ class Holder:
 
     item: str
     stage: str
+    #: The attempt the run will be, for the slot lines (None: not a run's).
+    attempt: int | None = None
     since: float = attrs.field(factory=trio.current_time)
+
+    def log(self, **extra: object) -> Any:
+        """A logger bound to who this is."""
+        return logger.bind(item=self.item, stage=self.stage, attempt=self.attempt, **extra)
 
 
 @attrs.frozen
@@ -65,9 +73,7 @@ class Slots:
                 try:
                     limiter.acquire_on_behalf_of_nowait(holder)
                 except trio.WouldBlock:
-                    log = logger.bind(item=holder.item, stage=holder.stage)
-                    if kind == "pool":
-                        log = log.bind(pool=name)
+                    log = holder.log(pool=name) if kind == "pool" else holder.log()
                     stats = limiter.statistics()
                     log.debug(
                         "waiting for slot ({} {}: {}/{} busy, {} waiting)", kind, name,
@@ -81,9 +87,7 @@ class Slots:
             raise
         holder.since = trio.current_time()
         waited = holder.since - start
-        logger.bind(item=holder.item, stage=holder.stage).debug(
-            "slot acquired after {:.3f}s", waited
-        )
+        holder.log().debug("slot acquired after {:.3f}s", waited)
         return waited
 
     def try_acquire(self, holder: Holder) -> bool:
@@ -99,17 +103,16 @@ class Slots:
                 return False
             taken.append(limiter)
         holder.since = trio.current_time()
-        logger.bind(item=holder.item, stage=holder.stage).debug("slot acquired after 0.000s")
+        if debug_enabled():
+            holder.log().debug("slot acquired after 0.000s")
         return True
 
     def release(self, holder: Holder) -> None:
         """Give back every slot ``holder`` took."""
         for _kind, _name, limiter in reversed(self._order[holder.stage]):
             limiter.release_on_behalf_of(holder)
-        held = trio.current_time() - holder.since
-        logger.bind(item=holder.item, stage=holder.stage).debug(
-            "slot released after {:.3f}s", held
-        )
+        if debug_enabled():
+            holder.log().debug("slot released after {:.3f}s", trio.current_time() - holder.since)
 
     def statistics(self) -> list[LimitStats]:
         """A snapshot of every limit: size, busy tokens, waiters and the items holding them."""

@@ -28,7 +28,10 @@ if TYPE_CHECKING:
 
     from orchestrator.config import LogConfig
 
-__all__ = ["configure_logging"]
+__all__ = ["configure_logging", "debug_enabled"]
+
+#: loguru's number for DEBUG.
+DEBUG_LEVEL = 10
 
 #: Context keys shown on every line, in this order.
 CONTEXT_KEYS = ("source", "item", "stage", "attempt", "run", "pool")
@@ -73,6 +76,15 @@ class _InterceptHandler(logging.Handler):
         except ValueError:
             level = record.levelno
         logger.opt(depth=6, exception=record.exc_info).log(level, record.getMessage())
+
+
+def debug_enabled() -> bool:
+    """Whether any sink takes DEBUG lines; lines built only for them are skipped otherwise.
+
+    loguru keeps the lowest level of its sinks (not a public attribute): when it is not there,
+    the answer is yes, and the lines are built as before.
+    """
+    return getattr(getattr(logger, "_core", None), "min_level", 0) <= DEBUG_LEVEL
 
 
 def configure_logging(config: LogConfig | None, *, console_level: str | None = None) -> None:

@@ -366,7 +366,7 @@ def _spawn(cmd: Command, wfd: int) -> int:
     return os.posix_spawn(
         executable,
         argv,
-        dict(cmd.env),
+        cmd.env,
         file_actions=actions,
         setsid=True,
         setsigdef=_RESET_SIGNALS,
@@ -459,15 +459,19 @@ async def run_command(
     try:
         if on_spawn is not None:
             on_spawn(pid)
-        with trio.CancelScope(deadline=min(timeout_at, started + stall)) as watched:
-            rearm = None
-            if stall != math.inf:
+        deadline = min(timeout_at, started + stall)
+        if deadline == math.inf:  # nothing to watch the time for: no cancel scope to pay for
+            await watch.until_leader_exits()
+        else:
+            with trio.CancelScope(deadline=deadline) as watched:
+                rearm = None
+                if stall != math.inf:
 
-                def rearm() -> None:
-                    watched.deadline = min(timeout_at, clock() + stall)
+                    def rearm() -> None:
+                        watched.deadline = min(timeout_at, clock() + stall)
 
-            await watch.until_leader_exits(rearm)
-        if watched.cancelled_caught:
+                await watch.until_leader_exits(rearm)
+        if deadline != math.inf and watched.cancelled_caught:
             outcome = Outcome.TIMEOUT if clock() >= timeout_at else Outcome.STALLED
             with trio.CancelScope(shield=True):
                 await kill_tree()

@@ -50,6 +50,11 @@ STORE_WATCH_OVERLAP = 10.0
 #: their run -- and never more than one batch of `PREPARE_BATCH_MAX` runs per slot ahead.
 PREPARE_AHEAD = 0.05
 PREPARE_BATCH_MAX = 64
+#: The environment variable of each placeholder's value.
+_ENV_NAMES = {
+    key: f"ORCH_{key.upper()}"
+    for key in ("path", "name", "item", "stage", "attempt", "workdir", "payload")
+}
 
 
 @attrs.define(eq=False)
@@ -124,7 +129,14 @@ class Engine:
         self._runs_dir = config.state_dir / "runs"
         self._work_dir = config.state_dir / "work"
         base = dict(os.environ)
-        self._stage_env = {s.name: {**base, **s.env} for s in config.stages}
+        # What every run of a stage gets; each run adds its own ORCH_* values (`_command`).
+        self._stage_env = {
+            s.name: {
+                **base, **s.env, "ORCH_STAGE": s.name, "ORCH_INSTANCE": instance,
+                STATE_MARKER: str(config.state_dir),
+            }
+            for s in config.stages
+        }  # fmt: skip
         self._executables = dict(executables or {})
         self._route_workdir: dict[tuple[str, ...], bool] = {}
         self.tally = Tally()
@@ -316,13 +328,12 @@ class Engine:
                 continue
             item = lane.ready.popleft()
             lane.wanted.set()
-            # The attempt this run will be: every line about it, the slot lines included,
-            # carries item, stage and attempt.
-            with logger.contextualize(item=item.id, stage=stage.name, attempt=item.attempts + 1):
-                await self._process_item(stage, lane, item)
+            await self._process_item(stage, lane, item)
 
     async def _process_item(self, stage: StageConfig, lane: _Lane, item: Item) -> None:
-        holder = Holder(item.id, stage.name)
+        # The attempt this run will be: every line about it, the slot lines included, carries
+        # item, stage and attempt.
+        holder = Holder(item.id, stage.name, item.attempts + 1)
         slot_wait = 0.0
         if not self.slots.try_acquire(holder):
             self.slot_waiters[holder] = trio.current_time()
@@ -363,7 +374,7 @@ class Engine:
         try:
             running = self.running[run_id] = RunningRun(run_id, item.id, stage.name, attempt)
             self.last_run_started = running.since
-            item = attrs.evolve(item, state=ItemState.RUNNING, attempts=attempt)
+            item = item.running(attempt)
             log_path = self._runs_dir / f"{run_id}.log"
             command = self._command(stage, item, attempt, run_id, workdir, log_path)
             log.debug("run started: {}", command.argv)
@@ -445,11 +456,7 @@ class Engine:
 
     def _settle(self, item: Item, transition: Transition, log: Any) -> None:
         """Bookkeeping once a transition is durable: hand the item on, or let it go."""
-        moved = attrs.evolve(
-            item, state=transition.state, stage_index=transition.stage_index,
-            attempts=transition.attempts, not_before=transition.not_before,
-            reason=transition.reason,
-        )  # fmt: skip
+        moved = item.moved(transition)
         if transition.state in TERMINAL_STATES:
             self.active.discard(item.seq)
             self.outstanding.value -= 1
@@ -499,11 +506,11 @@ class Engine:
             "workdir": workdir if workdir is not None else "",
             "payload": payload,
         }
-        env = dict(self._stage_env[stage.name])
-        env.update({f"ORCH_{k.upper()}": v for k, v in values.items() if v})
+        env = self._stage_env[stage.name].copy()
+        for key, value in values.items():
+            if value:
+                env[_ENV_NAMES[key]] = value
         env["ORCH_RUN"] = str(run_id)
-        env["ORCH_INSTANCE"] = self.instance
-        env[STATE_MARKER] = str(self.config.state_dir)
         argv = expand_argv(stage.command, values)
         executable = self._executables.get(stage.name)
         faults = self.config.faults

@@ -75,6 +75,27 @@ class Item:
         """The stage the item is at, or None once it has passed its whole route."""
         return self.route[self.stage_index] if self.stage_index < len(self.route) else None
 
+    def running(self, attempt: int) -> Item:
+        """This item as its run of ``attempt`` leaves it (`attrs.evolve`, a few times faster:
+        the engine makes two copies per run)."""
+        return Item(
+            seq=self.seq, id=self.id, source=self.source, key=self.key, route=self.route,
+            path=self.path, payload=self.payload, stage_index=self.stage_index,
+            state=ItemState.RUNNING, attempts=attempt, interruptions=self.interruptions,
+            not_before=self.not_before, reason=self.reason, created_at=self.created_at,
+            updated_at=self.updated_at,
+        )  # fmt: skip
+
+    def moved(self, transition: Transition) -> Item:
+        """This item once ``transition`` is durable."""
+        return Item(
+            seq=self.seq, id=self.id, source=self.source, key=self.key, route=self.route,
+            path=self.path, payload=self.payload, stage_index=transition.stage_index,
+            state=transition.state, attempts=transition.attempts,
+            interruptions=self.interruptions, not_before=transition.not_before,
+            reason=transition.reason, created_at=self.created_at, updated_at=self.updated_at,
+        )  # fmt: skip
+
 
 @attrs.frozen(kw_only=True)
 class Transition:
