@@ -37,7 +37,6 @@ import trio
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
-    from pathlib import Path
 
 __all__ = ["Command", "Outcome", "RunResult", "run_command"]
 
@@ -96,7 +95,7 @@ class Command:
     stall_timeout: float | None = None
     grace_period: float = 10.0
     #: Where stdout+stderr go; None keeps only the in-memory tail.
-    log_path: Path | None = None
+    log_path: str | os.PathLike[str] | None = None
     #: The log file stops growing at this many bytes (the tail still follows the output).
     output_limit: int = 1_048_576
     #: Environment entries (``"ORCH_RUN=12"``) that only this run's processes carry. When a
@@ -132,7 +131,7 @@ def _killpg(pgid: int, sig: int) -> bool:
 class _Output:
     """The run's pipe, drained without blocking: tail in memory, capped copy in the log file."""
 
-    def __init__(self, fd: int, log_path: Path | None, limit: int) -> None:
+    def __init__(self, fd: int, log_path: str | os.PathLike[str] | None, limit: int) -> None:
         self.fd = fd
         self.log_path = log_path
         self.limit = limit
@@ -187,7 +186,7 @@ class _Output:
         try:
             if self.log_fd is None:
                 assert self.log_path is not None
-                self.log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                os.makedirs(os.path.dirname(self.log_path), mode=0o700, exist_ok=True)
                 self.log_fd = os.open(
                     self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600
                 )
@@ -199,9 +198,14 @@ class _Output:
             self.pending.clear()
             self.pending_size = 0
 
+    @property
+    def open(self) -> bool:
+        """Whether there is anything for `aclose` to do."""
+        return bool(self.pending) or self.log_fd is not None
+
     async def aclose(self) -> None:
         """Write what is pending to the log and close it (only then a thread hop)."""
-        if not self.pending and self.log_fd is None:
+        if not self.open:
             return
         try:
             await self.flush()
@@ -211,6 +215,8 @@ class _Output:
                 await trio.to_thread.run_sync(_close_quietly, fd)
 
     def tail_text(self) -> str:
+        if not self.tail:
+            return ""
         lines = bytes(self.tail).decode(errors="replace").splitlines()
         return "\n".join(lines[-TAIL_LINES:])
 
@@ -494,8 +500,9 @@ async def run_command(
         raise
     finally:
         watch.close()
-        with trio.CancelScope(shield=True):
-            await output.aclose()
+        if output.open:
+            with trio.CancelScope(shield=True):
+                await output.aclose()
 
     duration = clock() - started
     exit_code: int | None = os.waitstatus_to_exitcode(reaped)

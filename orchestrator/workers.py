@@ -31,7 +31,6 @@ from orchestrator.store.sqlite import Claim, Finish, op_give_up, op_items_change
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterator, Mapping
-    from pathlib import Path
 
     from orchestrator.config import Config, StageConfig
     from orchestrator.store.sqlite import SqliteStore, _Op
@@ -126,7 +125,7 @@ class Engine:
         self.slots = Slots(config)
         self.stages = {s.name: s for s in config.stages}
         self._lanes = {s.name: _Lane(s.concurrency) for s in config.stages}
-        self._runs_dir = config.state_dir / "runs"
+        self._runs_dir = str(config.state_dir / "runs")
         self._work_dir = config.state_dir / "work"
         base = dict(os.environ)
         # What every run of a stage gets; each run adds its own ORCH_* values (`_command`).
@@ -375,7 +374,7 @@ class Engine:
             running = self.running[run_id] = RunningRun(run_id, item.id, stage.name, attempt)
             self.last_run_started = running.since
             item = item.running(attempt)
-            log_path = self._runs_dir / f"{run_id}.log"
+            log_path = f"{self._runs_dir}/{run_id}.log"  # not pathlib: once per run
             command = self._command(stage, item, attempt, run_id, workdir, log_path)
             log.debug("run started: {}", command.argv)
             try:
@@ -412,7 +411,7 @@ class Engine:
                     reason=f"{stage.name}: source file {item.path!r} vanished during the run "
                     f"({result.reason})",
                 )  # fmt: skip
-        logged_path = str(log_path) if result.output_bytes else None
+        logged_path = log_path if result.output_bytes else None
 
         def finished(op: _Op) -> None:
             self.unsettled.value -= 1
@@ -491,7 +490,7 @@ class Engine:
 
     def _command(
         self, stage: StageConfig, item: Item, attempt: int, run_id: int, workdir: str | None,
-        log_path: Path,
+        log_path: str,
     ) -> Command:  # fmt: skip
         payload = (
             os.path.join(workdir, "payload.json") if item.payload is not None and workdir else ""
