@@ -130,9 +130,9 @@ async def _claims_and_results(store: SqliteStore, *, together: bool) -> list[obj
     a, b, c = await store.ingest([new("a"), new("b"), new("c")])
     me = os.getpid()
     work = [
-        Claim(a, "a", 0.25, "inst", 1, 1, me),
+        Claim(a, "a", 0.25, "inst", 1, 1, None),
         Claim(b, "a", 0.0, "inst", 2, 1, None),
-        Claim(c, "a", 0.0, "inst", 3, 1, None),
+        Claim(c, "a", 0.0, "inst", 3, 1, me),  # still running: its start time is recorded
         Finish(1, a, result(), Transition(state=ItemState.QUEUED, stage_index=1, attempts=0),
                "/logs/1.log"),
         Finish(2, b, result(Outcome.FAILED, 3),
@@ -171,7 +171,7 @@ async def test_claims_and_results_queued_together_leave_the_rows_one_at_a_time_w
     assert grouped == alone == [(1, 1), (2, 1), (3, 1), None, None]
     history = _history(tmp_path / "together.db")
     assert history == _history(tmp_path / "alone.db")
-    assert history["runs"][0][12] == proc_start_time(os.getpid())  # the claimer's, read then
+    assert history["runs"][2][12] == proc_start_time(os.getpid())  # the claimer's, read then
     assert [row[1] for row in history["items"]] == ["queued", "retry_wait", "running"]
     assert [row[1] for row in history["events"]][-5:] == [
         "started", "started", "started", "ok", "failed",

@@ -46,7 +46,7 @@ from orchestrator.reaper import proc_start_time
 from orchestrator.store.records import Item, ItemState, NewItem, RunRecord, Transition
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+    from collections.abc import AsyncIterator, Callable, Iterable, Sequence, Set
     from pathlib import Path
 
     from orchestrator.reaper import SeenRun
@@ -387,8 +387,14 @@ class _NotAllAtOnce(Exception):
     """A claim or result of a group does not apply as expected: the group is done one by one."""
 
 
-def _claims_at_once(conn: sqlite3.Connection, claims: Sequence[Claim]) -> list[tuple[int, int]]:
+def _claims_at_once(
+    conn: sqlite3.Connection, claims: Sequence[Claim], ended: Set[int] = frozenset()
+) -> list[tuple[int, int]]:
     """Every claim of ``claims`` in three statements; the same rows as `op_start_run` each.
+
+    Runs in ``ended`` have their result in the same transaction: their process is gone, and
+    its start time is not looked up (it only serves to recognise a run's process after a
+    crash, and a run with a result is never looked for).
 
     Raises `_NotAllAtOnce` (the caller rolls back) unless every item is still claimable with
     the attempt count its claim expects.
@@ -407,7 +413,7 @@ def _claims_at_once(conn: sqlite3.Connection, claims: Sequence[Claim]) -> list[t
         " pgid, proc_start) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [
             (c.run_id, c.item.seq, c.stage, c.attempt, c.instance, now, c.slot_wait, c.pid,
-             c.pid, None if c.pid is None else proc_start_time(c.pid))
+             c.pid, None if c.pid is None or c.run_id in ended else proc_start_time(c.pid))
             for c in claims
         ],
     )  # fmt: skip
@@ -477,7 +483,8 @@ def _run_together(conn: sqlite3.Connection, batch: Sequence[_Op]) -> list[Any]:
 
     def flush() -> None:
         if claims:
-            done = _claims_at_once(conn, [batch[i].fn for i in claims])  # type: ignore[misc]
+            ended = {batch[i].fn.run_id for i in finishes}  # type: ignore[attr-defined]
+            done = _claims_at_once(conn, [batch[i].fn for i in claims], ended)  # type: ignore[misc]
             for i, result in zip(claims, done, strict=True):
                 results[i] = result
             claims.clear()
