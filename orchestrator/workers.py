@@ -540,7 +540,10 @@ class Engine:
         async with contextlib.aclosing(trio_util.periodic(STORE_WATCH_INTERVAL)) as ticks:
             async for _ in ticks:
                 now = time.time()
-                found = await self.store.read(functools.partial(op_items_changed_since, since=since))
+                known = frozenset(self.active)
+                found = await self.store.read(
+                    functools.partial(op_items_changed_since, since=since, known=known)
+                )
                 since = now - STORE_WATCH_OVERLAP
                 for item in found:
                     if item.seq not in self.active:

@@ -24,6 +24,7 @@ from orchestrator.store.sqlite import (
     SqliteStore,
     _Op,
     op_get_item,
+    op_items_changed_since,
     op_item_runs,
     op_pending_items,
     op_recover,
@@ -203,6 +204,18 @@ async def test_a_claim_that_no_longer_applies_does_not_spoil_its_group(tmp_path:
     assert [op.result for op in ops] == [None, (11, 1), None]
     assert (b2.state, b2.attempts) == (ItemState.RUNNING, 1)
     assert [r.id for r in runs_a] == [1]  # only the first claim's run
+
+
+async def test_the_store_watch_reads_only_queued_items_it_does_not_know(tmp_path: Path) -> None:
+    async with open_sqlite_store(tmp_path / "o.db") as store:
+        before = time.time() - 1
+        a, b, c, d = await store.ingest([new("a"), new("b"), new("c"), new("d")])
+        assert await store.start_run(d, "a", 0.0, "inst") is not None  # running: not queued
+        found = await store.read(lambda conn: op_items_changed_since(conn, before, {a.seq}))
+        later = await store.read(lambda conn: op_items_changed_since(conn, time.time() + 1))
+    assert [i.key for i in found] == ["b", "c"]
+    assert found[0] == b
+    assert later == []
 
 
 async def test_group_commit_shares_transactions_and_isolates_a_failing_op(tmp_path: Path) -> None:

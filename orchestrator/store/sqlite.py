@@ -532,14 +532,24 @@ def op_stop_instance(conn: sqlite3.Connection, instance: str) -> None:
     conn.execute("UPDATE instances SET stopped_at = ? WHERE id = ?", (time.time(), instance))
 
 
-def op_items_changed_since(conn: sqlite3.Connection, since: float) -> list[Item]:
-    """Queued or retry-waiting items updated after ``since`` (unix time)."""
-    rows = conn.execute(
-        f"SELECT {_ITEM_COLUMNS} FROM items WHERE updated_at > ?"
-        " AND state IN ('queued', 'retry_wait') ORDER BY seq",
-        (since,),
-    )
-    return [_item(r) for r in rows]
+def op_items_changed_since(
+    conn: sqlite3.Connection, since: float, known: Set[int] = frozenset()
+) -> list[Item]:
+    """Queued or retry-waiting items updated after ``since`` (unix time), but those in ``known``.
+
+    Only their seqs are read first: a service working through a large backlog has most of its
+    queued items in ``known``, and reading them whole every poll would cost more than the rest.
+    """
+    seqs = [
+        seq
+        for (seq,) in conn.execute(
+            "SELECT seq FROM items WHERE updated_at > ? AND state IN ('queued', 'retry_wait')"
+            " ORDER BY seq",
+            (since,),
+        )
+        if seq not in known
+    ]
+    return op_items_by_seq(conn, seqs)
 
 
 def op_give_up(conn: sqlite3.Connection, item: Item, reason: str) -> None:
