@@ -24,8 +24,8 @@ from orchestrator.store.sqlite import (
     SqliteStore,
     _Op,
     op_get_item,
-    op_items_changed_since,
     op_item_runs,
+    op_items_changed_since,
     op_pending_items,
     op_recover,
 )
@@ -209,7 +209,7 @@ async def test_a_claim_that_no_longer_applies_does_not_spoil_its_group(tmp_path:
 async def test_the_store_watch_reads_only_queued_items_it_does_not_know(tmp_path: Path) -> None:
     async with open_sqlite_store(tmp_path / "o.db") as store:
         before = time.time() - 1
-        a, b, c, d = await store.ingest([new("a"), new("b"), new("c"), new("d")])
+        a, b, _, d = await store.ingest([new("a"), new("b"), new("c"), new("d")])
         assert await store.start_run(d, "a", 0.0, "inst") is not None  # running: not queued
         found = await store.read(lambda conn: op_items_changed_since(conn, before, {a.seq}))
         later = await store.read(lambda conn: op_items_changed_since(conn, time.time() + 1))
