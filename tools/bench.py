@@ -7,6 +7,7 @@ Usage (from the repository root)::
     .venv/bin/python tools/bench.py --only a,c      # some scenarios
     .venv/bin/python tools/bench.py --json          # every figure as JSON on stdout
     .venv/bin/python tools/bench.py --profile       # where the time of (a) goes (py-spy/cProfile)
+    .venv/bin/python tools/bench.py --only a --against /tmp/base   # (a) against another checkout
 
 Scenarios (each repetition in a fresh temporary folder; every figure is the median of
 ``--repeat`` runs, 3 by default; the machine is shared and noisy, so only the ratios are
@@ -136,12 +137,20 @@ def write_config(
     return path
 
 
-def run_batch(config: Path, *, timeout: float = 600) -> dict[str, Any]:
-    """Run ``orchestrator batch`` and time it from process start to exit."""
+def run_batch(
+    config: Path, *, timeout: float = 600, pythonpath: str | None = None
+) -> dict[str, Any]:
+    """Run ``orchestrator batch`` and time it from process start to exit.
+
+    ``pythonpath``: a checkout whose ``orchestrator`` package runs instead of the installed one.
+    """
     argv = [*orchestrator_argv(), "batch", "-c", str(config), "--json", "--no-progress"]
+    env = child_env()
+    if pythonpath is not None:
+        env["PYTHONPATH"] = pythonpath
     t0 = time.perf_counter()
     proc = subprocess.run(
-        argv, cwd=config.parent, env=child_env(), capture_output=True, text=True,
+        argv, cwd=config.parent, env=env, capture_output=True, text=True,
         timeout=timeout, check=False,
     )  # fmt: skip
     wall = time.perf_counter() - t0
@@ -242,21 +251,33 @@ def _os_name() -> str:
 # (a) throughput
 
 
-def bench_a(n: int, repeat: int) -> dict[str, Any]:
+def bench_a(n: int, repeat: int, against: str | None = None) -> dict[str, Any]:
+    """Scenario (a); with ``against`` (a checkout), each run also times that checkout's batch
+    on the same files, the two in alternating order, against the same xargs baseline."""
     reps = []
+    others: list[float] = []
     for r in range(repeat):
         with tempfile.TemporaryDirectory(prefix="bench-a-") as tmp:
             folder = Path(tmp)
-            make_files(folder / "inbox", n)
             config = write_config(folder, ["s"], [("s", ["true"], 2)])
             # The baseline, right before.
             t0 = time.perf_counter()
             subprocess.run(["sh", "-c", f"seq {n} | xargs -P2 -I{{}} true"], check=True)
             base_wall = time.perf_counter() - t0
-            res = run_batch(config)
-        error = batch_ok(res, n)
-        if error:
-            return {"error": f"batch failed: {error}"}
+            order = [None] if against is None else [None, against][:: 1 if r % 2 == 0 else -1]
+            for tree in order:
+                shutil.rmtree(folder / "state", ignore_errors=True)
+                shutil.rmtree(folder / "inbox", ignore_errors=True)
+                make_files(folder / "inbox", n)
+                ran = run_batch(config, pythonpath=tree)
+                error = batch_ok(ran, n)
+                if error:
+                    return {"error": f"batch failed{f' ({tree})' if tree else ''}: {error}"}
+                if tree is None:
+                    res = ran
+                else:
+                    others.append(base_wall / ran["wall"])
+                    log(f"  a[{r + 1}/{repeat}] {tree}: ratio {others[-1]:.3f}")
         rep: dict[str, Any] = {
             "xargs_wall": base_wall,
             "xargs_ips": n / base_wall,
@@ -278,6 +299,12 @@ def bench_a(n: int, repeat: int) -> dict[str, Any]:
     # The headline ratio is the ratio of the medians; the median of per-pair ratios is kept too.
     out["ratio_of_pairs"] = out.pop("ratio")
     out["ratio"] = out["orch_ips"] / out["xargs_ips"]
+    if against is not None:
+        out["against"] = {"tree": against, "ratios": others, "ratio": median(others)}
+        log(
+            f"  a: this checkout {out['ratio_of_pairs']:.3f}, {against} {median(others):.3f}"
+            " (medians of the per-run ratios, alternated)"
+        )
     return out
 
 
@@ -955,6 +982,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print every figure as JSON")
     parser.add_argument("--save", metavar="FILE", help="also write every figure as JSON to FILE")
     parser.add_argument("--repeat", type=int, default=3, help="runs per figure (median)")
+    parser.add_argument("--against", metavar="DIR",
+                        help="(a) only: also time the checkout in DIR (e.g. a git worktree of "
+                        "another commit), alternated run by run")  # fmt: skip
     parser.add_argument("--profile", action="store_true",
                         help="also profile scenario (a) (cProfile + py-spy when installed)")  # fmt: skip
     args = parser.parse_args(argv)
@@ -981,10 +1011,15 @@ def main(argv: list[str] | None = None) -> int:
     import orchestrator
 
     compileall.compile_dir(Path(orchestrator.__file__).parent, quiet=1)
+    if args.against is not None:
+        args.against = str(Path(args.against).resolve())
+        if not (Path(args.against) / "orchestrator" / "__init__.py").exists():
+            parser.error(f"--against: no orchestrator package in {args.against}")
+        compileall.compile_dir(Path(args.against) / "orchestrator", quiet=1)
     started = time.time()
     if "a" in only:
         log(f"(a) throughput: {n_a} files, one `true` stage at concurrency 2")
-        results["a"] = bench_a(n_a, args.repeat)
+        results["a"] = bench_a(n_a, args.repeat, against=args.against)
     if "b" in only:
         log(f"(b) makespan: {n_b} items, extract(1) -> convert(1) -> store(5), sleep {SLEEP}")
         results["b"] = bench_b(n_b, args.repeat)
