@@ -102,6 +102,15 @@ def test_seed_scenario_exclusive_stages_never_overlap(tmp_path: Path) -> None:
     again = orchestrator("batch", "-c", str(config), "--json", "--no-progress", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["items"] == 0
+    # And a third, with one new file, sums up that file only, not the store's history.
+    (tmp_path / "a" / "late.dat").write_text("late")
+    third = orchestrator("batch", "-c", str(config), "--json", "--no-progress", cwd=tmp_path)
+    assert third.returncode == 0, third.stderr
+    summary = json.loads(third.stdout)
+    assert (summary["items"], summary["states"]) == (1, {"done": 1})
+    assert {name: stage["runs"] for name, stage in summary["stages"].items()} == {
+        "extract": 1, "convert": 1, "store": 1,
+    }  # fmt: skip
 
 
 def test_batch_exit_1_and_reason_when_an_item_is_dead(tmp_path: Path) -> None:
