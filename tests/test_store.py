@@ -206,6 +206,35 @@ async def test_a_claim_that_no_longer_applies_does_not_spoil_its_group(tmp_path:
     assert [r.id for r in runs_a] == [1]  # only the first claim's run
 
 
+async def test_an_error_in_a_group_of_claims_fails_only_the_claim_that_caused_it(
+    tmp_path: Path,
+) -> None:
+    async with open_sqlite_store(tmp_path / "o.db") as store:
+        a, b = await store.ingest([new("a"), new("b")])
+        # Given: the store refuses run 2's row (as a full disk or a constraint would).
+        await store.call(lambda c: c.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON runs WHEN NEW.id = 2"
+            " BEGIN SELECT RAISE(ABORT, 'refused for the test'); END"
+        ))  # fmt: skip
+        ops: list[_Op] = []
+        # When: both claims are queued together (the grouped statements fail as a whole).
+        store.submit(Claim(a, "a", 0.0, "inst", 1, 1, None), on_done=ops.append)
+        store.submit(Claim(b, "a", 0.0, "inst", 2, 1, None), on_done=ops.append)
+        with trio.fail_after(10):
+            while len(ops) < 2:
+                await trio.sleep(0.01)
+        a2 = await store.read(lambda c: op_get_item(c, "src:a"))
+        b2 = await store.read(lambda c: op_get_item(c, "src:b"))
+    # Then: one by one, the first claim is recorded and the second fails alone, leaving its
+    # item as it was.
+    assert ops[0].error is None
+    assert ops[0].result == (1, 1)
+    assert isinstance(ops[1].error, sqlite3.IntegrityError)
+    assert "refused for the test" in str(ops[1].error)
+    assert (a2.state, a2.attempts) == (ItemState.RUNNING, 1)
+    assert (b2.state, b2.attempts) == (ItemState.QUEUED, 0)
+
+
 async def test_the_store_watch_reads_only_queued_items_it_does_not_know(tmp_path: Path) -> None:
     async with open_sqlite_store(tmp_path / "o.db") as store:
         before = time.time() - 1
