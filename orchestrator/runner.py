@@ -186,7 +186,7 @@ class _Output:
         try:
             if self.log_fd is None:
                 assert self.log_path is not None
-                os.makedirs(os.path.dirname(self.log_path), mode=0o700, exist_ok=True)
+                os.makedirs(os.path.dirname(self.log_path) or ".", mode=0o700, exist_ok=True)
                 self.log_fd = os.open(
                     self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600
                 )
