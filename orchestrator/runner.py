@@ -466,6 +466,7 @@ async def run_command(
         if on_spawn is not None:
             on_spawn(pid)
         deadline = min(timeout_at, started + stall)
+        timed_out = False
         if deadline == math.inf:  # nothing to watch the time for: no cancel scope to pay for
             await watch.until_leader_exits()
         else:
@@ -477,7 +478,8 @@ async def run_command(
                         watched.deadline = min(timeout_at, clock() + stall)
 
                 await watch.until_leader_exits(rearm)
-        if deadline != math.inf and watched.cancelled_caught:
+            timed_out = watched.cancelled_caught
+        if timed_out:
             outcome = Outcome.TIMEOUT if clock() >= timeout_at else Outcome.STALLED
             with trio.CancelScope(shield=True):
                 await kill_tree()

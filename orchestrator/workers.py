@@ -343,8 +343,7 @@ class Engine:
                 del self.slot_waiters[holder]
             if idle.cancelled_caught:
                 return  # still queued in the store; the next start picks it up
-        has_workdir = self._needs_workdir(item)
-        workdir = self._workdir(item) if has_workdir else None
+        workdir = self._workdir(item)
         attempt = item.attempts + 1
         run_id = self.store.new_run_id()
         claimed = False
@@ -578,8 +577,6 @@ def _is_cancellation(exc: BaseException) -> bool:
     if isinstance(exc, BaseExceptionGroup):
         return all(_is_cancellation(e) for e in exc.exceptions)
     return isinstance(exc, trio.Cancelled)
-
-
 
 
 def _prepare(jobs: list[tuple[int, str | None, str | None, str | None]]) -> dict[int, str]:

@@ -224,6 +224,20 @@ def _run(row: Sequence[Any]) -> RunRecord:
 _EVENT_SQL = (
     "INSERT INTO events (item_seq, at, event, stage, state, detail) VALUES (?, ?, ?, ?, ?, ?)"
 )
+# A run's claim and result, and its item's move: written one at a time (`op_start_run`,
+# `op_finish_run`) or for a whole group at once (`_claims_at_once`, `_finishes_at_once`).
+_RUN_INSERT_SQL = (
+    "INSERT INTO runs (id, item_seq, stage, attempt, instance, started_at, slot_wait, pid,"
+    " pgid, proc_start) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_RUN_FINISH_SQL = (
+    "UPDATE runs SET ended_at = ?, outcome = ?, exit_code = ?, signal = ?, duration = ?,"
+    " pid = ?, pgid = ?, log_path = ?, tail = ?, reason = ? WHERE id = ?"
+)
+_ITEM_MOVE_SQL = (
+    "UPDATE items SET state = ?, stage_index = ?, attempts = ?, not_before = ?, reason = ?,"
+    " updated_at = ? WHERE seq = ?"
+)
 
 
 def _event(
@@ -300,12 +314,9 @@ def op_start_run(
     if row is None:
         return None
     attempt = int(row[0])
-    proc_start = None
-    if pid is not None:
-        proc_start = proc_start_time(pid)
+    proc_start = None if pid is None else proc_start_time(pid)
     cur = conn.execute(
-        "INSERT INTO runs (id, item_seq, stage, attempt, instance, started_at, slot_wait, pid,"
-        " pgid, proc_start) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        _RUN_INSERT_SQL,
         (run_id, item.seq, stage, attempt, instance, now, slot_wait, pid, pid, proc_start),
     )
     run_id = cur.lastrowid
@@ -328,22 +339,32 @@ def op_finish_run(
     A run that was never claimed (`op_start_run` found the item moved) moves nothing.
     """
     now = time.time()
-    cur = conn.execute(
-        "UPDATE runs SET ended_at = ?, outcome = ?, exit_code = ?, signal = ?, duration = ?,"
-        " pid = ?, pgid = ?, log_path = ?, tail = ?, reason = ? WHERE id = ?",
-        (now, result.outcome.value, result.exit_code, result.signal, result.duration,
-         result.pid, result.pid, log_path, result.tail, result.reason, run_id),
-    )  # fmt: skip
+    cur = conn.execute(_RUN_FINISH_SQL, _run_end_row(now, run_id, result, log_path))
     if cur.rowcount == 0:
         return
-    conn.execute(
-        "UPDATE items SET state = ?, stage_index = ?, attempts = ?, not_before = ?, reason = ?,"
-        " updated_at = ? WHERE seq = ?",
-        (transition.state.value, transition.stage_index, transition.attempts,
-         transition.not_before, transition.reason, now, item.seq),
-    )  # fmt: skip
-    _event(conn, item.seq, now, result.outcome.value, _stage_after(item, transition),
-           transition.state.value, transition.reason)  # fmt: skip
+    conn.execute(_ITEM_MOVE_SQL, _item_move_row(now, item, transition))
+    conn.execute(_EVENT_SQL, _result_event_row(now, item, result, transition))
+
+
+def _run_end_row(
+    now: float, run_id: int, result: RunResult, log_path: str | None
+) -> tuple[Any, ...]:
+    return (now, result.outcome.value, result.exit_code, result.signal, result.duration,
+            result.pid, result.pid, log_path, result.tail, result.reason, run_id)  # fmt: skip
+
+
+def _item_move_row(now: float, item: Item, transition: Transition) -> tuple[Any, ...]:
+    return (transition.state.value, transition.stage_index, transition.attempts,
+            transition.not_before, transition.reason, now, item.seq)  # fmt: skip
+
+
+def _result_event_row(
+    now: float, item: Item, result: RunResult, transition: Transition
+) -> tuple[Any, ...]:
+    index = transition.stage_index
+    stage = item.route[index] if index < len(item.route) else None
+    return (item.seq, now, result.outcome.value, stage, transition.state.value,
+            transition.reason)  # fmt: skip
 
 
 @attrs.frozen
@@ -409,8 +430,7 @@ def _claims_at_once(
     if cur.rowcount != len(claims):
         raise _NotAllAtOnce
     conn.executemany(
-        "INSERT INTO runs (id, item_seq, stage, attempt, instance, started_at, slot_wait, pid,"
-        " pgid, proc_start) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        _RUN_INSERT_SQL,
         [
             (c.run_id, c.item.seq, c.stage, c.attempt, c.instance, now, c.slot_wait, c.pid,
              c.pid, None if c.pid is None or c.run_id in ended else proc_start_time(c.pid))
@@ -434,39 +454,14 @@ def _finishes_at_once(conn: sqlite3.Connection, finishes: Sequence[Finish]) -> N
     """
     now = time.time()
     cur = conn.executemany(
-        "UPDATE runs SET ended_at = ?, outcome = ?, exit_code = ?, signal = ?, duration = ?,"
-        " pid = ?, pgid = ?, log_path = ?, tail = ?, reason = ? WHERE id = ?",
-        [
-            (now, f.result.outcome.value, f.result.exit_code, f.result.signal,
-             f.result.duration, f.result.pid, f.result.pid, f.log_path, f.result.tail,
-             f.result.reason, f.run_id)
-            for f in finishes
-        ],
-    )  # fmt: skip
+        _RUN_FINISH_SQL, [_run_end_row(now, f.run_id, f.result, f.log_path) for f in finishes]
+    )
     if cur.rowcount != len(finishes):
         raise _NotAllAtOnce
+    conn.executemany(_ITEM_MOVE_SQL, [_item_move_row(now, f.item, f.transition) for f in finishes])
     conn.executemany(
-        "UPDATE items SET state = ?, stage_index = ?, attempts = ?, not_before = ?, reason = ?,"
-        " updated_at = ? WHERE seq = ?",
-        [
-            (f.transition.state.value, f.transition.stage_index, f.transition.attempts,
-             f.transition.not_before, f.transition.reason, now, f.item.seq)
-            for f in finishes
-        ],
-    )  # fmt: skip
-    conn.executemany(
-        _EVENT_SQL,
-        [
-            (f.item.seq, now, f.result.outcome.value, _stage_after(f.item, f.transition),
-             f.transition.state.value, f.transition.reason)
-            for f in finishes
-        ],
-    )  # fmt: skip
-
-
-def _stage_after(item: Item, transition: Transition) -> str | None:
-    index = transition.stage_index
-    return item.route[index] if index < len(item.route) else None
+        _EVENT_SQL, [_result_event_row(now, f.item, f.result, f.transition) for f in finishes]
+    )
 
 
 def _run_together(conn: sqlite3.Connection, batch: Sequence[_Op]) -> list[Any]:
@@ -478,25 +473,25 @@ def _run_together(conn: sqlite3.Connection, batch: Sequence[_Op]) -> list[Any]:
     last result is durable, that is, in a later transaction.
     """
     results: list[Any] = [None] * len(batch)
-    claims: list[int] = []
-    finishes: list[int] = []
+    claims: dict[int, Claim] = {}  # by position in the batch
+    finishes: list[Finish] = []
 
     def flush() -> None:
         if claims:
-            ended = {batch[i].fn.run_id for i in finishes}  # type: ignore[attr-defined]
-            done = _claims_at_once(conn, [batch[i].fn for i in claims], ended)  # type: ignore[misc]
+            ended = {f.run_id for f in finishes}
+            done = _claims_at_once(conn, list(claims.values()), ended)
             for i, result in zip(claims, done, strict=True):
                 results[i] = result
             claims.clear()
         if finishes:
-            _finishes_at_once(conn, [batch[i].fn for i in finishes])  # type: ignore[misc]
+            _finishes_at_once(conn, finishes)
             finishes.clear()
 
     for i, op in enumerate(batch):
         if isinstance(op.fn, Claim):
-            claims.append(i)
+            claims[i] = op.fn
         elif isinstance(op.fn, Finish):
-            finishes.append(i)
+            finishes.append(op.fn)
         else:
             flush()
             results[i] = op.fn(conn)
