@@ -150,7 +150,7 @@ async def _claims_and_results(store: SqliteStore, *, together: bool) -> list[obj
         while len(ops) < len(work):
             await trio.sleep(0.01)
     assert store.commits == commits + 1  # one transaction for all five
-    assert all(op.error is None for op in ops)
+    assert [op.error for op in ops] == [None] * len(ops)
     return [op.result for op in ops]
 
 

@@ -225,7 +225,7 @@ _EVENT_SQL = (
     "INSERT INTO events (item_seq, at, event, stage, state, detail) VALUES (?, ?, ?, ?, ?, ?)"
 )
 # A run's claim and result, and its item's move: written one at a time (`op_start_run`,
-# `op_finish_run`) or for a whole group at once (`_claims_at_once`, `_finishes_at_once`).
+# `op_finish_run`) or for a whole group at once (`_group_at_once`).
 _RUN_INSERT_SQL = (
     "INSERT INTO runs (id, item_seq, stage, attempt, instance, started_at, slot_wait, pid,"
     " pgid, proc_start) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -233,6 +233,12 @@ _RUN_INSERT_SQL = (
 _RUN_FINISH_SQL = (
     "UPDATE runs SET ended_at = ?, outcome = ?, exit_code = ?, signal = ?, duration = ?,"
     " pid = ?, pgid = ?, log_path = ?, tail = ?, reason = ? WHERE id = ?"
+)
+# A run claimed and ended in the same transaction: its row in one statement.
+_RUN_WHOLE_SQL = (
+    "INSERT INTO runs (id, item_seq, stage, attempt, instance, started_at, slot_wait, ended_at,"
+    " outcome, exit_code, signal, duration, pid, pgid, log_path, tail, reason)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _ITEM_MOVE_SQL = (
     "UPDATE items SET state = ?, stage_index = ?, attempts = ?, not_before = ?, reason = ?,"
@@ -408,83 +414,103 @@ class _NotAllAtOnce(Exception):
     """A claim or result of a group does not apply as expected: the group is done one by one."""
 
 
-def _claims_at_once(
-    conn: sqlite3.Connection, claims: Sequence[Claim], ended: Set[int] = frozenset()
+def _group_at_once(
+    conn: sqlite3.Connection, claims: Sequence[Claim], finishes: Sequence[Finish]
 ) -> list[tuple[int, int]]:
-    """Every claim of ``claims`` in three statements; the same rows as `op_start_run` each.
+    """Every claim, then every result, of a group in a few statements; the same rows as
+    `op_start_run` and `op_finish_run` one after another.
 
-    Runs in ``ended`` have their result in the same transaction: their process is gone, and
-    its start time is not looked up (it only serves to recognise a run's process after a
-    crash, and a run with a result is never looked for).
+    A run claimed and ended in the same group (the common case for short runs) is written once,
+    already ended: its run row is inserted whole, its item moved once to where its result
+    sends it, and its process's start time is not looked up (it only serves to recognise a
+    run's process after a crash, and a run with a result is never looked for). Events are
+    written as one at a time would: every ``started``, then every result, in queue order.
 
-    Raises `_NotAllAtOnce` (the caller rolls back) unless every item is still claimable with
-    the attempt count its claim expects.
+    Returns each claim's ``(run_id, attempt)``. Raises `_NotAllAtOnce` (the caller rolls
+    back) unless every item is still claimable with the attempt count its claim expects and
+    every result's run is recorded.
     """
     now = time.time()
-    cur = conn.executemany(
-        "UPDATE items SET state = 'running', attempts = attempts + 1, not_before = NULL,"
-        " updated_at = ? WHERE seq = ? AND stage_index = ? AND attempts = ?"
-        " AND state IN ('queued', 'retry_wait')",
-        [(now, c.item.seq, c.item.stage_index, c.attempt - 1) for c in claims],
-    )
-    if cur.rowcount != len(claims):
-        raise _NotAllAtOnce
-    conn.executemany(
-        _RUN_INSERT_SQL,
-        [
-            (c.run_id, c.item.seq, c.stage, c.attempt, c.instance, now, c.slot_wait, c.pid,
-             c.pid, None if c.pid is None or c.run_id in ended else proc_start_time(c.pid))
-            for c in claims
-        ],
-    )  # fmt: skip
-    conn.executemany(
-        _EVENT_SQL,
-        [
-            (c.item.seq, now, "started", c.stage, "running", f"run {c.run_id} attempt {c.attempt}")
-            for c in claims
-        ],
-    )  # fmt: skip
+    ending = {f.run_id: f for f in finishes}
+    opened = [c for c in claims if c.run_id not in ending]
+    closed = [(c, ending[c.run_id]) for c in claims if c.run_id in ending]
+    if opened:
+        cur = conn.executemany(
+            "UPDATE items SET state = 'running', attempts = attempts + 1, not_before = NULL,"
+            " updated_at = ? WHERE seq = ? AND stage_index = ? AND attempts = ?"
+            " AND state IN ('queued', 'retry_wait')",
+            [(now, c.item.seq, c.item.stage_index, c.attempt - 1) for c in opened],
+        )
+        if cur.rowcount != len(opened):
+            raise _NotAllAtOnce
+        conn.executemany(
+            _RUN_INSERT_SQL,
+            [
+                (c.run_id, c.item.seq, c.stage, c.attempt, c.instance, now, c.slot_wait, c.pid,
+                 c.pid, None if c.pid is None else proc_start_time(c.pid))
+                for c in opened
+            ],
+        )  # fmt: skip
+    if closed:
+        cur = conn.executemany(
+            "UPDATE items SET state = ?, stage_index = ?, attempts = ?, not_before = ?,"
+            " reason = ?, updated_at = ? WHERE seq = ? AND stage_index = ? AND attempts = ?"
+            " AND state IN ('queued', 'retry_wait')",
+            [
+                (f.transition.state.value, f.transition.stage_index, f.transition.attempts,
+                 f.transition.not_before, f.transition.reason, now, c.item.seq,
+                 c.item.stage_index, c.attempt - 1)
+                for c, f in closed
+            ],
+        )  # fmt: skip
+        if cur.rowcount != len(closed):
+            raise _NotAllAtOnce
+        conn.executemany(
+            _RUN_WHOLE_SQL,
+            [
+                (c.run_id, c.item.seq, c.stage, c.attempt, c.instance, now, c.slot_wait,
+                 *_run_end_row(now, c.run_id, f.result, f.log_path)[:-1])
+                for c, f in closed
+            ],
+        )  # fmt: skip
+    events = [
+        (c.item.seq, now, "started", c.stage, "running", f"run {c.run_id} attempt {c.attempt}")
+        for c in claims
+    ]  # fmt: skip
+    claimed = {c.run_id for c, _ in closed}
+    later = [f for f in finishes if f.run_id not in claimed]
+    if later:
+        cur = conn.executemany(
+            _RUN_FINISH_SQL, [_run_end_row(now, f.run_id, f.result, f.log_path) for f in later]
+        )
+        if cur.rowcount != len(later):
+            raise _NotAllAtOnce
+        conn.executemany(
+            _ITEM_MOVE_SQL, [_item_move_row(now, f.item, f.transition) for f in later]
+        )
+    events += [_result_event_row(now, f.item, f.result, f.transition) for f in finishes]
+    conn.executemany(_EVENT_SQL, events)
     return [(c.run_id, c.attempt) for c in claims]
-
-
-def _finishes_at_once(conn: sqlite3.Connection, finishes: Sequence[Finish]) -> None:
-    """Every result of ``finishes`` in three statements; the same rows as `op_finish_run` each.
-
-    Raises `_NotAllAtOnce` (the caller rolls back) unless every run is recorded.
-    """
-    now = time.time()
-    cur = conn.executemany(
-        _RUN_FINISH_SQL, [_run_end_row(now, f.run_id, f.result, f.log_path) for f in finishes]
-    )
-    if cur.rowcount != len(finishes):
-        raise _NotAllAtOnce
-    conn.executemany(_ITEM_MOVE_SQL, [_item_move_row(now, f.item, f.transition) for f in finishes])
-    conn.executemany(
-        _EVENT_SQL, [_result_event_row(now, f.item, f.result, f.transition) for f in finishes]
-    )
 
 
 def _run_together(conn: sqlite3.Connection, batch: Sequence[_Op]) -> list[Any]:
     """Run ``batch`` in order in the open transaction; return each operation's result.
 
     Claims and results (`Claim`, `Finish`) between two other operations go in a few
-    statements for all of them: claims first, then results. That keeps each run's claim before
-    its result, and nothing else can come between: an item's next claim is only made once its
-    last result is durable, that is, in a later transaction.
+    statements for all of them (`_group_at_once`): claims first, then results. That keeps each
+    run's claim before its result, and nothing else can come between: an item's next claim is
+    only made once its last result is durable, that is, in a later transaction.
     """
     results: list[Any] = [None] * len(batch)
     claims: dict[int, Claim] = {}  # by position in the batch
     finishes: list[Finish] = []
 
     def flush() -> None:
-        if claims:
-            ended = {f.run_id for f in finishes}
-            done = _claims_at_once(conn, list(claims.values()), ended)
+        if claims or finishes:
+            done = _group_at_once(conn, list(claims.values()), finishes)
             for i, result in zip(claims, done, strict=True):
                 results[i] = result
             claims.clear()
-        if finishes:
-            _finishes_at_once(conn, finishes)
             finishes.clear()
 
     for i, op in enumerate(batch):
