@@ -61,6 +61,13 @@ def _thread_cpu() -> dict[int, float]:
     return out
 
 
+def _schedstat(native_id: int) -> tuple[float, float]:
+    """(seconds on CPU, seconds runnable but waiting for a CPU) of one of our threads."""
+    with open(f"/proc/self/task/{native_id}/schedstat") as f:
+        on_cpu, waiting, _ = f.read().split()
+    return int(on_cpu) / 1e9, int(waiting) / 1e9
+
+
 def _children_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
@@ -76,6 +83,7 @@ def one_batch(n: int) -> dict[str, float]:
         (folder / "c.toml").write_text(CONFIG)
         main_id = threading.main_thread().native_id
         before, children = _thread_cpu(), _children_cpu()
+        sched, wall = _schedstat(main_id), time.perf_counter()
         out = io.StringIO()
         with contextlib.chdir(folder), contextlib.redirect_stdout(out):
             try:
@@ -84,6 +92,8 @@ def one_batch(n: int) -> dict[str, float]:
                 if exc.code not in (0, None):
                     raise RuntimeError(f"the batch failed (exit {exc.code})") from None
         after, children = _thread_cpu(), _children_cpu() - children
+        (on_cpu, waiting), wall = _schedstat(main_id), time.perf_counter() - wall
+        on_cpu, waiting = on_cpu - sched[0], waiting - sched[1]
     summary = json.loads(out.getvalue())
     main = after.get(main_id, 0.0) - before.get(main_id, 0.0)
     others = sum(cpu - before.get(tid, 0.0) for tid, cpu in after.items() if tid != main_id)
@@ -92,6 +102,10 @@ def one_batch(n: int) -> dict[str, float]:
         "loop_us": main / n * 1e6,
         "threads_us": others / n * 1e6,
         "children_us": children / n * 1e6,
+        # The loop's thread over the batch's wall time: on CPU, waiting for a CPU, and the rest
+        # (blocked: the vfork wait of each spawn, the GIL, idle in epoll).
+        "loop_wait_us": waiting / n * 1e6,
+        "loop_blocked_us": (wall - on_cpu - waiting) / n * 1e6,
     }
 
 
@@ -109,7 +123,8 @@ def main() -> None:
             f"{run['items_per_second']:7.0f} items/s   CPU per item: loop {run['loop_us']:4.0f} µs,"
             f" other threads {run['threads_us']:4.0f} µs, stage processes"
             f" {run['children_us']:4.0f} µs   (loop / stage processes"
-            f" {run['loop_us'] / run['children_us']:.2f})",
+            f" {run['loop_us'] / run['children_us']:.2f}); loop thread also waiting for a CPU"
+            f" {run['loop_wait_us']:.0f} µs, blocked {run['loop_blocked_us']:.0f} µs",
             flush=True,
         )
     if len(runs) > 1:
