@@ -244,6 +244,9 @@ _ITEM_MOVE_SQL = (
     "UPDATE items SET state = ?, stage_index = ?, attempts = ?, not_before = ?, reason = ?,"
     " updated_at = ? WHERE seq = ?"
 )
+# Appended to an UPDATE of an item by seq: only if it is still where its claim found it
+# (stage_index, attempts before the claim; then two more parameters) and waiting to run.
+_STILL_CLAIMABLE = " AND stage_index = ? AND attempts = ? AND state IN ('queued', 'retry_wait')"
 
 
 def _event(
@@ -437,8 +440,7 @@ def _group_at_once(
     if opened:
         cur = conn.executemany(
             "UPDATE items SET state = 'running', attempts = attempts + 1, not_before = NULL,"
-            " updated_at = ? WHERE seq = ? AND stage_index = ? AND attempts = ?"
-            " AND state IN ('queued', 'retry_wait')",
+            " updated_at = ? WHERE seq = ?" + _STILL_CLAIMABLE,
             [(now, c.item.seq, c.item.stage_index, c.attempt - 1) for c in opened],
         )
         if cur.rowcount != len(opened):
@@ -453,16 +455,12 @@ def _group_at_once(
         )  # fmt: skip
     if closed:
         cur = conn.executemany(
-            "UPDATE items SET state = ?, stage_index = ?, attempts = ?, not_before = ?,"
-            " reason = ?, updated_at = ? WHERE seq = ? AND stage_index = ? AND attempts = ?"
-            " AND state IN ('queued', 'retry_wait')",
+            _ITEM_MOVE_SQL + _STILL_CLAIMABLE,
             [
-                (f.transition.state.value, f.transition.stage_index, f.transition.attempts,
-                 f.transition.not_before, f.transition.reason, now, c.item.seq,
-                 c.item.stage_index, c.attempt - 1)
+                (*_item_move_row(now, c.item, f.transition), c.item.stage_index, c.attempt - 1)
                 for c, f in closed
             ],
-        )  # fmt: skip
+        )
         if cur.rowcount != len(closed):
             raise _NotAllAtOnce
         conn.executemany(
@@ -477,7 +475,7 @@ def _group_at_once(
         (c.item.seq, now, "started", c.stage, "running", f"run {c.run_id} attempt {c.attempt}")
         for c in claims
     ]  # fmt: skip
-    claimed = {c.run_id for c, _ in closed}
+    claimed = {c.run_id for c in claims}
     later = [f for f in finishes if f.run_id not in claimed]
     if later:
         cur = conn.executemany(
