@@ -1,7 +1,7 @@
 """Run one stage command in its own session, watched for timeout and silence, its tree killed.
 
-A run is one process group: the command is spawned with ``posix_spawn`` in a new session
-(so its pgid is its pid and a Ctrl+C on our terminal does not reach it), its exit is waited on
+A run is one process group: the command is spawned in a new session (so its pgid is its pid
+and a Ctrl+C on our terminal does not reach it; see `_spawn` for how), its exit is waited on
 through a pidfd from the trio loop, and stdout+stderr arrive on one pipe that trio reads. Every
 chunk of output re-arms the stall deadline and goes to a size-capped log file (written from a
 worker thread, never from the loop) and to an in-memory tail.
@@ -22,6 +22,7 @@ soon as the leader exits, which is exactly when the sweep must happen.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 import math
@@ -29,11 +30,21 @@ import os
 import select
 import shutil
 import signal
+import sys
+import threading
 import time
 from typing import TYPE_CHECKING
 
 import attrs
 import trio
+
+try:  # CPython's private spawner behind subprocess (see _spawn_vfork); typeshed's types of it
+    # are narrower than what it takes (cwd and preexec_fn may be None), hence Callable[..., int].
+    import _posixsubprocess
+
+    _fork_exec: Callable[..., int] | None = _posixsubprocess.fork_exec
+except ImportError:  # not CPython on a POSIX system: os.posix_spawn does it all
+    _fork_exec = None
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -351,15 +362,124 @@ def _inherited_fds() -> list[int]:
     return fds
 
 
+#: How long a child whose exec failed may take to exit before its error report is taken for a
+#: stale one (see `_spawn_vfork`); only reached when an exec fails.
+EXEC_FAILURE_EXIT_WAIT = 0.1
+#: ``fork_exec`` lost its last argument (``allow_vfork``) in CPython 3.14.
+_FORK_EXEC_VFORK_ARG: tuple[bool, ...] = (True,) if sys.version_info < (3, 14) else ()
+_FS_ENCODING = sys.getfilesystemencoding()
+
+
 def _spawn(cmd: Command, wfd: int) -> int:
-    argv = cmd.argv
-    executable = cmd.executable or argv[0]
+    """Start ``cmd`` in a new session, stdin from /dev/null, stdout and stderr on ``wfd``.
+
+    Raises OSError when it cannot be started (nothing of it is left then).
+    """
+    global _fork_exec
+    executable = cmd.executable or cmd.argv[0]
     if "/" not in executable:
         # Looked up in the command's own PATH (a stage may set one), not ours.
         found = shutil.which(executable, path=cmd.env.get("PATH", os.defpath))
         if found is None:
             raise FileNotFoundError(errno.ENOENT, "not found in PATH", executable)
         executable = found
+    if _fork_exec is not None:
+        try:
+            return _spawn_vfork(cmd, wfd, executable)
+        except TypeError as exc:
+            if "argument" not in str(exc):
+                raise
+            # A CPython whose private fork_exec takes other arguments: use the public API.
+            _fork_exec = None
+    return _spawn_posix(cmd, wfd, executable)
+
+
+class _SpawnFds:
+    """One thread's descriptors for `_spawn_vfork`: /dev/null for the children's stdin, and the
+    pipe on which a child whose exec fails reports why (its read end never blocks)."""
+
+    def __init__(self) -> None:
+        self.null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        self.err_read, self.err_write = os.pipe()
+        os.set_blocking(self.err_read, False)
+
+    def __del__(self, _close: Callable[[int], None] = os.close) -> None:
+        # Bound at definition: at interpreter exit this module's globals may be gone already.
+        for fd in (self.null, self.err_read, self.err_write):
+            with contextlib.suppress(OSError):
+                _close(fd)
+
+
+_spawn_fds = threading.local()
+
+
+def _spawn_vfork(cmd: Command, wfd: int, executable: str) -> int:
+    """Spawn through CPython's own ``_posixsubprocess.fork_exec``, the one `subprocess` uses.
+
+    On Linux it vforks with every signal blocked and lets other threads run while the child
+    execs; the child closes every other descriptor with one ``close_range`` and changes
+    directory itself, so a ``cwd`` needs no shell. Per run this costs the loop about half of
+    ``os.posix_spawn``'s time (glibc maps a stack and resets every signal for each spawn, and
+    holds our GIL until the exec), which is most of what a trivial stage costs us.
+
+    Unlike `subprocess`, the error pipe is not made for each run: the parent only resumes
+    once the vforked child has exec'd or failed, so whatever the pipe holds then is this
+    child's report, and an empty pipe is a successful exec -- one read, no extra descriptors.
+    """
+    fds = getattr(_spawn_fds, "fds", None)
+    if fds is None:
+        fds = _spawn_fds.fds = _SpawnFds()
+    env = cmd.env
+    if cmd.cwd is not None:  # what a shell does on cd: PWD names the folder, OLDPWD goes
+        env = {k: v for k, v in env.items() if k != "OLDPWD"}
+        env["PWD"] = os.path.abspath(cmd.cwd)
+    env_list = []
+    for key, value in env.items():
+        if "=" in key:
+            raise ValueError(f"illegal environment variable name {key!r}")
+        env_list.append(f"{key}={value}".encode(_FS_ENCODING, "surrogateescape"))
+    assert _fork_exec is not None
+    pid = _fork_exec(
+        cmd.argv, [os.fsencode(executable)], True, (fds.err_write,), cmd.cwd, env_list,
+        fds.null, -1, -1, wfd, -1, wfd, fds.err_read, fds.err_write,
+        True, True, -1, None, None, None, -1, None, *_FORK_EXEC_VFORK_ARG,
+    )  # fmt: skip
+    try:
+        report = os.read(fds.err_read, 4096)
+    except BlockingIOError:
+        return pid
+    return _exec_failed(cmd, pid, executable, report)
+
+
+def _exec_failed(cmd: Command, pid: int, executable: str, report: bytes) -> int:
+    """The error pipe held ``report`` (``OSError:<hex errno>:[noexec]``) after spawning ``pid``.
+
+    It is ``pid``'s own when ``pid`` exits at once (reaped here; OSError raised). Where vfork
+    is emulated by fork (QEMU user mode), a report can arrive after its spawn has returned
+    and be read at the next one: a child still running after `EXEC_FAILURE_EXIT_WAIT` is
+    that next one, and keeps running (its own failure, if any, shows as exit 255).
+    """
+    pidfd = os.pidfd_open(pid)
+    try:
+        exited = bool(select.select([pidfd], [], [], EXEC_FAILURE_EXIT_WAIT)[0])
+    finally:
+        os.close(pidfd)
+    if not exited:
+        return pid
+    os.waitpid(pid, 0)
+    _, hex_errno, detail = [*report.split(b":", 2), b"", b""][:3]
+    try:
+        code = int(hex_errno, 16)
+    except ValueError:
+        code = errno.EIO
+    if detail.startswith(b"noexec") and cmd.cwd is not None:  # chdir is what fails before exec
+        raise OSError(code, f"cannot enter {cmd.cwd!r}: {os.strerror(code)}")
+    raise OSError(code, os.strerror(code), executable)
+
+
+def _spawn_posix(cmd: Command, wfd: int, executable: str) -> int:
+    """Spawn with ``os.posix_spawn``: where ``_posixsubprocess.fork_exec`` is not there."""
+    argv = cmd.argv
     if cmd.cwd is not None:
         argv = (*_CHDIR_TRAMPOLINE, os.path.abspath(cmd.cwd), executable, *argv[1:])
         executable = argv[0]

@@ -102,6 +102,28 @@ def open_fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
 
 
+def our_zombies() -> list[int]:
+    """Our children that exited and were never waited for."""
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            st = proc_stat(int(name))
+            if st is not None and st[0] == "Z" and st[1] == os.getpid():
+                found.append(int(name))
+    return found
+
+
+@pytest.fixture(params=["fork_exec", "posix_spawn"])
+def spawner(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each way a run is spawned: CPython's ``fork_exec`` (the default) and the
+    ``os.posix_spawn`` fallback (where fork_exec is missing or takes other arguments)."""
+    if request.param == "posix_spawn":
+        monkeypatch.setattr(runner, "_fork_exec", None)
+    else:
+        assert runner._fork_exec is not None
+    return str(request.param)
+
+
 async def wait_for_file(path: Path, timeout: float = 10.0) -> str:
     with trio.fail_after(timeout):
         while not path.exists():
@@ -441,7 +463,7 @@ DUMP_ARGV = "import json, sys\nopen(sys.argv[1], 'w').write(json.dumps(sys.argv[
 
 
 @pytest.mark.parametrize("where", ["inherited", "tmp_path", "hostile_dir"])
-async def test_run_command_hostile_argv_reaches_child_verbatim(tmp_path: Path, where: str) -> None:
+async def test_run_command_hostile_argv_reaches_child_verbatim(tmp_path: Path, where: str, spawner: str) -> None:
     out = tmp_path / "argv.json"
     cwd = {
         "inherited": None,
@@ -459,7 +481,7 @@ async def test_run_command_hostile_argv_reaches_child_verbatim(tmp_path: Path, w
         assert not (folder / "PWNED").exists()
 
 
-async def test_run_command_cwd_is_child_working_dir(tmp_path: Path) -> None:
+async def test_run_command_cwd_is_child_working_dir(tmp_path: Path, spawner: str) -> None:
     work = tmp_path / "work"
     work.mkdir()
     result = await run_command(
@@ -471,22 +493,33 @@ async def test_run_command_cwd_is_child_working_dir(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("kind", ["missing", "file"])
-async def test_run_command_bad_cwd_is_failed_127(tmp_path: Path, kind: str) -> None:
+async def test_run_command_bad_cwd_is_failed_and_runs_nothing(
+    tmp_path: Path, kind: str, spawner: str
+) -> None:
     cwd = tmp_path / "nowhere"
     if kind == "file":
         cwd.write_text("not a folder")
     result = await run_command(cmd(py("open('ran', 'w').close()"), cwd=str(cwd)))
     assert result.outcome is Outcome.FAILED
-    assert (result.exit_code, result.signal) == (127, None)
     assert str(cwd) in result.reason
-    assert result.tail  # the shell says why
+    if spawner == "fork_exec":  # the child's chdir fails before exec, and says so
+        assert (result.exit_code, result.signal, result.pid) == (None, None, None)
+        assert result.reason.startswith("cannot start")
+        expected = "No such file or directory" if kind == "missing" else "Not a directory"
+        assert expected in result.reason
+        assert our_zombies() == []
+    else:  # the chdir trampoline's shell exits 127 and says why
+        assert (result.exit_code, result.signal) == (127, None)
+        assert result.tail
+        assert_reaped(result.pid)
     assert not (tmp_path / "ran").exists()
     assert not os.path.exists("ran")
-    assert_reaped(result.pid)
 
 
 @pytest.mark.parametrize("kind", ["not_on_path", "absolute", "not_executable", "directory"])
-async def test_run_command_missing_executable_is_failed(tmp_path: Path, kind: str) -> None:
+async def test_run_command_missing_executable_is_failed(
+    tmp_path: Path, kind: str, spawner: str
+) -> None:
     program = {
         "not_on_path": "orchestrator-test-no-such-command",
         "absolute": str(tmp_path / "missing"),
@@ -496,6 +529,7 @@ async def test_run_command_missing_executable_is_failed(tmp_path: Path, kind: st
     if kind == "not_executable":
         (tmp_path / "plain.txt").write_text("echo hi\n")
     spawned: list[int] = []
+    await run_command(cmd(("true",)))  # warm-up: what the spawner keeps open from run to run
     fds = open_fds()
     result = await run_command(cmd((program, "arg")), on_spawn=spawned.append)
     assert result.outcome is Outcome.FAILED
@@ -504,9 +538,10 @@ async def test_run_command_missing_executable_is_failed(tmp_path: Path, kind: st
     assert result.reason.startswith("cannot start")
     assert spawned == []
     assert open_fds() == fds  # both pipe ends closed
+    assert our_zombies() == []  # a child whose exec failed was reaped
 
 
-async def test_run_command_env_is_exactly_the_given_mapping(tmp_path: Path) -> None:
+async def test_run_command_env_is_exactly_the_given_mapping(tmp_path: Path, spawner: str) -> None:
     env = {
         "PATH": os.environ["PATH"],
         "ORCH_X": "value with spaces; $(touch PWNED)\nsecond line",
@@ -772,7 +807,7 @@ async def test_run_command_on_spawn_error_leaves_no_process() -> None:
             os.waitpid(spawned[0], 0)
 
 
-async def test_run_command_cwd_keeps_env_exact_but_pwd(tmp_path: Path) -> None:
+async def test_run_command_cwd_keeps_env_exact_but_pwd(tmp_path: Path, spawner: str) -> None:
     # The chdir trampoline leaves the environment as given, except PWD, which names the cwd
     # (as a shell would set it; OLDPWD is removed).
     env = {"PATH": os.environ["PATH"], "ORCH_X": "1"}
@@ -914,3 +949,50 @@ def test_a_watch_that_cannot_register_never_goes_back_to_the_pool(
         os.close(wfd)
     assert fake.closed
     assert runner._EPOLLS == []
+
+
+# --- the spawner ---------------------------------------------------------------------------------
+
+
+async def test_a_child_holds_only_stdin_stdout_and_stderr(spawner: str) -> None:
+    # Neither our descriptors (the store, the epoll sets, the spawner's error pipe) nor the
+    # run's own pipe under its original number reach the command.
+    code = "import os; print(sorted(int(fd) for fd in os.listdir('/proc/self/fd')))"
+    result = await run_command(cmd(py(code)))
+    assert result.outcome is Outcome.OK, result.tail
+    held = json.loads(result.tail)
+    assert held[:3] == [0, 1, 2]
+    assert len(held) == 4  # and the descriptor the listing itself had open
+    stdin = await run_command(cmd(py("import os; print(os.readlink('/proc/self/fd/0'))")))
+    assert stdin.tail == os.devnull
+
+
+async def test_a_fork_exec_that_takes_other_arguments_falls_back_to_posix_spawn(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    calls: list[int] = []
+
+    def other_fork_exec(*args: Any) -> int:
+        calls.append(len(args))
+        raise TypeError(f"fork_exec() takes exactly {len(args) + 1} arguments ({len(args)} given)")
+
+    monkeypatch.setattr(runner, "_fork_exec", other_fork_exec)
+    result = await run_command(cmd(py("print('ran')"), cwd=str(tmp_path)))
+    assert (result.outcome, result.tail) == (Outcome.OK, "ran")
+    assert len(calls) == 1
+    assert runner._fork_exec is None  # asked once, then never again
+    again = await run_command(cmd(py("print('again')")))
+    assert (again.outcome, again.tail, len(calls)) == (Outcome.OK, "again", 1)
+
+
+async def test_a_stale_exec_failure_report_does_not_fail_a_child_that_runs() -> None:
+    # Where vfork is emulated by fork, a failed exec's report can reach the error pipe after
+    # its spawn returned, and be read at the next spawn: that next child runs on, unharmed.
+    await run_command(cmd(("true",)))  # the thread's spawner descriptors exist
+    fds = runner._spawn_fds.fds
+    os.write(fds.err_write, b"OSError:2:")
+    result = await run_command(cmd(py("import time; time.sleep(0.3); print('fine')")))
+    assert (result.outcome, result.tail) == (Outcome.OK, "fine")
+    with pytest.raises(BlockingIOError):  # the stale report was taken out
+        os.read(fds.err_read, 100)
+    assert our_zombies() == []
