@@ -1,7 +1,8 @@
-"""Run one stage command in its own session, watched for timeout and silence, its tree killed.
+"""Run one stage command in its own process group, watched for timeout and silence, its tree
+killed.
 
-A run is one process group: the command is spawned in a new session (so its pgid is its pid
-and a Ctrl+C on our terminal does not reach it; see `_spawn` for how), its exit is waited on
+A run is one process group (its pgid is its pid; a Ctrl+C on our terminal does not reach it,
+and with a terminal it gets a session of its own, see `new_session`), its exit is waited on
 through a pidfd from the trio loop, and stdout+stderr arrive on one pipe that trio reads. Every
 chunk of output re-arms the stall deadline and goes to a size-capped log file (written from a
 worker thread, never from the loop) and to an in-memory tail.
@@ -33,7 +34,7 @@ import signal
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
@@ -370,8 +371,37 @@ _FORK_EXEC_VFORK_ARG: tuple[bool, ...] = (True,) if sys.version_info < (3, 14) e
 _FS_ENCODING = sys.getfilesystemencoding()
 
 
+_new_session: bool | None = None
+
+
+def new_session() -> bool:
+    """Whether runs start in a session of their own (else in a process group of their own in
+    ours): only when this process has a controlling terminal, checked once.
+
+    A process group is what a run needs -- its pgid is what is signalled and swept, and
+    Ctrl+C on a terminal goes to the foreground group only. A session adds one thing: no
+    controlling terminal, so a stage that opens /dev/tty (to prompt for a password) fails at
+    once instead of being stopped for reading from a terminal it does not own. Without a
+    terminal of ours there is none to open anyway, and a session costs: where the kernel's
+    scheduler autogroups are on (the default of most distributions), every new session gets a
+    scheduler group made for it -- CPU work at each spawn, and each run then gets as much CPU
+    as the whole service beside it. About 15 % of the throughput of a trivial stage
+    (BENCHMARKS.md, session 6).
+    """
+    global _new_session
+    if _new_session is None:
+        try:
+            os.close(os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY | os.O_CLOEXEC))
+        except OSError:  # ENXIO: no controlling terminal
+            _new_session = False
+        else:
+            _new_session = True
+    return _new_session
+
+
 def _spawn(cmd: Command, wfd: int) -> int:
-    """Start ``cmd`` in a new session, stdin from /dev/null, stdout and stderr on ``wfd``.
+    """Start ``cmd`` in a process group of its own (a session where `new_session`), stdin
+    from /dev/null, stdout and stderr on ``wfd``.
 
     Raises OSError when it cannot be started (nothing of it is left then).
     """
@@ -417,10 +447,10 @@ def _spawn_vfork(cmd: Command, wfd: int, executable: str) -> int:
     """Spawn through CPython's own ``_posixsubprocess.fork_exec``, the one `subprocess` uses.
 
     On Linux it vforks with every signal blocked and lets other threads run while the child
-    execs; the child closes every other descriptor with one ``close_range`` and changes
-    directory itself, so a ``cwd`` needs no shell. Per run this costs the loop about half of
-    ``os.posix_spawn``'s time (glibc maps a stack and resets every signal for each spawn, and
-    holds our GIL until the exec), which is most of what a trivial stage costs us.
+    execs (``os.posix_spawn`` holds the GIL until the exec); the child closes every other
+    descriptor with one ``close_range`` and changes directory itself, so a ``cwd`` needs no
+    shell. Alone, a spawn costs about a fifth less than with ``os.posix_spawn``; inside a
+    busy batch the loop wins back the GIL after the exec, and the two come out even.
 
     Unlike `subprocess`, the error pipe is not made for each run: the parent only resumes
     once the vforked child has exec'd or failed, so whatever the pipe holds then is this
@@ -439,10 +469,11 @@ def _spawn_vfork(cmd: Command, wfd: int, executable: str) -> int:
             raise ValueError(f"illegal environment variable name {key!r}")
         env_list.append(f"{key}={value}".encode(_FS_ENCODING, "surrogateescape"))
     assert _fork_exec is not None
+    session = new_session()
     pid = _fork_exec(
         cmd.argv, [os.fsencode(executable)], True, (fds.err_write,), cmd.cwd, env_list,
         fds.null, -1, -1, wfd, -1, wfd, fds.err_read, fds.err_write,
-        True, True, -1, None, None, None, -1, None, *_FORK_EXEC_VFORK_ARG,
+        True, session, -1 if session else 0, None, None, None, -1, None, *_FORK_EXEC_VFORK_ARG,
     )  # fmt: skip
     try:
         report = os.read(fds.err_read, 4096)
@@ -489,13 +520,9 @@ def _spawn_posix(cmd: Command, wfd: int, executable: str) -> int:
         (os.POSIX_SPAWN_DUP2, wfd, 2),
     ]
     actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in _inherited_fds() if fd != wfd]
+    group: dict[str, Any] = {"setsid": True} if new_session() else {"setpgroup": 0}
     return os.posix_spawn(
-        executable,
-        argv,
-        cmd.env,
-        file_actions=actions,
-        setsid=True,
-        setsigdef=_RESET_SIGNALS,
+        executable, argv, cmd.env, file_actions=actions, setsigdef=_RESET_SIGNALS, **group
     )
 
 

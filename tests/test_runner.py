@@ -578,9 +578,13 @@ async def test_run_command_child_signal_dispositions_are_reset() -> None:
     assert masks["SigBlk"] == 0
 
 
-async def test_run_command_child_gets_own_session_devnull_stdin_and_no_runner_fds(
-    tmp_path: Path,
+@pytest.mark.parametrize("session", [True, False], ids=["new_session", "own_group"])
+async def test_run_command_child_gets_own_group_devnull_stdin_and_no_runner_fds(
+    tmp_path: Path, session: bool, spawner: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Whether a run gets a session of its own follows our controlling terminal (a test of
+    # that, on a real terminal, is below); both ways are checked here.
+    monkeypatch.setattr(runner, "_new_session", session)
     code = (
         "import json, os, sys\n"
         + WRITE_ATOMIC
@@ -619,8 +623,13 @@ write_atomic(sys.argv[1], json.dumps(info))
     for i in range(4):
         info = json.loads((tmp_path / f"info{i}").read_text())
         assert results[i].outcome is Outcome.OK
-        assert info["pid"] == info["pgid"] == info["sid"] == results[i].pid
-        assert info["tty"] == 0  # no controlling terminal: our Ctrl+C never reaches it
+        assert info["pid"] == info["pgid"] == results[i].pid
+        if session:
+            assert info["sid"] == info["pid"]
+            assert info["tty"] == 0  # no controlling terminal: our Ctrl+C never reaches it
+        else:
+            assert info["sid"] == os.getsid(0)
+            assert info["pgid"] != os.getpgid(0)  # a background group: no Ctrl+C either
         assert set(info["fds"]) <= inheritable
         assert (info["stdin"], info["stdin_data"]) == ("/dev/null", "")
         assert info["out"] == info["err"]
@@ -705,7 +714,8 @@ async def test_run_command_outer_cancel_kills_group(tmp_path: Path) -> None:
     assert elapsed < 0.3 + 1.5  # the leader obeyed SIGTERM: no grace period wait
     pid, pgid, sid = map(int, info.read_text().split())
     assert spawned == [pid]
-    assert pid == pgid == sid
+    assert pid == pgid
+    assert sid == (pid if runner.new_session() else os.getsid(0))
     assert_reaped(pid)
     await assert_dead(int(gc_file.read_text()))
     assert live_group_members(pid) == []
@@ -996,3 +1006,53 @@ async def test_a_stale_exec_failure_report_does_not_fail_a_child_that_runs() -> 
     with pytest.raises(BlockingIOError):  # the stale report was taken out
         os.read(fds.err_read, 100)
     assert our_zombies() == []
+
+
+#: Runs under a terminal (or not) and reports what a run looked like: our own session and
+#: terminal, whether runs get a session, and the run's pid, pgid, sid and terminal.
+SESSION_PROBE = """
+import json, os, sys, trio
+from orchestrator.runner import Command, new_session, run_command
+if sys.argv[2] == "tty":  # a session leader opening a terminal makes it its controlling one
+    os.close(os.open(os.ttyname(0), os.O_RDWR))
+code = ("import os; st = open('/proc/self/stat').read().rsplit(')', 1)[1].split();"
+        " print(os.getpid(), os.getpgid(0), os.getsid(0), st[4])")
+result = trio.run(run_command, Command(argv=(sys.executable, "-c", code), env=dict(os.environ)))
+pid, pgid, sid, tty = map(int, result.tail.split())
+st = open("/proc/self/stat").read().rsplit(")", 1)[1].split()
+with open(sys.argv[1], "w") as f:
+    json.dump(dict(our_sid=os.getsid(0), our_tty=int(st[4]), new_session=new_session(),
+                   run=[pid, pgid, sid, tty]), f)
+"""
+
+
+@pytest.mark.parametrize("terminal", [True, False], ids=["on_a_terminal", "no_terminal"])
+def test_runs_get_a_session_of_their_own_only_under_a_terminal(
+    tmp_path: Path, terminal: bool
+) -> None:
+    import subprocess
+
+    out = tmp_path / "probe.json"
+    primary, secondary = os.openpty() if terminal else (-1, -1)
+    try:
+        stdio = secondary if terminal else subprocess.DEVNULL
+        proc = subprocess.run(
+            [PY, "-c", SESSION_PROBE, str(out), "tty" if terminal else "none"],
+            stdin=stdio, stdout=stdio, stderr=stdio, start_new_session=True, timeout=60,
+            check=False,
+        )  # fmt: skip
+    finally:
+        for fd in (primary, secondary):
+            if fd >= 0:
+                os.close(fd)
+    assert proc.returncode == 0
+    seen = json.loads(out.read_text())
+    pid, pgid, sid, tty = seen["run"]
+    assert pgid == pid  # its own process group either way
+    assert tty == 0  # and never our terminal
+    assert seen["new_session"] is terminal
+    if terminal:
+        assert seen["our_tty"] != 0  # the probe did have a controlling terminal
+        assert sid == pid
+    else:
+        assert (seen["our_tty"], sid) == (0, seen["our_sid"])
