@@ -463,11 +463,9 @@ def _spawn_vfork(cmd: Command, wfd: int, executable: str) -> int:
     if cmd.cwd is not None:  # what a shell does on cd: PWD names the folder, OLDPWD goes
         env = {k: v for k, v in env.items() if k != "OLDPWD"}
         env["PWD"] = os.path.abspath(cmd.cwd)
-    env_list = []
-    for key, value in env.items():
-        if "=" in key:
-            raise ValueError(f"illegal environment variable name {key!r}")
-        env_list.append(f"{key}={value}".encode(_FS_ENCODING, "surrogateescape"))
+    if "=" in "".join(env):
+        raise ValueError(f"illegal environment variable name in {sorted(env)!r}")
+    env_list = [f"{k}={v}".encode(_FS_ENCODING, "surrogateescape") for k, v in env.items()]
     assert _fork_exec is not None
     session = new_session()
     pid = _fork_exec(
@@ -631,7 +629,8 @@ async def run_command(
             with trio.CancelScope(shield=True):
                 await kill_tree()
         reaped = await reap()
-        watch.poll()  # the pipe is usually at EOF already: the group is gone
+        if not output.eof:  # what is left in the pipe is there already: the group is gone
+            watch.poll()
         if not output.eof:
             if cmd.marker:
                 with trio.move_on_after(ESCAPE_CHECK):
