@@ -385,7 +385,7 @@ def new_session() -> bool:
     terminal of ours there is none to open anyway, and a session costs: where the kernel's
     scheduler autogroups are on (the default of most distributions), every new session gets a
     scheduler group made for it -- CPU work at each spawn, and each run then gets as much CPU
-    as the whole service beside it. About 15 % of the throughput of a trivial stage
+    as the whole service beside it: 5-15 % of the throughput of a trivial stage
     (BENCHMARKS.md, session 6).
     """
     global _new_session
@@ -490,7 +490,9 @@ def _exec_failed(cmd: Command, pid: int, executable: str, report: bytes) -> int:
     """
     pidfd = os.pidfd_open(pid)
     try:
-        exited = bool(select.select([pidfd], [], [], EXEC_FAILURE_EXIT_WAIT)[0])
+        poller = select.poll()  # not select.select: the descriptor may be above FD_SETSIZE
+        poller.register(pidfd, select.POLLIN)
+        exited = bool(poller.poll(EXEC_FAILURE_EXIT_WAIT * 1000))
     finally:
         os.close(pidfd)
     if not exited:
