@@ -465,6 +465,8 @@ def _spawn_vfork(cmd: Command, wfd: int, executable: str) -> int:
         env["PWD"] = os.path.abspath(cmd.cwd)
     if "=" in "".join(env):
         raise ValueError(f"illegal environment variable name in {sorted(env)!r}")
+    if "\0" in "".join(env.values()):  # exec would cut the value short there
+        raise ValueError("embedded null byte")
     env_list = [f"{k}={v}".encode(_FS_ENCODING, "surrogateescape") for k, v in env.items()]
     assert _fork_exec is not None
     session = new_session()
@@ -561,6 +563,9 @@ async def run_command(
     except OSError as exc:
         os.close(rfd)
         return failed(f"cannot start {cmd.argv[0]!r}: {exc.strerror or exc}")
+    except ValueError as exc:  # a NUL byte in an argument or the environment (from a record)
+        os.close(rfd)
+        return failed(f"cannot start {cmd.argv[0]!r}: {exc} in its arguments or environment")
     finally:
         os.close(wfd)
     output = _Output(rfd, cmd.log_path, cmd.output_limit)

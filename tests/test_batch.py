@@ -152,6 +152,43 @@ def test_batch_exit_1_and_reason_when_an_item_is_dead(tmp_path: Path) -> None:
     assert tails == ["bad input x.txt"] * 3
 
 
+def test_a_record_with_a_nul_byte_kills_its_item_not_the_batch(tmp_path: Path) -> None:
+    # Given: a JSONL record whose id holds a NUL (valid JSON), passed to the stage as {item} and
+    # ORCH_ITEM: no program can be given that argument. Found in session 6: the spawn's
+    # ValueError ended the whole batch.
+    (tmp_path / "recs.jsonl").write_text('{"id": "a\\u0000b"}\n{"id": "fine"}\n')
+    out = tmp_path / "ran.txt"
+    config = tmp_path / "c.toml"
+    config.write_text(textwrap.dedent(f"""
+        [http]
+        listen = false
+        [[sources]]
+        name = "recs"
+        type = "jsonl"
+        path = "recs.jsonl"
+        id_field = "id"
+        route = ["s"]
+        [[stages]]
+        name = "s"
+        command = ["{PY}", "-c", "import sys; open(sys.argv[1], 'a').write(sys.argv[2] + chr(10))", "{out}", "{{item}}"]
+        retries = 1
+        backoff = "10ms"
+        """))
+
+    # When
+    proc = orchestrator("batch", "-c", str(config), "--json", "--no-progress", cwd=tmp_path)
+
+    # Then: the other item done, this one dead with why; the stage ran only for the other.
+    assert proc.returncode == 1, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["states"] == {"dead": 1, "done": 1}
+    [failed] = summary["failed_items"]
+    assert failed["id"] == "recs:a\0b"
+    assert "null byte" in failed["reason"]
+    assert "after 2 attempts" in failed["reason"]
+    assert out.read_text() == "recs:fine\n"
+
+
 def test_a_workdir_that_cannot_be_made_kills_the_item_with_the_reason(tmp_path: Path) -> None:
     # Given: a stage that uses {workdir}, and the state's work folder blocked by a file (as a
     # full disk would block it).

@@ -1056,3 +1056,22 @@ def test_runs_get_a_session_of_their_own_only_under_a_terminal(
         assert sid == pid
     else:
         assert (seen["our_tty"], sid) == (0, seen["our_sid"])
+
+
+@pytest.mark.parametrize("where", ["argument", "environment"])
+async def test_a_nul_byte_in_an_argument_or_the_environment_fails_the_run(
+    where: str, spawner: str
+) -> None:
+    # A record's value can hold a NUL; exec cannot pass it (it would cut the value short).
+    await run_command(cmd(("true",)))  # warm-up: what the spawner keeps open from run to run
+    fds = open_fds()
+    argv, env = ("true", "a\0b"), dict(ENV)
+    if where == "environment":
+        argv, env["ORCH_ITEM"] = ("true",), "a\0b"
+    result = await run_command(cmd(argv, env=env))
+    assert result.outcome is Outcome.FAILED
+    assert (result.exit_code, result.pid) == (None, None)
+    assert result.reason.startswith("cannot start 'true'")
+    assert "null byte" in result.reason
+    assert open_fds() == fds
+    assert our_zombies() == []
