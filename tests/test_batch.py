@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -187,6 +188,46 @@ def test_a_record_with_a_nul_byte_kills_its_item_not_the_batch(tmp_path: Path) -
     assert "null byte" in failed["reason"]
     assert "after 2 attempts" in failed["reason"]
     assert out.read_text() == "recs:fine\n"
+
+
+def test_a_file_name_that_is_not_utf8_is_rejected_and_its_neighbours_run(tmp_path: Path) -> None:
+    # Given: a Latin-1 file name beside a plain one. Found in session 6: the store could not
+    # hold the name, so every ingest of the folder failed and the batch never ended.
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    (inbox / "plain.txt").write_text("x")
+    with open(os.path.join(os.fsencode(inbox), b"caf\xe9.txt"), "w") as f:
+        f.write("y")
+    config = tmp_path / "c.toml"
+    config.write_text(textwrap.dedent(f"""
+        [http]
+        listen = false
+        [[sources]]
+        name = "in"
+        type = "directory"
+        path = "in"
+        route = ["s"]
+        settle = "0s"
+        [[stages]]
+        name = "s"
+        command = ["{PY}", "-c", "pass", "{{path}}"]
+        """))
+
+    # When: the batch, twice.
+    proc = orchestrator("batch", "-c", str(config), "--json", "--no-progress", cwd=tmp_path)
+    again = orchestrator("batch", "-c", str(config), "--json", "--no-progress", cwd=tmp_path)
+
+    # Then: the plain file done, the other rejected with its name escaped and kept in place;
+    # the second batch takes neither again.
+    assert proc.returncode == 1, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["states"] == {"done": 1, "rejected": 1}
+    [failed] = summary["failed_items"]
+    assert failed["id"] == "in:caf\\xe9.txt"
+    assert "not valid UTF-8" in failed["reason"]
+    assert sorted(os.listdir(os.fsencode(inbox))) == [b"caf\xe9.txt", b"plain.txt"]
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["items"] == 0
 
 
 def test_a_workdir_that_cannot_be_made_kills_the_item_with_the_reason(tmp_path: Path) -> None:

@@ -88,6 +88,33 @@ async def test_ingest_dedupes_by_source_and_key_durably(tmp_path: Path) -> None:
     assert [i.key for i in op_pending_items(conn)] == ["a", "b", "c"]
 
 
+async def test_an_item_whose_name_is_not_utf8_is_kept_rejected_and_the_rest_ingested(
+    tmp_path: Path,
+) -> None:
+    # A file name in another encoding (Python carries its bytes as lone surrogates) and a
+    # record's id with a lone surrogate cannot be stored as text: found in session 6, either
+    # failed every ingest of its source (and so of every file beside it) for ever.
+    latin1 = NewItem(id="src:caf\udce9", source="src", key="caf\udce9", route=("a",),
+                     path="/in/caf\udce9")  # fmt: skip
+    record = NewItem(id="rec:\ud800", source="rec", key="\ud800", route=("a",),
+                     payload='{"id": "\\ud800"}')  # fmt: skip
+    async with open_sqlite_store(tmp_path / "o.db") as store:
+        first = await store.ingest([new("a"), latin1, record, new("b")])
+        again = await store.ingest([latin1, record])
+    assert [(i.key, i.state) for i in first] == [
+        ("a", ItemState.QUEUED), ("caf\\xe9", ItemState.REJECTED),
+        ("\\ud800", ItemState.REJECTED), ("b", ItemState.QUEUED),
+    ]  # fmt: skip
+    assert first[1].reason == 'the file name "caf\\xe9" is not valid UTF-8; rename the file to have it taken'
+    assert first[1].path is None
+    assert "record's id" in (first[2].reason or "")
+    assert again == []  # known by their escaped keys: never twice
+    conn = connect(tmp_path / "o.db", create=False)
+    rows = conn.execute("SELECT id, state FROM items ORDER BY seq").fetchall()
+    assert rows == [("src:a", "queued"), ("src:caf\\xe9", "rejected"),
+                    ("rec:\\ud800", "rejected"), ("src:b", "queued")]  # fmt: skip
+
+
 async def test_claim_run_and_transition_are_recorded(tmp_path: Path) -> None:
     async with open_sqlite_store(tmp_path / "o.db") as store:
         [item] = await store.ingest([new("a")])

@@ -256,6 +256,42 @@ def _event(
     conn.execute(_EVENT_SQL, (seq, now, event, stage, state, detail))
 
 
+_INGEST_SQL = (
+    "INSERT OR IGNORE INTO items (id, source, key, path, payload, route, state, reason,"
+    " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _ingest_row(new: NewItem, route: str, now: float) -> tuple[object, ...]:
+    return (new.id, new.source, new.key, new.path, new.payload, route, new.state.value,
+            new.reason, now, now)  # fmt: skip
+
+
+def escaped_text(text: str) -> str:
+    """``text`` as UTF-8 text the store can hold: a file name's undecodable bytes (which
+    Python carries as lone surrogates) as ``\\xff``, other lone surrogates as ``\\udc80``."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode()
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def _not_text(new: NewItem) -> NewItem:
+    """A found item with a name or id that is not valid UTF-8 (a file name in another encoding,
+    a record's ``"\\ud800"``): rejected, its names escaped, the reason saying which."""
+    key = escaped_text(new.key)
+    if new.path is not None:
+        reason = f'the file name "{key}" is not valid UTF-8; rename the file to have it taken'
+    else:
+        reason = f'the record\'s id "{key}" is not valid UTF-8 text; it cannot be stored'
+    return attrs.evolve(
+        new, id=escaped_text(new.id), key=key, path=None,
+        payload=None if new.payload is None else escaped_text(new.payload),
+        state=ItemState.REJECTED, reason=reason,
+    )  # fmt: skip
+
+
 def op_ingest(conn: sqlite3.Connection, items: Iterable[NewItem]) -> list[Item]:
     """Insert the items a source found; those whose (source, key) is known are skipped.
 
@@ -265,12 +301,11 @@ def op_ingest(conn: sqlite3.Connection, items: Iterable[NewItem]) -> list[Item]:
     added = []
     for new in items:
         route = json.dumps(list(new.route))
-        cur = conn.execute(
-            "INSERT OR IGNORE INTO items (id, source, key, path, payload, route, state, reason,"
-            " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (new.id, new.source, new.key, new.path, new.payload, route, new.state.value,
-             new.reason, now, now),
-        )  # fmt: skip
+        try:
+            cur = conn.execute(_INGEST_SQL, _ingest_row(new, route, now))
+        except UnicodeEncodeError:  # not UTF-8: kept, rejected, under a name the store can hold
+            new = _not_text(new)
+            cur = conn.execute(_INGEST_SQL, _ingest_row(new, route, now))
         if cur.rowcount != 1:
             continue
         seq = cur.lastrowid
