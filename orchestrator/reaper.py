@@ -201,7 +201,10 @@ def reap(state_dir: str, recorded: Iterable[tuple[int, int | None]], grace: floa
     alive = _wait_gone(leftovers, grace)
     for lo in alive:
         _signal(lo, signal.SIGKILL)
-    stragglers = [lo for lo in find_leftovers(state_dir, ()) if lo not in alive]
+    # Only a process we signalled can have left its group since: with none found, no search.
+    stragglers = []
+    if leftovers:
+        stragglers = [lo for lo in find_leftovers(state_dir, ()) if lo not in alive]
     for lo in stragglers:
         _signal(attrs.evolve(lo, pgid=None), signal.SIGKILL)
     survivors = _wait_gone(alive + stragglers, KILL_WAIT)
