@@ -705,7 +705,7 @@ def classify(stack: list[str], commit_lines: set[str], main_tid: str) -> str:
         if "_batch_summary" in joined:
             return "main: batch summary (reading the store)"
         if "_spawn (orchestrator/runner.py" in joined:
-            return "main: posix_spawn"
+            return "main: spawn (fork_exec or posix_spawn)"
         if "reap (orchestrator/runner.py" in joined:
             return "main: waitpid + killpg sweep"
         if "/loguru/" in joined or "loguru/" in leaf:
