@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import attrs
 
-from orchestrator.errors import StoreLocked
+from orchestrator.errors import StoreLocked, StoreUnavailable
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -46,10 +46,21 @@ def acquire_instance_lock(state_dir: Path) -> InstanceLock:
 
     Raises:
         StoreLocked: another live process holds it; the message names its pid and host.
+        StoreUnavailable: the folder cannot be made or the lock file opened (a file in the way,
+            no permission, a read-only or full file system).
     """
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = state_dir / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except (FileExistsError, NotADirectoryError):
+        raise StoreUnavailable(
+            f"cannot use the state folder {str(state_dir)!r}: it, or a folder above it, is a file"
+        ) from None
+    except OSError as exc:
+        raise StoreUnavailable(
+            f"cannot use the state folder {str(state_dir)!r}: {exc.strerror or exc}"
+        ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

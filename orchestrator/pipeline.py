@@ -51,7 +51,8 @@ def backoff_delay(
     The cap grows as ``backoff * 2**(attempt-1)`` up to ``backoff_max``; the delay is drawn
     uniformly below the cap, so retries of many items spread out instead of stampeding.
     """
-    cap = min(stage.backoff_max, stage.backoff * 2.0 ** (attempt - 1))
+    # 2.0 ** 1024 overflows; any backoff doubled 1,000 times is past every backoff_max anyway.
+    cap = min(stage.backoff_max, stage.backoff * 2.0 ** min(attempt - 1, 1000))
     return float(rand() * cap)
 
 

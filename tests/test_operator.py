@@ -205,6 +205,34 @@ def test_commands_without_a_store_exit_3_and_create_nothing(
     assert not (tmp_path / "state").exists()
 
 
+@pytest.mark.parametrize("command", ["batch", "run"])
+def test_a_state_dir_that_cannot_be_a_folder_is_a_clear_error_exit_3(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    # Found in session 6: a traceback and exit 1 instead.
+    (tmp_path / "in").mkdir()
+    (tmp_path / "blocker").write_text("a file where the state folder should go")
+    config = tmp_path / "c.toml"
+    config.write_text(textwrap.dedent("""
+        state_dir = "blocker/state"
+        [http]
+        listen = false
+        [[sources]]
+        name = "in"
+        type = "directory"
+        path = "in"
+        route = ["s"]
+        [[stages]]
+        name = "s"
+        command = ["true"]
+        """))
+    assert main([command, "-c", str(config)]) == EXIT_STORE
+    err = capsys.readouterr().err
+    assert f"cannot use the state folder '{tmp_path / 'blocker' / 'state'}'" in err
+    assert "is a file" in err
+    assert "Traceback" not in err
+
+
 # --- show ------------------------------------------------------------------------------------
 
 

@@ -64,3 +64,11 @@ def test_fatal_exit_code_is_dead_at_once() -> None:
 def test_cancelled_requeues_and_gives_the_attempt_back() -> None:
     t = decide(item(attempts=2), STAGE, res(Outcome.CANCELLED), now=0)
     assert (t.state, t.stage_index, t.attempts, t.interruption) == (ItemState.QUEUED, 0, 1, True)
+
+
+def test_backoff_never_overflows_however_many_attempts() -> None:
+    # retries = 2000 ("retry for ever"): 2.0 ** 1024 raised OverflowError at attempt 1025, which
+    # ended the service (found in session 6).
+    stage = StageConfig(name="s", command=("x",), retries=5000, backoff=0.001, backoff_max=2.0)
+    for attempt in (1024, 1025, 1026, 5000):
+        assert backoff_delay(stage, attempt, rand=lambda: 1.0) == 2.0
