@@ -258,7 +258,8 @@ def _batch_summary(
     total = len(items)
     done = states.get("done", 0)
     return {
-        "ok": not failed and not result.interrupted and done == total,
+        "ok": not failed and not result.interrupted and done == total
+        and not result.failed_sources,
         "interrupted": result.interrupted,
         "items": total,
         "states": states,
@@ -266,6 +267,7 @@ def _batch_summary(
         "items_per_second": round(total / elapsed, 1) if elapsed > 0 else None,
         "stages": stages,
         "failed_items": failed,
+        "failed_sources": result.failed_sources,
     }
 
 
@@ -300,6 +302,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
         console.print(failed)
         if len(summary["failed_items"]) > 50:
             console.print(f"... and {len(summary['failed_items']) - 50} more")
+    for name, why in summary["failed_sources"].items():
+        console.print(f"source {name!r} given up: {why}", style="red", markup=False)
     if summary["interrupted"]:
         console.print("[yellow]interrupted: the rest stays queued; run again to continue[/]")
 

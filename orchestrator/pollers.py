@@ -29,6 +29,9 @@ POLLER_BACKOFF_MAX = 60.0
 #: In batch mode, how often a source that is not exhausted yet (files still being written,
 #: a JSON file mid-rewrite) is looked at again.
 BATCH_SETTLE_POLL = 0.2
+#: In batch mode, a source whose poller failed this many times in a row is given up: the batch
+#: ends (exit 1, the source and its error in the summary) instead of waiting for ever.
+BATCH_GIVE_UP = 3
 
 
 class Source(Protocol):
@@ -82,6 +85,7 @@ async def serve_source(
         await poller.load(engine)
         task_status.started()
         backoff = POLLER_BACKOFF
+        failures = 0
         interval = min(source.poll_interval, BATCH_SETTLE_POLL) if once else source.poll_interval
         while True:
             try:
@@ -89,13 +93,23 @@ async def serve_source(
                     async for _ in ticks:
                         exhausted = await poller.poll(engine, once=once)
                         engine.last_poll[source.name] = trio.current_time()
-                        backoff = POLLER_BACKOFF
+                        backoff, failures = POLLER_BACKOFF, 0
                         if once and exhausted:
                             engine.sources_exhausted.value += 1
                             return
             except Exception as exc:  # a poller must not take the service down
                 if _is_store_failure(exc):
                     raise
+                failures += 1
+                if once and failures >= BATCH_GIVE_UP:
+                    why = f"{type(exc).__name__}: {exc}"
+                    log.opt(exception=exc).error(
+                        "source failed {} times in a row; the batch gives it up: {}",
+                        failures, why,
+                    )  # fmt: skip
+                    engine.failed_sources[source.name] = why
+                    engine.sources_exhausted.value += 1
+                    return
                 log.opt(exception=exc).error("source poller failed; restart in {:.0f}s", backoff)
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, POLLER_BACKOFF_MAX)

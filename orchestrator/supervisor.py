@@ -95,6 +95,8 @@ class ServiceResult:
     recovery: Recovery
     #: Seqs of every item this run took charge of.
     admitted: frozenset[int]
+    #: Sources a batch gave up on, with why (see `serve_source`).
+    failed_sources: dict[str, str] = attrs.field(factory=dict)
 
 
 async def serve(
@@ -259,5 +261,5 @@ async def _serve(
             logger.warning("cannot write the final status file: {}", exc)
     return ServiceResult(
         tally=engine.tally, interrupted=interrupted, recovery=recovery,
-        admitted=frozenset(engine.admitted),
+        admitted=frozenset(engine.admitted), failed_sources=dict(engine.failed_sources),
     )  # fmt: skip

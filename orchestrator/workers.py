@@ -172,6 +172,8 @@ class Engine:
         self.slot_waiters: dict[Holder, float] = {}
         #: trio.current_time() of each source's latest completed poll (metrics, watchdog).
         self.last_poll: dict[str, float] = {}
+        #: Sources a batch gave up on (they kept failing), with the last error.
+        self.failed_sources: dict[str, str] = {}
         #: Runs whose result is queued in the store but not yet durable (their items are not
         #: handed on until it is).
         self.unsettled = trio_util.AsyncValue(0)

@@ -10,6 +10,7 @@ import sys
 import textwrap
 from typing import TYPE_CHECKING
 
+import pytest
 from conftest import PROGRAMS, PY
 
 if TYPE_CHECKING:
@@ -228,6 +229,91 @@ def test_a_file_name_that_is_not_utf8_is_rejected_and_its_neighbours_run(tmp_pat
     assert sorted(os.listdir(os.fsencode(inbox))) == [b"caf\xe9.txt", b"plain.txt"]
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["items"] == 0
+
+
+@pytest.mark.parametrize(
+    ("kind", "path", "expected"),
+    [
+        ("jsonl", "fifo", "is a FIFO, not a regular file"),
+        ("json", "adir", "is a folder, not a regular file"),
+        ("directory", "loop", "Too many levels of symbolic links"),
+        ("json", "big.json", "did not parse: not valid JSON: Exceeds the limit"),
+    ],
+    ids=["jsonl_fifo", "json_folder", "directory_symlink_loop", "json_5000_digit_number"],
+)
+def test_a_source_that_keeps_failing_ends_the_batch_with_its_error(
+    tmp_path: Path, kind: str, path: str, expected: str
+) -> None:
+    # Found in session 6: the poller was restarted for ever, so the batch never ended (and a
+    # FIFO's open() blocked a thread that even a second Ctrl+C waited for).
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "big.json").write_text('[{"id": "a"}, {"id": "b", "n": ' + "9" * 5000 + "}]")
+    keys = 'id_field = "id"' if kind == "json" else ""
+    config = tmp_path / "c.toml"
+    config.write_text(textwrap.dedent(f"""
+        [http]
+        listen = false
+        [[sources]]
+        name = "src"
+        type = "{kind}"
+        path = "{path}"
+        {keys}
+        poll_interval = "100ms"
+        route = ["s"]
+        [[stages]]
+        name = "s"
+        command = ["true"]
+        """))
+
+    proc = orchestrator("batch", "-c", str(config), "--json", "--no-progress", cwd=tmp_path)
+
+    assert proc.returncode == 1, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert list(summary["failed_sources"]) == ["src"]
+    assert expected in summary["failed_sources"]["src"]
+    assert summary["ok"] is False
+
+
+def test_a_subfolder_that_cannot_be_listed_is_skipped_and_the_rest_taken(tmp_path: Path) -> None:
+    # A folder nested past the 4,096-byte path limit cannot be listed (ENAMETOOLONG): found in
+    # session 6, it made every scan of the whole source fail.
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    (inbox / "ok.txt").write_text("x")
+    deep = os.open(inbox, os.O_RDONLY)
+    try:
+        for _ in range(22):
+            os.mkdir("d" * 200, dir_fd=deep)
+            inner = os.open("d" * 200, os.O_RDONLY, dir_fd=deep)
+            os.close(deep)
+            deep = inner
+    finally:
+        os.close(deep)
+    config = tmp_path / "c.toml"
+    config.write_text(textwrap.dedent("""
+        [http]
+        listen = false
+        [[sources]]
+        name = "in"
+        type = "directory"
+        path = "in"
+        recursive = true
+        settle = "0s"
+        route = ["s"]
+        [[stages]]
+        name = "s"
+        command = ["true"]
+        """))
+
+    proc = orchestrator("batch", "-c", str(config), "--json", "--no-progress", cwd=tmp_path)
+
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["states"] == {"done": 1}
+    assert "cannot list" in proc.stderr
+    assert "skipped" in proc.stderr
 
 
 def test_a_workdir_that_cannot_be_made_kills_the_item_with_the_reason(tmp_path: Path) -> None:

@@ -118,6 +118,8 @@ class DirectorySource:
         #: reported once, since (without reingest_changed) it is not taken.
         self.removed: set[str] = set()
         self._log = logger.bind(source=self.name)
+        #: Subfolders that could not be listed (warned about once).
+        self._unlistable: set[str] = set()
         self._engine: Engine | None = None
 
     @property
@@ -151,6 +153,16 @@ class DirectorySource:
                 with os.scandir(folder) as listing:
                     entries = list(listing)
             except (FileNotFoundError, NotADirectoryError, PermissionError):
+                continue
+            except OSError as exc:
+                if not prefix:  # the source's own folder: the poller says why, and retries
+                    raise
+                # A subfolder that cannot be listed (its path too long, a dead mount): the
+                # rest of the tree is still taken.
+                if folder not in self._unlistable:
+                    self._unlistable.add(folder)
+                    self._log.warning("cannot list {!r}, skipped: {}", folder,
+                                      exc.strerror or exc)  # fmt: skip
                 continue
             for entry in entries:
                 name = entry.name

@@ -25,7 +25,7 @@ import attrs
 import trio
 from loguru import logger
 
-from orchestrator.sources.jsonl import id_of, json_type, show_raw
+from orchestrator.sources.jsonl import id_of, json_type, open_regular, show_raw
 from orchestrator.store.records import ItemState, NewItem
 from orchestrator.store.sqlite import op_source_keys
 
@@ -127,7 +127,11 @@ class JsonArraySource:
                     "{} did not parse at {} polls in a row ({}); {}", self.path, self.failures,
                     found.error, "giving up for this batch" if once else "still trying",
                 )  # fmt: skip
-            return once and self.failures >= FAILURES_BEFORE_WARNING
+            if once and self.failures >= FAILURES_BEFORE_WARNING:
+                # The batch ends, and says so (exit 1): what the file holds was not taken.
+                engine.failed_sources[self.name] = f"{self.path} did not parse: {found.error}"
+                return True
+            return False
         if self.failures >= FAILURES_BEFORE_WARNING:
             self._log.info("{} parses again", self.path)
         self.failures = 0
@@ -162,7 +166,7 @@ class JsonArraySource:
                 return ArrayRead("unchanged")
             return ArrayRead("failed", error=self._last_error)
         try:
-            with open(self.path, "rb") as f:
+            with open(open_regular(self.path), "rb") as f:
                 data = f.read()
         except FileNotFoundError:  # replaced between the stat and the open
             self._signature = None
@@ -170,7 +174,8 @@ class JsonArraySource:
         error = None
         try:
             document = json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        # ValueError: also a number past Python's 4,300 digits; RecursionError: nested too deep.
+        except (ValueError, RecursionError) as exc:
             error = f"not valid JSON: {exc}; starts with {show_raw(data[:80], len(data))}"
         else:
             if not isinstance(document, list):

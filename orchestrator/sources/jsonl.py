@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import stat
 import time
 from typing import TYPE_CHECKING
 
@@ -455,7 +456,7 @@ class JsonlSource:
         """Open ``path`` to read from ``offset``; False (nothing opened) when ``strict`` and it
         is not the ``expect``-ed file."""
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = open_regular(path)
         except FileNotFoundError:
             if strict:
                 return False
@@ -497,6 +498,30 @@ class JsonlSource:
         except OSError:
             return None
         return None
+
+
+class NotARegularFile(OSError):
+    """A record source's path names a folder, a FIFO, a socket or a device."""
+
+
+def open_regular(path: str) -> int:
+    """Open ``path`` for reading, refusing anything but a regular file (blocking: thread).
+
+    Opened without waiting: a plain ``open`` of a FIFO waits for a writer, for ever, in a
+    thread that shutdown then waits for (found in session 6).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else (
+                "a socket" if stat.S_ISSOCK(mode) else "a device")
+            raise NotARegularFile(f"{path!r} is {kind}, not a regular file")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _count_lines(fd: int, end: int) -> int:
