@@ -53,6 +53,20 @@ def test_new_elements_by_id_and_rejections_once(tmp_path: Path) -> None:
     assert again == []
 
 
+def test_an_element_with_a_lone_surrogate_keeps_it_escaped_in_its_payload(tmp_path: Path) -> None:
+    # Found in session 6: the payload held the surrogate itself, which the store cannot hold,
+    # so a valid element was rejected (and the reason blamed its id).
+    config = source(tmp_path).config
+    element = {"id": "s", "v": "\ud800", "w": "café"}
+    [item] = new_elements(config, [element], known=set())
+    assert item.state.value == "queued"
+    assert item.payload is not None
+    item.payload.encode()  # valid UTF-8 text
+    assert json.loads(item.payload) == element
+    [plain] = new_elements(config, [{"id": "t", "w": "café"}], known=set())
+    assert plain.payload == '{"id": "t", "w": "café"}'  # UTF-8 stays readable when it can
+
+
 def test_a_rewrite_with_one_new_element_adds_exactly_one(tmp_path: Path) -> None:
     path = tmp_path / "ideas.json"
     src = source(tmp_path)

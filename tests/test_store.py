@@ -115,6 +115,14 @@ async def test_an_item_whose_name_is_not_utf8_is_kept_rejected_and_the_rest_inge
                     ("rec:\\ud800", "rejected"), ("src:b", "queued")]  # fmt: skip
 
 
+async def test_a_record_whose_payload_is_not_utf8_is_rejected_saying_so(tmp_path: Path) -> None:
+    bad = NewItem(id="rec:fine", source="rec", key="fine", route=("a",), payload='"\udc80"')
+    async with open_sqlite_store(tmp_path / "o.db") as store:
+        [item] = await store.ingest([bad])
+    assert (item.key, item.state) == ("fine", ItemState.REJECTED)
+    assert item.reason == "the record holds text that is not valid UTF-8; it cannot be stored"
+
+
 async def test_claim_run_and_transition_are_recorded(tmp_path: Path) -> None:
     async with open_sqlite_store(tmp_path / "o.db") as store:
         [item] = await store.ingest([new("a")])

@@ -68,6 +68,10 @@ def new_elements(
         reason = None
         payload = json.dumps(element, ensure_ascii=False)
         try:
+            payload.encode()
+        except UnicodeEncodeError:  # a lone surrogate ("\\ud800"): kept as the escape it came as
+            payload = json.dumps(element)
+        try:
             if not isinstance(element, dict):
                 raise ValueError(f"not a JSON object but {json_type(element)}")
             key = id_of(element, config.id_field)

@@ -283,6 +283,8 @@ def _not_text(new: NewItem) -> NewItem:
     key = escaped_text(new.key)
     if new.path is not None:
         reason = f'the file name "{key}" is not valid UTF-8; rename the file to have it taken'
+    elif escaped_text(new.id) == new.id and key == new.key:  # the names are fine: the payload
+        reason = "the record holds text that is not valid UTF-8; it cannot be stored"
     else:
         reason = f'the record\'s id "{key}" is not valid UTF-8 text; it cannot be stored'
     return attrs.evolve(
