@@ -44,11 +44,28 @@ def _context(record: Record) -> str:
     return ("  [" + " ".join(parts) + "]") if parts else ""
 
 
+def _printable(text: str) -> str:
+    """``text`` with its control characters escaped, newlines and tabs kept: a stage's output
+    tail, a file's name or a record's id can hold terminal escape sequences, which must not
+    reach a terminal (or a journal viewer) as commands."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in text)
+
+
 def _human(record: Record) -> str:
     record["extra"]["_ctx"] = _context(record).replace("{", "{{").replace("}", "}}")
+    message = record["message"]
+    if message.isprintable():
+        return (
+            "<green>{time:YYYY-MM-DD HH:mm:ss.SSS}</green> <level>{level: <7}</level> "
+            "{message}<dim>{extra[_ctx]}</dim>\n{exception}"
+        )
+    # Not into record["message"]: the record is shared with the other sinks (JSON keeps it).
+    record["extra"]["_msg"] = _printable(message)
     return (
         "<green>{time:YYYY-MM-DD HH:mm:ss.SSS}</green> <level>{level: <7}</level> "
-        "{message}<dim>{extra[_ctx]}</dim>\n{exception}"
+        "{extra[_msg]}<dim>{extra[_ctx]}</dim>\n{exception}"
     )
 
 

@@ -140,3 +140,29 @@ def test_json_without_a_file_goes_to_the_console(
     assert mine["level"] == "WARNING"
     assert (mine["item"], mine["stage"], mine["attempt"]) == ("x", "a", 3)
     assert stdlib["message"] == "from stdlib"
+
+
+def test_terminal_escapes_in_a_line_are_shown_not_obeyed(
+    tmp_path: Path, write_config: Callable[[str], Config], capfd: pytest.CaptureFixture[str]
+) -> None:
+    # A stage's output tail (or a file's name) can hold escape sequences; a console line shows
+    # them as text (found in session 6: a tail could retitle the terminal and recolour it).
+    config = write_config("""
+        [log]
+        file = "o.log"
+        json = true
+        [[stages]]
+        name = "a"
+        command = ["true"]
+        """)  # fmt: skip
+    configure_logging(config.log, console_level="WARNING")
+    hostile = "x\x1b]0;PWNED\x07\x1b[31mRED {braces} <red>tag</red>\tend"
+    logger.bind(item="i\x1b").warning("run failed; output tail:\n{}", hostile)
+    err = capfd.readouterr().err
+    assert "\x1b" not in err
+    assert "\x07" not in err
+    assert "output tail:\nx\\x1b]0;PWNED\\x07\\x1b[31mRED {braces} <red>tag</red>\tend" in err
+    assert "item='i\\x1b'" in err
+    logger.complete()
+    [line] = config.log.file.read_text().splitlines()
+    assert json.loads(line)["message"] == "run failed; output tail:\n" + hostile  # kept whole
