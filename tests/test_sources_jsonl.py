@@ -94,6 +94,12 @@ def test_parse_record_accepts_objects_and_says_what_is_wrong_otherwise() -> None
         assert str(info.value) == message
 
 
+def test_a_byte_order_mark_before_a_record_is_not_part_of_it() -> None:
+    # Found in session 6: a file whose writer put a UTF-8 BOM first had its first record
+    # rejected ("Unexpected UTF-8 BOM").
+    assert parse_record(b'\xef\xbb\xbf{"id": "a", "v": 1}', "id") == ('{"id": "a", "v": 1}', "a")
+
+
 def test_show_raw_escapes_and_caps() -> None:
     assert show_raw(b"ok\x1b[31m\n") == "b'ok\\x1b[31m\\n'"
     assert show_raw(b"x" * 10, limit=4) == "b'xxxx' (first 4 of 10 bytes)"

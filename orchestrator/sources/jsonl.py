@@ -150,6 +150,8 @@ def parse_record(raw: bytes, id_field: str | None) -> tuple[str, str | None] | N
     """
     if not raw.strip():
         return None
+    if raw.startswith(b"\xef\xbb\xbf"):  # a byte-order mark, as some Windows tools write first
+        raw = raw[3:]
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
