@@ -7,6 +7,7 @@ restarted with backoff and never takes the service down (a store failure does).
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import TYPE_CHECKING, Protocol
 
 import trio
@@ -84,6 +85,9 @@ async def serve_source(
     try:
         await poller.load(engine)
         task_status.started()
+        if once and not await trio.to_thread.run_sync(os.path.lexists, source.path):
+            # A service waits for it to appear; a batch would end with nothing, and no word.
+            log.warning("{} does not exist: this source has nothing to take", str(source.path))
         backoff = POLLER_BACKOFF
         failures = 0
         interval = min(source.poll_interval, BATCH_SETTLE_POLL) if once else source.poll_interval

@@ -316,6 +316,27 @@ def test_a_subfolder_that_cannot_be_listed_is_skipped_and_the_rest_taken(tmp_pat
     assert "skipped" in proc.stderr
 
 
+def test_a_batch_whose_source_path_does_not_exist_says_so(tmp_path: Path) -> None:
+    # A typo in a path ended a batch with "0 item(s)" and no word (found in session 6).
+    config = tmp_path / "c.toml"
+    config.write_text(textwrap.dedent("""
+        [http]
+        listen = false
+        [[sources]]
+        name = "in"
+        type = "directory"
+        path = "inbxo"
+        route = ["s"]
+        [[stages]]
+        name = "s"
+        command = ["true"]
+        """))
+    proc = orchestrator("batch", "-c", str(config), "--json", "--no-progress", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["items"] == 0
+    assert f"{tmp_path / 'inbxo'} does not exist: this source has nothing to take" in proc.stderr
+
+
 def test_a_workdir_that_cannot_be_made_kills_the_item_with_the_reason(tmp_path: Path) -> None:
     # Given: a stage that uses {workdir}, and the state's work folder blocked by a file (as a
     # full disk would block it).
