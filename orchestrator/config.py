@@ -181,6 +181,25 @@ def _no_repeats(what: str) -> _Validator:
     return check
 
 
+def _name_patterns(_inst: Any, attribute: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
+    """Patterns match a file's name, never its folder: one with a "/" (or none at all) can never
+    match anything, which would make the source take nothing without a word."""
+    if not value:
+        raise _fail(attribute, "must not be empty")
+    problems: list[_Problem] = []
+    for index, pattern in enumerate(value):
+        if not pattern:
+            problems.append(((attribute.name, index), "must not be empty"))
+        elif "/" in pattern:
+            problems.append((
+                (attribute.name, index),
+                f"{describe_value(pattern)} can never match: patterns match file names, not "
+                'folders (with recursive = true, every subfolder is searched; use "*.txt")',
+            ))  # fmt: skip
+    if problems:
+        raise _Invalid(problems)
+
+
 def _exit_codes(_inst: Any, attribute: attrs.Attribute[Any], value: tuple[int, ...]) -> None:
     problems: list[_Problem] = [
         ((attribute.name, index), f"must be between 1 and 255, got {code!r}")
@@ -441,7 +460,7 @@ class SourceConfig:
         validator=attrs.validators.and_(_not_empty, _no_repeats("stage"))
     )
     #: Glob patterns of file names to take; TOML accepts a string or an array of strings.
-    pattern: tuple[str, ...] = _hooked(("*",), _structure_patterns, _not_empty)
+    pattern: tuple[str, ...] = _hooked(("*",), _structure_patterns, _name_patterns)
     recursive: bool = False
     ignore: tuple[str, ...] = DEFAULT_IGNORE
     #: A file is taken once its size and mtime have held still this long.
