@@ -188,8 +188,8 @@ def _serve(cfg: Config, *, batch: bool, progress: bool = False) -> ServiceResult
 
             return trio.run(lambda: serve(cfg, batch=batch, on_start=on_start))
     except* StoreError as group:
-        for exc in group.exceptions:
-            _err(f"orchestrator: {exc}")
+        for message in dict.fromkeys(str(exc) for exc in _leaves(group)):  # each once
+            _err(f"orchestrator: {message}")
         raise typer.Exit(EXIT_STORE) from None
     except* OrchestratorError as failures:  # cannot start: HTTP cannot listen, leftover processes
         for failure in _leaves(failures):

@@ -172,6 +172,8 @@ class Engine:
         self.slot_waiters: dict[Holder, float] = {}
         #: trio.current_time() of each source's latest completed poll (metrics, watchdog).
         self.last_poll: dict[str, float] = {}
+        #: The store failure that ends the service (the first; later ones add nothing).
+        self._failure: BaseException | None = None
         #: Sources a batch gave up on (they kept failing), with the last error.
         self.failed_sources: dict[str, str] = {}
         #: Runs whose result is queued in the store but not yet durable (their items are not
@@ -315,7 +317,13 @@ class Engine:
             raise error
 
         assert self._timers is not None
-        self._timers.start_soon(fail)
+        if self._failure is not None:  # the first failure already ends the service
+            return
+        self._failure = error
+        try:
+            self._timers.start_soon(fail)
+        except RuntimeError:  # the timers' nursery is closing already: the error must not be lost
+            raise error from None
 
     async def serve_worker(self, stage: StageConfig) -> None:
         """Run items of ``stage`` one after another until told to stop."""

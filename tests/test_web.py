@@ -236,3 +236,40 @@ def test_service_answers_until_drained_then_stops(tmp_path: Path) -> None:
             http_get(url + "/health", timeout=1)
     finally:
         service.stop()
+
+
+def test_a_service_whose_store_disk_fills_up_exits_3_with_one_line(
+    disk: Path, tmp_path: Path
+) -> None:
+    # Found in session 6: the store's failure was buried in a 150-line traceback
+    # ("Nursery is closed to new arrivals") and the exit status was 1, not 3.
+    import sys
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f'state_dir = "{disk}/state"\n'
+        "[http]\nlisten = false\n"
+        '[[sources]]\nname = "in"\ntype = "directory"\npath = "inbox"\nsettle = "0s"\n'
+        'poll_interval = "100ms"\nroute = ["s"]\n'
+        '[[stages]]\nname = "s"\nconcurrency = 2\n'
+        'command = ["sh", "-c", "head -c 30000 /dev/urandom | base64"]\n'
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "run", "-c", str(config)],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        time.sleep(1.0)
+        for i in range(80):  # their logs (30 kB each, base64) fill the 1 MiB disk
+            (inbox / f"f{i:02}.txt").write_text(str(i))
+        _, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 3, err[-3000:]
+    assert "Traceback" not in err
+    assert err.splitlines()[-1].startswith("orchestrator: cannot write the store")
+    assert "database or disk is full" in err.splitlines()[-1]
