@@ -85,6 +85,15 @@ def workers_for(concurrency: int) -> int:
     return concurrency
 
 
+#: Signals the service handles: SIGTERM, SIGINT and SIGHUP (a closed terminal) drain and stop
+#: (a second SIGINT stops at once), SIGQUIT stops at once; SIGUSR1 and SIGUSR2 are ignored. Left
+#: at their default, each of the last four ended the process on the spot, its runs orphaned.
+SIGNALS_HANDLED = (
+    signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
+)
+SIGNALS_IGNORED = (signal.SIGUSR1, signal.SIGUSR2)
+
+
 @attrs.frozen
 class ServiceResult:
     """How a service or batch run ended."""
@@ -178,7 +187,7 @@ async def _serve(
     if on_start is not None:
         on_start(engine)
     watchdog = Watchdog(engine, notifier=notifier)
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with trio.open_signal_receiver(*SIGNALS_HANDLED) as signals:
         async with trio.open_nursery() as root:
             await root.start(engine.serve_timers)
             # A batch job serves no HTTP: it would contend with a service for the port.
@@ -214,6 +223,14 @@ async def _serve(
                     nonlocal interrupted
                     async for signum in signals:
                         name = signal.Signals(signum).name
+                        if signum in SIGNALS_IGNORED:
+                            logger.warning("{}: ignored (SIGTERM or SIGINT drain and stop)", name)
+                            continue
+                        if signum == signal.SIGQUIT:
+                            interrupted = True
+                            logger.warning("{}: stopping now; running stages are killed", name)
+                            drain(0)
+                            continue
                         if not interrupted:
                             interrupted = True
                             logger.warning(

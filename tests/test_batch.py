@@ -440,3 +440,53 @@ def test_run_service_processes_new_files_and_exits_0_on_sigterm(tmp_path: Path) 
             proc.wait()
     assert proc.returncode == 0, err
     assert "SIGTERM: draining" in err
+
+
+def test_sighup_drains_like_sigterm_and_sigusr1_is_ignored(tmp_path: Path) -> None:
+    # Found in session 6: SIGHUP (a closed terminal), SIGQUIT, SIGUSR1 and SIGUSR2 ended the
+    # service on the spot and left its runs behind, reparented to init.
+    import signal
+    import time
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("a")
+    pidfile = tmp_path / "stage.pid"
+    config = tmp_path / "svc.toml"
+    config.write_text(textwrap.dedent(f"""
+        shutdown_grace = "1s"
+        [http]
+        listen = false
+        [[sources]]
+        name = "in"
+        type = "directory"
+        path = "in"
+        route = ["slow"]
+        settle = "0s"
+        poll_interval = "100ms"
+        [[stages]]
+        name = "slow"
+        command = ["sh", "-c", "echo $$ > {pidfile}; exec sleep 60"]
+        """))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "run", "-c", str(config)],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while not pidfile.exists() or not pidfile.read_text().strip():
+            assert time.monotonic() < deadline, "the stage never started"
+            time.sleep(0.05)
+        stage = int(pidfile.read_text())
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(0.5)
+        assert proc.poll() is None  # ignored
+        proc.send_signal(signal.SIGHUP)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "SIGUSR1: ignored" in err
+    assert "SIGHUP: draining" in err
+    assert not os.path.exists(f"/proc/{stage}")  # killed and reaped before the exit
