@@ -35,6 +35,22 @@ class InstanceLock:
     path: Path
     fd: int | None
 
+    def lost(self) -> str | None:
+        """Why this lock no longer guards the state folder -- its file was deleted or replaced,
+        so another instance can take a new one -- or None (blocking: call from a thread)."""
+        if self.fd is None:
+            return "the lock was released"
+        try:
+            on_disk = os.stat(self.path)
+        except FileNotFoundError:
+            return f"the lock file {str(self.path)!r} was deleted"
+        except OSError as exc:
+            return f"the lock file {str(self.path)!r} cannot be checked: {exc.strerror or exc}"
+        held = os.fstat(self.fd)
+        if (on_disk.st_dev, on_disk.st_ino) != (held.st_dev, held.st_ino):
+            return f"the lock file {str(self.path)!r} was replaced"
+        return None
+
     def release(self) -> None:
         if self.fd is not None:
             fd, self.fd = self.fd, None

@@ -31,6 +31,7 @@ until the runs are over (``/health`` says 503 ``draining``).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import signal
@@ -40,10 +41,11 @@ from typing import TYPE_CHECKING
 
 import attrs
 import trio
+import trio_util
 from loguru import logger
 
 from orchestrator.errors import LeftoverProcesses, StoreUnavailable
-from orchestrator.instance import acquire_instance_lock
+from orchestrator.instance import InstanceLock, acquire_instance_lock
 from orchestrator.pollers import serve_source
 from orchestrator.reaper import reap
 from orchestrator.status import serve_status_file, write_status
@@ -63,6 +65,7 @@ from orchestrator.workers import RECORD_GRACE, Engine, Tally, resolve_executable
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from pathlib import Path
 
     from orchestrator.config import Config
     from orchestrator.store.sqlite import SqliteStore
@@ -92,6 +95,8 @@ SIGNALS_HANDLED = (
     signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
 )
 SIGNALS_IGNORED = (signal.SIGUSR1, signal.SIGUSR2)
+#: How often the lock file and the store are checked to still be the ones on disk.
+STATE_CHECK_INTERVAL = 2.0
 
 
 @attrs.frozen
@@ -138,14 +143,61 @@ async def serve(
             config.db_path, synchronous=config.store.synchronous,
             busy_timeout=config.store.busy_timeout,
         ) as store:  # fmt: skip
-            recovery = await _recover(config, store, instance)
-            result = await _serve(config, store, instance, recovery, batch, on_start, notifier)
+            db_file = await trio.to_thread.run_sync(_identity, config.db_path)
+            async with trio.open_nursery() as guard:
+                guard.start_soon(_watch_state_files, lock, config.db_path, db_file)
+                recovery = await _recover(config, store, instance)
+                result = await _serve(config, store, instance, recovery, batch, on_start, notifier)
+                guard.cancel_scope.cancel()
             await store.call(lambda c: op_stop_instance(c, instance))
             return result
     finally:
         lock.release()
         if notifier is not None:
             notifier.close()
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _state_files_problem(
+    lock: InstanceLock, db_path: Path, db_file: tuple[int, int] | None
+) -> str | None:
+    """Why the state folder on disk is no longer the one this service holds, or None."""
+    lost = lock.lost()
+    if lost is not None:
+        return lost
+    now = _identity(db_path)
+    if now is None:
+        return f"the store {str(db_path)!r} was deleted"
+    if now != db_file:
+        return f"the store {str(db_path)!r} was replaced"
+    return None
+
+
+async def _watch_state_files(
+    lock: InstanceLock, db_path: Path, db_file: tuple[int, int] | None
+) -> None:
+    """Stop the service (exit 3) once its lock file or store is deleted or replaced on disk.
+
+    Both stay open here, so nothing fails by itself, but a second instance could then take a
+    new lock and a new store on the same folder, run the same items again and reap our live
+    runs as a dead instance's leftovers (found in session 6 by deleting the state folder).
+    """
+    async with contextlib.aclosing(trio_util.periodic(STATE_CHECK_INTERVAL)) as ticks:
+        async for _ in ticks:
+            problem = await trio.to_thread.run_sync(_state_files_problem, lock, db_path, db_file)
+            if problem is not None:
+                raise StoreUnavailable(
+                    f"{problem} while this service ran; stopping, since another instance could "
+                    "now start on the same state folder (start this one again to go on from "
+                    "what the folder holds now)"
+                )
 
 
 async def _recover(config: Config, store: SqliteStore, instance: str) -> Recovery:

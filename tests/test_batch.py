@@ -490,3 +490,59 @@ def test_sighup_drains_like_sigterm_and_sigusr1_is_ignored(tmp_path: Path) -> No
     assert "SIGUSR1: ignored" in err
     assert "SIGHUP: draining" in err
     assert not os.path.exists(f"/proc/{stage}")  # killed and reaped before the exit
+
+
+@pytest.mark.parametrize("removed", ["state_folder", "database"])
+def test_a_service_whose_state_is_deleted_stops_with_exit_3(tmp_path: Path, removed: str) -> None:
+    # Found in session 6: deleting the state folder went unnoticed; a second instance could then
+    # start on it, reap the first one's live runs as leftovers and run items a second time.
+    import shutil
+    import signal
+    import time
+
+    (tmp_path / "in").mkdir()
+    for i in range(3):
+        (tmp_path / "in" / f"f{i}.txt").write_text(str(i))
+    pidfile = tmp_path / "stage.pid"
+    config = tmp_path / "svc.toml"
+    config.write_text(textwrap.dedent(f"""
+        shutdown_grace = "1s"
+        [http]
+        listen = false
+        [[sources]]
+        name = "in"
+        type = "directory"
+        path = "in"
+        route = ["slow"]
+        settle = "0s"
+        poll_interval = "100ms"
+        [[stages]]
+        name = "slow"
+        command = ["sh", "-c", "echo $$ > {pidfile}; exec sleep 60"]
+        """))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "run", "-c", str(config)],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while not pidfile.exists() or not pidfile.read_text().strip():
+            assert time.monotonic() < deadline, "the stage never started"
+            time.sleep(0.05)
+        stage = int(pidfile.read_text())
+        state = tmp_path / "state"
+        if removed == "state_folder":
+            shutil.rmtree(state)
+        else:
+            for db in state.glob("orchestrator.db*"):
+                db.unlink()
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 3, err[-3000:]
+    last = err.splitlines()[-1]
+    assert last.startswith("orchestrator: the ")
+    assert "was deleted while this service ran; stopping" in last
+    assert not os.path.exists(f"/proc/{stage}")  # its run was ended, not left behind
