@@ -172,6 +172,9 @@ class Engine:
         self.slot_waiters: dict[Holder, float] = {}
         #: trio.current_time() of each source's latest completed poll (metrics, watchdog).
         self.last_poll: dict[str, float] = {}
+        #: Items queued for a stage the config no longer has (left queued), and those stages.
+        self.parked: set[int] = set()
+        self._parked_stages: set[str] = set()
         #: The store failure that ends the service (the first; later ones add nothing).
         self._failure: BaseException | None = None
         #: Sources a batch gave up on (they kept failing), with the last error.
@@ -194,11 +197,18 @@ class Engine:
             return
         if item.stage not in self.stages:
             # The config changed since it was queued; it waits (queued) for a config that
-            # has its stage again, rather than crash the service.
-            logger.bind(item=item.id).warning(
-                "item is queued for stage {!r}, which is not in the config; left queued",
-                item.stage,
-            )
+            # has its stage again, rather than crash the service. Said once per stage: the
+            # store watch finds such items again at every look (found in session 6: a line per
+            # item per second, for ever).
+            if item.seq not in self.parked:
+                self.parked.add(item.seq)
+                stage = item.stage or ""
+                if stage not in self._parked_stages:
+                    self._parked_stages.add(stage)
+                    logger.bind(item=item.id).warning(
+                        "items queued for stage {!r}, which is not in the config, are left "
+                        "queued (a config with that stage again takes them)", stage,
+                    )  # fmt: skip
             return
         self.active.add(item.seq)
         self.outstanding.value += 1
@@ -549,13 +559,13 @@ class Engine:
         async with contextlib.aclosing(trio_util.periodic(STORE_WATCH_INTERVAL)) as ticks:
             async for _ in ticks:
                 now = time.time()
-                known = frozenset(self.active)
+                known = frozenset(self.active | self.parked)
                 found = await self.store.read(
                     functools.partial(op_items_changed_since, since=since, known=known)
                 )
                 since = now - STORE_WATCH_OVERLAP
                 for item in found:
-                    if item.seq not in self.active:
+                    if item.seq not in self.active and item.seq not in self.parked:
                         logger.bind(item=item.id).info("item re-queued from outside; taking it")
                         self.admit(item)
 

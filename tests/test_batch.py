@@ -546,3 +546,52 @@ def test_a_service_whose_state_is_deleted_stops_with_exit_3(tmp_path: Path, remo
     assert last.startswith("orchestrator: the ")
     assert "was deleted while this service ran; stopping" in last
     assert not os.path.exists(f"/proc/{stage}")  # its run was ended, not left behind
+
+
+def test_items_queued_for_a_stage_no_longer_in_the_config_are_warned_about_once(
+    tmp_path: Path,
+) -> None:
+    # Found in session 6: each such item was "re-queued from outside" and refused again at
+    # every look of the store watch -- a line per item per second, for ever.
+    import signal
+    import time
+
+    from orchestrator.store import NewItem, connect
+    from orchestrator.store.sqlite import op_ingest
+
+    (tmp_path / "state").mkdir(mode=0o700)
+    conn = connect(tmp_path / "state" / "orchestrator.db", create=True)
+    with conn:
+        op_ingest(conn, [NewItem(id=f"in:{i}", source="in", key=str(i), route=("old",))
+                         for i in range(20)])  # fmt: skip
+    conn.close()
+    (tmp_path / "in").mkdir()
+    config = tmp_path / "svc.toml"
+    config.write_text(textwrap.dedent("""
+        [http]
+        listen = false
+        [[sources]]
+        name = "in"
+        type = "directory"
+        path = "in"
+        route = ["new"]
+        poll_interval = "100ms"
+        [[stages]]
+        name = "new"
+        command = ["true"]
+        """))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "run", "-c", str(config)],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        time.sleep(4)  # a few looks of the store watch (every second)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert err.count("which is not in the config") == 1, err[-2000:]
+    assert "re-queued from outside" not in err
