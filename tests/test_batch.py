@@ -595,3 +595,49 @@ def test_items_queued_for_a_stage_no_longer_in_the_config_are_warned_about_once(
     assert proc.returncode == 0, err
     assert err.count("which is not in the config") == 1, err[-2000:]
     assert "re-queued from outside" not in err
+
+
+def test_a_service_whose_folder_is_missing_says_so_once_and_takes_it_when_it_comes(
+    tmp_path: Path,
+) -> None:
+    # Found in session 6: a typo in `path` looked like a healthy service that took nothing.
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    config = tmp_path / "svc.toml"
+    config.write_text(textwrap.dedent(f"""
+        [http]
+        listen = false
+        [[sources]]
+        name = "in"
+        type = "directory"
+        path = "in"
+        route = ["copy"]
+        settle = "0s"
+        poll_interval = "100ms"
+        [[stages]]
+        name = "copy"
+        command = ["cp", "--", "{{path}}", "{out}"]
+        """))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "run", "-c", str(config)],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        time.sleep(1.5)  # several scans of a missing folder
+        (tmp_path / "in").mkdir()
+        (tmp_path / "in" / "a.txt").write_text("a")
+        deadline = time.monotonic() + 20
+        while not out.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert out.read_text() == "a"
+    assert err.count(f"cannot list {str(tmp_path / 'in')!r}: No such file or directory") == 1
+    assert f"{str(tmp_path / 'in')!r} can be listed again" in err

@@ -118,6 +118,10 @@ class DirectorySource:
         #: reported once, since (without reingest_changed) it is not taken.
         self.removed: set[str] = set()
         self._log = logger.bind(source=self.name)
+        #: Why the source's own folder could not be listed at the last scan (None: it could),
+        #: and what was last said about it.
+        self.root_problem: str | None = None
+        self._root_problem_said: str | None = None
         #: Subfolders that could not be listed (warned about once).
         self._unlistable: set[str] = set()
         self._engine: Engine | None = None
@@ -147,12 +151,15 @@ class DirectorySource:
         recursive = self.config.recursive
         ignore, pattern = self._ignore, self._pattern
         stack = [("", self.root)]
+        root_problem: str | None = None
         while stack:
             prefix, folder = stack.pop()
             try:
                 with os.scandir(folder) as listing:
                     entries = list(listing)
-            except (FileNotFoundError, NotADirectoryError, PermissionError):
+            except (FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+                if not prefix:
+                    root_problem = exc.strerror or str(exc)
                 continue
             except OSError as exc:
                 if not prefix:  # the source's own folder: the poller says why, and retries
@@ -195,6 +202,7 @@ class DirectorySource:
                 found.append(FileSeen(rel, entry.path, st.st_size, st.st_mtime_ns))
         if leftovers is not None:
             self.leftovers = leftovers
+        self.root_problem = root_problem
         found.sort(key=lambda f: (f.mtime_ns, f.rel))
         return found
 
@@ -263,6 +271,15 @@ class DirectorySource:
     async def poll(self, engine: Engine, *, once: bool) -> bool:
         """One pass: scan, take what settled, admit it; True once nothing is left unsettled."""
         files = await trio.to_thread.run_sync(self.scan)
+        if not once and self.root_problem != self._root_problem_said:  # (a batch: pollers.py)
+            # A service waits for its folder (a mount that comes back), but says so once: a
+            # typo in ``path`` looked like a healthy service that never took anything.
+            if self.root_problem is not None:
+                self._log.warning("cannot list {!r}: {}; nothing is taken until it can be",
+                                  str(self.root), self.root_problem)  # fmt: skip
+            else:
+                self._log.info("{!r} can be listed again", str(self.root))
+            self._root_problem_said = self.root_problem
         if self.leftovers:
             leftovers, self.leftovers = self.leftovers, []
             await self._dispose_leftovers(engine, leftovers)
