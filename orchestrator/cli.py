@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import math
 import sqlite3
 import sys
 import time
@@ -197,6 +198,17 @@ def _serve(cfg: Config, *, batch: bool, progress: bool = False) -> ServiceResult
         raise typer.Exit(EXIT_FAILED) from None
 
 
+#: The longest ``--interval`` of the watching commands (a day).
+MAX_INTERVAL = 86_400.0
+
+
+def _a_number(value: float | None) -> float | None:
+    """Reject ``nan`` (which every range check lets through) as a usage error."""
+    if value is not None and math.isnan(value):
+        raise typer.BadParameter("must be a number of seconds, not nan")
+    return value
+
+
 def _leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
     out: list[BaseException] = []
     for exc in group.exceptions:
@@ -361,7 +373,7 @@ def items(
         str | None, typer.Option("--stage", help="Only items now at this stage.")
     ] = None,
     limit: Annotated[
-        int | None, typer.Option("--limit", min=1, help="At most this many items.")
+        int | None, typer.Option("--limit", min=1, max=2**62, help="At most this many items.")
     ] = None,
     as_json: JsonOption = False,
 ) -> None:  # fmt: skip
@@ -474,7 +486,8 @@ def status(
                                            "JSON document per line).")
     ] = False,
     interval: Annotated[
-        float, typer.Option("--interval", min=0.05, help="Seconds between refreshes.")
+        float, typer.Option("--interval", min=0.05, max=MAX_INTERVAL, callback=_a_number,
+                            help="Seconds between refreshes.")
     ] = 1.0,
 ) -> None:  # fmt: skip
     """Show queue depths per stage, slots, running runs and recent failures.
@@ -546,8 +559,8 @@ def health(
     ] = None,
     interval: Annotated[
         float | None,
-        typer.Option("--interval", min=0.1, help="With --watch: seconds between judgements "
-                                                 "(default: status.interval)."),
+        typer.Option("--interval", min=0.1, max=MAX_INTERVAL, callback=_a_number,
+                     help="With --watch: seconds between judgements (default: status.interval)."),
     ] = None,
     backoff: Annotated[
         float, typer.Option("--backoff", min=0.0, help="Seconds after a restart before the "

@@ -542,3 +542,23 @@ def test_status_watch_json_prints_one_document_per_line_until_sigint(config: Pat
         if proc.poll() is None:
             proc.kill()
         proc.communicate(timeout=10)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["status", "--watch", "--interval", "nan"],
+        ["status", "--watch", "--interval", "inf"],
+        ["health", "--watch", "--interval", "nan"],
+        ["health", "--watch", "--interval", "1e308"],
+        ["items", "--limit", "99999999999999999999999"],
+    ],
+)
+def test_absurd_numbers_on_the_command_line_are_usage_errors(
+    config: Path, capsys: pytest.CaptureFixture[str], args: list[str]
+) -> None:
+    # Found in session 6: each was a traceback and exit 1 (for `health`, 1 means "warning").
+    assert main([*args, "-c", str(config)]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "Invalid value for" in err
+    assert "Traceback" not in err
