@@ -64,7 +64,7 @@ from orchestrator.watchdog import Watchdog
 from orchestrator.workers import RECORD_GRACE, Engine, Tally, resolve_executables
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import AsyncIterator, Callable
     from pathlib import Path
 
     from orchestrator.config import Config
@@ -144,11 +144,17 @@ async def serve(
             busy_timeout=config.store.busy_timeout,
         ) as store:  # fmt: skip
             db_file = await trio.to_thread.run_sync(_identity, config.db_path)
-            async with trio.open_nursery() as guard:
-                guard.start_soon(_watch_state_files, lock, config.db_path, db_file)
-                recovery = await _recover(config, store, instance)
-                result = await _serve(config, store, instance, recovery, batch, on_start, notifier)
-                guard.cancel_scope.cancel()
+            # Signals are taken from here on: one that arrives while recovery ends a dead
+            # instance's leftovers waits for it (it used to end us there, the leftovers alive),
+            # then drains the service as soon as it starts.
+            with trio.open_signal_receiver(*SIGNALS_HANDLED) as signals:
+                async with trio.open_nursery() as guard:
+                    guard.start_soon(_watch_state_files, lock, config.db_path, db_file)
+                    recovery = await _recover(config, store, instance)
+                    result = await _serve(
+                        config, store, instance, recovery, batch, on_start, notifier, signals
+                    )
+                    guard.cancel_scope.cancel()
             await store.call(lambda c: op_stop_instance(c, instance))
             return result
     finally:
@@ -229,6 +235,7 @@ async def _recover(config: Config, store: SqliteStore, instance: str) -> Recover
 async def _serve(
     config: Config, store: SqliteStore, instance: str, recovery: Recovery, batch: bool,
     on_start: Callable[[Engine], None] | None, notifier: Notifier | None,
+    signals: AsyncIterator[int],
 ) -> ServiceResult:  # fmt: skip
     interrupted = False
     pending = await store.read(op_pending_items)
@@ -239,90 +246,89 @@ async def _serve(
     if on_start is not None:
         on_start(engine)
     watchdog = Watchdog(engine, notifier=notifier)
-    with trio.open_signal_receiver(*SIGNALS_HANDLED) as signals:
-        async with trio.open_nursery() as root:
-            await root.start(engine.serve_timers)
-            # A batch job serves no HTTP: it would contend with a service for the port.
-            if config.http.listen is not None and not batch:
-                from orchestrator.web import serve_http  # hypercorn + prometheus: only when used
+    async with trio.open_nursery() as root:
+        await root.start(engine.serve_timers)
+        # A batch job serves no HTTP: it would contend with a service for the port.
+        if config.http.listen is not None and not batch:
+            from orchestrator.web import serve_http  # hypercorn + prometheus: only when used
 
-                urls = await root.start(
-                    functools.partial(serve_http, engine, watchdog, listen=config.http.listen),
-                    name="http",
-                )
-                logger.info("http: listening on {}", ", ".join(urls))
-            await root.start(watchdog.serve, name="watchdog")
-            await root.start(
-                functools.partial(serve_status_file, engine, health=watchdog.health)
+            urls = await root.start(
+                functools.partial(serve_http, engine, watchdog, listen=config.http.listen),
+                name="http",
             )
-            await root.start(engine.serve_store_watch)
-            for item in pending:
-                engine.admit(item)
-            sources_scope = trio.CancelScope()
+            logger.info("http: listening on {}", ", ".join(urls))
+        await root.start(watchdog.serve, name="watchdog")
+        await root.start(
+            functools.partial(serve_status_file, engine, health=watchdog.health)
+        )
+        await root.start(engine.serve_store_watch)
+        for item in pending:
+            engine.admit(item)
+        sources_scope = trio.CancelScope()
 
-            async with trio.open_nursery() as workers:
+        async with trio.open_nursery() as workers:
 
-                def drain(grace: float) -> None:
-                    if notifier is not None and not engine.stopping:
-                        notifier.notify("STOPPING=1", "STATUS=draining")
-                    sources_scope.cancel()
-                    engine.stop_taking_work()
-                    workers.cancel_scope.deadline = min(
-                        workers.cancel_scope.deadline, trio.current_time() + grace
+            def drain(grace: float) -> None:
+                if notifier is not None and not engine.stopping:
+                    notifier.notify("STOPPING=1", "STATUS=draining")
+                sources_scope.cancel()
+                engine.stop_taking_work()
+                workers.cancel_scope.deadline = min(
+                    workers.cancel_scope.deadline, trio.current_time() + grace
+                )
+
+            async def watch_signals() -> None:
+                nonlocal interrupted
+                async for signum in signals:
+                    name = signal.Signals(signum).name
+                    if signum in SIGNALS_IGNORED:
+                        logger.warning("{}: ignored (SIGTERM or SIGINT drain and stop)", name)
+                        continue
+                    if signum == signal.SIGQUIT:
+                        interrupted = True
+                        logger.warning("{}: stopping now; running stages are killed", name)
+                        drain(0)
+                        continue
+                    if not interrupted:
+                        interrupted = True
+                        logger.warning(
+                            "{}: draining; running stages get {:g}s to finish",
+                            name, config.shutdown_grace,
+                        )  # fmt: skip
+                        drain(config.shutdown_grace)
+                    elif signum == signal.SIGINT:
+                        logger.warning("second SIGINT: stopping now")
+                        drain(0)
+
+            async def end_of_batch() -> None:
+                await engine.sources_exhausted.wait_value(len(config.sources))
+                await engine.outstanding.wait_value(0)
+                drain(0)
+
+            root.start_soon(watch_signals, name="signals")
+            if batch:
+                root.start_soon(end_of_batch, name="batch-end")
+            for stage in config.stages:
+                for n in range(workers_for(stage.concurrency)):
+                    workers.start_soon(
+                        engine.serve_worker, stage, name=f"worker:{stage.name}:{n}"
                     )
-
-                async def watch_signals() -> None:
-                    nonlocal interrupted
-                    async for signum in signals:
-                        name = signal.Signals(signum).name
-                        if signum in SIGNALS_IGNORED:
-                            logger.warning("{}: ignored (SIGTERM or SIGINT drain and stop)", name)
-                            continue
-                        if signum == signal.SIGQUIT:
-                            interrupted = True
-                            logger.warning("{}: stopping now; running stages are killed", name)
-                            drain(0)
-                            continue
-                        if not interrupted:
-                            interrupted = True
-                            logger.warning(
-                                "{}: draining; running stages get {:g}s to finish",
-                                name, config.shutdown_grace,
-                            )  # fmt: skip
-                            drain(config.shutdown_grace)
-                        elif signum == signal.SIGINT:
-                            logger.warning("second SIGINT: stopping now")
-                            drain(0)
-
-                async def end_of_batch() -> None:
-                    await engine.sources_exhausted.wait_value(len(config.sources))
-                    await engine.outstanding.wait_value(0)
-                    drain(0)
-
-                root.start_soon(watch_signals, name="signals")
-                if batch:
-                    root.start_soon(end_of_batch, name="batch-end")
-                for stage in config.stages:
-                    for n in range(workers_for(stage.concurrency)):
-                        workers.start_soon(
-                            engine.serve_worker, stage, name=f"worker:{stage.name}:{n}"
+            with sources_scope:
+                async with trio.open_nursery() as sources:
+                    for source in config.sources:
+                        await sources.start(
+                            functools.partial(serve_source, engine, source, once=batch),
+                            name=f"source:{source.name}",
                         )
-                with sources_scope:
-                    async with trio.open_nursery() as sources:
-                        for source in config.sources:
-                            await sources.start(
-                                functools.partial(serve_source, engine, source, once=batch),
-                                name=f"source:{source.name}",
-                            )
-                        if notifier is not None:
-                            notifier.notify("READY=1", "STATUS=running")
-                    if not batch:
-                        await trio.sleep_forever()
-            # Results of the last runs may still be on their way to the disk: let them land
-            # and their items be handed on (terminal hooks) before the timers go.
-            with trio.move_on_after(RECORD_GRACE, shield=True):
-                await engine.unsettled.wait_value(0)
-            root.cancel_scope.cancel()
+                    if notifier is not None:
+                        notifier.notify("READY=1", "STATUS=running")
+                if not batch:
+                    await trio.sleep_forever()
+        # Results of the last runs may still be on their way to the disk: let them land
+        # and their items be handed on (terminal hooks) before the timers go.
+        with trio.move_on_after(RECORD_GRACE, shield=True):
+            await engine.unsettled.wait_value(0)
+        root.cancel_scope.cancel()
     with trio.move_on_after(FINAL_STATUS_GRACE, shield=True):
         try:
             await write_status(engine, state="stopped", health=watchdog.health)

@@ -641,3 +641,74 @@ def test_a_service_whose_folder_is_missing_says_so_once_and_takes_it_when_it_com
     assert out.read_text() == "a"
     assert err.count(f"cannot list {str(tmp_path / 'in')!r}: No such file or directory") == 1
     assert f"{str(tmp_path / 'in')!r} can be listed again" in err
+
+
+def test_a_sigterm_during_start_up_recovery_waits_for_it_and_leaves_nothing(
+    tmp_path: Path,
+) -> None:
+    # Found in session 6: the signal receiver opened only after recovery, so a SIGTERM while a
+    # dead instance's leftovers were being ended killed the service on the spot, leftovers alive.
+    import signal
+    import time
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("a")
+    pidfile, got_term = tmp_path / "stage.pid", tmp_path / "got_term"
+    stubborn = (  # ignores SIGTERM, and says it got one
+        "import os, signal, time; "
+        f"signal.signal(signal.SIGTERM, lambda *_: open({str(got_term)!r}, 'a').write('x')); "
+        f"open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(600)"
+    )
+    config = tmp_path / "svc.toml"
+    config.write_text(textwrap.dedent(f"""
+        shutdown_grace = "1s"
+        [http]
+        listen = false
+        [[sources]]
+        name = "in"
+        type = "directory"
+        path = "in"
+        route = ["stubborn"]
+        settle = "0s"
+        poll_interval = "100ms"
+        [[stages]]
+        name = "stubborn"
+        grace_period = "3s"
+        command = ["{PY}", "-c", "{stubborn}"]
+        """))
+    argv = [sys.executable, "-m", "orchestrator", "run", "-c", str(config)]
+    first = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)  # fmt: skip
+    second = None
+    try:
+        deadline = time.monotonic() + 20
+        while not pidfile.exists() or not pidfile.read_text().strip():
+            assert time.monotonic() < deadline, "the stage never started"
+            time.sleep(0.05)
+        leftover = int(pidfile.read_text())
+        first.kill()  # kill -9: the stage is left running
+        first.wait()
+        second = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)  # fmt: skip
+        while not got_term.exists():  # recovery has begun ending the leftover
+            assert time.monotonic() < deadline + 20, "recovery never signalled the leftover"
+            time.sleep(0.02)
+        second.send_signal(signal.SIGTERM)
+        _, err = second.communicate(timeout=30)
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if pidfile.exists() and os.path.exists(f"/proc/{int(pidfile.read_text())}"):
+            os.killpg(int(pidfile.read_text()), signal.SIGKILL)  # clean up what a bug leaves
+    assert second.returncode == 0, err[-3000:]
+    assert "SIGTERM: draining" in err
+    assert "ended 1 process(es) left running by a dead instance" in err
+    # Recovery finished ending it: gone, or a zombie waiting for init (no longer ours).
+    try:
+        with open(f"/proc/{leftover}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        state = "gone"
+    assert state in ("gone", "Z", "X"), state
