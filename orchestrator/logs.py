@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
     from orchestrator.config import LogConfig
 
-__all__ = ["configure_logging", "debug_enabled"]
+__all__ = ["configure_logging", "debug_enabled", "printable"]
 
 #: loguru's number for DEBUG.
 DEBUG_LEVEL = 10
@@ -44,10 +44,10 @@ def _context(record: Record) -> str:
     return ("  [" + " ".join(parts) + "]") if parts else ""
 
 
-def _printable(text: str) -> str:
+def printable(text: str) -> str:
     """``text`` with its control characters escaped, newlines and tabs kept: a stage's output
     tail, a file's name or a record's id can hold terminal escape sequences, which must not
-    reach a terminal (or a journal viewer) as commands."""
+    reach a terminal (or a journal viewer) as commands. (The operator commands show text so.)"""
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in text)
@@ -62,7 +62,7 @@ def _human(record: Record) -> str:
             "{message}<dim>{extra[_ctx]}</dim>\n{exception}"
         )
     # Not into record["message"]: the record is shared with the other sinks (JSON keeps it).
-    record["extra"]["_msg"] = _printable(message)
+    record["extra"]["_msg"] = printable(message)
     return (
         "<green>{time:YYYY-MM-DD HH:mm:ss.SSS}</green> <level>{level: <7}</level> "
         "{extra[_msg]}<dim>{extra[_ctx]}</dim>\n{exception}"

@@ -32,6 +32,7 @@ from rich.table import Table
 from rich.text import Text
 
 from orchestrator.errors import StoreUnavailable
+from orchestrator.logs import printable as clean
 from orchestrator.store.records import ItemState
 from orchestrator.store.sqlite import (
     RequeueReport,
@@ -306,11 +307,6 @@ def show_id(text: str) -> str:
     return text if text.isprintable() else repr(text)
 
 
-def clean(text: str) -> str:
-    """``text`` with every control character escaped except newlines and tabs."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in text)
 
 
 def _when(ts: float | None, *, short: bool = False) -> str:
