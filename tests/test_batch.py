@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 from typing import TYPE_CHECKING
 
 import pytest
 from conftest import PROGRAMS, PY
+from servicekit import Service
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -441,54 +446,51 @@ def test_run_service_processes_new_files_and_exits_0_on_sigterm(tmp_path: Path) 
     assert proc.returncode == 0, err
     assert "SIGTERM: draining" in err
 
-
-def test_sighup_drains_like_sigterm_and_sigusr1_is_ignored(tmp_path: Path) -> None:
-    # Found in session 6: SIGHUP (a closed terminal), SIGQUIT, SIGUSR1 and SIGUSR2 ended the
-    # service on the spot and left its runs behind, reparented to init.
-    import signal
-    import time
-
-    (tmp_path / "in").mkdir()
-    (tmp_path / "in" / "a.txt").write_text("a")
-    pidfile = tmp_path / "stage.pid"
-    config = tmp_path / "svc.toml"
-    config.write_text(textwrap.dedent(f"""
+def _service(tmp_path: Path, stage: str, *, route: str = "slow", path: str = "in",
+             grace: str = "") -> Service:  # fmt: skip
+    """``orchestrator run`` on ``tmp_path`` with one folder source and one stage ``stage``."""
+    return Service(tmp_path, textwrap.dedent(f"""
         shutdown_grace = "1s"
         [http]
         listen = false
         [[sources]]
         name = "in"
         type = "directory"
-        path = "in"
-        route = ["slow"]
+        path = "{path}"
+        route = ["{route}"]
         settle = "0s"
         poll_interval = "100ms"
         [[stages]]
-        name = "slow"
-        command = ["sh", "-c", "echo $$ > {pidfile}; exec sleep 60"]
+        name = "{route}"
+        {grace}
+        command = {stage}
         """))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator", "run", "-c", str(config)],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 20
-        while not pidfile.exists() or not pidfile.read_text().strip():
-            assert time.monotonic() < deadline, "the stage never started"
-            time.sleep(0.05)
-        stage = int(pidfile.read_text())
-        proc.send_signal(signal.SIGUSR1)
-        time.sleep(0.5)
-        assert proc.poll() is None  # ignored
-        proc.send_signal(signal.SIGHUP)
-        _, err = proc.communicate(timeout=20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, err
-    assert "SIGUSR1: ignored" in err
-    assert "SIGHUP: draining" in err
+
+
+def _wait_for_pid(pidfile: Path, service: Service) -> int:
+    """The pid a stage wrote to ``pidfile`` once it started."""
+    deadline = time.monotonic() + 20
+    while not pidfile.exists() or not pidfile.read_text().strip():
+        assert time.monotonic() < deadline, f"the stage never started; log:\n{service.log}"
+        time.sleep(0.05)
+    return int(pidfile.read_text())
+
+
+def test_sighup_drains_like_sigterm_and_sigusr1_is_ignored(tmp_path: Path) -> None:
+    # Found in session 6: SIGHUP (a closed terminal), SIGQUIT, SIGUSR1 and SIGUSR2 ended the
+    # service on the spot and left its runs behind, reparented to init.
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("a")
+    pidfile = tmp_path / "stage.pid"
+    service = _service(tmp_path, json.dumps(["sh", "-c", f"echo $$ > {pidfile}; exec sleep 60"]))
+    stage = _wait_for_pid(pidfile, service)
+    service.signal(signal.SIGUSR1)
+    time.sleep(0.5)
+    assert service.proc.poll() is None  # ignored
+    service.signal(signal.SIGHUP)
+    assert service.wait(20) == 0, service.log
+    assert "SIGUSR1: ignored" in service.log
+    assert "SIGHUP: draining" in service.log
     assert not os.path.exists(f"/proc/{stage}")  # killed and reaped before the exit
 
 
@@ -496,53 +498,20 @@ def test_sighup_drains_like_sigterm_and_sigusr1_is_ignored(tmp_path: Path) -> No
 def test_a_service_whose_state_is_deleted_stops_with_exit_3(tmp_path: Path, removed: str) -> None:
     # Found in session 6: deleting the state folder went unnoticed; a second instance could then
     # start on it, reap the first one's live runs as leftovers and run items a second time.
-    import shutil
-    import signal
-    import time
-
     (tmp_path / "in").mkdir()
     for i in range(3):
         (tmp_path / "in" / f"f{i}.txt").write_text(str(i))
     pidfile = tmp_path / "stage.pid"
-    config = tmp_path / "svc.toml"
-    config.write_text(textwrap.dedent(f"""
-        shutdown_grace = "1s"
-        [http]
-        listen = false
-        [[sources]]
-        name = "in"
-        type = "directory"
-        path = "in"
-        route = ["slow"]
-        settle = "0s"
-        poll_interval = "100ms"
-        [[stages]]
-        name = "slow"
-        command = ["sh", "-c", "echo $$ > {pidfile}; exec sleep 60"]
-        """))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator", "run", "-c", str(config)],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 20
-        while not pidfile.exists() or not pidfile.read_text().strip():
-            assert time.monotonic() < deadline, "the stage never started"
-            time.sleep(0.05)
-        stage = int(pidfile.read_text())
-        state = tmp_path / "state"
-        if removed == "state_folder":
-            shutil.rmtree(state)
-        else:
-            for db in state.glob("orchestrator.db*"):
-                db.unlink()
-        _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 3, err[-3000:]
-    last = err.splitlines()[-1]
+    service = _service(tmp_path, json.dumps(["sh", "-c", f"echo $$ > {pidfile}; exec sleep 60"]))
+    stage = _wait_for_pid(pidfile, service)
+    state = tmp_path / "state"
+    if removed == "state_folder":
+        shutil.rmtree(state)
+    else:
+        for db in state.glob("orchestrator.db*"):
+            db.unlink()
+    assert service.wait(30) == 3, service.log[-3000:]
+    last = service.log.splitlines()[-1]
     assert last.startswith("orchestrator: the ")
     assert "was deleted while this service ran; stopping" in last
     assert not os.path.exists(f"/proc/{stage}")  # its run was ended, not left behind
@@ -553,9 +522,6 @@ def test_items_queued_for_a_stage_no_longer_in_the_config_are_warned_about_once(
 ) -> None:
     # Found in session 6: each such item was "re-queued from outside" and refused again at
     # every look of the store watch -- a line per item per second, for ever.
-    import signal
-    import time
-
     from orchestrator.store import NewItem, connect
     from orchestrator.store.sqlite import op_ingest
 
@@ -565,82 +531,30 @@ def test_items_queued_for_a_stage_no_longer_in_the_config_are_warned_about_once(
         op_ingest(conn, [NewItem(id=f"in:{i}", source="in", key=str(i), route=("old",))
                          for i in range(20)])  # fmt: skip
     conn.close()
-    (tmp_path / "in").mkdir()
-    config = tmp_path / "svc.toml"
-    config.write_text(textwrap.dedent("""
-        [http]
-        listen = false
-        [[sources]]
-        name = "in"
-        type = "directory"
-        path = "in"
-        route = ["new"]
-        poll_interval = "100ms"
-        [[stages]]
-        name = "new"
-        command = ["true"]
-        """))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator", "run", "-c", str(config)],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        time.sleep(4)  # a few looks of the store watch (every second)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, err
-    assert err.count("which is not in the config") == 1, err[-2000:]
-    assert "re-queued from outside" not in err
+    service = _service(tmp_path, '["true"]', route="new")
+    time.sleep(4)  # a few looks of the store watch (every second)
+    assert service.stop(20) == 0, service.log
+    assert service.log.count("which is not in the config") == 1, service.log[-2000:]
+    assert "re-queued from outside" not in service.log
 
 
 def test_a_service_whose_folder_is_missing_says_so_once_and_takes_it_when_it_comes(
     tmp_path: Path,
 ) -> None:
     # Found in session 6: a typo in `path` looked like a healthy service that took nothing.
-    import signal
-    import time
-
     out = tmp_path / "out"
-    config = tmp_path / "svc.toml"
-    config.write_text(textwrap.dedent(f"""
-        [http]
-        listen = false
-        [[sources]]
-        name = "in"
-        type = "directory"
-        path = "in"
-        route = ["copy"]
-        settle = "0s"
-        poll_interval = "100ms"
-        [[stages]]
-        name = "copy"
-        command = ["cp", "--", "{{path}}", "{out}"]
-        """))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator", "run", "-c", str(config)],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        time.sleep(1.5)  # several scans of a missing folder
-        (tmp_path / "in").mkdir()
-        (tmp_path / "in" / "a.txt").write_text("a")
-        deadline = time.monotonic() + 20
-        while not out.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, err
+    service = _service(tmp_path, json.dumps(["cp", "--", "{path}", str(out)]), path="inbox")
+    time.sleep(1.5)  # several scans of a missing folder
+    (tmp_path / "inbox").mkdir()
+    (tmp_path / "inbox" / "a.txt").write_text("a")
+    deadline = time.monotonic() + 20
+    while not out.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert service.stop(20) == 0, service.log
     assert out.read_text() == "a"
-    assert err.count(f"cannot list {str(tmp_path / 'in')!r}: No such file or directory") == 1
-    assert f"{str(tmp_path / 'in')!r} can be listed again" in err
+    inbox = str(tmp_path / "inbox")
+    assert service.log.count(f"cannot list {inbox!r}: No such file or directory") == 1
+    assert f"{inbox!r} can be listed again" in service.log
 
 
 def test_a_sigterm_during_start_up_recovery_waits_for_it_and_leaves_nothing(
@@ -648,9 +562,6 @@ def test_a_sigterm_during_start_up_recovery_waits_for_it_and_leaves_nothing(
 ) -> None:
     # Found in session 6: the signal receiver opened only after recovery, so a SIGTERM while a
     # dead instance's leftovers were being ended killed the service on the spot, leftovers alive.
-    import signal
-    import time
-
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.txt").write_text("a")
     pidfile, got_term = tmp_path / "stage.pid", tmp_path / "got_term"
@@ -659,52 +570,25 @@ def test_a_sigterm_during_start_up_recovery_waits_for_it_and_leaves_nothing(
         f"signal.signal(signal.SIGTERM, lambda *_: open({str(got_term)!r}, 'a').write('x')); "
         f"open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(600)"
     )
-    config = tmp_path / "svc.toml"
-    config.write_text(textwrap.dedent(f"""
-        shutdown_grace = "1s"
-        [http]
-        listen = false
-        [[sources]]
-        name = "in"
-        type = "directory"
-        path = "in"
-        route = ["stubborn"]
-        settle = "0s"
-        poll_interval = "100ms"
-        [[stages]]
-        name = "stubborn"
-        grace_period = "3s"
-        command = ["{PY}", "-c", "{stubborn}"]
-        """))
-    argv = [sys.executable, "-m", "orchestrator", "run", "-c", str(config)]
-    first = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)  # fmt: skip
-    second = None
+    command = json.dumps([PY, "-c", stubborn])
+    first = _service(tmp_path, command, route="stubborn", grace='grace_period = "3s"')
+    leftover = _wait_for_pid(pidfile, first)
     try:
+        first.proc.kill()  # kill -9: the stage is left running
+        first.proc.wait()
+        second = _service(tmp_path, command, route="stubborn", grace='grace_period = "3s"')
         deadline = time.monotonic() + 20
-        while not pidfile.exists() or not pidfile.read_text().strip():
-            assert time.monotonic() < deadline, "the stage never started"
-            time.sleep(0.05)
-        leftover = int(pidfile.read_text())
-        first.kill()  # kill -9: the stage is left running
-        first.wait()
-        second = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True)  # fmt: skip
         while not got_term.exists():  # recovery has begun ending the leftover
-            assert time.monotonic() < deadline + 20, "recovery never signalled the leftover"
+            assert time.monotonic() < deadline, "recovery never signalled the leftover"
             time.sleep(0.02)
-        second.send_signal(signal.SIGTERM)
-        _, err = second.communicate(timeout=30)
+        second.signal(signal.SIGTERM)
+        assert second.wait(30) == 0, second.log[-3000:]
     finally:
-        for proc in (first, second):
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        if pidfile.exists() and os.path.exists(f"/proc/{int(pidfile.read_text())}"):
-            os.killpg(int(pidfile.read_text()), signal.SIGKILL)  # clean up what a bug leaves
-    assert second.returncode == 0, err[-3000:]
-    assert "SIGTERM: draining" in err
-    assert "ended 1 process(es) left running by a dead instance" in err
+        if os.path.exists(f"/proc/{leftover}"):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(leftover, signal.SIGKILL)  # clean up what a bug leaves
+    assert "SIGTERM: draining" in second.log
+    assert "ended 1 process(es) left running by a dead instance" in second.log
     # Recovery finished ending it: gone, or a zombie waiting for init (no longer ours).
     try:
         with open(f"/proc/{leftover}/stat") as f:
