@@ -16,7 +16,7 @@ from loguru import logger
 
 from orchestrator.config import SourceType
 from orchestrator.errors import StoreError
-from orchestrator.sources import DirectorySource, JsonArraySource, JsonlSource
+from orchestrator.sources.directory import DirectorySource
 
 if TYPE_CHECKING:
     from orchestrator.config import SourceConfig
@@ -52,10 +52,15 @@ class Source(Protocol):
 
 
 def make_source(config: SourceConfig) -> Source:
-    """The source object for a ``[[sources]]`` entry."""
+    """The source object for a ``[[sources]]`` entry (the record sources' modules are imported
+    only by configs that use them)."""
     if config.type is SourceType.JSONL:
+        from orchestrator.sources.jsonl import JsonlSource
+
         return JsonlSource(config)
     if config.type is SourceType.JSON:
+        from orchestrator.sources.jsonarray import JsonArraySource
+
         return JsonArraySource(config, set())
     return DirectorySource(config, set())
 

@@ -1,15 +1,18 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import textwrap
 from typing import TYPE_CHECKING
 
-from orchestrator.cli import EXIT_CONFIG, EXIT_OK, main
+import pytest
+
+from orchestrator.cli import EXIT_CONFIG, EXIT_OK, EXIT_USAGE, main
 
 if TYPE_CHECKING:
     from pathlib import Path
-
-    import pytest
 
 BAD = """
     state_dir = 5
@@ -81,3 +84,113 @@ def test_check_json_plan(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert plan["stages"][0]["timeout"] == 1800
     assert plan["pools"] == {"gpu": {"size": 1, "stages": ["extract"]}}
     assert plan["http"] == "127.0.0.1:8787"
+
+
+LEAN_BATCH = """
+    [http]
+    listen = false
+    [log]
+    level = "DEBUG"
+    [[sources]]
+    name = "in"
+    type = "directory"
+    path = "in"
+    route = ["env"]
+    settle = "0s"
+    [[stages]]
+    name = "env"
+    command = ["sh", "-c", "env > \\"$ORCH_PATH.env\\""]
+"""
+
+
+def test_batch_start_up_shortcuts_leave_no_trace(tmp_path: Path) -> None:
+    """What `batch` skips at start-up (loguru's default sink, the collector, other commands'
+    options, unused source types) changes nothing anyone sees: the stages' environment, the
+    log lines, the collector once the service runs, the modules a directory batch loads."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "one").write_text("1")
+    (tmp_path / "c.toml").write_text(textwrap.dedent(LEAN_BATCH))
+    probe = textwrap.dedent("""
+        import gc, sys
+        import orchestrator.workers as workers
+        seen = []
+        original = workers.Engine.serve_worker
+        async def serve_worker(self, stage):
+            seen.append(gc.isenabled())
+            await original(self, stage)
+        workers.Engine.serve_worker = serve_worker
+        from orchestrator.cli import main
+        code = main(["batch", "-c", "c.toml", "--no-progress"])
+        loaded = sorted(m for m in sys.modules if m.startswith("orchestrator.sources."))
+        print("RESULT", code, all(seen) and bool(seen), gc.isenabled(), ",".join(loaded))
+        """)
+    proc = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True,
+        timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    result = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT"))
+    _, code, collecting_while_serving, collecting_after, loaded = result.split(" ")
+    assert code == "0"
+    assert collecting_while_serving == "True"
+    assert collecting_after == "True"
+    assert loaded == "orchestrator.sources.directory,orchestrator.sources.ops"
+    env = (tmp_path / "in" / "one.env").read_text()
+    assert "ORCH_ITEM=in:one" in env
+    assert "LOGURU" not in env
+    # Our console sink, and only ours: every line once, in our format (loguru's default has
+    # " | " between its fields).
+    ok_lines = [line for line in proc.stderr.splitlines() if "run ok in" in line]
+    assert len(ok_lines) == 1, proc.stderr
+    assert " | " not in ok_lines[0]
+
+
+def test_a_user_set_loguru_autoinit_is_left_alone(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "one").write_text("1")
+    (tmp_path / "c.toml").write_text(textwrap.dedent(LEAN_BATCH))
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "batch", "-c", "c.toml", "--no-progress"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
+        env={**os.environ, "LOGURU_AUTOINIT": "yes"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "LOGURU_AUTOINIT=yes" in (tmp_path / "in" / "one.env").read_text()
+
+
+def test_a_command_alone_behaves_as_in_the_whole_app(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`main` builds only the command it is asked for; help, errors and the rest are the same."""
+    assert main(["batch", "--help"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "Usage: orchestrator batch" in out
+    assert "--no-progress" in out
+    assert main(["batch", "--bogus"]) == EXIT_USAGE
+    assert "No such option: --bogus" in capsys.readouterr().err
+    assert main(["bat"]) == EXIT_USAGE
+    assert "No such command 'bat'" in capsys.readouterr().err
+    assert main(["--version"]) == EXIT_OK
+    assert capsys.readouterr().out.startswith("orchestrator ")
+    assert main(["--help"]) == EXIT_OK
+    out = capsys.readouterr().out
+    for command in ("check", "run", "batch", "items", "show", "requeue", "status", "health"):
+        assert command in out
+
+
+def test_the_collector_is_back_on_after_a_failed_start(tmp_path: Path) -> None:
+    import gc
+
+    assert gc.isenabled()
+    assert main(["batch", "-c", str(tmp_path / "nope.toml")]) == EXIT_CONFIG
+    assert main(["run", "-c", str(tmp_path / "nope.toml")]) == EXIT_CONFIG
+    assert gc.isenabled()
+
+
+def test_source_types_are_imported_on_first_use() -> None:
+    import orchestrator.sources as sources
+
+    assert sources.JsonlSource.__module__ == "orchestrator.sources.jsonl"
+    assert sources.Position.__module__ == "orchestrator.sources.ops"
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        _ = sources.Nope  # type: ignore[attr-defined]

@@ -13,9 +13,29 @@ valid) separate, for tests. `orchestrator.pollers` drives them on ``trio_util.pe
 
 from __future__ import annotations
 
-from orchestrator.sources.directory import DirectorySource, FileSeen
-from orchestrator.sources.jsonarray import JsonArraySource
-from orchestrator.sources.jsonl import JsonlSource
-from orchestrator.sources.ops import Position
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from orchestrator.sources.directory import DirectorySource, FileSeen
+    from orchestrator.sources.jsonarray import JsonArraySource
+    from orchestrator.sources.jsonl import JsonlSource
+    from orchestrator.sources.ops import Position
 
 __all__ = ["DirectorySource", "FileSeen", "JsonArraySource", "JsonlSource", "Position"]
+
+#: Each name's module, imported on first use: a service loads only its own source types.
+_MODULES = {
+    "DirectorySource": "directory",
+    "FileSeen": "directory",
+    "JsonArraySource": "jsonarray",
+    "JsonlSource": "jsonl",
+    "Position": "ops",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULES.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
