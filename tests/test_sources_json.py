@@ -127,3 +127,21 @@ def test_rejected_items_carry_state_and_reason(tmp_path: Path) -> None:
     assert item.state is ItemState.REJECTED
     assert item.payload is None
     assert item.reason == "element 0: not a JSON object but an array; element: [1, 2]"
+
+
+def test_an_element_holding_nan_or_infinity_is_rejected_alone(tmp_path: Path) -> None:
+    # Found in session 6: its payload went to the stage as NaN, which strict parsers refuse.
+    path = tmp_path / "ideas.json"
+    path.write_text('[{"id": "a", "v": NaN}, {"id": "b", "v": [1, -Infinity]}, {"id": "c", "v": 1e999},'
+                    ' {"id": "d", "v": 1.5}]')  # fmt: skip
+    past = time.time() - 60
+    os.utime(path, (past, past))
+    items = source(tmp_path).read().items
+    states = [(i.state.value, (i.reason or "").split(";")[0]) for i in items]
+    assert states == [
+        ("rejected", "element 0: holds nan, which JSON has no number for (NaN, Infinity, or a number too large)"),
+        ("rejected", "element 1: holds -inf, which JSON has no number for (NaN, Infinity, or a number too large)"),
+        ("rejected", "element 2: holds inf, which JSON has no number for (NaN, Infinity, or a number too large)"),
+        ("queued", ""),
+    ]  # fmt: skip
+    assert json.loads(items[3].payload or "") == {"id": "d", "v": 1.5}

@@ -12,7 +12,7 @@ import pytest
 from orchestrator.config import parse_config
 from orchestrator.sources import JsonlSource, Position
 from orchestrator.sources import jsonl as jsonl_module
-from orchestrator.sources.jsonl import parse_record, show_raw, split_lines
+from orchestrator.sources.jsonl import MAX_ID_BYTES, parse_record, show_raw, split_lines
 from orchestrator.sources.ops import op_ingest_records, op_source_position
 from orchestrator.store.records import ItemState, NewItem
 from orchestrator.store.sqlite import connect
@@ -349,3 +349,32 @@ def test_a_file_rewritten_under_the_same_inode_while_stopped_is_read_from_its_st
     # Then: the restarted source sees the bytes before its offset changed and reads it all.
     again = source(tmp_path, stored)
     assert numbers(drain(again)) == [3, 4, 5]
+
+
+def test_nan_and_infinity_are_not_json_and_their_record_is_rejected() -> None:
+    # Found in session 6: Python reads them, so the record ran with a payload that a stage's
+    # strict JSON parser refused on every attempt.
+    for constant in ("NaN", "Infinity", "-Infinity"):
+        with pytest.raises(ValueError) as info:
+            parse_record(b'{"id": "a", "v": ' + constant.encode() + b"}", "id")
+        assert str(info.value) == f"not valid JSON ({constant} is not a JSON number)"
+    # A number too large for a float is valid JSON: the record's text is kept as it came.
+    assert parse_record(b'{"id": "a", "v": 1e999}', "id") == ('{"id": "a", "v": 1e999}', "a")
+
+
+def test_an_id_too_long_to_give_a_stage_is_rejected_and_integers_are_their_digits() -> None:
+    # Found in session 6: a 200 KB id failed every run ("Argument list too long") and died.
+    long_id = "x" * (MAX_ID_BYTES + 1)
+    with pytest.raises(ValueError) as info:
+        parse_record(json.dumps({"id": long_id}).encode(), "id")
+    assert str(info.value) == (
+        f"'id' is {MAX_ID_BYTES + 1} bytes long; a stage can be given an id of at most "
+        f"{MAX_ID_BYTES} bytes"
+    )
+    wide = "é" * (MAX_ID_BYTES // 2 + 1)  # two bytes each: over the limit in bytes
+    with pytest.raises(ValueError, match="bytes long"):
+        parse_record(json.dumps({"id": wide}, ensure_ascii=False).encode(), "id")
+    assert parse_record(json.dumps({"id": "y" * MAX_ID_BYTES}).encode(), "id") is not None
+    # 1 and "1" are one id (documented): the second record is the first one's duplicate.
+    assert parse_record(b'{"id": 1}', "id") == ('{"id": 1}', "1")
+    assert parse_record(b'{"id": "1"}', "id") == ('{"id": "1"}', "1")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from typing import TYPE_CHECKING
@@ -66,12 +67,26 @@ def new_elements(
     items: list[NewItem] = []
     for index, element in enumerate(elements):
         reason = None
-        payload = json.dumps(element, ensure_ascii=False)
+        failed: ValueError | None
+        try:
+            # No NaN or Infinity in a payload: a stage's strict parser would fail on it every
+            # attempt. (Python reads them, and 1e999 as infinity.)
+            payload = json.dumps(element, ensure_ascii=False, allow_nan=False)
+        except ValueError:
+            payload = json.dumps(element, ensure_ascii=False)
+            failed = ValueError(
+                f"holds {_first_non_finite(element)}, which JSON has no number for "
+                "(NaN, Infinity, or a number too large)"
+            )
+        else:
+            failed = None
         try:
             payload.encode()
         except UnicodeEncodeError:  # a lone surrogate ("\\ud800"): kept as the escape it came as
             payload = json.dumps(element)
         try:
+            if failed is not None:
+                raise failed
             if not isinstance(element, dict):
                 raise ValueError(f"not a JSON object but {json_type(element)}")
             key = id_of(element, config.id_field)
@@ -91,6 +106,18 @@ def new_elements(
             items.append(NewItem(id=f"{config.name}:{key}", source=config.name, key=key,
                                  route=route, state=ItemState.REJECTED, reason=reason))  # fmt: skip
     return items
+
+
+def _first_non_finite(value: object) -> str:
+    """How the first number of ``value`` that JSON cannot write looks in Python (for messages)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    for child in children:
+        found = _first_non_finite(child)
+        if found:
+            return found
+    return ""
 
 
 def _show(text: str) -> str:
@@ -177,7 +204,7 @@ class JsonArraySource:
             return ArrayRead("failed", error="the file was replaced while being read")
         error = None
         try:
-            document = json.loads(data)
+            document = json.loads(data)  # NaN and Infinity: their element is rejected
         # ValueError: also a number past Python's 4,300 digits; RecursionError: nested too deep.
         except (ValueError, RecursionError) as exc:
             error = f"not valid JSON: {exc}; starts with {show_raw(data[:80], len(data))}"

@@ -6,8 +6,9 @@ those lines became (`op_ingest_records`), so a restart after any crash resumes e
 no record is skipped, none is read twice.
 
 - A last line without its newline is still being written: it waits for the newline.
-- A line that is not UTF-8, not JSON or not a JSON object -- or lacks ``id_field`` when one is
-  configured -- becomes a ``rejected`` item whose reason gives the line number, the error and the
+- A line that is not UTF-8, not JSON (``NaN`` and ``Infinity`` are not) or not a JSON object --
+  or lacks ``id_field`` when one is configured, or whose id is over `MAX_ID_BYTES` -- becomes a
+  ``rejected`` item whose reason gives the line number, the error and the
   raw bytes (the first 4 KiB, escaped); the lines after it are read as usual. Blank lines are
   skipped.
 - Truncation (the file is shorter than the offset, or the byte before the offset is no longer
@@ -125,11 +126,18 @@ def json_type(value: object) -> str:
     return _JSON_TYPES.get(type(value), type(value).__name__)
 
 
+#: The longest record id, in UTF-8 bytes. A stage gets its item's id as one argument and in
+#: ``ORCH_ITEM``, and Linux refuses to start a program with an argument or an environment
+#: entry of 128 KiB or more: a longer id could never run, and failed every attempt.
+MAX_ID_BYTES = 65_536
+
+
 def id_of(record: dict[str, object], field: str) -> str:
-    """The item key a record's ``field`` gives it.
+    """The item key a record's ``field`` gives it: the string, or an integer's decimal digits
+    (so ``1`` and ``"1"`` are the same id, taken once).
 
     Raises:
-        ValueError: the field is missing, empty or not a string or an integer.
+        ValueError: the field is missing, empty, too long, or not a string or an integer.
     """
     if field not in record:
         raise ValueError(f"no {field!r} field")
@@ -139,7 +147,23 @@ def id_of(record: dict[str, object], field: str) -> str:
     key = str(value)
     if not key:
         raise ValueError(f"{field!r} is empty")
+    if len(key) > MAX_ID_BYTES // 4 and len(key.encode(errors="surrogatepass")) > MAX_ID_BYTES:
+        raise ValueError(
+            f"{field!r} is {len(key.encode(errors='surrogatepass'))} bytes long; a stage can be "
+            f"given an id of at most {MAX_ID_BYTES} bytes"
+        )
     return key
+
+
+def _not_json(constant: str) -> object:
+    """``json.loads``'s hook for ``NaN``, ``Infinity`` and ``-Infinity``, which Python reads but
+    JSON does not have: a stage's strict parser would fail on the payload every attempt."""
+    raise ValueError(f"{constant} is not a JSON number")
+
+
+def strict_json(text: str | bytes) -> object:
+    """``json.loads`` without the NaN and Infinity extensions (ValueError for them)."""
+    return json.loads(text, parse_constant=_not_json)
 
 
 def parse_record(raw: bytes, id_field: str | None) -> tuple[str, str | None] | None:
@@ -157,8 +181,10 @@ def parse_record(raw: bytes, id_field: str | None) -> tuple[str, str | None] | N
     except UnicodeDecodeError as exc:
         raise ValueError(f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     try:
-        record = json.loads(text)
+        record = strict_json(text)
     except json.JSONDecodeError as exc:
+        raise ValueError(f"not valid JSON ({exc})") from None
+    except ValueError as exc:  # NaN or Infinity (JSONDecodeError is a ValueError too: first)
         raise ValueError(f"not valid JSON ({exc})") from None
     except RecursionError:
         raise ValueError("not valid JSON (nested too deeply)") from None
