@@ -202,15 +202,20 @@ def reap(state_dir: str, recorded: Iterable[tuple[int, int | None]], grace: floa
     for lo in alive:
         _signal(lo, signal.SIGKILL)
     # Only a process we signalled can have left its group since: with none found, no search.
+    # A straggler is a process the first search did not find (one found again while it dies
+    # of our signals is the same process: same pid and start time, counted once).
     stragglers = []
     if leftovers:
-        stragglers = [lo for lo in find_leftovers(state_dir, ()) if lo not in alive]
+        handled = {(lo.pid, lo.start) for lo in leftovers}
+        stragglers = [
+            lo for lo in find_leftovers(state_dir, ()) if (lo.pid, lo.start) not in handled
+        ]
     for lo in stragglers:
         _signal(attrs.evolve(lo, pgid=None), signal.SIGKILL)
     survivors = _wait_gone(alive + stragglers, KILL_WAIT)
     runs = {lo.run.run: lo.run for lo in leftovers + stragglers if lo.run is not None}
     return ReapReport(
-        found=len(leftovers), terminated=len(leftovers) - len(alive),
+        found=len(leftovers) + len(stragglers), terminated=len(leftovers) - len(alive),
         killed=len(alive) + len(stragglers), survivors=tuple(lo.pid for lo in survivors),
         runs=tuple(runs[k] for k in sorted(runs)),
     )  # fmt: skip
