@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
 from orchestrator import __version__
 from orchestrator.errors import (
@@ -41,6 +42,7 @@ __all__ = [
     "EXIT_LOOP_STALLED",
     "EXIT_OK",
     "EXIT_STORE",
+    "EXIT_UNKNOWN",
     "EXIT_USAGE",
     "EXIT_WARNING",
     "main",
@@ -65,6 +67,9 @@ EXIT_LOOP_STALLED = 70
 EXIT_WARNING = 1
 #: ``health``: the service is not running, or its status file is older than 4 intervals.
 EXIT_CRITICAL = 2
+#: ``health``: its command line is wrong, so nothing was judged (monitoring plugins' UNKNOWN:
+#: a usage error's usual 2 would read as critical).
+EXIT_UNKNOWN = 3
 #: Allocations between two collections of young objects while the engine runs (Python: 700).
 GC_YOUNG_THRESHOLD = 10_000
 
@@ -90,7 +95,8 @@ def _err(text: str) -> None:
     print(text, file=sys.stderr)
 
 
-def _load(path: Path) -> Config:
+def _load(path: Path, *, failure: int = EXIT_CONFIG) -> Config:
+    """The config at ``path``; else every problem printed and exit ``failure``."""
     from orchestrator.config import load_config
 
     try:
@@ -99,7 +105,7 @@ def _load(path: Path) -> Config:
         _err(f"{path}: {len(exc.errors)} error{'s' if len(exc.errors) != 1 else ''}:")
         for error in exc.errors:
             _err(f"  {error}")
-        raise typer.Exit(EXIT_CONFIG) from None
+        raise typer.Exit(failure) from None
 
 
 @app.command()
@@ -609,7 +615,8 @@ def health(
     intervals, or the service reports problems: warning. Older than 4, the process gone, the
     service stopped, or no status file: critical.
 
-    Exit 0 ok, 1 warning, 2 critical (--watch: 0 when Ctrl+C ends it).
+    Exit 0 ok, 1 warning, 2 critical, 3 unknown (a command line it cannot take);
+    --watch: 0 when Ctrl+C ends it.
     """
     import shlex
 
@@ -617,16 +624,16 @@ def health(
 
     if restart_cmd is not None and not watch:
         _err("--restart-cmd only goes with --watch")
-        raise typer.Exit(EXIT_USAGE)
+        raise typer.Exit(EXIT_UNKNOWN)
     try:
         argv = shlex.split(restart_cmd) if restart_cmd is not None else None
     except ValueError as exc:  # an unclosed quote
         _err(f"--restart-cmd {restart_cmd!r}: {exc}")
-        raise typer.Exit(EXIT_USAGE) from None
+        raise typer.Exit(EXIT_UNKNOWN) from None
     if restart_cmd is not None and not argv:
         _err("--restart-cmd is empty")
-        raise typer.Exit(EXIT_USAGE)
-    cfg = _load(config)
+        raise typer.Exit(EXIT_UNKNOWN)
+    cfg = _load(config, failure=EXIT_UNKNOWN)
 
     def verdict() -> checks.Verdict:
         return checks.judge(cfg.status_path, interval=cfg.status.interval)
@@ -745,6 +752,19 @@ def _root(
         raise typer.Exit(EXIT_OK)
 
 
+class _MonitoringGroup(TyperGroup):
+    """``health`` answers in monitoring plugins' exit codes: a usage error is 3, unknown."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:
+            # click's usage errors (bad option, bad value): exit code 2, shown by typer.
+            if getattr(exc, "exit_code", None) == EXIT_USAGE and hasattr(exc, "show"):
+                exc.exit_code = EXIT_UNKNOWN  # type: ignore[attr-defined]
+            raise
+
+
 def _app_for(args: list[str]) -> typer.Typer:
     """The command line with only the command ``args`` starts with, when it names one.
 
@@ -756,7 +776,8 @@ def _app_for(args: list[str]) -> typer.Typer:
         for info in app.registered_commands:
             name = info.name or (info.callback.__name__ if info.callback else "")
             if name.replace("_", "-") == args[0]:
-                one = typer.Typer(**_APP_SETTINGS)
+                group = _MonitoringGroup if args[0] == "health" else TyperGroup
+                one = typer.Typer(cls=group, **_APP_SETTINGS)
                 one.registered_callback = app.registered_callback
                 one.registered_commands = [info]
                 return one

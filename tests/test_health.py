@@ -16,7 +16,7 @@ import pytest
 from conftest import PY
 from servicekit import DEFAULT_PIPELINE, Service, service_config
 
-from orchestrator.cli import EXIT_CRITICAL, EXIT_OK, EXIT_USAGE, EXIT_WARNING, main
+from orchestrator.cli import EXIT_CRITICAL, EXIT_OK, EXIT_UNKNOWN, EXIT_WARNING, main
 from orchestrator.health import CRITICAL, OK, WARNING, Verdict, judge, watch
 
 if TYPE_CHECKING:
@@ -150,8 +150,14 @@ def test_health_cli_exit_codes_and_json(tmp_path: Path, capsys: pytest.CaptureFi
     assert doc["exit"] == 1
     assert doc["pid"] == os.getpid()
 
-    assert main(["health", "-c", str(config), "--restart-cmd", "true"]) == EXIT_USAGE
-    assert main(["health", "-c", str(config), "--watch", "--restart-cmd", "'x"]) == EXIT_USAGE
+    assert main(["health", "-c", str(config), "--restart-cmd", "true"]) == EXIT_UNKNOWN
+    assert main(["health", "-c", str(config), "--watch", "--restart-cmd", "'x"]) == EXIT_UNKNOWN
+    # Nothing judged is unknown (3), never critical (2): a monitor would page for a typo.
+    assert main(["health", "-c", str(config), "--watch", "--restart-cmd", ""]) == EXIT_UNKNOWN
+    assert main(["health", "-c", str(config), "--bogus"]) == EXIT_UNKNOWN
+    assert main(["health", "-c", str(config), "--watch", "--interval", "nan"]) == EXIT_UNKNOWN
+    assert main(["health", "-c", str(tmp_path / "nope.toml")]) == EXIT_UNKNOWN
+    assert main(["status", "-c", str(config), "--bogus"]) == 2  # other commands: click's 2
     assert "No closing quotation" in capsys.readouterr().err
 
 
