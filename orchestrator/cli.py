@@ -255,34 +255,13 @@ def _leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
     return out
 
 
-#: Items looked up per query by the batch summary (SQLite's limit on parameters is 32,766).
-SUMMARY_CHUNK = 500
-
-
 def _batch_summary(
     cfg: Config, result: ServiceResult, started_wall: float, elapsed: float
 ) -> dict[str, Any]:
-    conn = sqlite3.connect(f"file:{cfg.db_path}?mode=ro", uri=True)
-    items: list[tuple[Any, ...]] = []
-    runs: list[tuple[Any, ...]] = []
-    # Only this batch's items and their runs, looked up by key: a state folder that has served
-    # many batches holds far more than this one.
-    admitted = sorted(result.admitted)
-    try:
-        for start in range(0, len(admitted), SUMMARY_CHUNK):
-            seqs = admitted[start : start + SUMMARY_CHUNK]
-            marks = ", ".join("?" * len(seqs))
-            items += conn.execute(
-                "SELECT seq, id, state, route, stage_index, reason FROM items"
-                f" WHERE seq IN ({marks})", seqs,
-            ).fetchall()  # fmt: skip
-            runs += conn.execute(
-                "SELECT stage, outcome, duration, slot_wait FROM runs"
-                f" WHERE item_seq IN ({marks}) AND started_at >= ? AND outcome IS NOT NULL",
-                [*seqs, started_wall - 1],
-            ).fetchall()  # fmt: skip
-    finally:
-        conn.close()
+    # The batch's items and runs, read by the service through its own connection before it
+    # closed the store (`ServiceResult.batch_rows`).
+    assert result.batch_rows is not None
+    items, runs = result.batch_rows
     states: dict[str, int] = {}
     failed = []
     for _seq, item_id, state, route, index, reason in items:

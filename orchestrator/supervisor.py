@@ -36,8 +36,9 @@ import functools
 import os
 import signal
 import socket
+import time
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
@@ -51,6 +52,7 @@ from orchestrator.reaper import reap
 from orchestrator.status import serve_status_file, write_status
 from orchestrator.store.sqlite import (
     Recovery,
+    op_batch_rows,
     op_items_by_seq,
     op_open_runs,
     op_pending_items,
@@ -111,6 +113,8 @@ class ServiceResult:
     admitted: frozenset[int]
     #: Sources a batch gave up on, with why (see `serve_source`).
     failed_sources: dict[str, str] = attrs.field(factory=dict)
+    #: A batch's items and runs for its summary (`op_batch_rows`), read before the store closed.
+    batch_rows: tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]] | None = None
 
 
 async def serve(
@@ -131,6 +135,7 @@ async def serve(
         HttpUnavailable: ``[http] listen`` cannot be bound (the port is taken).
     """
     instance = uuid.uuid4().hex
+    started = time.time()
     if config.db_path is None:
         raise StoreUnavailable(
             f"the PostgreSQL store ({config.state!r}) is not available in this version;"
@@ -155,6 +160,10 @@ async def serve(
                         config, store, instance, recovery, batch, on_start, notifier, signals
                     )
                     guard.cancel_scope.cancel()
+            if batch:
+                seqs = sorted(result.admitted)
+                rows = await store.read(lambda c: op_batch_rows(c, seqs, started - 1))
+                result = attrs.evolve(result, batch_rows=rows)
             await store.call(lambda c: op_stop_instance(c, instance))
             return result
     finally:

@@ -709,6 +709,34 @@ def op_items_by_seq(conn: sqlite3.Connection, seqs: Iterable[int]) -> list[Item]
     return out
 
 
+#: Items looked up per query by `op_batch_rows` (SQLite's limit on parameters is 32,766).
+BATCH_ROWS_CHUNK = 500
+
+
+def op_batch_rows(
+    conn: sqlite3.Connection, seqs: Sequence[int], since: float
+) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """What a batch's summary needs: ``(seq, id, state, route, stage_index, reason)`` of the
+    items ``seqs``, and ``(stage, outcome, duration, slot_wait)`` of their ended runs started
+    at ``since`` or later. Looked up by key: a state folder that has served many batches holds
+    far more than one batch."""
+    items: list[tuple[Any, ...]] = []
+    runs: list[tuple[Any, ...]] = []
+    for start in range(0, len(seqs), BATCH_ROWS_CHUNK):
+        chunk = list(seqs[start : start + BATCH_ROWS_CHUNK])
+        marks = ", ".join("?" * len(chunk))
+        items += conn.execute(
+            "SELECT seq, id, state, route, stage_index, reason FROM items"
+            f" WHERE seq IN ({marks})", chunk,
+        ).fetchall()  # fmt: skip
+        runs += conn.execute(
+            "SELECT stage, outcome, duration, slot_wait FROM runs"
+            f" WHERE item_seq IN ({marks}) AND started_at >= ? AND outcome IS NOT NULL",
+            [*chunk, since],
+        ).fetchall()  # fmt: skip
+    return items, runs
+
+
 def op_source_keys(conn: sqlite3.Connection, source: str) -> set[str]:
     """The dedupe keys a source has ingested so far."""
     return {r[0] for r in conn.execute("SELECT key FROM items WHERE source = ?", (source,))}
