@@ -109,9 +109,7 @@ def _load(path: Path, *, failure: int = EXIT_CONFIG) -> Config:
 
 
 @app.command()
-def check(
-    config: ConfigOption = Path("orchestrator.toml"), as_json: JsonOption = False
-) -> None:
+def check(config: ConfigOption = Path("orchestrator.toml"), as_json: JsonOption = False) -> None:
     """Validate the config and print the plan: sources → routes → stages, limits, timeouts."""
     from orchestrator.plan import plan_dict, print_plan
 
@@ -288,8 +286,7 @@ def _batch_summary(
     total = len(items)
     done = states.get("done", 0)
     return {
-        "ok": not failed and not result.interrupted and done == total
-        and not result.failed_sources,
+        "ok": not failed and not result.interrupted and done == total and not result.failed_sources,
         "interrupted": result.interrupted,
         "items": total,
         "states": states,

@@ -35,7 +35,9 @@ class ConfigError(OrchestratorError):
         self.errors = list(errors)
         self.path = path
         where = f"{path}: " if path is not None else ""
-        super().__init__(f"{where}{len(self.errors)} error(s) in config:\n" + "\n".join(self.errors))
+        super().__init__(
+            f"{where}{len(self.errors)} error(s) in config:\n" + "\n".join(self.errors)
+        )
 
 
 class StoreError(OrchestratorError):

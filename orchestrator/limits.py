@@ -120,9 +120,7 @@ class Slots:
         for kind, limiters in (("stage", self.stage_limiters), ("pool", self.pool_limiters)):
             for name, limiter in limiters.items():
                 s = limiter.statistics()
-                holders = tuple(
-                    getattr(b, "item", repr(b)) for b in s.borrowers
-                )
+                holders = tuple(getattr(b, "item", repr(b)) for b in s.borrowers)
                 out.append(LimitStats(kind, name, int(s.total_tokens), s.borrowed_tokens,
                                       s.tasks_waiting, holders))  # fmt: skip
         return out

@@ -307,8 +307,6 @@ def show_id(text: str) -> str:
     return text if text.isprintable() else repr(text)
 
 
-
-
 def _when(ts: float | None, *, short: bool = False) -> str:
     if ts is None:
         return "-"

@@ -33,24 +33,39 @@ def plan_dict(config: Config) -> dict[str, Any]:
         "http": config.http.listen,
         "sources": [
             {
-                "name": s.name, "type": s.type.value, "path": str(s.path),
-                "pattern": list(s.pattern), "recursive": s.recursive, "settle": s.settle,
-                "poll_interval": s.poll_interval, "route": list(s.route),
-                "on_done": _disposition(s.on_done), "on_dead": _disposition(s.on_dead),
+                "name": s.name,
+                "type": s.type.value,
+                "path": str(s.path),
+                "pattern": list(s.pattern),
+                "recursive": s.recursive,
+                "settle": s.settle,
+                "poll_interval": s.poll_interval,
+                "route": list(s.route),
+                "on_done": _disposition(s.on_done),
+                "on_dead": _disposition(s.on_dead),
             }
             for s in config.sources
         ],
         "stages": [
             {
-                "name": s.name, "command": list(s.command), "concurrency": s.concurrency,
-                "pools": list(s.pools), "timeout": s.timeout, "stall_timeout": s.stall_timeout,
-                "grace_period": s.grace_period, "retries": s.retries, "backoff": s.backoff,
-                "backoff_max": s.backoff_max, "fatal_exit_codes": list(s.fatal_exit_codes),
+                "name": s.name,
+                "command": list(s.command),
+                "concurrency": s.concurrency,
+                "pools": list(s.pools),
+                "timeout": s.timeout,
+                "stall_timeout": s.stall_timeout,
+                "grace_period": s.grace_period,
+                "retries": s.retries,
+                "backoff": s.backoff,
+                "backoff_max": s.backoff_max,
+                "fatal_exit_codes": list(s.fatal_exit_codes),
             }
             for s in config.stages
         ],
-        "pools": {name: {"size": size, "stages": users.get(name, [])}
-                  for name, size in config.pools.items()},
+        "pools": {
+            name: {"size": size, "stages": users.get(name, [])}
+            for name, size in config.pools.items()
+        },
     }
 
 

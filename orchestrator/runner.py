@@ -528,9 +528,7 @@ def _spawn_posix(cmd: Command, wfd: int, executable: str) -> int:
     )
 
 
-async def run_command(
-    cmd: Command, *, on_spawn: Callable[[int], None] | None = None
-) -> RunResult:
+async def run_command(cmd: Command, *, on_spawn: Callable[[int], None] | None = None) -> RunResult:
     """Run ``cmd`` to its end and return how it ended; never leaves a process of the run behind.
 
     Args:
@@ -702,5 +700,3 @@ def _describe(outcome: Outcome, exit_code: int | None, sig: int | None, cmd: Com
     if exit_code == 127 and cmd.cwd is not None:
         return f"exit 127 (command not found, or cannot enter {cmd.cwd!r})"
     return f"exit {exit_code}"
-
-

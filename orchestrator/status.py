@@ -77,8 +77,14 @@ def snapshot(
         if kind == "pool"
     }
     running = [
-        {"run": r.run, "item": r.item, "stage": r.stage, "attempt": r.attempt, "pid": r.pid,
-         "age": round(now - r.since, 3)}
+        {
+            "run": r.run,
+            "item": r.item,
+            "stage": r.stage,
+            "attempt": r.attempt,
+            "pid": r.pid,
+            "age": round(now - r.since, 3),
+        }
         for r in engine.running.values()
     ]
     return {

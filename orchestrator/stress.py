@@ -126,7 +126,7 @@ def _run_processes(state_dir: str) -> Iterator[tuple[int, int, str]]:
         st = proc_stat(pid)
         if st is None or st[0] == "Z":
             continue
-        stage = next((e[len(b"ORCH_STAGE="):] for e in env if e.startswith(b"ORCH_STAGE=")), b"?")
+        stage = next((e[len(b"ORCH_STAGE=") :] for e in env if e.startswith(b"ORCH_STAGE=")), b"?")
         yield pid, st[1], stage.decode()
 
 
@@ -373,8 +373,8 @@ def _run(
         },
         "health": {
             "held": not unhealthy,
-            "evidence": "; ".join(unhealthy) or f"fresh status after start and each of "
-            f"{restarts} restart(s)",
+            "evidence": "; ".join(unhealthy)
+            or f"fresh status after start and each of {restarts} restart(s)",
         },
         "clean_exit": {
             "held": exit_code == 0,
@@ -404,7 +404,8 @@ def _run(
         "latency": latency,
         "slot_wait_mean": {
             s: round(statistics.mean([r[3] for r in runs if r[0] == s and r[3] is not None]), 4)
-            for s in limits if any(r[0] == s and r[3] is not None for r in runs)
+            for s in limits
+            if any(r[0] == s and r[3] is not None for r in runs)
         },
         "config": str(config_path),
         "service_log": str(service_log) if service_log.exists() else None,

@@ -94,7 +94,12 @@ def workers_for(concurrency: int) -> int:
 #: (a second SIGINT stops at once), SIGQUIT stops at once; SIGUSR1 and SIGUSR2 are ignored. Left
 #: at their default, each of the last four ended the process on the spot, its runs orphaned.
 SIGNALS_HANDLED = (
-    signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
 )
 SIGNALS_IGNORED = (signal.SIGUSR1, signal.SIGUSR2)
 #: How often the lock file and the store are checked to still be the ones on disk.
@@ -229,9 +234,7 @@ async def _recover(config: Config, store: SqliteStore, instance: str) -> Recover
         raise LeftoverProcesses(report.survivors)
     host = socket.gethostname()
     await store.call(lambda c: op_register_instance(c, instance, os.getpid(), host))
-    recovery = await store.call(
-        lambda c: op_recover(c, config.max_interruptions, report.runs)
-    )
+    recovery = await store.call(lambda c: op_recover(c, config.max_interruptions, report.runs))
     await store.reload_run_ids()
     if recovery.interrupted:
         logger.warning(
@@ -267,9 +270,7 @@ async def _serve(
             )
             logger.info("http: listening on {}", ", ".join(urls))
         await root.start(watchdog.serve, name="watchdog")
-        await root.start(
-            functools.partial(serve_status_file, engine, health=watchdog.health)
-        )
+        await root.start(functools.partial(serve_status_file, engine, health=watchdog.health))
         await root.start(engine.serve_store_watch)
         for item in pending:
             engine.admit(item)
@@ -319,9 +320,7 @@ async def _serve(
                 root.start_soon(end_of_batch, name="batch-end")
             for stage in config.stages:
                 for n in range(workers_for(stage.concurrency)):
-                    workers.start_soon(
-                        engine.serve_worker, stage, name=f"worker:{stage.name}:{n}"
-                    )
+                    workers.start_soon(engine.serve_worker, stage, name=f"worker:{stage.name}:{n}")
             with sources_scope:
                 async with trio.open_nursery() as sources:
                     for source in config.sources:

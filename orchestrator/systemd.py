@@ -74,7 +74,9 @@ class Notifier:
         try:
             return cls(address, watchdog_usec=usec)
         except OSError as exc:
-            logger.warning("cannot reach NOTIFY_SOCKET {!r}: {}; not notifying systemd", address, exc)
+            logger.warning(
+                "cannot reach NOTIFY_SOCKET {!r}: {}; not notifying systemd", address, exc
+            )
             return None
 
     @property

@@ -100,7 +100,11 @@ class WebApp:
         elif path == "/status":
             status, headers, body = await self.status_view()
         elif path in ("/", "/index.html"):
-            status, headers, body = 200, [(b"content-type", b"text/html; charset=utf-8")], self._page
+            status, headers, body = (
+                200,
+                [(b"content-type", b"text/html; charset=utf-8")],
+                self._page,
+            )
         else:
             status, headers, body = _json(404, {"error": f"no such page {path!r}",
                                                 "pages": ["/", "/health", "/metrics", "/status"]})  # fmt: skip

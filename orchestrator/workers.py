@@ -266,7 +266,9 @@ class Engine:
 
     # --- workers ---------------------------------------------------------------------------
 
-    async def serve_timers(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve_timers(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         """Own the retry timers and the stages' preparers until cancelled (pending retries stay
         ``retry_wait`` in the store)."""
         async with trio.open_nursery() as nursery:

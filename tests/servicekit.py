@@ -101,7 +101,9 @@ class Service:
             if match:
                 return match
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                state = f"exited {self.proc.returncode}" if self.proc.poll() is not None else "timeout"
+                state = (
+                    f"exited {self.proc.returncode}" if self.proc.poll() is not None else "timeout"
+                )
                 raise AssertionError(f"{state}; no {pattern!r} in the log:\n{self.log}")
             time.sleep(0.05)
 

@@ -86,8 +86,11 @@ def test_seed_scenario_exclusive_stages_never_overlap(tmp_path: Path) -> None:
     )
     config = tmp_path / "seed.toml"
     config.write_text(
-        '[http]\nlisten = false\n' + sources + stage("extract", 1, 0.02)
-        + stage("convert", 1, 0.02) + stage("store", 5, 0.25)
+        "[http]\nlisten = false\n"
+        + sources
+        + stage("extract", 1, 0.02)
+        + stage("convert", 1, 0.02)
+        + stage("store", 5, 0.25)
     )
 
     # When: the batch runs to the end.
@@ -125,7 +128,8 @@ def test_batch_exit_1_and_reason_when_an_item_is_dead(tmp_path: Path) -> None:
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "x.txt").write_text("x")
     config = tmp_path / "c.toml"
-    config.write_text(textwrap.dedent(f"""
+    config.write_text(
+        textwrap.dedent(f"""
         [http]
         listen = false
         [[sources]]
@@ -139,7 +143,8 @@ def test_batch_exit_1_and_reason_when_an_item_is_dead(tmp_path: Path) -> None:
         command = ["{PY}", "-c", "import sys; print('bad input', sys.argv[1]); sys.exit(4)", "{{name}}"]
         retries = 2
         backoff = "50ms"
-        """))
+        """)
+    )
 
     # When
     proc = orchestrator("batch", "-c", str(config), "--json", "--no-progress", cwd=tmp_path)
@@ -166,7 +171,8 @@ def test_a_record_with_a_nul_byte_kills_its_item_not_the_batch(tmp_path: Path) -
     (tmp_path / "recs.jsonl").write_text('{"id": "a\\u0000b"}\n{"id": "fine"}\n')
     out = tmp_path / "ran.txt"
     config = tmp_path / "c.toml"
-    config.write_text(textwrap.dedent(f"""
+    config.write_text(
+        textwrap.dedent(f"""
         [http]
         listen = false
         [[sources]]
@@ -180,7 +186,8 @@ def test_a_record_with_a_nul_byte_kills_its_item_not_the_batch(tmp_path: Path) -
         command = ["{PY}", "-c", "import sys; open(sys.argv[1], 'a').write(sys.argv[2] + chr(10))", "{out}", "{{item}}"]
         retries = 1
         backoff = "10ms"
-        """))
+        """)
+    )
 
     # When
     proc = orchestrator("batch", "-c", str(config), "--json", "--no-progress", cwd=tmp_path)
@@ -205,7 +212,8 @@ def test_a_file_name_that_is_not_utf8_is_rejected_and_its_neighbours_run(tmp_pat
     with open(os.path.join(os.fsencode(inbox), b"caf\xe9.txt"), "w") as f:
         f.write("y")
     config = tmp_path / "c.toml"
-    config.write_text(textwrap.dedent(f"""
+    config.write_text(
+        textwrap.dedent(f"""
         [http]
         listen = false
         [[sources]]
@@ -217,7 +225,8 @@ def test_a_file_name_that_is_not_utf8_is_rejected_and_its_neighbours_run(tmp_pat
         [[stages]]
         name = "s"
         command = ["{PY}", "-c", "pass", "{{path}}"]
-        """))
+        """)
+    )
 
     # When: the batch, twice.
     proc = orchestrator("batch", "-c", str(config), "--json", "--no-progress", cwd=tmp_path)
@@ -257,7 +266,8 @@ def test_a_source_that_keeps_failing_ends_the_batch_with_its_error(
     (tmp_path / "big.json").write_text('[{"id": "a"}, {"id": "b", "n": ' + "9" * 5000 + "}]")
     keys = 'id_field = "id"' if kind == "json" else ""
     config = tmp_path / "c.toml"
-    config.write_text(textwrap.dedent(f"""
+    config.write_text(
+        textwrap.dedent(f"""
         [http]
         listen = false
         [[sources]]
@@ -270,7 +280,8 @@ def test_a_source_that_keeps_failing_ends_the_batch_with_its_error(
         [[stages]]
         name = "s"
         command = ["true"]
-        """))
+        """)
+    )
 
     proc = orchestrator("batch", "-c", str(config), "--json", "--no-progress", cwd=tmp_path)
 
@@ -297,7 +308,8 @@ def test_a_subfolder_that_cannot_be_listed_is_skipped_and_the_rest_taken(tmp_pat
     finally:
         os.close(deep)
     config = tmp_path / "c.toml"
-    config.write_text(textwrap.dedent("""
+    config.write_text(
+        textwrap.dedent("""
         [http]
         listen = false
         [[sources]]
@@ -310,7 +322,8 @@ def test_a_subfolder_that_cannot_be_listed_is_skipped_and_the_rest_taken(tmp_pat
         [[stages]]
         name = "s"
         command = ["true"]
-        """))
+        """)
+    )
 
     proc = orchestrator("batch", "-c", str(config), "--json", "--no-progress", cwd=tmp_path)
 
@@ -324,7 +337,8 @@ def test_a_subfolder_that_cannot_be_listed_is_skipped_and_the_rest_taken(tmp_pat
 def test_a_batch_whose_source_path_does_not_exist_says_so(tmp_path: Path) -> None:
     # A typo in a path ended a batch with "0 item(s)" and no word (found in session 6).
     config = tmp_path / "c.toml"
-    config.write_text(textwrap.dedent("""
+    config.write_text(
+        textwrap.dedent("""
         [http]
         listen = false
         [[sources]]
@@ -335,7 +349,8 @@ def test_a_batch_whose_source_path_does_not_exist_says_so(tmp_path: Path) -> Non
         [[stages]]
         name = "s"
         command = ["true"]
-        """))
+        """)
+    )
     proc = orchestrator("batch", "-c", str(config), "--json", "--no-progress", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["items"] == 0
@@ -350,7 +365,8 @@ def test_a_workdir_that_cannot_be_made_kills_the_item_with_the_reason(tmp_path: 
     (tmp_path / "state").mkdir(mode=0o700)
     (tmp_path / "state" / "work").write_text("not a folder")
     config = tmp_path / "c.toml"
-    config.write_text(textwrap.dedent("""
+    config.write_text(
+        textwrap.dedent("""
         [http]
         listen = false
         [[sources]]
@@ -362,7 +378,8 @@ def test_a_workdir_that_cannot_be_made_kills_the_item_with_the_reason(tmp_path: 
         [[stages]]
         name = "s"
         command = ["touch", "{workdir}/ran"]
-        """))
+        """)
+    )
 
     # When
     proc = orchestrator("batch", "-c", str(config), "--json", "--no-progress", cwd=tmp_path)
@@ -380,7 +397,8 @@ def test_batch_human_summary_and_check(tmp_path: Path) -> None:
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "one.txt").write_text("1")
     config = tmp_path / "c.toml"
-    config.write_text(textwrap.dedent("""
+    config.write_text(
+        textwrap.dedent("""
         [http]
         listen = false
         [[sources]]
@@ -392,7 +410,8 @@ def test_batch_human_summary_and_check(tmp_path: Path) -> None:
         [[stages]]
         name = "noop"
         command = ["true"]
-        """))
+        """)
+    )
     check = orchestrator("check", "-c", str(config), cwd=tmp_path)
     assert check.returncode == 0, check.stderr
     assert "noop" in check.stdout
@@ -411,7 +430,8 @@ def test_run_service_processes_new_files_and_exits_0_on_sigterm(tmp_path: Path) 
     out = tmp_path / "out"
     out.mkdir()
     config = tmp_path / "svc.toml"
-    config.write_text(textwrap.dedent(f"""
+    config.write_text(
+        textwrap.dedent(f"""
         [http]
         listen = false
         [[sources]]
@@ -424,7 +444,8 @@ def test_run_service_processes_new_files_and_exits_0_on_sigterm(tmp_path: Path) 
         [[stages]]
         name = "copy"
         command = ["cp", "--", "{{path}}", "{out}"]
-        """))
+        """)
+    )
     proc = subprocess.Popen(
         [sys.executable, "-m", "orchestrator", "run", "-c", str(config)],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -446,10 +467,13 @@ def test_run_service_processes_new_files_and_exits_0_on_sigterm(tmp_path: Path) 
     assert proc.returncode == 0, err
     assert "SIGTERM: draining" in err
 
+
 def _service(tmp_path: Path, stage: str, *, route: str = "slow", path: str = "in",
              grace: str = "") -> Service:  # fmt: skip
     """``orchestrator run`` on ``tmp_path`` with one folder source and one stage ``stage``."""
-    return Service(tmp_path, textwrap.dedent(f"""
+    return Service(
+        tmp_path,
+        textwrap.dedent(f"""
         shutdown_grace = "1s"
         [http]
         listen = false
@@ -464,7 +488,8 @@ def _service(tmp_path: Path, stage: str, *, route: str = "slow", path: str = "in
         name = "{route}"
         {grace}
         command = {stage}
-        """))
+        """),
+    )
 
 
 def _wait_for_pid(pidfile: Path, service: Service) -> int:

@@ -64,7 +64,8 @@ def test_every_command_refuses_a_missing_config(tmp_path: Path,
 
 def test_check_json_plan(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "ok.toml"
-    config.write_text(textwrap.dedent("""
+    config.write_text(
+        textwrap.dedent("""
         [pools]
         gpu = 1
         [[sources]]
@@ -77,7 +78,8 @@ def test_check_json_plan(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
         command = ["extract", "{path}"]
         pools = ["gpu"]
         timeout = "30m"
-        """))
+        """)
+    )
     assert main(["check", "-c", str(config), "--json"]) == EXIT_OK
     plan = json.loads(capsys.readouterr().out)
     assert plan["sources"][0]["route"] == ["extract"]

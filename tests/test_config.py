@@ -405,12 +405,16 @@ def test_parse_config_pattern_array() -> None:
 
 def test_parse_config_a_pattern_that_can_never_match_is_an_error() -> None:
     # Patterns match file names only: "sub/*.txt" took nothing, without a word (session 6).
-    assert errors_of(STAGES + SOURCE + 'recursive = true\npattern = ["sub/*.txt", "", "*.md"]\n') == [
+    assert errors_of(
+        STAGES + SOURCE + 'recursive = true\npattern = ["sub/*.txt", "", "*.md"]\n'
+    ) == [
         'sources[0].pattern[0]: "sub/*.txt" can never match: patterns match file names, not '
         'folders (with recursive = true, every subfolder is searched; use "*.txt")',
         "sources[0].pattern[1]: must not be empty",
     ]
-    assert errors_of(STAGES + SOURCE + "pattern = []\n") == ["sources[0].pattern: must not be empty"]
+    assert errors_of(STAGES + SOURCE + "pattern = []\n") == [
+        "sources[0].pattern: must not be empty"
+    ]
 
 
 def test_parse_config_listen_false_disables_http() -> None:

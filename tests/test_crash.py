@@ -87,7 +87,9 @@ def write_pipeline(tmp_path: Path, items: int) -> Path:
             settle = "0s"
             poll_interval = "200ms"
             """)
-        + stage("prep", 3, "0.01") + stage("extract", 1, "@path") + stage("store", 3, "0.01")
+        + stage("prep", 3, "0.01")
+        + stage("extract", 1, "@path")
+        + stage("store", 3, "0.01")
     )
     return config
 
@@ -170,7 +172,8 @@ def test_poison_item_is_dead_after_max_interruptions(tmp_path: Path) -> None:
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "poison").write_text("x")
     config = tmp_path / "p.toml"
-    config.write_text(textwrap.dedent("""
+    config.write_text(
+        textwrap.dedent("""
         max_interruptions = 3
         [http]
         listen = false
@@ -183,7 +186,8 @@ def test_poison_item_is_dead_after_max_interruptions(tmp_path: Path) -> None:
         [[stages]]
         name = "boom"
         command = ["sh", "-c", "kill -9 $PPID; sleep 5"]
-        """))
+        """)
+    )
     log = tmp_path / "log"
     # When: the batch is started again and again.
     codes = []
@@ -204,7 +208,8 @@ def test_poison_item_is_dead_after_max_interruptions(tmp_path: Path) -> None:
 def test_second_instance_on_the_same_state_is_refused(tmp_path: Path) -> None:
     (tmp_path / "in").mkdir()
     config = tmp_path / "c.toml"
-    config.write_text(textwrap.dedent("""
+    config.write_text(
+        textwrap.dedent("""
         [http]
         listen = false
         [[sources]]
@@ -215,7 +220,8 @@ def test_second_instance_on_the_same_state_is_refused(tmp_path: Path) -> None:
         [[stages]]
         name = "s"
         command = ["true"]
-        """))
+        """)
+    )
     first = start(config, tmp_path / "first.log")
     try:
         deadline = time.monotonic() + 20

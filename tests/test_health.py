@@ -216,8 +216,10 @@ def test_watch_restarts_a_killed_service(tmp_path: Path) -> None:
     watcher = None
     try:
         first = wait_health(config, EXIT_OK, timeout=15)["pid"]
-        start = f"exec {shlex.quote(PY)} -m orchestrator run -c {shlex.quote(str(config))} " \
-                f">>{shlex.quote(str(tmp_path / 'restarted.log'))} 2>&1 &"
+        start = (
+            f"exec {shlex.quote(PY)} -m orchestrator run -c {shlex.quote(str(config))} "
+            f">>{shlex.quote(str(tmp_path / 'restarted.log'))} 2>&1 &"
+        )
         watcher = subprocess.Popen(
             [PY, "-m", "orchestrator", "health", "-c", str(config), "--watch", "--json",
              "--interval", "0.2", "--backoff", "5", "--restart-cmd", f"sh -c {shlex.quote(start)}"],

@@ -85,11 +85,15 @@ async def test_every_line_of_a_run_carries_item_stage_and_attempt(
     assert all(line["message"].startswith(("waiting for slot", "slot acquired", "slot released"))
                for line in slot_lines), slot_lines  # fmt: skip
     assert {(line["item"], line["attempt"]) for line in of_runs if line["level"] == "INFO"} == {
-        ("in:a", 2), ("in:b", 2)}
+        ("in:a", 2),
+        ("in:b", 2),
+    }
     # … and the console stayed for people (not JSON), with the same context.
     err = capfd.readouterr().err
-    assert "WARNING run failed (exit 1) -> retry_wait  [item='in:a' stage=flaky attempt=1 run=" \
-           in err or "WARNING run failed (exit 1) -> retry_wait  [item='in:b' stage=flaky" in err
+    assert (
+        "WARNING run failed (exit 1) -> retry_wait  [item='in:a' stage=flaky attempt=1 run=" in err
+        or "WARNING run failed (exit 1) -> retry_wait  [item='in:b' stage=flaky" in err
+    )
     assert not any(line.startswith("{") for line in err.splitlines())
 
 

@@ -146,8 +146,9 @@ def test_items_json_lists_every_item_with_its_current_stage(
     rows = cli_json(capsys, "items", "-c", str(config), "--json")
     by_id = {r["id"]: r for r in rows}
     assert list(by_id) == ["in:a.txt", "in:b.txt", "in:c.txt", WEIRD, "in:d.txt", "in:bad.json"]
-    assert {k: by_id["in:b.txt"][k] for k in ("source", "state", "stage", "attempts", "reason")} \
-        == {"source": "in", "state": "dead", "stage": "extract", "attempts": 1, "reason": "exit 3"}
+    assert {
+        k: by_id["in:b.txt"][k] for k in ("source", "state", "stage", "attempts", "reason")
+    } == {"source": "in", "state": "dead", "stage": "extract", "attempts": 1, "reason": "exit 3"}
     assert (by_id[WEIRD]["state"], by_id[WEIRD]["stage"]) == ("dead", "convert")
     assert (by_id["in:a.txt"]["state"], by_id["in:a.txt"]["stage"]) == ("done", None)
     assert (by_id["in:bad.json"]["state"], by_id["in:bad.json"]["stage"]) == ("rejected", None)
@@ -213,7 +214,8 @@ def test_a_state_dir_that_cannot_be_a_folder_is_a_clear_error_exit_3(
     (tmp_path / "in").mkdir()
     (tmp_path / "blocker").write_text("a file where the state folder should go")
     config = tmp_path / "c.toml"
-    config.write_text(textwrap.dedent("""
+    config.write_text(
+        textwrap.dedent("""
         state_dir = "blocker/state"
         [http]
         listen = false
@@ -225,7 +227,8 @@ def test_a_state_dir_that_cannot_be_a_folder_is_a_clear_error_exit_3(
         [[stages]]
         name = "s"
         command = ["true"]
-        """))
+        """)
+    )
     assert main([command, "-c", str(config)]) == EXIT_STORE
     err = capsys.readouterr().err
     assert f"cannot use the state folder '{tmp_path / 'blocker' / 'state'}'" in err

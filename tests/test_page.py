@@ -147,7 +147,8 @@ def test_page_renders_the_tables_on_a_phone_and_refreshes_itself(tmp_path: Path)
             # … the run going on and the failure…
             assert running[0][:3] == ["in:slow", "extract", "1"]
             assert [(f[1], f[2], f[4], f[5]) for f in failures] == [
-                ("in:broken", "extract", "failed", "dead")]
+                ("in:broken", "extract", "failed", "dead")
+            ]
             # … a badge that says ok, and nothing wider than the phone (tables scroll).
             assert driver.js("return document.getElementById('health').textContent") == "ok"
             assert driver.js("return document.documentElement.scrollWidth <= window.innerWidth")
@@ -157,6 +158,8 @@ def test_page_renders_the_tables_on_a_phone_and_refreshes_itself(tmp_path: Path)
                              .some(tr => tr.cells[0].textContent === 'store'
                                          && tr.cells[4].textContent === '1');""")  # fmt: skip
             assert driver.js(ROWS.format(table="running")) == []
-            assert driver.js("return document.querySelector('#running tbody').textContent") == "none"
+            assert (
+                driver.js("return document.querySelector('#running tbody').textContent") == "none"
+            )
     finally:
         service.stop()

@@ -326,7 +326,8 @@ def test_jsonl_batch_gives_stages_the_record_and_shows_rejected_lines(tmp_path: 
         b'{"id": "QA-3", "title": "slow \\u00e9"}\n'
         b'{"id": "QA-4", "tit'
     )
-    (tmp_path / "c.toml").write_text(textwrap.dedent("""
+    (tmp_path / "c.toml").write_text(
+        textwrap.dedent("""
         [http]
         listen = false
         [[sources]]
@@ -339,7 +340,8 @@ def test_jsonl_batch_gives_stages_the_record_and_shows_rejected_lines(tmp_path: 
         name = "triage"
         command = ["sh", "-c", 'cat "$1" >> seen.jsonl && echo >> seen.jsonl', "sh", "{payload}"]
         cwd = "."
-        """))
+        """)
+    )
 
     # When
     proc = orchestrator("batch", "-c", "c.toml", "--json", "--no-progress", cwd=tmp_path)
@@ -353,7 +355,9 @@ def test_jsonl_batch_gives_stages_the_record_and_shows_rejected_lines(tmp_path: 
     listed = orchestrator("items", "-c", "c.toml", "--state", "rejected", "--json", cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr
     [rejected] = json.loads(listed.stdout)
-    assert rejected["reason"].startswith(f"line 2 (byte 33) of {tmp_path / 'qa.jsonl'}: not valid JSON")
+    assert rejected["reason"].startswith(
+        f"line 2 (byte 33) of {tmp_path / 'qa.jsonl'}: not valid JSON"
+    )
     assert rejected["reason"].endswith("""raw: b'{"id": "QA-2", "title": "typo"'""")
 
     # And once the half line is completed, the next batch takes it and nothing else.
@@ -369,7 +373,8 @@ def test_restart_after_sigkill_resumes_with_no_duplicate_and_no_gap(tmp_path: Pa
     log = tmp_path / "events.jsonl"
     log.touch()
     config = tmp_path / "c.toml"
-    config.write_text(textwrap.dedent("""
+    config.write_text(
+        textwrap.dedent("""
         [http]
         listen = false
         [[sources]]
@@ -382,7 +387,8 @@ def test_restart_after_sigkill_resumes_with_no_duplicate_and_no_gap(tmp_path: Pa
         name = "s"
         command = ["true"]
         concurrency = 4
-        """))
+        """)
+    )
     total = 1500
     rng, kill_rng = random.Random(4), random.Random(5)
     service_up = threading.Event()

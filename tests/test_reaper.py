@@ -60,7 +60,7 @@ GROUP = (
     "import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
     "child = subprocess.Popen([sys.executable, '-c', "
     "'import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-    "print(\"up\", flush=True); time.sleep(60)']); time.sleep(60)"
+    'print("up", flush=True); time.sleep(60)\']); time.sleep(60)'
 )
 
 

@@ -463,7 +463,9 @@ DUMP_ARGV = "import json, sys\nopen(sys.argv[1], 'w').write(json.dumps(sys.argv[
 
 
 @pytest.mark.parametrize("where", ["inherited", "tmp_path", "hostile_dir"])
-async def test_run_command_hostile_argv_reaches_child_verbatim(tmp_path: Path, where: str, spawner: str) -> None:
+async def test_run_command_hostile_argv_reaches_child_verbatim(
+    tmp_path: Path, where: str, spawner: str
+) -> None:
     out = tmp_path / "argv.json"
     cwd = {
         "inherited": None,

@@ -172,7 +172,9 @@ def test_free_name() -> None:
     assert free_name("/d/.env", 1) == "/d/.env.1"
 
 
-def test_move_no_clobber_across_file_systems(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_move_no_clobber_across_file_systems(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def no_link(*_args: object, **_kw: object) -> None:
         raise OSError(errno.EXDEV, "Invalid cross-device link")
 

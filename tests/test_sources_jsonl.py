@@ -157,7 +157,9 @@ def test_a_line_longer_than_a_read_is_rejected_with_its_head(
     assert numbers(items) == [3]
     [long] = [i for i in items if i.state is ItemState.REJECTED]
     assert long.reason is not None
-    assert long.reason.startswith(f"line 2 (byte 9) of {log}: longer than 64 bytes (208 bytes); raw: b'xxx")
+    assert long.reason.startswith(
+        f"line 2 (byte 9) of {log}: longer than 64 bytes (208 bytes); raw: b'xxx"
+    )
 
 
 def test_truncation_restarts_at_zero_with_a_warning(tmp_path: Path) -> None:
@@ -296,6 +298,7 @@ def test_ingest_records_stores_the_position_and_never_drops_a_positional_record(
 ) -> None:
     conn = connect(tmp_path / "store.db")
     try:
+
         def new(key: str, *, positional: bool) -> tuple[NewItem, bool]:
             item = NewItem(id=f"log:{key}", source="log", key=key, route=("s",), payload="{}")
             return item, positional

@@ -105,7 +105,10 @@ async def test_an_item_whose_name_is_not_utf8_is_kept_rejected_and_the_rest_inge
         ("a", ItemState.QUEUED), ("caf\\xe9", ItemState.REJECTED),
         ("\\ud800", ItemState.REJECTED), ("b", ItemState.QUEUED),
     ]  # fmt: skip
-    assert first[1].reason == 'the file name "caf\\xe9" is not valid UTF-8; rename the file to have it taken'
+    assert (
+        first[1].reason
+        == 'the file name "caf\\xe9" is not valid UTF-8; rename the file to have it taken'
+    )
     assert first[1].path is None
     assert "record's id" in (first[2].reason or "")
     assert again == []  # known by their escaped keys: never twice

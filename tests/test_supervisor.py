@@ -53,7 +53,8 @@ async def test_hostile_file_names_reach_the_stage_as_one_argument_each(
         "import json, os, sys; "
         f"open(os.path.join({str(out)!r}, str(os.getpid())), 'w').write(json.dumps(sys.argv[1:]))"
     )
-    config = write_config(f"""
+    config = write_config(
+        f"""
         [http]
         listen = false
         [[sources]]
@@ -67,7 +68,8 @@ async def test_hostile_file_names_reach_the_stage_as_one_argument_each(
         command = ["{PY}", "-c", "{dump}", "{{path}}", "{{name}}", "--item={{item}}"]
         cwd = "."
         concurrency = 3
-        """.replace("{dump}", dump.replace('"', '\\"')))
+        """.replace("{dump}", dump.replace('"', '\\"'))
+    )
 
     # When
     result = await serve(config, batch=True)
@@ -75,9 +77,7 @@ async def test_hostile_file_names_reach_the_stage_as_one_argument_each(
     # Then: each stage saw exactly [path, name, --item=id], and nothing was executed.
     assert result.tally.done == len(HOSTILE)
     seen = sorted(json.loads(p.read_text()) for p in out.iterdir())
-    expected = sorted(
-        [str(inbox / name), name, f"--item=in:{name}"] for name in HOSTILE
-    )
+    expected = sorted([str(inbox / name), name, f"--item=in:{name}"] for name in HOSTILE)
     assert seen == expected
     assert not list(tmp_path.rglob("PWNED*"))
 
@@ -156,9 +156,7 @@ async def test_sigterm_drains_then_cancels_and_requeues_without_spending_an_atte
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "slow").write_text("x")
     pidfile = tmp_path / "pids"
-    script = (
-        f"(trap '' TERM; sleep 300) & echo $! >> {pidfile}; echo $$ >> {pidfile}; sleep 300"
-    )
+    script = f"(trap '' TERM; sleep 300) & echo $! >> {pidfile}; echo $$ >> {pidfile}; sleep 300"
     config = write_config(f"""
         shutdown_grace = "300ms"
         [http]

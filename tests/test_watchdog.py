@@ -214,7 +214,10 @@ async def test_run_past_timeout_and_grace_is_overdue(
         # Then: that one run is overdue, the other not.
         assert watchdog.stall_counts["overdue_run"] == 1
         [reason] = watchdog.health_reasons()
-        assert "run 7 of stage 'a' on item 'in:x' (pid 4242) is 3.0s old, past its timeout 1s" in reason
+        assert (
+            "run 7 of stage 'a' on item 'in:x' (pid 4242) is 3.0s old, past its timeout 1s"
+            in reason
+        )
         assert any("pipeline stall (overdue_run)" in line and "task tree:" in line
                    for line in lines)  # fmt: skip
 

@@ -228,6 +228,7 @@ def machine() -> dict[str, Any]:
 
 def product_state() -> dict[str, Any]:
     """The commit measured, and whether the product's files differ from it (work in progress)."""
+
     def git(*args: str) -> str:
         proc = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
                               check=False)  # fmt: skip
@@ -365,9 +366,7 @@ def bench_b(n: int, repeat: int) -> dict[str, Any]:
             "ratio": ideal / summary["elapsed_seconds"],
             "ratio_wall": ideal / res["wall"],
             "ratio_store": ideal / span if span else float("nan"),
-            "stage_mean_duration": {
-                k: v["mean_duration"] for k, v in summary["stages"].items()
-            },
+            "stage_mean_duration": {k: v["mean_duration"] for k, v in summary["stages"].items()},
         }
         log(
             f"  b[{r + 1}/{repeat}] t {t * 1000:.2f} ms, ideal {ideal:.3f}s, makespan "
@@ -375,8 +374,15 @@ def bench_b(n: int, repeat: int) -> dict[str, Any]:
         )
         reps.append(rep)
     out: dict[str, Any] = {"n": n, "repeats": reps}
-    for key in ("t_sleep", "ideal", "makespan", "makespan_store", "wall", "ratio_wall",
-                "ratio_store"):
+    for key in (
+        "t_sleep",
+        "ideal",
+        "makespan",
+        "makespan_store",
+        "wall",
+        "ratio_wall",
+        "ratio_store",
+    ):
         out[key] = median([rep[key] for rep in reps])
     out["ratio"] = median([rep["ratio"] for rep in reps])
     # Overhead per item on the bottleneck (the one-slot stages), beyond the process itself.
@@ -825,7 +831,8 @@ def profile_a(n: int, top: int = 25) -> dict[str, Any]:
         out["py_spy_categories"] = {
             cat: {
                 "samples": cnt,
-                "share_of_its_thread": cnt / (main_total if cat.startswith("main") else other_total),
+                "share_of_its_thread": cnt
+                / (main_total if cat.startswith("main") else other_total),
             }
             for cat, cnt in categories.most_common()
         }
@@ -952,7 +959,9 @@ def print_report(results: dict[str, Any]) -> None:
               f"commit sizes {p['commit_batch_sizes']}")  # fmt: skip
         cats = p.get("py_spy_categories")
         if cats:
-            print(f"  py-spy (wall clock, idle included; samples {p['py_spy_samples_per_thread']}):")
+            print(
+                f"  py-spy (wall clock, idle included; samples {p['py_spy_samples_per_thread']}):"
+            )
             for cat, v in cats.items():
                 print(f"    {v['share_of_its_thread'] * 100:5.1f}%  {v['samples']:6d}  {cat}")
             print(f"  raw samples: {p['py_spy_file']}")

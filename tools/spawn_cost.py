@@ -122,7 +122,9 @@ def main() -> None:
         order = list(ways) if r % 2 == 0 else list(reversed(ways))
         for name in order:
             runs[name].append(measure(ways[name], args.n))
-    print(f"{'':22s} {'call':>8s} {'to reaped':>10s} {'child CPU':>10s} {'our CPU':>9s}  (µs, medians)")
+    print(
+        f"{'':22s} {'call':>8s} {'to reaped':>10s} {'child CPU':>10s} {'our CPU':>9s}  (µs, medians)"
+    )
     for name, rows in runs.items():
         med = {key: statistics.median(row[key] for row in rows) for key in rows[0]}
         print(

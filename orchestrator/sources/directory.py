@@ -143,9 +143,7 @@ class DirectorySource:
         A folder that does not exist yet yields nothing; files that vanish mid-scan are skipped.
         """
         found: list[FileSeen] = []
-        leftovers: list[FileSeen] | None = (
-            [] if self.leftovers is None and self.disposes else None
-        )
+        leftovers: list[FileSeen] | None = [] if self.leftovers is None and self.disposes else None
         known, removed = self.known, self.removed
         by_signature = self.config.reingest_changed
         recursive = self.config.recursive
@@ -362,9 +360,10 @@ class DirectorySource:
             st = os.stat(path)
         except FileNotFoundError:
             return None  # gone already (moved by an earlier pass, or by someone else)
-        if self.config.reingest_changed and signature_key(
-            rel, st.st_size, st.st_mtime_ns
-        ) != item.key:
+        if (
+            self.config.reingest_changed
+            and signature_key(rel, st.st_size, st.st_mtime_ns) != item.key
+        ):
             return Disposed(f"{rel!r} changed since its item was taken; left in place")
         if disposition.action == "delete":
             try:

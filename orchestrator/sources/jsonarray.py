@@ -112,7 +112,9 @@ def _first_non_finite(value: object) -> str:
     """How the first number of ``value`` that JSON cannot write looks in Python (for messages)."""
     if isinstance(value, float) and not math.isfinite(value):
         return repr(value)
-    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    children = (
+        value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    )
     for child in children:
         found = _first_non_finite(child)
         if found:

@@ -278,7 +278,9 @@ class JsonlSource:
         for item in rejected[:REJECTIONS_LOGGED]:
             self._log.bind(item=item.id).warning("record rejected: {}", item.reason)
         if len(rejected) > REJECTIONS_LOGGED:
-            self._log.warning("... and {} more record(s) rejected", len(rejected) - REJECTIONS_LOGGED)
+            self._log.warning(
+                "... and {} more record(s) rejected", len(rejected) - REJECTIONS_LOGGED
+            )
         return step.at_end
 
     def _report(self, step: Step, added: list[Item], rejected: list[Item]) -> None:
@@ -542,8 +544,13 @@ def open_regular(path: str) -> int:
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else (
-                "a socket" if stat.S_ISSOCK(mode) else "a device")
+            kind = (
+                "a folder"
+                if stat.S_ISDIR(mode)
+                else "a FIFO"
+                if stat.S_ISFIFO(mode)
+                else ("a socket" if stat.S_ISSOCK(mode) else "a device")
+            )
             raise NotARegularFile(f"{path!r} is {kind}, not a regular file")
         os.set_blocking(fd, True)
     except BaseException:

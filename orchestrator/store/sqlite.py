@@ -520,9 +520,7 @@ def _group_at_once(
         )
         if cur.rowcount != len(later):
             raise _NotAllAtOnce
-        conn.executemany(
-            _ITEM_MOVE_SQL, [_item_move_row(now, f.item, f.transition) for f in later]
-        )
+        conn.executemany(_ITEM_MOVE_SQL, [_item_move_row(now, f.item, f.transition) for f in later])
     events += [_result_event_row(now, f.item, f.result, f.transition) for f in finishes]
     conn.executemany(_EVENT_SQL, events)
     return [(c.run_id, c.attempt) for c in claims]
