@@ -127,6 +127,7 @@ def run(config: ConfigOption = Path("orchestrator.toml")) -> None:
     configure_logging = _logging_setup()
     cfg = _load(config)
     configure_logging(cfg.log)
+    _warn_about(cfg)
     _serve(cfg, batch=False)
 
 
@@ -148,6 +149,7 @@ def batch(
     cfg = _load(config)
     show = sys.stderr.isatty() if progress is None else progress
     configure_logging(cfg.log, console_level="WARNING" if show or as_json else None)
+    _warn_about(cfg)
     # The service's modules are imported before the clock starts: the summary's elapsed time
     # and rate are the work's, not Python's start-up.
     import orchestrator.supervisor  # noqa: F401
@@ -164,6 +166,18 @@ def batch(
     if result.interrupted:
         raise typer.Exit(EXIT_INTERRUPTED)
     raise typer.Exit(EXIT_OK if summary["ok"] else EXIT_FAILED)
+
+
+def _warn_about(cfg: Config) -> None:
+    """Log what ``check`` would warn about (valid, but most likely a mistake)."""
+    from orchestrator.plan import config_warnings
+
+    warnings = config_warnings(cfg)
+    if warnings:
+        from loguru import logger
+
+        for warning in warnings:
+            logger.warning("config: {}", warning)
 
 
 def _start_up_without_gc() -> None:

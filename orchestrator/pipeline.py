@@ -19,7 +19,14 @@ if TYPE_CHECKING:
     from orchestrator.runner import RunResult
     from orchestrator.store.records import Item
 
-__all__ = ["PLACEHOLDERS", "backoff_delay", "decide", "expand_argv", "uses_placeholder"]
+__all__ = [
+    "PLACEHOLDERS",
+    "backoff_delay",
+    "decide",
+    "expand_argv",
+    "placeholder_lookalikes",
+    "uses_placeholder",
+]
 
 #: The names a command template may use as ``{name}``; each also reaches the command as an
 #: ``ORCH_<NAME>`` environment variable.
@@ -35,6 +42,30 @@ def expand_argv(template: tuple[str, ...], values: Mapping[str, str]) -> tuple[s
     again, and no shell ever sees the result.
     """
     return tuple(_PLACEHOLDER.sub(lambda m: values[m.group(1)], arg) for arg in template)
+
+
+_BRACED = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def placeholder_lookalikes(template: tuple[str, ...]) -> list[tuple[int, str, str]]:
+    """``(argument index, "{word}", "{placeholder}")`` for each ``{word}`` of ``template`` that
+    is not a placeholder but looks like one misspelt (``{pathh}``, ``{Path}``, ``{items}``).
+
+    Such a word is passed to the command as it is written (braces are the commands' own too:
+    ``awk '{print}'``), so it cannot be an error; ``check`` and the service's start warn about it.
+    """
+    import difflib
+
+    found = []
+    for index, arg in enumerate(template):
+        for match in _BRACED.finditer(arg):
+            word = match.group(1)
+            if word in PLACEHOLDERS:
+                continue
+            close = difflib.get_close_matches(word.lower(), PLACEHOLDERS, n=1, cutoff=0.75)
+            if close:
+                found.append((index, match.group(0), "{" + close[0] + "}"))
+    return found
 
 
 def uses_placeholder(template: tuple[str, ...], name: str) -> bool:

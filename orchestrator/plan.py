@@ -12,11 +12,26 @@ if TYPE_CHECKING:
 
     from orchestrator.config import Config, Disposition
 
-__all__ = ["plan_dict", "print_plan"]
+__all__ = ["config_warnings", "plan_dict", "print_plan"]
 
 
 def _disposition(d: Disposition) -> str:
     return f"move:{d.dir}" if d.action == "move" else d.action
+
+
+def config_warnings(config: Config) -> list[str]:
+    """What is valid but most likely a mistake, each with its path (``check``, and the log of
+    ``run`` and ``batch`` at start)."""
+    from orchestrator.pipeline import placeholder_lookalikes
+
+    out = []
+    for i, stage in enumerate(config.stages):
+        for index, word, meant in placeholder_lookalikes(stage.command):
+            out.append(
+                f"stages[{i}].command[{index}]: {word} is not a placeholder (did you mean"
+                f" {meant}?); it is passed to the command as written"
+            )
+    return out
 
 
 def plan_dict(config: Config) -> dict[str, Any]:
@@ -66,17 +81,21 @@ def plan_dict(config: Config) -> dict[str, Any]:
             name: {"size": size, "stages": users.get(name, [])}
             for name, size in config.pools.items()
         },
+        "warnings": config_warnings(config),
     }
 
 
 def print_plan(config: Config, path: Path) -> None:
     """Print the plan for people."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console(highlight=False)
     d = format_duration
     console.print(f"[bold]{path}[/]: ok")
+    for warning in config_warnings(config):
+        console.print(f"[yellow]warning[/]: {escape(warning)}", soft_wrap=True)
     where = config.state_dir if config.state == "sqlite" else config.state
     console.print(f"state: {where} ({config.state}, synchronous={config.store.synchronous}); "
                   f"shutdown grace {d(config.shutdown_grace)}; http {config.http.listen or 'off'}")  # fmt: skip

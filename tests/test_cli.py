@@ -196,3 +196,40 @@ def test_source_types_are_imported_on_first_use() -> None:
     assert sources.Position.__module__ == "orchestrator.sources.ops"
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         _ = sources.Nope  # type: ignore[attr-defined]
+
+
+TYPO = """
+    [http]
+    listen = false
+    [[sources]]
+    name = "in"
+    type = "directory"
+    path = "in"
+    route = ["s"]
+    settle = "0s"
+    [[stages]]
+    name = "s"
+    command = ["sh", "-c", "true", "{pathh}"]
+"""
+
+
+def test_check_and_batch_warn_about_a_misspelt_placeholder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "typo.toml"
+    config.write_text(textwrap.dedent(TYPO))
+    warning = (
+        "stages[0].command[3]: {pathh} is not a placeholder (did you mean {path}?); it is passed"
+        " to the command as written"
+    )
+    assert main(["check", "-c", str(config)]) == EXIT_OK
+    assert warning in capsys.readouterr().out
+    assert main(["check", "-c", str(config), "--json"]) == EXIT_OK
+    assert json.loads(capsys.readouterr().out)["warnings"] == [warning]
+    (tmp_path / "in").mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "batch", "-c", str(config), "--no-progress"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert f"config: {warning}" in proc.stderr

@@ -3,7 +3,13 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.config import StageConfig
-from orchestrator.pipeline import backoff_delay, decide, expand_argv, uses_placeholder
+from orchestrator.pipeline import (
+    backoff_delay,
+    decide,
+    expand_argv,
+    placeholder_lookalikes,
+    uses_placeholder,
+)
 from orchestrator.runner import Outcome, RunResult
 from orchestrator.store.records import Item, ItemState
 
@@ -72,3 +78,14 @@ def test_backoff_never_overflows_however_many_attempts() -> None:
     stage = StageConfig(name="s", command=("x",), retries=5000, backoff=0.001, backoff_max=2.0)
     for attempt in (1024, 1025, 1026, 5000):
         assert backoff_delay(stage, attempt, rand=lambda: 1.0) == 2.0
+
+
+def test_placeholder_lookalikes_are_found_and_commands_own_braces_are_not() -> None:
+    # Found in session 6: a misspelt placeholder reached the command as written, silently.
+    template = ("sh", "-c", "echo {pathh} {print}", "{Path}", "{items}", "{id}", "{workdir}/x",
+                "awk '{print $1}'", "{attempts}")  # fmt: skip
+    assert placeholder_lookalikes(template) == [
+        (2, "{pathh}", "{path}"), (3, "{Path}", "{path}"), (4, "{items}", "{item}"),
+        (8, "{attempts}", "{attempt}"),
+    ]  # fmt: skip
+    assert placeholder_lookalikes(("convert", "{path}", "{name}.out")) == []
