@@ -154,11 +154,10 @@ def batch(
     # and rate are the work's, not Python's start-up.
     import orchestrator.supervisor  # noqa: F401
 
-    started_wall = time.time()
     t0 = time.monotonic()
     result = _serve(cfg, batch=True, progress=show)
     elapsed = time.monotonic() - t0
-    summary = _batch_summary(cfg, result, started_wall, elapsed)
+    summary = _batch_summary(cfg, result, elapsed)
     if as_json:
         print(json.dumps(summary, indent=2))
     else:
@@ -267,9 +266,7 @@ def _leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
     return out
 
 
-def _batch_summary(
-    cfg: Config, result: ServiceResult, started_wall: float, elapsed: float
-) -> dict[str, Any]:
+def _batch_summary(cfg: Config, result: ServiceResult, elapsed: float) -> dict[str, Any]:
     # The batch's items and runs, read by the service through its own connection before it
     # closed the store (`ServiceResult.batch_rows`).
     assert result.batch_rows is not None

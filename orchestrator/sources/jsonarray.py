@@ -67,26 +67,24 @@ def new_elements(
     items: list[NewItem] = []
     for index, element in enumerate(elements):
         reason = None
-        failed: ValueError | None
+        problem = None
         try:
             # No NaN or Infinity in a payload: a stage's strict parser would fail on it every
             # attempt. (Python reads them, and 1e999 as infinity.)
             payload = json.dumps(element, ensure_ascii=False, allow_nan=False)
         except ValueError:
             payload = json.dumps(element, ensure_ascii=False)
-            failed = ValueError(
+            problem = (
                 f"holds {_first_non_finite(element)}, which JSON has no number for "
                 "(NaN, Infinity, or a number too large)"
             )
-        else:
-            failed = None
         try:
             payload.encode()
         except UnicodeEncodeError:  # a lone surrogate ("\\ud800"): kept as the escape it came as
             payload = json.dumps(element)
         try:
-            if failed is not None:
-                raise failed
+            if problem is not None:
+                raise ValueError(problem)
             if not isinstance(element, dict):
                 raise ValueError(f"not a JSON object but {json_type(element)}")
             key = id_of(element, config.id_field)

@@ -147,11 +147,13 @@ def id_of(record: dict[str, object], field: str) -> str:
     key = str(value)
     if not key:
         raise ValueError(f"{field!r} is empty")
-    if len(key) > MAX_ID_BYTES // 4 and len(key.encode(errors="surrogatepass")) > MAX_ID_BYTES:
-        raise ValueError(
-            f"{field!r} is {len(key.encode(errors='surrogatepass'))} bytes long; a stage can be "
-            f"given an id of at most {MAX_ID_BYTES} bytes"
-        )
+    if len(key) > MAX_ID_BYTES // 4:  # (4 bytes a character at most: shorter ids fit)
+        size = len(key.encode(errors="surrogatepass"))
+        if size > MAX_ID_BYTES:
+            raise ValueError(
+                f"{field!r} is {size} bytes long; a stage can be given an id of at most"
+                f" {MAX_ID_BYTES} bytes"
+            )
     return key
 
 
@@ -182,9 +184,7 @@ def parse_record(raw: bytes, id_field: str | None) -> tuple[str, str | None] | N
         raise ValueError(f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     try:
         record = strict_json(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"not valid JSON ({exc})") from None
-    except ValueError as exc:  # NaN or Infinity (JSONDecodeError is a ValueError too: first)
+    except ValueError as exc:  # a JSONDecodeError, or NaN or Infinity (`strict_json`)
         raise ValueError(f"not valid JSON ({exc})") from None
     except RecursionError:
         raise ValueError("not valid JSON (nested too deeply)") from None
