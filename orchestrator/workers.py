@@ -25,7 +25,14 @@ from loguru import logger
 from orchestrator.limits import Holder, Slots
 from orchestrator.pipeline import decide, expand_argv, uses_placeholder
 from orchestrator.reaper import STATE_MARKER
-from orchestrator.runner import Command, Outcome, RunResult, run_command
+from orchestrator.runner import (
+    Command,
+    Outcome,
+    RunEnvironment,
+    RunResult,
+    StageEnvironment,
+    run_command,
+)
 from orchestrator.store.records import TERMINAL_STATES, Item, ItemState, Transition
 from orchestrator.store.sqlite import Claim, Finish, op_give_up, op_items_changed_since
 
@@ -54,6 +61,8 @@ _ENV_NAMES = {
     key: f"ORCH_{key.upper()}"
     for key in ("path", "name", "item", "stage", "attempt", "workdir", "payload")
 }
+#: What each run sets in its environment itself (the rest is its stage's, encoded once).
+_PER_RUN_ENV = frozenset([*_ENV_NAMES.values(), "ORCH_RUN"])
 
 
 @attrs.define(eq=False)
@@ -130,10 +139,13 @@ class Engine:
         base = dict(os.environ)
         # What every run of a stage gets; each run adds its own ORCH_* values (`_command`).
         self._stage_env = {
-            s.name: {
-                **base, **s.env, "ORCH_STAGE": s.name, "ORCH_INSTANCE": instance,
-                STATE_MARKER: str(config.state_dir),
-            }
+            s.name: StageEnvironment(
+                {
+                    **base, **s.env, "ORCH_STAGE": s.name, "ORCH_INSTANCE": instance,
+                    STATE_MARKER: str(config.state_dir),
+                },
+                per_run=_PER_RUN_ENV,
+            )
             for s in config.stages
         }  # fmt: skip
         self._executables = dict(executables or {})
@@ -526,11 +538,9 @@ class Engine:
             "workdir": workdir if workdir is not None else "",
             "payload": payload,
         }
-        env = self._stage_env[stage.name].copy()
-        for key, value in values.items():
-            if value:
-                env[_ENV_NAMES[key]] = value
-        env["ORCH_RUN"] = str(run_id)
+        own = {_ENV_NAMES[key]: value for key, value in values.items()}
+        own["ORCH_RUN"] = str(run_id)
+        env = RunEnvironment(self._stage_env[stage.name], own)
         argv = expand_argv(stage.command, values)
         executable = self._executables.get(stage.name)
         faults = self.config.faults

@@ -558,6 +558,68 @@ async def test_run_command_env_is_exactly_the_given_mapping(tmp_path: Path, spaw
     assert not (tmp_path / "PWNED").exists()
 
 
+# A stage's environment, checked and encoded once; each run adds its own entries.
+PER_RUN = ("ORCH_ITEM", "ORCH_RUN", "ORCH_WORKDIR")
+
+
+def test_run_environment_is_the_stage_environment_updated_with_the_run_values() -> None:
+    stage = runner.StageEnvironment(
+        {"PATH": "/bin", "ORCH_STAGE": "s", "ORCH_WORKDIR": "/outer", "ORCH_RUN": "7"}, PER_RUN
+    )
+    env = runner.RunEnvironment(
+        stage, {"ORCH_ITEM": "in:a b", "ORCH_RUN": "12", "ORCH_WORKDIR": ""}
+    )
+    # What `dict(stage) | {non-empty run values}` gives: an empty value keeps the stage's.
+    expected = {"PATH": "/bin", "ORCH_STAGE": "s", "ORCH_WORKDIR": "/outer", "ORCH_RUN": "12",
+                "ORCH_ITEM": "in:a b"}  # fmt: skip
+    assert dict(env) == expected
+    assert len(env) == len(expected)
+    assert env["ORCH_RUN"] == "12"
+    assert env.get("ORCH_MISSING") is None
+    assert sorted(env.encoded()) == sorted(f"{k}={v}".encode() for k, v in expected.items())
+    # A run value the stage does not have, left empty: absent, as with a dict update.
+    bare = runner.RunEnvironment(
+        runner.StageEnvironment({"PATH": "/bin"}, PER_RUN), {"ORCH_ITEM": ""}
+    )
+    assert dict(bare) == {"PATH": "/bin"}
+    with pytest.raises(ValueError, match="not declared per run"):
+        runner.RunEnvironment(stage, {"ORCH_OTHER": "x"})
+
+
+@pytest.mark.parametrize("where", ["stage", "run"])
+def test_run_environment_refuses_what_exec_cannot_take(where: str) -> None:
+    stage_values = {"PATH": "/bin", **({"BAD": "a\0b"} if where == "stage" else {})}
+    stage = runner.StageEnvironment(stage_values, PER_RUN)
+    env = runner.RunEnvironment(stage, {"ORCH_ITEM": "a\0b" if where == "run" else "ok"})
+    with pytest.raises(ValueError, match="null byte"):
+        env.encoded()
+    named = runner.StageEnvironment({"A=B": "x"}, PER_RUN)
+    with pytest.raises(ValueError, match="illegal environment variable name"):
+        runner.RunEnvironment(named, {}).encoded()
+
+
+@pytest.mark.parametrize("cwd", [False, True])
+async def test_a_run_gets_exactly_its_run_environment(
+    tmp_path: Path, spawner: str, cwd: bool
+) -> None:
+    stage = runner.StageEnvironment(
+        {"PATH": os.environ["PATH"], "ORCH_STAGE": "s", "ORCH_WORKDIR": "/outer"}, PER_RUN
+    )
+    env = runner.RunEnvironment(
+        stage, {"ORCH_ITEM": "it $(touch PWNED)\nx", "ORCH_RUN": "3", "ORCH_WORKDIR": ""}
+    )
+    out = tmp_path / "environ"
+    code = "import sys; open(sys.argv[1], 'wb').write(open('/proc/self/environ', 'rb').read())"
+    where = str(tmp_path) if cwd else None
+    result = await run_command(Command(argv=py(code, str(out)), env=env, cwd=where))
+    assert result.outcome is Outcome.OK, result.reason
+    seen = dict(entry.split("=", 1) for entry in out.read_bytes().decode().split("\0") if entry)
+    assert seen == {**dict(env), **({"PWD": str(tmp_path)} if cwd else {})}
+    assert seen["ORCH_WORKDIR"] == "/outer"  # left empty by the run: the stage's
+    assert seen["ORCH_RUN"] == "3"
+    assert not (tmp_path / "PWNED").exists()
+
+
 async def test_run_command_child_sigpipe_is_default() -> None:
     # With SIGPIPE at SIG_IGN (Python's own setting), `yes` would get EPIPE and exit 1 with
     # "Broken pipe"; at the default it is killed by SIGPIPE (status 141 in the shell).

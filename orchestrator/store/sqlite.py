@@ -769,7 +769,8 @@ class _Op:
     report: bool = False
     #: Called in the loop once the operation is through (durable, or failed: see ``error``).
     on_done: Callable[[_Op], None] | None = None
-    done: trio.Event = attrs.field(factory=trio.Event)
+    #: Set once through, for a caller that waits (`SqliteStore.call`); None for `submit`.
+    done: trio.Event | None = None
     result: Any = None
     error: BaseException | None = None
 
@@ -827,10 +828,11 @@ class SqliteStore:
         """
         if self._closed:
             raise StoreUnavailable("the store is closed")
-        op = _Op(fn, power_safe)
+        done = trio.Event()
+        op = _Op(fn, power_safe, done=done)
         self._pending.append(op)
         self._wakeup.set()
-        await op.done.wait()
+        await done.wait()
         if op.error is not None:
             raise op.error
         return op.result  # type: ignore[no-any-return]
@@ -905,7 +907,8 @@ class SqliteStore:
     @staticmethod
     def _wake(batch: list[_Op]) -> None:
         for op in batch:
-            op.done.set()
+            if op.done is not None:
+                op.done.set()
             if op.on_done is not None:
                 op.on_done(op)
             elif op.report and op.error is not None:
@@ -1008,7 +1011,8 @@ class SqliteStore:
         error = StoreUnavailable("the store is closed")
         for op in self._pending + self._unsynced:
             op.error = error
-            op.done.set()
+            if op.done is not None:
+                op.done.set()
             if op.on_done is not None:
                 op.on_done(op)
         self._pending.clear()
