@@ -11,12 +11,19 @@ statements), on one connection in this thread, committed in groups as the commit
 transaction). Not measured: the fsync itself, and the hops between the loop and the thread.
 It prints microseconds per item, wall and CPU of this thread; compare it with the loop's CPU
 per item from ``tools/bench.py --profile`` to see which side a batch waits for.
+
+``--contended`` runs the same work in a second thread while the main thread stands in for the
+trio loop (Python work, and a system call that lets the GIL go every few microseconds, as the
+loop's spawns, pipes and epoll calls do), and prints both: what sharing the GIL with a busy loop
+costs the store's thread.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -59,18 +66,54 @@ def measure(n: int, group: int) -> tuple[float, float]:
             conn.close()
 
 
+def _stand_in_loop(stop: threading.Event) -> int:
+    """Python work with a GIL-releasing system call every few microseconds, until ``stop``."""
+    fd = os.open(os.devnull, os.O_RDONLY)
+    rounds = 0
+    try:
+        while not stop.is_set():
+            for _ in range(300):
+                pass
+            os.fstat(fd)
+            rounds += 1
+    finally:
+        os.close(fd)
+    return rounds
+
+
+def measure_contended(n: int, group: int) -> tuple[float, float]:
+    """`measure` in a thread of its own while this thread plays the busy loop."""
+    out: list[tuple[float, float]] = []
+    stop = threading.Event()
+    worker = threading.Thread(target=lambda: out.append(measure(n, group)))
+    worker.start()
+    watcher = threading.Thread(target=lambda: (worker.join(), stop.set()))
+    watcher.start()
+    _stand_in_loop(stop)
+    watcher.join()
+    return out[0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("-n", type=int, default=2000, help="items (default 2000)")
     parser.add_argument("--group", type=int, default=100, help="items per commit (default 100)")
     parser.add_argument("--repeat", type=int, default=3, help="runs; the best is shown")
+    parser.add_argument(
+        "--contended", action="store_true",
+        help="also measure it beside a stand-in for a busy loop sharing the GIL",
+    )  # fmt: skip
     args = parser.parse_args()
-    runs = [measure(args.n, args.group) for _ in range(args.repeat)]
-    wall, cpu = min(runs)
-    print(
-        f"claim + result per item: {wall * 1e6:.0f} µs wall, {cpu * 1e6:.0f} µs CPU "
-        f"({args.n} items, {args.group} per commit, best of {args.repeat})"
-    )
+    variants = [("alone", measure)]
+    if args.contended:
+        variants.append(("beside a busy loop", measure_contended))
+    for label, how in variants:
+        runs = [how(args.n, args.group) for _ in range(args.repeat)]
+        wall, cpu = min(runs)
+        print(
+            f"claim + result per item, {label}: {wall * 1e6:.0f} µs wall, {cpu * 1e6:.0f} µs CPU "
+            f"({args.n} items, {args.group} per commit, best of {args.repeat})"
+        )
 
 
 if __name__ == "__main__":
