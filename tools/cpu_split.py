@@ -5,6 +5,7 @@ Usage (from the repository root)::
     .venv/bin/python tools/cpu_split.py                 # 2,000 x `true`, 3 batches
     .venv/bin/python tools/cpu_split.py -n 5000 --repeat 5
     PYTHONPATH=/tmp/base .venv/bin/python tools/cpu_split.py   # another checkout (worktree)
+    .venv/bin/python tools/cpu_split.py --against /tmp/base --rounds 6   # the two, alternated
 
 Each batch is scenario (a) of ``tools/bench.py`` -- one `true` stage at concurrency 2 over N
 empty files -- run *in this process* (``orchestrator batch`` through its ``main``), so that the
@@ -22,8 +23,11 @@ import argparse
 import contextlib
 import io
 import json
+import os
 import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -117,30 +121,69 @@ def one_batch(n: int) -> dict[str, float]:
     }
 
 
+def _line(run: dict[str, float]) -> str:
+    return (
+        f"{run['items_per_second']:7.0f} items/s   CPU per item: loop {run['loop_us']:4.0f} µs,"
+        f" other threads {run['threads_us']:4.0f} µs, stage processes"
+        f" {run['children_us']:4.0f} µs   (loop / stage processes"
+        f" {run['loop_us'] / run['children_us']:.2f}); loop thread also waiting for a CPU"
+        f" {run['loop_wait_us']:.0f} µs, blocked {run['loop_blocked_us']:.0f} µs"
+    )
+
+
+def _median_line(runs: list[dict[str, float]]) -> str:
+    med = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+    ours = statistics.median((r["loop_us"] + r["threads_us"]) / r["children_us"] for r in runs)
+    return (
+        f"median of {len(runs)}: {med['items_per_second']:.0f} items/s, loop {med['loop_us']:.0f}"
+        f" µs, other threads {med['threads_us']:.0f} µs, stage processes"
+        f" {med['children_us']:.0f} µs, ours / stage processes {ours:.3f}"
+    )
+
+
+def alternate(other: str, rounds: int, n: int) -> None:
+    """Batches of this checkout and of ``other`` (its ``orchestrator`` package first on the
+    path), two at a time, in alternating order; then the medians of each."""
+    here = str(Path(__file__).resolve().parent.parent)
+    checkouts = {"this checkout": here, other: str(Path(other).resolve())}
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in checkouts}
+    order = list(checkouts)
+    for i in range(rounds):
+        for name in order if i % 2 == 0 else order[::-1]:
+            env = {**os.environ, "PYTHONPATH": checkouts[name]}
+            out = subprocess.run(
+                [sys.executable, __file__, "-n", str(n), "--repeat", "2", "--json"],
+                env=env, cwd=checkouts[name], capture_output=True, text=True, check=True,
+            ).stdout  # fmt: skip
+            for line in out.splitlines():
+                runs[name].append(json.loads(line))
+                print(f"{name}: {_line(runs[name][-1])}", flush=True)
+    for name, done in runs.items():
+        print(f"{name}: {_median_line(done)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("-n", type=int, default=2000, help="items per batch (default 2000)")
     parser.add_argument("--repeat", type=int, default=3, help="batches (default 3)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per batch")
+    parser.add_argument(
+        "--against", metavar="DIR",
+        help="alternate with the checkout in DIR (e.g. a git worktree), two batches at a time",
+    )  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=6, help="with --against (default 6)")
     args = parser.parse_args()
+    if args.against:
+        alternate(args.against, args.rounds, args.n)
+        return
     one_batch(50)  # warm-up: the service's modules are imported by the first batch
     runs = []
     for _ in range(args.repeat):
         run = one_batch(args.n)
         runs.append(run)
-        print(
-            f"{run['items_per_second']:7.0f} items/s   CPU per item: loop {run['loop_us']:4.0f} µs,"
-            f" other threads {run['threads_us']:4.0f} µs, stage processes"
-            f" {run['children_us']:4.0f} µs   (loop / stage processes"
-            f" {run['loop_us'] / run['children_us']:.2f}); loop thread also waiting for a CPU"
-            f" {run['loop_wait_us']:.0f} µs, blocked {run['loop_blocked_us']:.0f} µs",
-            flush=True,
-        )
-    if len(runs) > 1:
-        med = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
-        print(
-            f"median: {med['items_per_second']:.0f} items/s, loop {med['loop_us']:.0f} µs, other"
-            f" threads {med['threads_us']:.0f} µs, stage processes {med['children_us']:.0f} µs"
-        )
+        print(json.dumps(run) if args.json else _line(run), flush=True)
+    if len(runs) > 1 and not args.json:
+        print(_median_line(runs))
 
 
 if __name__ == "__main__":
