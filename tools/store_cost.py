@@ -85,12 +85,17 @@ def measure_contended(n: int, group: int) -> tuple[float, float]:
     """`measure` in a thread of its own while this thread plays the busy loop."""
     out: list[tuple[float, float]] = []
     stop = threading.Event()
-    worker = threading.Thread(target=lambda: out.append(measure(n, group)))
+
+    def work() -> None:
+        try:
+            out.append(measure(n, group))
+        finally:
+            stop.set()
+
+    worker = threading.Thread(target=work)
     worker.start()
-    watcher = threading.Thread(target=lambda: (worker.join(), stop.set()))
-    watcher.start()
     _stand_in_loop(stop)
-    watcher.join()
+    worker.join()
     return out[0]
 
 
