@@ -377,6 +377,39 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
         connect(tmp_path / "o.db")
 
 
+def test_an_sqlite_library_too_old_for_the_store_is_a_clear_error(tmp_path: Path) -> None:
+    # RETURNING, which claims use, came in SQLite 3.35: an older library must be refused when
+    # the store opens, not at the first claim after items were ingested.
+    store_module.check_sqlite_library((3, 35, 0))
+    with pytest.raises(StoreUnavailable) as caught:
+        store_module.check_sqlite_library((3, 31, 1))
+    assert str(caught.value) == (
+        "this Python's SQLite library is version 3.31.1; the store needs 3.35.0 or newer: use a "
+        "Python linked against a newer libsqlite3"
+    )
+
+
+def test_a_batch_on_an_sqlite_library_too_old_exits_3_before_taking_anything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from orchestrator.cli import EXIT_STORE, main
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("x")
+    config = tmp_path / "o.toml"
+    config.write_text(
+        'state_dir = "state"\n[http]\nlisten = false\n[[sources]]\nname = "in"\n'
+        'type = "directory"\npath = "in"\nroute = ["s"]\nsettle = "0s"\n'
+        '[[stages]]\nname = "s"\ncommand = ["true"]\n'
+    )
+    # Given: a library one version short of what the store needs (here: a raised minimum).
+    monkeypatch.setattr(store_module, "MIN_SQLITE_VERSION", (*sqlite3.sqlite_version_info[:2], 99))
+    assert main(["batch", "-c", str(config), "--no-progress"]) == EXIT_STORE
+    assert "the store needs" in capsys.readouterr().err
+    # Then: no store was made, so nothing was taken in and a newer Python starts afresh.
+    assert not (tmp_path / "state" / "orchestrator.db").exists()
+
+
 def test_not_a_database_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "o.db").write_text("this is not sqlite" * 100)
     with pytest.raises(StoreUnavailable, match="cannot open store"):

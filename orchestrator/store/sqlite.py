@@ -146,15 +146,34 @@ _RUN_COLUMNS = (
 )
 
 
+#: The oldest SQLite library the store's statements run on: ``RETURNING`` came in 3.35.0.
+MIN_SQLITE_VERSION = (3, 35, 0)
+
+
+def check_sqlite_library(version: tuple[int, int, int] = sqlite3.sqlite_version_info) -> None:
+    """Raise `StoreUnavailable` when Python's SQLite library is too old for the store.
+
+    Without this, an old library (a Python built against an old distribution's libsqlite3)
+    would ingest items and only fail at their first claim, with a syntax error.
+    """
+    if version < MIN_SQLITE_VERSION:
+        need = ".".join(map(str, MIN_SQLITE_VERSION))
+        raise StoreUnavailable(
+            f"this Python's SQLite library is version {'.'.join(map(str, version))}; the store "
+            f"needs {need} or newer: use a Python linked against a newer libsqlite3"
+        )
+
+
 def connect(
     path: Path, *, synchronous: str = "FULL", busy_timeout: float = 5.0, create: bool = True
 ) -> sqlite3.Connection:
     """Open the store file (creating it and its schema when ``create``), private to the user.
 
     Raises:
-        StoreUnavailable: the file cannot be opened, is not an orchestrator store, or was written
-            by a newer version.
+        StoreUnavailable: the file cannot be opened, is not an orchestrator store, was written
+            by a newer version, or Python's SQLite library is too old for it.
     """
+    check_sqlite_library()
     try:
         if create:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
