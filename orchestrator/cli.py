@@ -414,11 +414,12 @@ def items(
         raise typer.Exit(EXIT_USAGE)
     cfg = _load(config)
     names = [s.name for s in cfg.stages]
-    if stage is not None and stage not in names:
-        _err(f"unknown stage {stage!r}; stages: {', '.join(names)}")
-        raise typer.Exit(EXIT_USAGE)
     with _reader(cfg) as conn:
         rows = items_data(conn, state=state, stage=stage, limit=limit)
+    # A stage the config no longer has is fine while items are still at it (to find them).
+    if stage is not None and stage not in names and not rows:
+        _err(f"unknown stage {stage!r}; stages: {', '.join(names)}")
+        raise typer.Exit(EXIT_USAGE)
     if as_json:
         print(json.dumps(rows, indent=2))
     else:
@@ -458,38 +459,53 @@ def requeue(
     ] = None,
     dead: Annotated[bool, typer.Option("--dead", help="Requeue every dead item.")] = False,
     stage: Annotated[
-        str | None, typer.Option("--stage", help="With --dead: only items that died here.")
+        str | None,
+        typer.Option("--stage", help="With --dead: only items that died here. With --to: every "
+                                     "item dead here, or waiting at it when the config no "
+                                     "longer has it."),
+    ] = None,
+    to: Annotated[
+        str | None,
+        typer.Option("--to", metavar="STAGE",
+                     help="Queue them at this stage of their source's route instead (the route "
+                          "in this config)."),
     ] = None,
     config: ConfigOption = Path("orchestrator.toml"),
     as_json: JsonOption = False,
 ) -> None:  # fmt: skip
     """Put dead items back in the queue of the stage where they died, with fresh attempts.
 
-    One transaction; a running service picks them up by itself. Rejected items stay as they are.
+    With --to STAGE they go to that stage instead, on their source's route as this config
+    has it: to redo an earlier stage, or to move items left waiting at a stage the config no
+    longer has (renamed or removed) -- --stage OLD --to NEW moves them all.
+
+    One transaction; a running service picks them up by itself. Rejected and done items stay
+    as they are.
 
     Exit 0 when every named item was requeued, 1 when one was not (not found, not dead),
     2 for a wrong command line, 3 when the store cannot be written.
     """
     from orchestrator import operator
 
-    if not item_ids and not dead:
-        _err("name the items to requeue, or give --dead for every dead item")
+    if not item_ids and not dead and not (stage is not None and to is not None):
+        _err("name the items to requeue, give --dead for every dead item, or --stage with --to")
         raise typer.Exit(EXIT_USAGE)
     if item_ids and dead:
         _err("give either item ids or --dead, not both")
         raise typer.Exit(EXIT_USAGE)
-    if stage is not None and not dead:
-        _err("--stage only goes with --dead")
+    if stage is not None and item_ids:
+        _err("--stage goes with --dead or --to, not with item ids")
         raise typer.Exit(EXIT_USAGE)
     cfg = _load(config)
     names = [s.name for s in cfg.stages]
-    if stage is not None and stage not in names:
-        _err(f"unknown stage {stage!r}; stages: {', '.join(names)}")
-        raise typer.Exit(EXIT_USAGE)
+    # With --to, --stage may name a stage the config no longer has: that is what it is for.
+    for option, name in (("--to", to), ("--stage", None if to is not None else stage)):
+        if name is not None and name not in names:
+            _err(f"unknown stage {name!r} for {option}; stages: {', '.join(names)}")
+            raise typer.Exit(EXIT_USAGE)
     path = _db_path(cfg)
     with _store_errors():
-        report = operator.requeue(path, None if dead else item_ids, dead=dead, stage=stage,
-                                  config=cfg)  # fmt: skip
+        report = operator.requeue(path, item_ids or None, dead=dead, stage=stage, config=cfg, to=to)
     if as_json:
         print(json.dumps({
             "requeued": list(report.requeued),

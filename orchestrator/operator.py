@@ -269,8 +269,10 @@ def status_data(conn: sqlite3.Connection, config: Config, now: float) -> dict[st
 
 def requeue(
     path: Path, ids: Sequence[str] | None, *, dead: bool, stage: str | None, config: Config,
+    to: str | None = None,
 ) -> RequeueReport:  # fmt: skip
-    """Requeue dead items in one write transaction; see `op_requeue`.
+    """Requeue dead items (or, with ``to``, dead and parked items at stage ``to``) in one write
+    transaction; see `op_requeue`.
 
     Opens its own read-write connection (never creating the store) and waits up to the store's
     ``busy_timeout`` for the service's current transaction to end.
@@ -286,8 +288,9 @@ def requeue(
         conn.execute("BEGIN IMMEDIATE")
         try:
             report = op_requeue(
-                conn, ids, dead=dead, stage=stage, known_stages=[s.name for s in config.stages]
-            )
+                conn, ids, dead=dead, stage=stage, known_stages=[s.name for s in config.stages],
+                to=to, routes={source.name: source.route for source in config.sources},
+            )  # fmt: skip
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")

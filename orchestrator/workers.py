@@ -222,6 +222,7 @@ class Engine:
                         "queued (a config with that stage again takes them)", stage,
                     )  # fmt: skip
             return
+        self.parked.discard(item.seq)  # moved to a stage we have (``requeue --to``)
         self.active.add(item.seq)
         self.outstanding.value += 1
         self._dispatch(item)
@@ -571,15 +572,18 @@ class Engine:
         async with contextlib.aclosing(trio_util.periodic(STORE_WATCH_INTERVAL)) as ticks:
             async for _ in ticks:
                 now = time.time()
-                known = frozenset(self.active | self.parked)
+                known = frozenset(self.active)
                 found = await self.store.read(
                     functools.partial(op_items_changed_since, since=since, known=known)
                 )
                 since = now - STORE_WATCH_OVERLAP
                 for item in found:
-                    if item.seq not in self.active and item.seq not in self.parked:
-                        logger.bind(item=item.id).info("item re-queued from outside; taking it")
-                        self.admit(item)
+                    if item.seq in self.active:
+                        continue
+                    if item.seq in self.parked and item.stage not in self.stages:
+                        continue  # still at a stage the config does not have (said once)
+                    logger.bind(item=item.id).info("item re-queued from outside; taking it")
+                    self.admit(item)
 
 
 def resolve_executables(config: Config) -> dict[str, str]:

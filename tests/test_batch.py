@@ -563,6 +563,42 @@ def test_items_queued_for_a_stage_no_longer_in_the_config_are_warned_about_once(
     assert "re-queued from outside" not in service.log
 
 
+def test_a_running_service_takes_parked_items_requeue_moves_to_a_stage_it_has(
+    tmp_path: Path,
+) -> None:
+    # Given: items left waiting at stage "old", and a service whose config has only "new",
+    # whose stage program records each item it gets.
+    from orchestrator.store import ItemState, NewItem, connect
+    from orchestrator.store.sqlite import op_get_item, op_ingest
+
+    (tmp_path / "state").mkdir(mode=0o700)
+    db = tmp_path / "state" / "orchestrator.db"
+    conn = connect(db, create=True)
+    with conn:
+        op_ingest(conn, [NewItem(id=f"in:{i}", source="in", key=str(i), route=("old",))
+                         for i in range(3)])  # fmt: skip
+    conn.close()
+    record = tmp_path / "record"
+    service = _service(tmp_path, json.dumps(["sh", "-c", f'echo "$ORCH_ITEM" >> {record}']),
+                       route="new")  # fmt: skip
+    service.wait_log("which is not in the config")
+    # When: an operator moves them to "new" while it runs.
+    moved = orchestrator("requeue", "--stage", "old", "--to", "new", "-c",
+                         str(service.config_path), cwd=tmp_path)  # fmt: skip
+    assert moved.returncode == 0, moved.stderr
+    assert "3 items requeued" in moved.stdout
+    # Then: the service picks them up by itself (store watch) and runs each once at "new".
+    deadline = time.monotonic() + 20
+    while not record.exists() or len(record.read_text().split()) < 3:
+        assert time.monotonic() < deadline, service.log[-3000:]
+        time.sleep(0.1)
+    assert service.stop(20) == 0, service.log
+    assert sorted(record.read_text().split()) == ["in:0", "in:1", "in:2"]
+    conn = connect(db, create=False)
+    assert {op_get_item(conn, f"in:{i}").state for i in range(3)} == {ItemState.DONE}
+    conn.close()
+
+
 def test_a_service_whose_folder_is_missing_says_so_once_and_takes_it_when_it_comes(
     tmp_path: Path,
 ) -> None:

@@ -349,7 +349,95 @@ def test_requeue_skips_an_item_whose_stage_left_the_config(
     report = cli_json(capsys, "requeue", "--dead", "-c", str(smaller), "--json", code=EXIT_FAILED)
     assert report["requeued"] == ["in:b.txt"]
     assert report["skipped"] == [{"id": WEIRD, "reason": f"{WEIRD!r} died at stage 'convert', "
+                                  "which is not in the config; not requeued (--to puts it at a "
+                                  "stage of its source's route)"}]  # fmt: skip
+
+
+def test_requeue_to_an_earlier_stage_redoes_it(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # When: the item that died at convert is sent back to extract (its input was at fault).
+    assert cli_json(capsys, "requeue", WEIRD, "--to", "extract", "-c", str(config), "--json") \
+        == {"requeued": [WEIRD], "skipped": []}  # fmt: skip
+    conn = connect(config.parent / "state" / "orchestrator.db", create=False)
+    item = op_get_item(conn, WEIRD)
+    # Then: it waits at extract with fresh attempts, and its history says where it came from.
+    assert (item.state, item.stage, item.route, item.attempts, item.reason) \
+        == (ItemState.QUEUED, "extract", ROUTE, 0, None)  # fmt: skip
+    last = op_item_events(conn, item.seq)[-1]
+    assert (last.event, last.stage, last.state, last.detail) \
+        == ("requeued", "extract", "queued", "from stage 'convert': exit 1")  # fmt: skip
+
+
+RENAMED = CONFIG.replace('"convert"', '"convert2"')
+
+
+def test_items_at_a_renamed_stage_are_listed_and_moved_with_stage_and_to(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given: in:c.txt waits at convert (extract done), WEIRD died there; then the config
+    # renames convert to convert2. Those items are at a stage no worker of it can take.
+    db = config.parent / "state" / "orchestrator.db"
+    conn = connect(db, create=False)
+    run_once(conn, "in:c.txt", "extract", ok(),
+             Transition(state=ItemState.QUEUED, stage_index=1, attempts=0))  # fmt: skip
+    conn.close()
+    renamed = config.parent / "renamed.toml"
+    renamed.write_text(textwrap.dedent(RENAMED))
+    c = str(renamed)
+    # Then: they can still be found by the old stage's name ...
+    at_old = cli_json(capsys, "items", "-c", c, "--json", "--stage", "convert")
+    assert [(r["id"], r["state"]) for r in at_old] == [("in:c.txt", "queued"), (WEIRD, "dead")]
+    # ... and moved, dead or waiting, to the new one, on the source's route as it is now.
+    assert cli_json(capsys, "requeue", "--stage", "convert", "--to", "convert2", "-c", c,
+                    "--json") == {"requeued": ["in:c.txt", WEIRD], "skipped": []}  # fmt: skip
+    conn = connect(db, create=False)
+    for item_id in ("in:c.txt", WEIRD):
+        item = op_get_item(conn, item_id)
+        assert (item.state, item.route, item.stage, item.attempts) \
+            == (ItemState.QUEUED, ("extract", "convert2"), "convert2", 0)  # fmt: skip
+    assert op_get_item(conn, "in:b.txt").state is ItemState.DEAD  # dead elsewhere: untouched
+    # Nothing is left at the old name, which is now unknown again.
+    assert main(["items", "-c", c, "--stage", "convert"]) == EXIT_USAGE
+    assert "unknown stage 'convert'; stages: extract, convert2" in capsys.readouterr().err
+
+
+def test_requeue_to_refuses_what_it_cannot_move_and_says_why(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    c = str(config)
+    report = cli_json(capsys, "requeue", "in:a.txt", "in:c.txt", "in:d.txt", "in:bad.json",
+                      "in:b.txt", "--to", "convert", "-c", c, "--json", code=EXIT_FAILED)  # fmt: skip
+    assert report["requeued"] == ["in:b.txt"]
+    assert {s["id"]: s["reason"] for s in report["skipped"]} == {
+        "in:a.txt": "'in:a.txt' is done, not dead; not requeued",
+        "in:c.txt": "'in:c.txt' is queued at stage 'extract', which is in the config: it runs "
+                    "there; not requeued",
+        "in:d.txt": "'in:d.txt' is running, not dead; not requeued",
+        "in:bad.json": "'in:bad.json' is rejected, not dead; rejected items are kept as evidence "
+                       "and never requeued",
+    }  # fmt: skip
+    # A source the config no longer has, or a stage not on its source's route: left alone.
+    other = config.parent / "other.toml"
+    other.write_text(textwrap.dedent(CONFIG.replace('name = "in"', 'name = "elsewhere"')))
+    report = cli_json(capsys, "requeue", WEIRD, "--to", "extract", "-c", str(other), "--json",
+                      code=EXIT_FAILED)  # fmt: skip
+    assert report["skipped"] == [{"id": WEIRD, "reason": f"{WEIRD!r} comes from source 'in', "
                                   "which is not in the config; not requeued"}]  # fmt: skip
+    shorter = config.parent / "shorter.toml"
+    shorter.write_text(textwrap.dedent(CONFIG.replace('route = ["extract", "convert"]',
+                                                      'route = ["convert"]')))  # fmt: skip
+    report = cli_json(capsys, "requeue", WEIRD, "--to", "extract", "-c", str(shorter), "--json",
+                      code=EXIT_FAILED)  # fmt: skip
+    assert report["skipped"] == [{"id": WEIRD, "reason": f"stage 'extract' is not on the route "
+                                  f"of {WEIRD!r}'s source 'in' (convert); not requeued"}]  # fmt: skip
+    assert op_get_item(connect(config.parent / "state" / "orchestrator.db", create=False),
+                       WEIRD).state is ItemState.DEAD  # fmt: skip
+    # Wrong command lines: an unknown --to, --stage with ids, --stage alone.
+    assert main(["requeue", WEIRD, "--to", "ocr", "-c", c]) == EXIT_USAGE
+    assert "unknown stage 'ocr' for --to; stages: extract, convert" in capsys.readouterr().err
+    assert main(["requeue", WEIRD, "--stage", "convert", "--to", "extract", "-c", c]) == EXIT_USAGE
+    assert main(["requeue", "--stage", "convert", "-c", c]) == EXIT_USAGE
 
 
 def test_requeue_waits_for_the_writer_of_the_moment(

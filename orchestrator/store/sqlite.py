@@ -46,7 +46,7 @@ from orchestrator.reaper import proc_start_time
 from orchestrator.store.records import Item, ItemState, NewItem, RunRecord, Transition
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Iterable, Sequence, Set
+    from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence, Set
     from pathlib import Path
 
     from orchestrator.reaper import SeenRun
@@ -1253,34 +1253,53 @@ def op_recent_failures(conn: sqlite3.Connection, limit: int = 10) -> list[tuple[
 
 def op_requeue(
     conn: sqlite3.Connection, ids: Sequence[str] | None, *, dead: bool, stage: str | None,
-    known_stages: Iterable[str] | None = None,
+    known_stages: Iterable[str] | None = None, to: str | None = None,
+    routes: Mapping[str, Sequence[str]] | None = None,
 ) -> RequeueReport:  # fmt: skip
-    """Put dead items back to ``queued`` at the stage where they died, with a fresh start.
+    """Put dead items back to ``queued`` at the stage where they died, with a fresh start; or,
+    with ``to``, dead items and items left waiting at a stage the config no longer has
+    ("parked") at stage ``to`` of their source's route in the config.
 
     Attempts and interruptions go back to 0, ``not_before`` and ``reason`` are cleared (the old
     reason is kept in the ``requeued`` event's detail). Run it inside one write transaction
     (``BEGIN IMMEDIATE``): then either every listed item moves or none does.
 
     Args:
-        ids: the items to requeue, in order; duplicates count once. None with ``dead``.
+        ids: the items to requeue, in order; duplicates count once. None with ``dead``, or
+            with ``stage`` and ``to``.
         dead: requeue every dead item instead (only those at ``stage`` when given).
-        stage: with ``dead``, only items that died at this stage (ignored with ``ids``).
+        stage: with ``dead``, only items that died at this stage (ignored with ``ids``); with
+            ``to`` and not ``dead``: every item dead or parked at this stage.
         known_stages: the stages of the current config; an item whose stage is not among them
-            is skipped (no worker could take it). None skips the check.
+            is skipped (no worker could take it) unless ``to`` moves it, and it is what tells
+            a parked item. None skips the check (and then no waiting item counts as parked).
+        to: the stage to queue the items at instead; the item's route becomes its source's
+            route in ``routes``, which must hold ``to``.
+        routes: with ``to``, the route of each source of the current config.
 
     Returns:
         The ids requeued and, for each named id not requeued, why. Rejected items are never
-        requeued: they are kept as the evidence of what a source could not use.
+        requeued (they are kept as the evidence of what a source could not use), nor done ones
+        (an item reaches its one terminal state once).
 
     Raises:
-        ValueError: neither or both of ``ids`` and ``dead`` were given.
+        ValueError: not exactly one of ``ids``, ``dead``, ``stage`` with ``to`` was given, or
+            ``to`` without ``routes``.
     """
-    if (ids is None) != dead:
+    if ids is not None and dead:
         raise ValueError("give either item ids or dead=True")
+    if ids is None and not dead and (stage is None or to is None):
+        raise ValueError("give item ids, dead=True, or a stage with to")
+    if to is not None and routes is None:
+        raise ValueError("to needs the config's routes")
+    known = None if known_stages is None else set(known_stages)
     if ids is None:
-        targets: list[tuple[str, Item | None]] = [
-            (item.id, item) for item in op_find_items(conn, state=ItemState.DEAD, stage=stage)
-        ]
+        found = op_find_items(conn, state=ItemState.DEAD, stage=stage)
+        if not dead and known is not None and stage not in known:  # and those parked there
+            found += op_find_items(conn, state=ItemState.QUEUED, stage=stage)
+            found += op_find_items(conn, state=ItemState.RETRY_WAIT, stage=stage)
+            found.sort(key=lambda item: item.seq)
+        targets: list[tuple[str, Item | None]] = [(item.id, item) for item in found]
     else:
         targets = []
         for item_id in dict.fromkeys(ids):
@@ -1288,28 +1307,58 @@ def op_requeue(
                 f"SELECT {_ITEM_COLUMNS} FROM items WHERE id = ?", (item_id,)
             ).fetchone()
             targets.append((item_id, None if row is None else _item(row)))
-    known = None if known_stages is None else set(known_stages)
     now = time.time()
     requeued: list[str] = []
     skipped: list[tuple[str, str]] = []
     for item_id, item in targets:
         if item is None:
             skipped.append((item_id, f"no item {item_id!r} in the store"))
-        elif item.state is ItemState.REJECTED:
-            skipped.append((item_id, f"{item_id!r} is rejected, not dead; rejected items are "
-                                     "kept as evidence and never requeued"))  # fmt: skip
-        elif item.state is not ItemState.DEAD:
-            skipped.append((item_id, f"{item_id!r} is {item.state.value}, not dead; not requeued"))
-        elif item.stage is None or (known is not None and item.stage not in known):
-            skipped.append((item_id, f"{item_id!r} died at stage {item.stage!r}, which is not "
-                                     "in the config; not requeued"))  # fmt: skip
-        else:
-            conn.execute(
-                "UPDATE items SET state = 'queued', attempts = 0, interruptions = 0,"
-                " not_before = NULL, reason = NULL, updated_at = ? WHERE seq = ?",
-                (now, item.seq),
-            )
-            _event(conn, item.seq, now, "requeued", item.stage, ItemState.QUEUED.value,
-                   item.reason)  # fmt: skip
-            requeued.append(item_id)
+            continue
+        why = _not_requeued(item, known, to, routes)
+        if why is not None:
+            skipped.append((item_id, why))
+            continue
+        route, index, detail = item.route, item.stage_index, item.reason
+        if to is not None:
+            assert routes is not None
+            route, index = tuple(routes[item.source]), list(routes[item.source]).index(to)
+            detail = f"from stage {item.stage!r}" + (f": {item.reason}" if item.reason else "")
+        conn.execute(
+            "UPDATE items SET state = 'queued', route = ?, stage_index = ?, attempts = 0,"
+            " interruptions = 0, not_before = NULL, reason = NULL, updated_at = ? WHERE seq = ?",
+            (json.dumps(list(route)), index, now, item.seq),
+        )
+        _event(conn, item.seq, now, "requeued", route[index], ItemState.QUEUED.value, detail)
+        requeued.append(item_id)
     return RequeueReport(requeued=tuple(requeued), skipped=tuple(skipped))
+
+
+def _not_requeued(
+    item: Item, known: Set[str] | None, to: str | None,
+    routes: Mapping[str, Sequence[str]] | None,
+) -> str | None:  # fmt: skip
+    """Why `op_requeue` leaves ``item`` as it is, or None to requeue it."""
+    name = repr(item.id)
+    waiting = item.state in (ItemState.QUEUED, ItemState.RETRY_WAIT)
+    parked = to is not None and known is not None and waiting and item.stage not in known
+    if item.state is ItemState.REJECTED:
+        return (f"{name} is rejected, not dead; rejected items are kept as evidence and never "
+                "requeued")  # fmt: skip
+    if item.state is not ItemState.DEAD and not parked:
+        if to is not None and waiting:
+            return (f"{name} is {item.state.value} at stage {item.stage!r}, which is in the "
+                    "config: it runs there; not requeued")  # fmt: skip
+        return f"{name} is {item.state.value}, not dead; not requeued"
+    if to is None:
+        if item.stage is None or (known is not None and item.stage not in known):
+            return (f"{name} died at stage {item.stage!r}, which is not in the config; not "
+                    "requeued (--to puts it at a stage of its source's route)")  # fmt: skip
+        return None
+    route = None if routes is None else routes.get(item.source)
+    if route is None:
+        return (f"{name} comes from source {item.source!r}, which is not in the config; "
+                "not requeued")  # fmt: skip
+    if to not in route:
+        return (f"stage {to!r} is not on the route of {name}'s source {item.source!r} "
+                f"({' -> '.join(route)}); not requeued")  # fmt: skip
+    return None
