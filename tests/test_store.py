@@ -359,24 +359,6 @@ async def test_recovery_records_runs_known_only_from_their_leftovers(tmp_path: P
     assert next_id == 42
 
 
-async def test_the_store_threads_wait_for_a_free_cpu_and_the_loop_does_not(
-    tmp_path: Path,
-) -> None:
-    # The committer's thread is SCHED_BATCH (it does not preempt the event loop when it wakes),
-    # as the kernel reports it for that thread; the loop's thread keeps the normal policy.
-    async with open_sqlite_store(tmp_path / "o.db") as store:
-        policy, tid = await store.call(
-            lambda conn: (os.sched_getscheduler(0), threading.get_native_id())
-        )
-    assert policy == os.SCHED_BATCH
-    assert tid != threading.get_native_id()
-    assert os.sched_getscheduler(0) == os.SCHED_OTHER
-    # The kernel's own view of that thread: field 41 of /proc/<pid>/task/<tid>/stat.
-    with open(f"/proc/{os.getpid()}/task/{tid}/stat") as stat_file:
-        stat_line = stat_file.read()
-    assert int(stat_line.rsplit(")", 1)[1].split()[38]) == os.SCHED_BATCH
-
-
 async def test_store_files_are_private(tmp_path: Path) -> None:
     async with open_sqlite_store(tmp_path / "state" / "o.db") as store:
         await store.ingest([new("a")])

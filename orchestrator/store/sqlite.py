@@ -32,7 +32,6 @@ import contextlib
 import json
 import os
 import sqlite3
-import threading
 import time
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -145,26 +144,6 @@ _RUN_COLUMNS = (
     "id, item_seq, stage, attempt, started_at, ended_at, outcome, exit_code, signal, "
     "duration, slot_wait, pid, pgid, log_path, tail, reason"
 )
-
-
-_background = threading.local()
-
-
-def _background_thread() -> None:
-    """Have the calling thread (once per thread) wait for a free CPU when it wakes rather than
-    preempt one: ``SCHED_BATCH``, with the same share of the CPU as before.
-
-    The committer's and the syncer's threads wake for every group. On a busy machine the
-    thread they would preempt is often the event loop, which every run waits on, while no run
-    waits on them (a run's claim and result are queued; only an item's next stage waits for
-    its result to be durable). Measured on (a): +5-7 % items/s (BENCHMARKS.md, session 9).
-    Where the system refuses (a container's seccomp policy), the thread stays as it was.
-    """
-    if getattr(_background, "done", False):
-        return
-    _background.done = True
-    with contextlib.suppress(AttributeError, OSError):  # AttributeError: not Linux
-        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
 
 
 #: The oldest SQLite library the store's statements run on: ``RETURNING`` came in 3.35.0.
@@ -955,7 +934,6 @@ class SqliteStore:
                 logger.opt(exception=op.error).error("store operation failed")
 
     def _sync(self, batch: list[_Op]) -> None:
-        _background_thread()
         try:
             if self._wal_fd is None:
                 self._wal_fd = os.open(f"{self.path}-wal", os.O_RDONLY | os.O_CLOEXEC)
@@ -989,7 +967,6 @@ class SqliteStore:
         return True
 
     def _commit(self, batch: list[_Op]) -> None:
-        _background_thread()
         if len(batch) > 1 and self._commit_together(batch):
             return
         conn = self._conn
