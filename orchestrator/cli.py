@@ -416,8 +416,11 @@ def items(
     names = [s.name for s in cfg.stages]
     with _reader(cfg) as conn:
         rows = items_data(conn, state=state, stage=stage, limit=limit)
-    # A stage the config no longer has is fine while items are still at it (to find them).
-    if stage is not None and stage not in names and not rows:
+        # A stage the config no longer has is fine while items are still at it (to find them).
+        unknown = stage is not None and stage not in names and not rows
+        if unknown and state is not None:  # none in that state there; any at all?
+            unknown = not items_data(conn, stage=stage, limit=1)
+    if unknown:
         _err(f"unknown stage {stage!r}; stages: {', '.join(names)}")
         raise typer.Exit(EXIT_USAGE)
     if as_json:

@@ -388,6 +388,9 @@ def test_items_at_a_renamed_stage_are_listed_and_moved_with_stage_and_to(
     # Then: they can still be found by the old stage's name ...
     at_old = cli_json(capsys, "items", "-c", c, "--json", "--stage", "convert")
     assert [(r["id"], r["state"]) for r in at_old] == [("in:c.txt", "queued"), (WEIRD, "dead")]
+    # (none of them retry-waiting there: an empty list, not "unknown stage")
+    assert cli_json(capsys, "items", "-c", c, "--json", "--stage", "convert", "--state",
+                    "retry_wait") == []  # fmt: skip
     # ... and moved, dead or waiting, to the new one, on the source's route as it is now.
     assert cli_json(capsys, "requeue", "--stage", "convert", "--to", "convert2", "-c", c,
                     "--json") == {"requeued": ["in:c.txt", WEIRD], "skipped": []}  # fmt: skip
