@@ -1321,7 +1321,8 @@ def op_requeue(
         route, index, detail = item.route, item.stage_index, item.reason
         if to is not None:
             assert routes is not None
-            route, index = tuple(routes[item.source]), list(routes[item.source]).index(to)
+            route = tuple(routes[item.source])
+            index = route.index(to)
             detail = f"from stage {item.stage!r}" + (f": {item.reason}" if item.reason else "")
         conn.execute(
             "UPDATE items SET state = 'queued', route = ?, stage_index = ?, attempts = 0,"
