@@ -470,6 +470,39 @@ async def test_checkpoints_run_off_the_commit_path(tmp_path: Path) -> None:
     assert auto == 0
 
 
+async def test_the_wal_stays_bounded_while_commits_never_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A checkpoint beside commits never finishes, and an unfinished one never lets the log
+    # restart: a service that was never idle for a whole interval grew its WAL by every page it
+    # wrote (135 MB for 20,000 items). The log must restart, so its file stops growing.
+    monkeypatch.setattr(store_module, "CHECKPOINT_INTERVAL", 0.05)
+    monkeypatch.setattr(store_module, "WAL_RESTART_FRAMES", 20)
+    db = tmp_path / "o.db"
+    wal = tmp_path / "o.db-wal"
+    n = 0
+
+    async def write(commits: int) -> None:
+        nonlocal n
+        for _ in range(commits):  # back to back: never idle for a checkpoint interval
+            await store.ingest([new(f"k{n}-{j} " + "x" * 300) for j in range(4)])
+            n += 1
+
+    with trio.fail_after(60):
+        async with open_sqlite_store(db, synchronous="NORMAL") as store:
+            await write(150)
+            first = wal.stat().st_size
+            await write(750)  # five times as much again
+            last = wal.stat().st_size
+            checkpoints = store.commits
+    # Without restarts the file would be about six times ``first``.
+    assert last < 2 * first, (first, last, checkpoints)
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    assert conn.execute("SELECT count(*) FROM items").fetchone() == (4 * n,)
+    conn.close()
+
+
 def test_a_version_1_store_is_migrated(tmp_path: Path) -> None:
     # Given: a store as version 1 wrote it (source_offsets without its tail column).
     db = sqlite3.connect(tmp_path / "o.db")
