@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
+from orchestrator.cli import entry
 
-from orchestrator.cli import main
-
-sys.exit(main())
+entry()

@@ -233,3 +233,47 @@ def test_check_and_batch_warn_about_a_misspelt_placeholder(
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert f"config: {warning}" in proc.stderr
+
+
+def test_the_quick_exit_loses_no_output(tmp_path: Path) -> None:
+    """`entry` ends the process without tearing down the interpreter: the log file (written by
+    loguru's queue thread), stdout and the exit code are all still there."""
+    (tmp_path / "in").mkdir()
+    for i in range(300):
+        (tmp_path / "in" / f"f{i:03}").write_text(str(i))
+    config = textwrap.dedent("""
+        [http]
+        listen = false
+        [log]
+        file = "logs/o.log"
+        [[sources]]
+        name = "in"
+        type = "directory"
+        path = "in"
+        route = ["s"]
+        settle = "0s"
+        [[stages]]
+        name = "s"
+        retries = 0
+        """)  # fmt: skip
+
+    def batch(command: str) -> subprocess.CompletedProcess[str]:
+        (tmp_path / "c.toml").write_text(f"{config}command = {command}\n")
+        return subprocess.run(
+            [sys.executable, "-m", "orchestrator", "batch", "-c", "c.toml", "--json",
+             "--no-progress"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False,
+            # Buffered, as stdout is for most users: nothing may be left in the buffer.
+            env={k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"},
+        )  # fmt: skip
+
+    proc = batch('["true"]')
+    assert proc.returncode == EXIT_OK, proc.stderr
+    assert json.loads(proc.stdout)["states"] == {"done": 300}
+    log = (tmp_path / "logs" / "o.log").read_text()
+    assert sum("run ok in" in line for line in log.splitlines()) == 300
+    # A batch with a dead item still exits 1.
+    (tmp_path / "in" / "new").write_text("x")
+    proc = batch('["false"]')
+    assert proc.returncode == 1, proc.stderr
+    assert json.loads(proc.stdout)["states"] == {"dead": 1}
