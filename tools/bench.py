@@ -138,13 +138,17 @@ def write_config(
 
 
 def run_batch(
-    config: Path, *, timeout: float = 600, pythonpath: str | None = None
+    config: Path, *, timeout: float = 600, pythonpath: str | None = None, module: bool = False
 ) -> dict[str, Any]:
     """Run ``orchestrator batch`` and time it from process start to exit.
 
-    ``pythonpath``: a checkout whose ``orchestrator`` package runs instead of the installed one.
+    ``pythonpath``: a checkout whose ``orchestrator`` package runs instead of the installed one
+    (started as ``python -m orchestrator``: the console script names this checkout's entry
+    point, which another checkout may not have). ``module``: start it that way anyway (both
+    sides of ``--against``, so that they start alike).
     """
-    argv = [*orchestrator_argv(), "batch", "-c", str(config), "--json", "--no-progress"]
+    start = [sys.executable, "-m", "orchestrator"] if module or pythonpath else orchestrator_argv()
+    argv = [*start, "batch", "-c", str(config), "--json", "--no-progress"]
     env = child_env()
     if pythonpath is not None:
         env["PYTHONPATH"] = pythonpath
@@ -270,7 +274,7 @@ def bench_a(n: int, repeat: int, against: str | None = None) -> dict[str, Any]:
                 shutil.rmtree(folder / "state", ignore_errors=True)
                 shutil.rmtree(folder / "inbox", ignore_errors=True)
                 make_files(folder / "inbox", n)
-                ran = run_batch(config, pythonpath=tree)
+                ran = run_batch(config, pythonpath=tree, module=against is not None)
                 error = batch_ok(ran, n)
                 if error:
                     return {"error": f"batch failed{f' ({tree})' if tree else ''}: {error}"}
