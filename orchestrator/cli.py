@@ -276,31 +276,28 @@ def _batch_summary(cfg: Config, result: ServiceResult, elapsed: float) -> dict[s
     # The batch's items and runs, read by the service through its own connection before it
     # closed the store (`ServiceResult.batch_rows`).
     assert result.batch_rows is not None
-    items, runs = result.batch_rows
-    states: dict[str, int] = {}
+    counts = result.batch_rows
     failed = []
-    for _seq, item_id, state, route, index, reason in items:
-        states[state] = states.get(state, 0) + 1
-        if state in ("dead", "rejected"):
-            names = json.loads(route)
-            failed.append({"id": item_id, "state": state,
-                           "stage": names[index] if index < len(names) else None,
-                           "reason": reason})  # fmt: skip
+    for item_id, state, route, index, reason in counts.failed:
+        names = json.loads(route)
+        failed.append({"id": item_id, "state": state,
+                       "stage": names[index] if index < len(names) else None,
+                       "reason": reason})  # fmt: skip
     stages: dict[str, dict[str, Any]] = {}
     for stage in [s.name for s in cfg.stages]:
-        rows = [r for r in runs if r[0] == stage]
-        durations = sorted(r[2] for r in rows if r[2] is not None)
-        outcomes: dict[str, int] = {}
-        for r in rows:
-            outcomes[r[1]] = outcomes.get(r[1], 0) + 1
+        groups = {outcome: got for (name, outcome), got in counts.runs.items() if name == stage}
+        runs = sum(got[0] for got in groups.values())
+        timed = sum(got[1] for got in groups.values())
+        longest = [got[3] for got in groups.values() if got[3] is not None]
         stages[stage] = {
-            "runs": len(rows),
-            "outcomes": outcomes,
-            "mean_duration": sum(durations) / len(durations) if durations else None,
-            "max_duration": durations[-1] if durations else None,
-            "mean_slot_wait": (sum(r[3] or 0 for r in rows) / len(rows)) if rows else None,
+            "runs": runs,
+            "outcomes": {outcome: got[0] for outcome, got in groups.items()},
+            "mean_duration": sum(got[2] for got in groups.values()) / timed if timed else None,
+            "max_duration": max(longest) if longest else None,
+            "mean_slot_wait": sum(got[4] for got in groups.values()) / runs if runs else None,
         }
-    total = len(items)
+    states = counts.states
+    total = sum(states.values())
     done = states.get("done", 0)
     return {
         "ok": not failed and not result.interrupted and done == total and not result.failed_sources,

@@ -38,7 +38,7 @@ import signal
 import socket
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
@@ -51,6 +51,7 @@ from orchestrator.pollers import serve_source
 from orchestrator.reaper import reap
 from orchestrator.status import serve_status_file, write_status
 from orchestrator.store.sqlite import (
+    BatchCounts,
     Recovery,
     op_batch_rows,
     op_items_by_seq,
@@ -118,8 +119,9 @@ class ServiceResult:
     admitted: frozenset[int]
     #: Sources a batch gave up on, with why (see `serve_source`).
     failed_sources: dict[str, str] = attrs.field(factory=dict)
-    #: A batch's items and runs for its summary (`op_batch_rows`), read before the store closed.
-    batch_rows: tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]] | None = None
+    #: A batch's items and runs counted for its summary (`op_batch_rows`), read before the
+    #: store closed.
+    batch_rows: BatchCounts | None = None
 
 
 async def serve(

@@ -277,3 +277,52 @@ def test_the_quick_exit_loses_no_output(tmp_path: Path) -> None:
     proc = batch('["false"]')
     assert proc.returncode == 1, proc.stderr
     assert json.loads(proc.stdout)["states"] == {"dead": 1}
+
+
+def test_the_batch_summary_adds_up_the_counts_per_stage(tmp_path: Path) -> None:
+    from orchestrator.cli import _batch_summary
+    from orchestrator.config import load_config
+    from orchestrator.store.sqlite import BatchCounts, Recovery
+    from orchestrator.supervisor import ServiceResult
+    from orchestrator.workers import Tally
+
+    config = tmp_path / "c.toml"
+    config.write_text(textwrap.dedent("""
+        [[sources]]
+        name = "in"
+        type = "directory"
+        path = "in"
+        route = ["a", "b"]
+        [[stages]]
+        name = "a"
+        command = ["true"]
+        [[stages]]
+        name = "b"
+        command = ["true"]
+        """))  # fmt: skip
+    counts = BatchCounts(
+        states={"done": 3, "dead": 1},
+        failed=[("in:x", "dead", '["a", "b"]', 1, "exit 1")],
+        runs={  # [runs, with a duration, total duration, longest, total slot wait]
+            ("a", "ok"): [4, 4, 8.0, 3.5, 2.0],
+            ("b", "ok"): [3, 3, 3.0, 2.0, 0.0],
+            ("b", "failed"): [2, 1, 5.0, 5.0, 1.0],
+        },
+    )
+    result = ServiceResult(
+        tally=Tally(), interrupted=False, recovery=Recovery(interrupted=0, poisoned=0),
+        admitted=frozenset(), batch_rows=counts,
+    )  # fmt: skip
+    summary = _batch_summary(load_config(config), result, elapsed=2.0)
+    assert (summary["items"], summary["items_per_second"], summary["ok"]) == (4, 2.0, False)
+    assert summary["failed_items"] == [
+        {"id": "in:x", "state": "dead", "stage": "b", "reason": "exit 1"}
+    ]
+    assert summary["stages"]["a"] == {
+        "runs": 4, "outcomes": {"ok": 4}, "mean_duration": 2.0, "max_duration": 3.5,
+        "mean_slot_wait": 0.5,
+    }  # fmt: skip
+    assert summary["stages"]["b"] == {
+        "runs": 5, "outcomes": {"ok": 3, "failed": 2}, "mean_duration": 2.0,
+        "max_duration": 5.0, "mean_slot_wait": 0.2,
+    }  # fmt: skip

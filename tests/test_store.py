@@ -10,6 +10,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+import attrs
 import pytest
 import trio
 
@@ -24,6 +25,7 @@ from orchestrator.store.sqlite import (
     Finish,
     SqliteStore,
     _Op,
+    op_batch_rows,
     op_get_item,
     op_item_runs,
     op_items_changed_since,
@@ -146,6 +148,42 @@ async def test_claim_run_and_transition_are_recorded(tmp_path: Path) -> None:
     assert (moved.state, moved.stage, moved.attempts) == (ItemState.QUEUED, "b", 0)
     [run] = runs
     assert (run.outcome, run.exit_code, run.slot_wait, run.tail) == ("ok", 0, 0.25, "last line")
+
+
+async def test_a_batch_is_counted_by_state_and_by_stage_and_outcome(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two items per lookup: the counts of several lookups add up.
+    monkeypatch.setattr(store_module, "BATCH_ROWS_CHUNK", 2)
+    done = Transition(state=ItemState.DONE, stage_index=1, attempts=0)
+    dead = Transition(state=ItemState.DEAD, stage_index=0, attempts=1, reason="boom")
+    plan = [  # (key, slot wait, outcome, duration, transition)
+        ("a", 0.1, Outcome.OK, 1.0, done),
+        ("b", 0.2, Outcome.OK, 3.0, done),
+        ("c", 0.3, Outcome.FAILED, 0.5, dead),
+        ("d", 0.4, Outcome.OK, 2.0, done),
+        ("e", 0.0, Outcome.TIMEOUT, 4.0, dead),
+    ]
+    async with open_sqlite_store(tmp_path / "o.db") as store:
+        items = await store.ingest([new(key, route=("a",)) for key, *_ in plan])
+        await store.ingest([new("other", route=("a",))])  # not in the batch
+        for item, (_key, wait, outcome, duration, transition) in zip(items, plan, strict=True):
+            claim = await store.start_run(item, "a", wait, "inst")
+            assert claim is not None
+            await store.finish_run(
+                run_id=claim[0], item=item, log_path=None, transition=transition,
+                result=attrs.evolve(result(outcome, 0 if outcome is Outcome.OK else 1),
+                                    duration=duration),
+            )  # fmt: skip
+        seqs = [item.seq for item in items]
+        counts = await store.read(lambda c: op_batch_rows(c, seqs, 0.0))
+    assert counts.states == {"done": 3, "dead": 2}
+    assert [(f[0], f[1], f[4]) for f in counts.failed] == [
+        ("src:c", "dead", "boom"), ("src:e", "dead", "boom"),
+    ]  # fmt: skip
+    assert counts.runs[("a", "ok")] == [3, 3, pytest.approx(6.0), 3.0, pytest.approx(0.7)]
+    assert counts.runs[("a", "failed")] == [1, 1, 0.5, 0.5, pytest.approx(0.3)]
+    assert counts.runs[("a", "timeout")] == [1, 1, 4.0, 4.0, 0.0]
 
 
 def _history(db: Path) -> dict[str, list[tuple[object, ...]]]:

@@ -741,28 +741,51 @@ def op_items_by_seq(conn: sqlite3.Connection, seqs: Iterable[int]) -> list[Item]
 BATCH_ROWS_CHUNK = 500
 
 
-def op_batch_rows(
-    conn: sqlite3.Connection, seqs: Sequence[int], since: float
-) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
-    """What a batch's summary needs: ``(seq, id, state, route, stage_index, reason)`` of the
-    items ``seqs``, and ``(stage, outcome, duration, slot_wait)`` of their ended runs started
-    at ``since`` or later. Looked up by key: a state folder that has served many batches holds
-    far more than one batch."""
-    items: list[tuple[Any, ...]] = []
-    runs: list[tuple[Any, ...]] = []
+@attrs.frozen
+class BatchCounts:
+    """What a batch's summary needs from the store (`op_batch_rows`), counted by SQLite."""
+
+    #: The batch's items by state.
+    states: dict[str, int]
+    #: ``(id, state, route, stage_index, reason)`` of those that ended dead or rejected.
+    failed: list[tuple[Any, ...]]
+    #: Their ended runs by ``(stage, outcome)``: ``[runs, runs with a duration, total duration,
+    #: longest duration, total slot wait]``.
+    runs: dict[tuple[str, str], list[Any]]
+
+
+def op_batch_rows(conn: sqlite3.Connection, seqs: Sequence[int], since: float) -> BatchCounts:
+    """Count the items ``seqs`` and their ended runs started at ``since`` or later.
+
+    Looked up by key (a state folder that has served many batches holds far more than one
+    batch) and counted by SQLite: a batch of 100,000 items is not read into Python row by row.
+    """
+    counts = BatchCounts(states={}, failed=[], runs={})
     for start in range(0, len(seqs), BATCH_ROWS_CHUNK):
         chunk = list(seqs[start : start + BATCH_ROWS_CHUNK])
         marks = ", ".join("?" * len(chunk))
-        items += conn.execute(
-            "SELECT seq, id, state, route, stage_index, reason FROM items"
-            f" WHERE seq IN ({marks})", chunk,
-        ).fetchall()  # fmt: skip
-        runs += conn.execute(
-            "SELECT stage, outcome, duration, slot_wait FROM runs"
-            f" WHERE item_seq IN ({marks}) AND started_at >= ? AND outcome IS NOT NULL",
-            [*chunk, since],
-        ).fetchall()  # fmt: skip
-    return items, runs
+        for state, n in conn.execute(
+            f"SELECT state, count(*) FROM items WHERE seq IN ({marks}) GROUP BY state", chunk
+        ):
+            counts.states[state] = counts.states.get(state, 0) + n
+        counts.failed.extend(conn.execute(
+            "SELECT id, state, route, stage_index, reason FROM items"
+            f" WHERE seq IN ({marks}) AND state IN ('dead', 'rejected') ORDER BY seq", chunk,
+        ))  # fmt: skip
+        for stage, outcome, n, timed, total, longest, wait in conn.execute(
+            "SELECT stage, outcome, count(*), count(duration), coalesce(sum(duration), 0),"
+            " max(duration), coalesce(sum(slot_wait), 0) FROM runs"
+            f" WHERE item_seq IN ({marks}) AND started_at >= ? AND outcome IS NOT NULL"
+            " GROUP BY stage, outcome", [*chunk, since],
+        ):  # fmt: skip
+            got = counts.runs.setdefault((stage, outcome), [0, 0, 0.0, None, 0.0])
+            got[0] += n
+            got[1] += timed
+            got[2] += total
+            if longest is not None and (got[3] is None or longest > got[3]):
+                got[3] = longest
+            got[4] += wait
+    return counts
 
 
 def op_source_keys(conn: sqlite3.Connection, source: str) -> set[str]:
