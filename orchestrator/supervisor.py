@@ -115,7 +115,7 @@ class ServiceResult:
     #: A signal ended it before the work was done.
     interrupted: bool
     recovery: Recovery
-    #: Seqs of every item this run took charge of.
+    #: Seqs of every item a batch took charge of (a service keeps none: `Engine.admitted`).
     admitted: frozenset[int]
     #: Sources a batch gave up on, with why (see `serve_source`).
     failed_sources: dict[str, str] = attrs.field(factory=dict)
@@ -256,7 +256,7 @@ async def _serve(
     # Items recovery found poisoned died in this run: a batch reports them.
     pending += await store.read(lambda c: op_items_by_seq(c, recovery.poisoned_seqs))
     executables = await trio.to_thread.run_sync(resolve_executables, config)
-    engine = Engine(config, store, instance=instance, executables=executables)
+    engine = Engine(config, store, instance=instance, executables=executables, batch=batch)
     if on_start is not None:
         on_start(engine)
     watchdog = Watchdog(engine, notifier=notifier)
@@ -346,5 +346,5 @@ async def _serve(
             logger.warning("cannot write the final status file: {}", exc)
     return ServiceResult(
         tally=engine.tally, interrupted=interrupted, recovery=recovery,
-        admitted=frozenset(engine.admitted), failed_sources=dict(engine.failed_sources),
+        admitted=frozenset(engine.admitted or ()), failed_sources=dict(engine.failed_sources),
     )  # fmt: skip

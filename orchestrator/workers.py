@@ -126,7 +126,7 @@ class Engine:
 
     def __init__(
         self, config: Config, store: SqliteStore, *, instance: str,
-        executables: Mapping[str, str] | None = None,
+        executables: Mapping[str, str] | None = None, batch: bool = True,
     ) -> None:  # fmt: skip
         self.config = config
         self.store = store
@@ -153,8 +153,9 @@ class Engine:
         self.tally = Tally()
         #: Items not yet terminal that this process knows of.
         self.outstanding = trio_util.AsyncValue(0)
-        #: Seqs of the items this process admitted (a batch summarises these).
-        self.admitted: set[int] = set()
+        #: Seqs of the items this process admitted, which a batch summarises. A service keeps
+        #: none: the set would grow by every item for as long as it runs.
+        self.admitted: set[int] | None = set() if batch else None
         self.stopping = False
         self._interruptible_scopes: set[trio.CancelScope] = set()
         self._timers: trio.Nursery | None = None
@@ -201,7 +202,9 @@ class Engine:
         """Take charge of an item from the store (ingested now, or pending from before)."""
         if item.seq in self.active:
             return
-        if item.seq not in self.admitted:
+        if self.admitted is None:
+            self.tally.admitted += 1
+        elif item.seq not in self.admitted:
             self.admitted.add(item.seq)
             self.tally.admitted += 1
         if item.state in TERMINAL_STATES:

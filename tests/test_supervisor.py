@@ -290,3 +290,45 @@ async def test_a_second_sigint_stops_at_once_and_still_kills_the_tree(
     assert result.interrupted
     assert pids_alive([int(pidfile.read_text())]) == []
     assert [r[3] for r in runs_of(config.state_dir)] == ["cancelled"]
+
+
+async def test_a_service_keeps_no_record_per_item_it_took(
+    tmp_path: Path, write_config: Callable[[str], Config]
+) -> None:
+    # A batch remembers the seqs it took, for its summary; a service running for months must
+    # not: the set grew by every item (about 60 bytes each, for as long as it ran).
+    (tmp_path / "in").mkdir()
+    for i in range(5):
+        (tmp_path / "in" / f"f{i}").write_text(str(i))
+    config = write_config("""
+        [http]
+        listen = false
+        [[sources]]
+        name = "in"
+        type = "directory"
+        path = "in"
+        route = ["s"]
+        settle = "0s"
+        poll_interval = "50ms"
+        [[stages]]
+        name = "s"
+        command = ["true"]
+        """)
+    engine_seen: list[Engine] = []
+    result = None
+
+    async def run_service() -> None:
+        nonlocal result
+        result = await serve(config, on_start=engine_seen.append)
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_service)
+            while not engine_seen or engine_seen[0].tally.done < 5:
+                await trio.sleep(0.02)
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert result is not None
+    [engine] = engine_seen
+    assert (engine.tally.admitted, engine.tally.done) == (5, 5)
+    assert engine.admitted is None
+    assert result.admitted == frozenset()
