@@ -7,8 +7,10 @@ import os
 import time
 from typing import TYPE_CHECKING
 
+from servicekit import captured_logs
+
 from orchestrator.config import parse_config
-from orchestrator.sources import DirectorySource
+from orchestrator.sources import DirectorySource, directory
 from orchestrator.sources.directory import Disposed, free_name, move_no_clobber
 from orchestrator.store.records import Item, ItemState
 
@@ -141,7 +143,33 @@ def test_delete_and_keep(tmp_path: Path) -> None:
     assert (tmp_path / "in" / "x").exists()
     assert src.dispose(item_of(new, ItemState.DONE)) == Disposed("deleted 'x'")
     assert not (tmp_path / "in" / "x").exists()
-    assert src.removed == {"x"}
+    assert list(src.removed) == ["x"]
+
+
+def test_a_name_that_comes_back_is_said_once_and_only_the_latest_are_remembered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A service that deletes every file must not keep every name it ever saw: only the
+    # latest REMOVED_REMEMBERED, to say so when a file comes back under one of them.
+    monkeypatch.setattr(directory, "REMOVED_REMEMBERED", 3)
+    (tmp_path / "in").mkdir()
+    names = [f"f{i}" for i in range(5)]
+    for name in names:
+        (tmp_path / "in" / name).write_text(name)
+    src = source(tmp_path, on_done="delete")
+    new = src.select(src.scan(), wall=time.time() + 60)
+    src.accepted(n.key for n in new)
+    for n in new:
+        assert src.dispose(item_of(n, ItemState.DONE)) == Disposed(f"deleted {n.key!r}")
+    assert list(src.removed) == ["f2", "f3", "f4"]
+    # f4 and f0 come back: f4 is remembered and said once; f0 is ignored without a word.
+    (tmp_path / "in" / "f4").write_text("again")
+    (tmp_path / "in" / "f0").write_text("again")
+    with captured_logs("WARNING") as lines:
+        assert src.select(src.scan(), wall=time.time() + 60) == []
+        assert src.select(src.scan(), wall=time.time() + 60) == []
+    assert [line.split(" is back")[0] for line in lines] == ["WARNING 'f4'"]
+    assert list(src.removed) == ["f2", "f3"]
 
 
 def test_a_changed_file_is_left_in_place_with_reingest_changed(tmp_path: Path) -> None:

@@ -26,12 +26,14 @@ with the reason ("vanished before its run"): what was seen is never dropped sile
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fnmatch
 import os
 import re
 import shutil
 import time
+from collections import OrderedDict
 from typing import TYPE_CHECKING, TypeVar
 
 import attrs
@@ -59,6 +61,10 @@ INGEST_FIRST_CHUNK = 50
 INGEST_MAX_CHUNK = 5000
 
 T = TypeVar("T")
+
+#: How many of the latest paths whose file a disposition took away are remembered, to say so
+#: when a file appears at one of them again.
+REMOVED_REMEMBERED = 10_000
 
 
 @attrs.frozen
@@ -114,9 +120,11 @@ class DirectorySource:
         #: Known files present at the first scan, while a disposition is configured: the ones
         #: whose item already ended (the service stopped before moving them) are moved then.
         self.leftovers: list[FileSeen] | None = None
-        #: Relative paths whose file a disposition removed; a file at one of them again is
-        #: reported once, since (without reingest_changed) it is not taken.
-        self.removed: set[str] = set()
+        #: Relative paths whose file a disposition removed, the latest REMOVED_REMEMBERED of
+        #: them (oldest first); a file at one of them again is reported once, since (without
+        #: reingest_changed) it is not taken. Bounded: a service that moves or deletes every
+        #: file would otherwise keep every name it ever saw (about 120 bytes each).
+        self.removed: OrderedDict[str, None] = OrderedDict()
         self._log = logger.bind(source=self.name)
         #: Why the source's own folder could not be listed at the last scan (None: it could),
         #: and what was last said about it.
@@ -212,7 +220,7 @@ class DirectorySource:
         if leftovers is not None:
             leftovers.append(FileSeen(rel, entry.path, 0, 0))
         if rel in self.removed:
-            self.removed.discard(rel)
+            self.removed.pop(rel, None)
             self._log.warning(
                 "{!r} is back after its item's file was moved or deleted; a file of that name "
                 "was taken already, so it is ignored (set reingest_changed = true to take it)",
@@ -370,14 +378,23 @@ class DirectorySource:
                 os.unlink(path)
             except FileNotFoundError:
                 return None
-            self.removed.add(rel)
+            self._removed(rel)
             return Disposed(f"deleted {rel!r}")
         assert disposition.dir is not None
         target = move_no_clobber(path, os.path.join(disposition.dir, rel))
         if target is None:
             return None
-        self.removed.add(rel)
+        self._removed(rel)
         return Disposed(f"moved {rel!r} to {target!r}", moved_to=target)
+
+    def _removed(self, rel: str) -> None:
+        """Remember that a disposition took the file at ``rel`` away (the latest ones only).
+
+        Runs in worker threads beside a scan: each step is one atomic operation."""
+        self.removed[rel] = None
+        if len(self.removed) > REMOVED_REMEMBERED:
+            with contextlib.suppress(KeyError):
+                self.removed.popitem(last=False)
 
 
 def free_name(path: str, n: int) -> str:
