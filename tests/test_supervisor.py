@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -9,16 +10,18 @@ import signal
 import sqlite3
 from typing import TYPE_CHECKING
 
+import attrs
 import trio
 from conftest import PY, pids_alive, processes_with_env
 
 from orchestrator.supervisor import serve
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import AsyncIterator, Callable
     from pathlib import Path
 
     from orchestrator.config import Config
+    from orchestrator.supervisor import ServiceResult
     from orchestrator.workers import Engine
 
 HOSTILE = [
@@ -30,6 +33,28 @@ HOSTILE = [
     "new\nline.txt",
     "`touch PWNED2`.txt",
 ]
+
+
+@attrs.define
+class Served:
+    """An in-process service started by `serving`: its engine once built, its result once back."""
+
+    engines: list[Engine] = attrs.Factory(list)
+    result: ServiceResult | None = None
+
+
+@contextlib.asynccontextmanager
+async def serving(config: Config) -> AsyncIterator[Served]:
+    """Run `serve(config)` as a service for the block; the block ends it (a signal) and the
+    exit waits for it to return."""
+    served = Served()
+
+    async def run_service() -> None:
+        served.result = await serve(config, on_start=served.engines.append)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run_service)
+        yield served
 
 
 def runs_of(state_dir: Path) -> list[tuple[str, int, float, str]]:
@@ -173,28 +198,21 @@ async def test_sigterm_drains_then_cancels_and_requeues_without_spending_an_atte
         command = ["sh", "-c", "{script}"]
         grace_period = "300ms"
         """)
-    engine_seen: list[Engine] = []
-    result = None
-
-    async def run_service() -> None:
-        nonlocal result
-        result = await serve(config, on_start=engine_seen.append)
-
     # When: SIGTERM arrives while the run is going.
     with trio.fail_after(20):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(run_service)
+        async with serving(config) as served:
             while not (pidfile.exists() and len(pidfile.read_text().split()) == 2):
                 await trio.sleep(0.02)
             os.kill(os.getpid(), signal.SIGTERM)
 
     # Then: the service returned, the whole tree is gone, the run is cancelled and the item is
     # queued again with its attempt given back.
+    result = served.result
     assert result is not None
     assert result.interrupted
     pids = [int(p) for p in pidfile.read_text().split()]
     assert pids_alive(pids) == []
-    assert processes_with_env(f"ORCH_INSTANCE={engine_seen[0].instance}") == []
+    assert processes_with_env(f"ORCH_INSTANCE={served.engines[0].instance}") == []
     assert [r[3] for r in runs_of(config.state_dir)] == ["cancelled"]
     with sqlite3.connect(config.state_dir / "orchestrator.db") as db:
         assert db.execute("SELECT state, attempts FROM items").fetchone() == ("queued", 0)
@@ -266,16 +284,9 @@ async def test_a_second_sigint_stops_at_once_and_still_kills_the_tree(
         command = ["sh", "-c", "trap '' TERM; echo $$ > {pidfile}; sleep 300"]
         grace_period = "300ms"
         """)
-    result = None
-
-    async def run_service() -> None:
-        nonlocal result
-        result = await serve(config)
-
     # When: SIGINT twice.
     with trio.fail_after(20):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(run_service)
+        async with serving(config) as served:
             while not (pidfile.exists() and pidfile.read_text().strip()):
                 await trio.sleep(0.02)
             t0 = trio.current_time()
@@ -283,6 +294,7 @@ async def test_a_second_sigint_stops_at_once_and_still_kills_the_tree(
             await trio.sleep(0.2)
             os.kill(os.getpid(), signal.SIGINT)
     elapsed = trio.current_time() - t0
+    result = served.result
 
     # Then: it did not wait the 60 s grace; the TERM-ignoring run was killed after its 0.3 s.
     assert elapsed < 5
@@ -314,21 +326,13 @@ async def test_a_service_keeps_no_record_per_item_it_took(
         name = "s"
         command = ["true"]
         """)
-    engine_seen: list[Engine] = []
-    result = None
-
-    async def run_service() -> None:
-        nonlocal result
-        result = await serve(config, on_start=engine_seen.append)
-
     with trio.fail_after(20):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(run_service)
-            while not engine_seen or engine_seen[0].tally.done < 5:
+        async with serving(config) as served:
+            while not served.engines or served.engines[0].tally.done < 5:
                 await trio.sleep(0.02)
             os.kill(os.getpid(), signal.SIGTERM)
-    assert result is not None
-    [engine] = engine_seen
+    assert served.result is not None
+    [engine] = served.engines
     assert (engine.tally.admitted, engine.tally.done) == (5, 5)
     assert engine.admitted is None
-    assert result.admitted == frozenset()
+    assert served.result.admitted == frozenset()

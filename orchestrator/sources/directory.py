@@ -378,16 +378,16 @@ class DirectorySource:
                 os.unlink(path)
             except FileNotFoundError:
                 return None
-            self._removed(rel)
+            self._remember_removed(rel)
             return Disposed(f"deleted {rel!r}")
         assert disposition.dir is not None
         target = move_no_clobber(path, os.path.join(disposition.dir, rel))
         if target is None:
             return None
-        self._removed(rel)
+        self._remember_removed(rel)
         return Disposed(f"moved {rel!r} to {target!r}", moved_to=target)
 
-    def _removed(self, rel: str) -> None:
+    def _remember_removed(self, rel: str) -> None:
         """Remember that a disposition took the file at ``rel`` away (the latest ones only).
 
         Runs in worker threads beside a scan: each step is one atomic operation."""
