@@ -16,8 +16,11 @@ from typing import TYPE_CHECKING
 
 import trio
 from conftest import PY
+from servicekit import captured_logs, wait_logged
 
+from orchestrator import pollers
 from orchestrator.sources import DirectorySource
+from orchestrator.sources.jsonarray import JsonArraySource
 from orchestrator.store.sqlite import op_requeue
 from orchestrator.supervisor import serve
 
@@ -27,7 +30,7 @@ if TYPE_CHECKING:
 
     import pytest
 
-    from orchestrator.config import Config
+    from orchestrator.config import Config, SourceConfig
     from orchestrator.supervisor import ServiceResult
     from orchestrator.workers import Engine
 
@@ -276,6 +279,108 @@ async def test_on_done_delete(tmp_path: Path, write_config: Callable[[str], Conf
     assert list((tmp_path / "in").iterdir()) == []
 
 
+async def test_a_reused_name_is_left_alone_with_a_warning_also_after_a_restart(
+    tmp_path: Path, write_config: Callable[[str], Config]
+) -> None:
+    # A camera that starts its numbering again: IMG_0001 was taken and deleted, and a new
+    # IMG_0001 is a different file under a taken name. Without reingest_changed it is not
+    # taken, and it must never be deleted as if it were the old item's leftover: not by the
+    # service that saw the old one go, nor by the next start, which asks the store about it.
+    (tmp_path / "in").mkdir()
+    img = tmp_path / "in" / "IMG_0001"
+    img.write_text("first")
+    config = write_config("""
+        [http]
+        listen = false
+        [[sources]]
+        name = "in"
+        type = "directory"
+        path = "in"
+        route = ["s"]
+        settle = "0s"
+        poll_interval = "50ms"
+        on_done = "delete"
+        [[stages]]
+        name = "s"
+        command = ["true"]
+        """)
+    with captured_logs("WARNING") as lines:
+
+        async def reuse(engine: Engine) -> None:
+            with trio.fail_after(10):
+                while img.exists():  # taken, done, deleted
+                    await trio.sleep(0.02)
+            img.write_text("second")
+            await wait_logged(lines, "'IMG_0001' is back after its item's file was")
+
+        first = await serve_until(config, lambda engine: True, reuse)
+    assert first.tally.done == 1
+    assert img.read_text() == "second"
+    with captured_logs("WARNING") as lines:
+        again = await serve(config, batch=True)
+    assert (again.tally.admitted, again.tally.done) == (0, 0)
+    assert img.read_text() == "second"
+    assert ["'IMG_0001' is back" in line for line in lines] == [True]
+    assert [row[:2] for row in items_of(config)] == [("in:IMG_0001", "done")]
+
+
+async def test_a_service_that_moves_every_file_remembers_only_what_the_folder_holds(
+    tmp_path: Path, write_config: Callable[[str], Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The source's memory of taken names follows the folder, not its history: here one file
+    # in each round fails and stays (on_dead = keep), the others are moved away.
+    sources: list[DirectorySource] = []
+
+    def make_source(source: SourceConfig) -> DirectorySource:
+        sources.append(DirectorySource(source, set()))
+        return sources[-1]
+
+    monkeypatch.setattr(pollers, "make_source", make_source)
+    (tmp_path / "in").mkdir()
+    config = write_config("""
+        [http]
+        listen = false
+        [[sources]]
+        name = "in"
+        type = "directory"
+        path = "in"
+        route = ["s"]
+        settle = "0s"
+        poll_interval = "50ms"
+        on_done = "move:done"
+        [[stages]]
+        name = "s"
+        command = ["sh", "-c", 'case "$1" in *bad*) exit 3;; esac', "sh", "{path}"]
+        """)
+
+    async def rounds(engine: Engine) -> None:
+        for r in range(3):
+            for i in range(30):
+                (tmp_path / "in" / f"r{r}-{i:02d}").write_text("x")
+            (tmp_path / "in" / f"r{r}-bad").write_text("x")
+            with trio.fail_after(15):
+                while (engine.tally.done, engine.tally.dead) != (30 * (r + 1), r + 1):
+                    await trio.sleep(0.02)
+                kept = {f"r{k}-bad" for k in range(r + 1)}
+                while {p.name for p in (tmp_path / "in").iterdir()} != kept:
+                    await trio.sleep(0.02)
+                scans = engine.last_poll["in"]
+                while engine.last_poll["in"] <= scans + 0.1:  # a scan after the moves
+                    await trio.sleep(0.02)
+            assert sources[0].known == kept
+
+    await serve_until(config, lambda engine: True, rounds)
+    assert len(list((tmp_path / "done").iterdir())) == 90
+    # A restart does not load what the source took before: its first scan asks the store
+    # about the three files it finds, which stay known (their items are dead: kept).
+    with captured_logs("WARNING") as lines:
+        again = await serve(config, batch=True)
+    assert again.tally.admitted == 0
+    assert sources[1].known == {"r0-bad", "r1-bad", "r2-bad"}
+    assert lines == []
+    assert len(items_of(config)) == 93
+
+
 async def test_reingest_changed_true_takes_a_rewritten_file_again_false_does_not(
     tmp_path: Path, write_config: Callable[..., Config]
 ) -> None:
@@ -511,6 +616,64 @@ async def test_json_array_rewritten_in_place_with_a_new_element_adds_exactly_one
     rows = items_of(config)
     assert [r[0] for r in rows] == ["ideas:0", "ideas:1", "ideas:2", "ideas:3"]
     assert json.loads(rows[3][2] or "") == {"id": 3, "idea": "idea 3, edited"}
+
+
+async def test_json_array_with_a_rolling_window_takes_each_id_once_and_remembers_the_window(
+    tmp_path: Path, write_config: Callable[[str], Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A writer that keeps only its latest 5 elements: the source remembers those (not every
+    # id it ever took), and an old id that comes back is refused by the store, not taken again.
+    sources: list[JsonArraySource] = []
+
+    def make_source(source: SourceConfig) -> JsonArraySource:
+        sources.append(JsonArraySource(source, set()))
+        return sources[-1]
+
+    monkeypatch.setattr(pollers, "make_source", make_source)
+    ideas = tmp_path / "ideas.json"
+
+    def window(first: int, last: int) -> None:
+        tmp = tmp_path / "ideas.json.tmp"
+        tmp.write_text(json.dumps([{"id": i} for i in range(first, last + 1)]))
+        os.replace(tmp, ideas)
+
+    window(0, 4)
+    config = write_config("""
+        [http]
+        listen = false
+        [[sources]]
+        name = "ideas"
+        type = "json"
+        path = "ideas.json"
+        id_field = "id"
+        route = ["s"]
+        poll_interval = "30ms"
+        [[stages]]
+        name = "s"
+        command = ["true"]
+        """)
+
+    async def roll(engine: Engine) -> None:
+        with trio.fail_after(15):
+            while engine.tally.done < 5:
+                await trio.sleep(0.02)
+            for last in range(5, 20):
+                window(last - 4, last)
+                while engine.tally.done < last + 1:
+                    await trio.sleep(0.02)
+            while sources[0].known != {str(i) for i in range(15, 20)}:
+                await trio.sleep(0.02)
+            window(0, 4)  # the oldest ones again: taken already
+            while sources[0].known != {str(i) for i in range(5)}:
+                await trio.sleep(0.02)
+
+    await serve_until(config, lambda engine: True, roll)
+    assert [r[0] for r in items_of(config)] == [f"ideas:{i}" for i in range(20)]
+    # A restart offers the file's elements to the store, which refuses them all.
+    again = await serve(config, batch=True)
+    assert again.tally.admitted == 0
+    assert sources[1].known == {str(i) for i in range(5)}
+    assert len(items_of(config)) == 20
 
 
 async def test_batch_gives_up_on_a_json_file_that_never_parses(

@@ -3,14 +3,19 @@
 Scanning is blocking file system work and runs in a worker thread; deciding what is new and
 settled is pure and runs on the loop. A file is taken once its size and mtime have held still
 for ``settle`` -- at once if its mtime is already older than that -- and never twice: the store
-keeps every key it ingested and refuses a duplicate, and the source keeps the same set in memory
-so it does not even ask. A file's key is its path relative to the folder; with
-``reingest_changed`` it is that path plus the file's size and mtime, so a file rewritten later
-(or dropped again under the same name) is a new item.
+keeps every key it ingested and refuses a duplicate. A file's key is its path relative to the
+folder; with ``reingest_changed`` it is that path plus the file's size and mtime, so a file
+rewritten later (or dropped again under the same name) is a new item.
 
-A scan of files already taken costs no ``stat``: a known name is recognised from the directory
-listing alone (10,000 known files: ~6 ms of CPU per pass). With ``reingest_changed`` every
-matching file is stat'ed, since only its signature tells a new version from an old one.
+In memory the source keeps the keys of the taken files that were in the folder at its last scan
+(`DirectorySource.known`), so a scan of files already taken costs no ``stat`` and no question to
+the store: a known name is recognised from the directory listing alone (10,000 known files: ~6
+ms of CPU per pass). With ``reingest_changed`` every matching file is stat'ed, since only its
+signature tells a new version from an old one. A key leaves that set once its file is gone
+(moved or deleted by ``on_done``/``on_dead``, or by anyone else), so the set follows what the
+folder holds, not the source's history: a service that moves or deletes every file runs for
+months in the same memory. A file that shows up later under a taken name is stat'ed and offered
+like a new one, and the store refuses it (`DirectorySource._taken_already`).
 
 Once an item is done or dead its file is kept, deleted or moved (``on_done`` / ``on_dead``) by
 `DirectorySource.on_terminal`, which the engine calls after the item's end is durable. A move
@@ -18,7 +23,11 @@ keeps the file's path relative to the source folder under the target folder, cre
 missing and never overwrites (``name.1.ext``, ``name.2.ext``...). A failure to move or delete is
 logged and changes nothing else. A moved file's new path is recorded in its item, so a dead
 item that is requeued runs on it. A crash between an item's end and its file's move is made good
-by the first scan after the next start.
+by the first scan after the next start, which asks the store about the files it found: a file
+whose item ended, still at the item's path and not modified since the item ended, is that
+item's file, and is moved or deleted then. A newer file under the name of an item whose file
+was moved or deleted is not (a camera that starts its numbering again): it is left in place,
+with a warning, and not taken (unless ``reingest_changed``).
 
 A file that vanishes after a scan saw it still becomes an item, which the engine fails at once
 with the reason ("vanished before its run"): what was seen is never dropped silently.
@@ -26,23 +35,26 @@ with the reason ("vanished before its run"): what was seen is never dropped sile
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fnmatch
 import os
 import re
 import shutil
 import time
-from collections import OrderedDict
 from typing import TYPE_CHECKING, TypeVar
 
 import attrs
 import trio
 from loguru import logger
 
-from orchestrator.sources.ops import op_items_by_key, op_set_item_path
+from orchestrator.sources.ops import (
+    op_items_by_key,
+    op_keys_held,
+    op_set_item_path,
+    op_source_has_items,
+)
 from orchestrator.store.records import TERMINAL_STATES, ItemState, NewItem
-from orchestrator.store.sqlite import op_source_keys
+from orchestrator.store.sqlite import escaped_text
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
@@ -61,10 +73,6 @@ INGEST_FIRST_CHUNK = 50
 INGEST_MAX_CHUNK = 5000
 
 T = TypeVar("T")
-
-#: How many of the latest paths whose file a disposition took away are remembered, to say so
-#: when a file appears at one of them again.
-REMOVED_REMEMBERED = 10_000
 
 
 @attrs.frozen
@@ -100,10 +108,19 @@ def signature_key(rel: str, size: int, mtime_ns: int) -> str:
 class DirectorySource:
     """New, settled files of one folder (optionally recursive) that match ``pattern``."""
 
-    def __init__(self, config: SourceConfig, known: set[str]) -> None:
+    def __init__(self, config: SourceConfig, known: set[str] | None = None) -> None:
         self.config = config
         self.name = config.name
-        self.known = known
+        #: Keys of taken files seen in the folder at the last scan, and of those taken since.
+        #: The store holds every key; this set only spares asking it, and is never a reason
+        #: to take a file (see the module's docstring).
+        self.known: set[str] = set() if known is None else known
+        #: Keys whose file a disposition took away during the current scan (worker threads
+        #: append; the scan leaves them out of what it saw).
+        self._gone: list[str] = []
+        #: Whether the first complete scan must ask the store which of the files it found were
+        #: taken before (the source has items from earlier runs).
+        self._ask_store = False
         self.root = os.path.abspath(config.path)
         self._pattern = _compile(config.pattern)
         self._ignore = _compile(config.ignore)
@@ -117,14 +134,6 @@ class DirectorySource:
         self._watch: dict[str, tuple[int, int, float]] = {}
         #: Files seen but not yet settled after the last `select` (batch mode waits for them).
         self.unsettled = 0
-        #: Known files present at the first scan, while a disposition is configured: the ones
-        #: whose item already ended (the service stopped before moving them) are moved then.
-        self.leftovers: list[FileSeen] | None = None
-        #: Relative paths whose file a disposition removed, the latest REMOVED_REMEMBERED of
-        #: them (oldest first); a file at one of them again is reported once, since (without
-        #: reingest_changed) it is not taken. Bounded: a service that moves or deletes every
-        #: file would otherwise keep every name it ever saw (about 120 bytes each).
-        self.removed: OrderedDict[str, None] = OrderedDict()
         self._log = logger.bind(source=self.name)
         #: Why the source's own folder could not be listed at the last scan (None: it could),
         #: and what was last said about it.
@@ -149,10 +158,13 @@ class DirectorySource:
         """List candidate files: matching, not ignored, not taken yet (blocking: worker thread).
 
         A folder that does not exist yet yields nothing; files that vanish mid-scan are skipped.
+        When every folder could be listed, `known` becomes the known keys this scan saw.
         """
         found: list[FileSeen] = []
-        leftovers: list[FileSeen] | None = [] if self.leftovers is None and self.disposes else None
-        known, removed = self.known, self.removed
+        known = self.known
+        seen: set[str] = set()
+        self._gone = []
+        complete = True
         by_signature = self.config.reingest_changed
         recursive = self.config.recursive
         ignore, pattern = self._ignore, self._pattern
@@ -166,10 +178,14 @@ class DirectorySource:
             except (FileNotFoundError, NotADirectoryError, PermissionError) as exc:
                 if not prefix:
                     root_problem = exc.strerror or str(exc)
+                # A subfolder gone mid-scan took its files along; one that cannot be read
+                # may still hold known files.
+                complete = complete and bool(prefix) and not isinstance(exc, PermissionError)
                 continue
             except OSError as exc:
                 if not prefix:  # the source's own folder: the poller says why, and retries
                     raise
+                complete = False
                 # A subfolder that cannot be listed (its path too long, a dead mount): the
                 # rest of the tree is still taken.
                 if folder not in self._unlistable:
@@ -189,8 +205,7 @@ class DirectorySource:
                         continue
                     if not by_signature and rel in known:
                         # Taken already: recognised without a stat (the cheap, common case).
-                        if leftovers is not None or rel in removed:
-                            self._known_present(entry, rel, leftovers)
+                        seen.add(rel)
                         continue
                     if (ignore is not None and ignore.match(name)) or (
                         pattern is not None and not pattern.match(name)
@@ -201,31 +216,20 @@ class DirectorySource:
                     st = entry.stat()
                 except OSError:  # vanished or unreadable mid-scan: the next scan sees
                     continue
-                if by_signature and signature_key(rel, st.st_size, st.st_mtime_ns) in known:
-                    if leftovers is not None:
-                        leftovers.append(FileSeen(rel, entry.path, st.st_size, st.st_mtime_ns))
-                    continue
+                if by_signature:
+                    key = signature_key(rel, st.st_size, st.st_mtime_ns)
+                    if key in known:
+                        seen.add(key)
+                        continue
                 found.append(FileSeen(rel, entry.path, st.st_size, st.st_mtime_ns))
-        if leftovers is not None:
-            self.leftovers = leftovers
+        if complete:
+            # Keys whose file is gone leave (the store still refuses them), also those a
+            # disposition took away while this scan listed their folder.
+            seen.difference_update(self._gone)
+            self.known = seen
         self.root_problem = root_problem
         found.sort(key=lambda f: (f.mtime_ns, f.rel))
         return found
-
-    def _known_present(
-        self, entry: os.DirEntry[str], rel: str, leftovers: list[FileSeen] | None
-    ) -> None:
-        if not entry.is_file():
-            return
-        if leftovers is not None:
-            leftovers.append(FileSeen(rel, entry.path, 0, 0))
-        if rel in self.removed:
-            self.removed.pop(rel, None)
-            self._log.warning(
-                "{!r} is back after its item's file was moved or deleted; a file of that name "
-                "was taken already, so it is ignored (set reingest_changed = true to take it)",
-                rel,
-            )
 
     # --- deciding (pure) --------------------------------------------------------------------
 
@@ -272,7 +276,7 @@ class DirectorySource:
     async def load(self, engine: Engine) -> None:
         """Learn the keys this source has ingested before."""
         self._engine = engine
-        self.known.update(await engine.store.read(lambda c: op_source_keys(c, self.name)))
+        self._ask_store = await engine.store.read(lambda c: op_source_has_items(c, self.name))
 
     async def poll(self, engine: Engine, *, once: bool) -> bool:
         """One pass: scan, take what settled, admit it; True once nothing is left unsettled."""
@@ -286,9 +290,10 @@ class DirectorySource:
             else:
                 self._log.info("{!r} can be listed again", str(self.root))
             self._root_problem_said = self.root_problem
-        if self.leftovers:
-            leftovers, self.leftovers = self.leftovers, []
-            await self._dispose_leftovers(engine, leftovers)
+        if self._ask_store and self.root_problem is None:
+            # The first scan after a start: which of these were taken by an earlier run?
+            self._ask_store = False
+            files = await self._drop_taken(engine, files)
         new = self.select(files)
         total = 0
         # In growing chunks: the first items run while the rest is still being written.
@@ -298,6 +303,12 @@ class DirectorySource:
             total += len(added)
             for item in added:
                 engine.admit(item)
+            if len(added) < len(chunk):  # refused: names taken before, whose file was gone
+                stored = {i.key for i in added}
+                refused = {n.key for n in chunk if escaped_text(n.key) not in stored}
+                await self._taken_already(
+                    engine, [f for f in files if self.key_of(f.rel, f.size, f.mtime_ns) in refused]
+                )
         if total:
             self._log.info("ingested {} item(s)", total)
         return self.unsettled == 0
@@ -305,17 +316,55 @@ class DirectorySource:
     def close(self) -> None:
         """Nothing to let go of (folders are opened only while they are scanned)."""
 
-    async def _dispose_leftovers(self, engine: Engine, files: list[FileSeen]) -> None:
-        present = {self.key_of(f.rel, f.size, f.mtime_ns): f.path for f in files}
-        items = await engine.store.read(lambda c: op_items_by_key(c, self.name, present))
-        # Only items whose file is this one (not one moved aside before, now with a namesake).
-        ended = [
-            i for i in items
-            if i.state in TERMINAL_STATES and i.seq not in engine.active
-            and i.path == present[i.key]
-        ]  # fmt: skip
-        for item in ended:
-            await self.on_terminal(item)
+    async def _drop_taken(self, engine: Engine, files: list[FileSeen]) -> list[FileSeen]:
+        """``files`` without those the store has taken already (which go to `_taken_already`)."""
+        if not files:
+            return files
+        stored = {escaped_text(self.key_of(f.rel, f.size, f.mtime_ns)): f for f in files}
+        held = await engine.store.read(lambda c: op_keys_held(c, self.name, stored))
+        if not held:
+            return files
+        await self._taken_already(engine, [stored[k] for k in held])
+        return [f for k, f in stored.items() if k not in held]
+
+    async def _taken_already(self, engine: Engine, files: list[FileSeen]) -> None:
+        """Files under keys the store holds: known from now on, and perhaps disposed of.
+
+        With a disposition configured, a file whose item has ended, still at that item's path
+        and not modified since the item ended, is the item's own file, which a stop came
+        before moving (a leftover): it is moved or deleted now. A newer file under such a name
+        is a new file (names get reused); it is left where it is, with a warning, since its
+        key was taken already.
+        """
+        keys = {self.key_of(f.rel, f.size, f.mtime_ns): f for f in files}
+        self.known.update(keys)
+        if not self.disposes:
+            return
+        items = await engine.store.read(lambda c: op_items_by_key(c, self.name, keys))
+        stored = {escaped_text(k): f for k, f in keys.items()}
+        for item in items:
+            f = stored.get(item.key)
+            disposition = self._disposition(item)
+            if (
+                f is None
+                or item.seq in engine.active
+                or item.state not in TERMINAL_STATES
+                or (disposition is None or disposition.action == "keep")
+            ):
+                continue
+            if item.path == f.path and f.mtime_ns <= item.updated_at * 1e9:
+                await self.on_terminal(item)
+            elif self.config.reingest_changed:
+                self._log.warning(
+                    "{!r} is back, unchanged, after its item's file was moved or deleted; that "
+                    "version was taken already, so it is ignored", f.rel,
+                )  # fmt: skip
+            else:
+                self._log.warning(
+                    "{!r} is back after its item's file was moved or deleted; a file of that "
+                    "name was taken already, so it is ignored (set reingest_changed = true to "
+                    "take it)", f.rel,
+                )  # fmt: skip
 
     async def on_terminal(self, item: Item) -> None:
         """Keep, move or delete an ended item's file as configured; failures are only logged.
@@ -378,23 +427,21 @@ class DirectorySource:
                 os.unlink(path)
             except FileNotFoundError:
                 return None
-            self._remember_removed(rel)
+            self._forget(item.key)
             return Disposed(f"deleted {rel!r}")
         assert disposition.dir is not None
         target = move_no_clobber(path, os.path.join(disposition.dir, rel))
         if target is None:
             return None
-        self._remember_removed(rel)
+        self._forget(item.key)
         return Disposed(f"moved {rel!r} to {target!r}", moved_to=target)
 
-    def _remember_removed(self, rel: str) -> None:
-        """Remember that a disposition took the file at ``rel`` away (the latest ones only).
+    def _forget(self, key: str) -> None:
+        """The file of ``key`` is gone from the folder: stop remembering it.
 
         Runs in worker threads beside a scan: each step is one atomic operation."""
-        self.removed[rel] = None
-        if len(self.removed) > REMOVED_REMEMBERED:
-            with contextlib.suppress(KeyError):
-                self.removed.popitem(last=False)
+        self.known.discard(key)
+        self._gone.append(key)
 
 
 def free_name(path: str, n: int) -> str:

@@ -1,10 +1,12 @@
 """The json source: a file holding one JSON array that its writer rewrites, element by element.
 
 Each element is an object with an ``id_field``; an element whose id the source has not taken
-before becomes an item (its payload the element), and a known id is never taken again -- the
-store refuses a duplicate key, and the source keeps the same set in memory so it does not even
-ask. An element that is not an object, or has no usable id, becomes a ``rejected`` item (keyed by
-a hash of its content, so it is rejected once, not at every poll).
+before becomes an item (its payload the element), and a known id is never taken again: the
+store refuses a duplicate key. In memory the source keeps the keys of the document it read last
+(`JsonArraySource.known`), so an element it saw before costs no question to the store; a writer
+that keeps only its latest elements in the file does not make the set grow with its history.
+An element that is not an object, or has no usable id, becomes a ``rejected`` item (keyed by a
+hash of its content, so it is rejected once, not at every poll).
 
 The writer may rewrite the file atomically (rename) or in place. Content that does not parse --
 the writer is in the middle of it -- is tried again at the next poll, and a warning is logged
@@ -28,7 +30,6 @@ from loguru import logger
 
 from orchestrator.sources.jsonl import id_of, json_type, open_regular, show_raw
 from orchestrator.store.records import ItemState, NewItem
-from orchestrator.store.sqlite import op_source_keys
 
 if TYPE_CHECKING:
     from orchestrator.config import SourceConfig
@@ -55,15 +56,21 @@ class ArrayRead:
     items: list[NewItem] = attrs.Factory(list)
     error: str | None = None
     elements: int = 0
+    #: The keys of every element the document holds (parsed only).
+    keys: set[str] = attrs.Factory(set)
 
 
 def new_elements(
-    config: SourceConfig, elements: list[object], known: set[str]
+    config: SourceConfig, elements: list[object], known: set[str],
+    seen: set[str] | None = None,
 ) -> list[NewItem]:  # fmt: skip
-    """Items for the elements of the array whose key is not in ``known`` (pure)."""
+    """Items for the elements of the array whose key is not in ``known`` (pure).
+
+    Every element's key is added to ``seen`` when it is given.
+    """
     assert config.id_field is not None
     route = tuple(config.route)
-    seen: set[str] = set()
+    seen = set() if seen is None else seen
     items: list[NewItem] = []
     for index, element in enumerate(elements):
         reason = None
@@ -94,9 +101,11 @@ def new_elements(
             ).hexdigest()[:16]
             key = f"#{digest}"
             reason = f"element {index}: {exc}; element: {_show(payload)}"
-        if key in known or key in seen:
+        if key in seen:
             continue
         seen.add(key)
+        if key in known:
+            continue
         if reason is None:
             items.append(NewItem(id=f"{config.name}:{key}", source=config.name, key=key,
                                  route=route, payload=payload))  # fmt: skip
@@ -133,6 +142,8 @@ class JsonArraySource:
         self.config = config
         self.name = config.name
         self.path = os.path.abspath(config.path)
+        #: The keys of the elements of the document read last (taken, or refused by the store
+        #: as taken before), so the next read offers only what is new in memory.
         self.known = known
         #: (device, inode, size, mtime_ns) of the content last looked at, and whether it parsed.
         self._signature: tuple[int, int, int, int] | None = None
@@ -145,8 +156,8 @@ class JsonArraySource:
     # --- the poller's side (trio) -----------------------------------------------------------
 
     async def load(self, engine: Engine) -> None:
-        """Learn the keys this source has ingested before."""
-        self.known.update(await engine.store.read(lambda c: op_source_keys(c, self.name)))
+        """Nothing to learn: the first read offers every element, and the store refuses those
+        taken before (once per start, instead of every key the source ever took in memory)."""
 
     async def poll(self, engine: Engine, *, once: bool) -> bool:
         """Look at the file and ingest new elements; True once it parsed (or, batch, gave up)."""
@@ -168,7 +179,6 @@ class JsonArraySource:
         self.failures = 0
         if found.items:
             added = await engine.store.ingest(found.items)
-            self.known.update(i.key for i in found.items)
             rejected = [i for i in added if i.state is ItemState.REJECTED]
             if len(added) > len(rejected):
                 self._log.info("ingested {} element(s)", len(added) - len(rejected))
@@ -176,6 +186,8 @@ class JsonArraySource:
                 self._log.bind(item=item.id).warning("element rejected: {}", item.reason)
             for item in added:
                 engine.admit(item)
+        if found.outcome == "parsed":  # only once what it found is in the store
+            self.known = found.keys
         return True
 
     def close(self) -> None:
@@ -220,5 +232,6 @@ class JsonArraySource:
             return ArrayRead("failed", error=error)
         self._parsed, self._last_error = True, None
         assert isinstance(document, list)
-        return ArrayRead("parsed", new_elements(self.config, document, self.known),
-                         elements=len(document))  # fmt: skip
+        keys: set[str] = set()
+        items = new_elements(self.config, document, self.known, keys)
+        return ArrayRead("parsed", items, elements=len(document), keys=keys)

@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING
 
 import attrs
 
-from orchestrator.store.sqlite import op_ingest, op_items_by_seq
+from orchestrator.store.sqlite import escaped_text, op_ingest, op_items_by_seq
 
 if TYPE_CHECKING:
     import sqlite3
-    from collections.abc import Iterable, Sequence
+    from collections.abc import Iterable, Iterator, Sequence
 
     from orchestrator.store.records import Item, NewItem
 
@@ -25,7 +25,9 @@ __all__ = [
     "Position",
     "op_ingest_records",
     "op_items_by_key",
+    "op_keys_held",
     "op_set_item_path",
+    "op_source_has_items",
     "op_source_position",
 ]
 
@@ -108,12 +110,21 @@ def _taken(conn: sqlite3.Connection, source: str, key: str, item_id: str) -> boo
     return row is not None
 
 
-def op_items_by_key(conn: sqlite3.Connection, source: str, keys: Iterable[str]) -> list[Item]:
-    """The items of ``source`` with these keys (those the store holds), in ingest order."""
-    wanted = list(keys)
-    seqs: list[int] = []
+def _key_chunks(keys: Iterable[str]) -> Iterator[list[str]]:
+    """``keys`` as the store holds them (see `escaped_text`), KEYS_PER_QUERY at a time."""
+    wanted = [escaped_text(k) for k in keys]
     for start in range(0, len(wanted), KEYS_PER_QUERY):
-        chunk = wanted[start : start + KEYS_PER_QUERY]
+        yield wanted[start : start + KEYS_PER_QUERY]
+
+
+def op_items_by_key(conn: sqlite3.Connection, source: str, keys: Iterable[str]) -> list[Item]:
+    """The items of ``source`` with these keys (those the store holds), in ingest order.
+
+    A key that is not valid UTF-8 (a file name in another encoding) is looked up as the store
+    keeps it, escaped; the item then carries the escaped key.
+    """
+    seqs: list[int] = []
+    for chunk in _key_chunks(keys):
         marks = ", ".join("?" * len(chunk))
         seqs += [
             r[0]
@@ -122,6 +133,26 @@ def op_items_by_key(conn: sqlite3.Connection, source: str, keys: Iterable[str]) 
             )
         ]
     return op_items_by_seq(conn, sorted(seqs))
+
+
+def op_keys_held(conn: sqlite3.Connection, source: str, keys: Iterable[str]) -> set[str]:
+    """Which of ``keys`` the store holds for ``source`` (as the store keeps them, escaped)."""
+    held: set[str] = set()
+    for chunk in _key_chunks(keys):
+        marks = ", ".join("?" * len(chunk))
+        held.update(
+            r[0]
+            for r in conn.execute(
+                f"SELECT key FROM items WHERE source = ? AND key IN ({marks})", (source, *chunk)
+            )
+        )
+    return held
+
+
+def op_source_has_items(conn: sqlite3.Connection, source: str) -> bool:
+    """Whether ``source`` has ingested anything yet."""
+    row = conn.execute("SELECT 1 FROM items WHERE source = ? LIMIT 1", (source,)).fetchone()
+    return row is not None
 
 
 def op_set_item_path(conn: sqlite3.Connection, seq: int, path: str) -> None:

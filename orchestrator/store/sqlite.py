@@ -788,11 +788,6 @@ def op_batch_rows(conn: sqlite3.Connection, seqs: Sequence[int], since: float) -
     return counts
 
 
-def op_source_keys(conn: sqlite3.Connection, source: str) -> set[str]:
-    """The dedupe keys a source has ingested so far."""
-    return {r[0] for r in conn.execute("SELECT key FROM items WHERE source = ?", (source,))}
-
-
 def op_get_item(conn: sqlite3.Connection, item_id: str) -> Item:
     """The item with this id.
 
