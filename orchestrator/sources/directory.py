@@ -274,7 +274,8 @@ class DirectorySource:
     # --- the poller's side (trio) -----------------------------------------------------------
 
     async def load(self, engine: Engine) -> None:
-        """Learn the keys this source has ingested before."""
+        """Learn whether this source took files before: if so, its first scan asks the store
+        which of the files it finds those were (instead of loading every key ever taken)."""
         self._engine = engine
         self._ask_store = await engine.store.read(lambda c: op_source_has_items(c, self.name))
 
