@@ -56,7 +56,7 @@ from orchestrator.store.sqlite import (
     op_batch_rows,
     op_items_by_seq,
     op_open_runs,
-    op_pending_items,
+    op_pending_index,
     op_recover,
     op_register_instance,
     op_stop_instance,
@@ -252,9 +252,10 @@ async def _serve(
     signals: AsyncIterator[int],
 ) -> ServiceResult:  # fmt: skip
     interrupted = False
-    pending = await store.read(op_pending_items)
+    # Seqs and stages only: the items are read as the engine has room for them.
+    pending = await store.read(op_pending_index)
     # Items recovery found poisoned died in this run: a batch reports them.
-    pending += await store.read(lambda c: op_items_by_seq(c, recovery.poisoned_seqs))
+    poisoned = await store.read(lambda c: op_items_by_seq(c, recovery.poisoned_seqs))
     executables = await trio.to_thread.run_sync(resolve_executables, config)
     engine = Engine(config, store, instance=instance, executables=executables, batch=batch)
     if on_start is not None:
@@ -274,7 +275,8 @@ async def _serve(
         await root.start(watchdog.serve, name="watchdog")
         await root.start(functools.partial(serve_status_file, engine, health=watchdog.health))
         await root.start(engine.serve_store_watch)
-        for item in pending:
+        engine.defer(pending)
+        for item in poisoned:
             engine.admit(item)
         sources_scope = trio.CancelScope()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import itertools
 import os
 import shutil
 import sys
@@ -34,10 +35,16 @@ from orchestrator.runner import (
     run_command,
 )
 from orchestrator.store.records import TERMINAL_STATES, Item, ItemState, Transition
-from orchestrator.store.sqlite import Claim, Finish, op_give_up, op_items_changed_since
+from orchestrator.store.sqlite import (
+    Claim,
+    Finish,
+    op_give_up,
+    op_items_by_seq,
+    op_items_changed_since,
+)
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Iterator, Mapping
+    from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 
     from orchestrator.config import Config, StageConfig
     from orchestrator.store.sqlite import SqliteStore, _Op
@@ -52,6 +59,12 @@ RECENT_ERRORS = 20
 STORE_WATCH_INTERVAL = 1.0
 #: The watch looks this far back in time, so a commit that lands late is not missed.
 STORE_WATCH_OVERLAP = 10.0
+#: Most items an engine holds in memory (queued for a stage, waiting for a retry, running).
+#: Beyond it, items wait in the store -- where they are durable anyway -- and are read back in
+#: order as room frees, so a backlog of a million files costs a seq each, not an item each.
+ADMIT_WINDOW = 5000
+#: Most ended items handed to a source's terminal hook in one call (one worker thread hop).
+ENDED_BATCH_MAX = 500
 #: Items are prepared (their file checked, their workdir made) about this much work ahead of
 #: their run -- and never more than one batch of `PREPARE_BATCH_MAX` runs per slot ahead.
 PREPARE_AHEAD = 0.05
@@ -164,6 +177,11 @@ class Engine:
         self.sources_exhausted = trio_util.AsyncValue(0)
         #: Seqs of the items in flight here (not terminal); the store watch skips these.
         self.active: set[int] = set()
+        #: Items taken in charge past ADMIT_WINDOW: seq -> stage, oldest first. They wait
+        #: in the store and are read back by `serve_refill`; the store watch skips them too.
+        self.deferred: dict[int, str | None] = {}
+        self._deferred_stages: collections.Counter[str | None] = collections.Counter()
+        self._room = trio.Event()
         #: Runs going on now, by run id (status file, watchdog).
         self.running: dict[int, RunningRun] = {}
         #: The last failures, newest last (status file).
@@ -173,9 +191,11 @@ class Engine:
         #: Runs that did not end ok, per stage, since start.
         self.failed_runs: collections.Counter[str] = collections.Counter()
         self.started_wall = time.time()
-        #: Per source: called (in the background) with each of its items that became terminal,
-        #: after the transition is durable -- where a source moves or deletes its file.
-        self.on_terminal: dict[str, Callable[[Item], Awaitable[None]]] = {}
+        #: Per source: called (in the background) with its items that became terminal, in
+        #: batches, after their transitions are durable -- where a source moves or deletes
+        #: their files. One call at a time per source; the items that end meanwhile wait.
+        self.on_terminal: dict[str, Callable[[list[Item]], Awaitable[None]]] = {}
+        self._ended: dict[str, list[Item]] = {}
         #: Called after each run's result is durable: (stage, result, slot wait, transition).
         #: Observers (metrics) must be quick and must not raise.
         self.on_run_end: list[Callable[[str, RunResult, float, Transition], None]] = []
@@ -199,14 +219,44 @@ class Engine:
     # --- admission and dispatch -----------------------------------------------------------
 
     def admit(self, item: Item) -> None:
-        """Take charge of an item from the store (ingested now, or pending from before)."""
-        if item.seq in self.active:
+        """Take charge of an item from the store (ingested now, or pending from before).
+
+        Past ADMIT_WINDOW items in memory -- and after any item deferred before it, so items
+        keep their order -- a live item is only noted, and read back from the store later.
+        """
+        if item.seq in self.active or item.seq in self.deferred:
             return
+        self._count_admitted(item.seq)
+        if item.state not in TERMINAL_STATES and (
+            self.deferred or len(self.active) >= ADMIT_WINDOW
+        ):
+            self._defer(item.seq, item.stage)
+            return
+        self._accept(item)
+
+    def defer(self, pending: Iterable[tuple[int, str | None]]) -> None:
+        """Take charge of live items the store holds, by ``(seq, stage)``, oldest first,
+        without reading them whole now (a start's backlog): `serve_refill` reads them."""
+        for seq, stage in pending:
+            if seq not in self.active and seq not in self.deferred:
+                self._count_admitted(seq)
+                self._defer(seq, stage)
+
+    def _count_admitted(self, seq: int) -> None:
         if self.admitted is None:
             self.tally.admitted += 1
-        elif item.seq not in self.admitted:
-            self.admitted.add(item.seq)
+        elif seq not in self.admitted:
+            self.admitted.add(seq)
             self.tally.admitted += 1
+
+    def _defer(self, seq: int, stage: str | None) -> None:
+        self.deferred[seq] = stage
+        self._deferred_stages[stage] += 1
+        self.outstanding.value += 1
+        self._room.set()
+
+    def _accept(self, item: Item) -> None:
+        """Hold ``item`` in memory and send it on its way (or count it, when it has ended)."""
         if item.state in TERMINAL_STATES:
             self._count_terminal(item.state)
             return
@@ -257,8 +307,13 @@ class Engine:
         self.on_change(self.tally)
 
     def queue_depths(self) -> dict[str, int]:
-        """Items waiting in each stage's queue (not counting retry timers)."""
-        return {name: len(lane) for name, lane in self._lanes.items()}
+        """Items waiting in each stage's queue, deferred ones included (not counting retry
+        timers)."""
+        depths = {name: len(lane) for name, lane in self._lanes.items()}
+        for stage, n in self._deferred_stages.items():
+            if n and stage in depths:
+                depths[stage] += n
+        return depths
 
     # --- shutdown --------------------------------------------------------------------------
 
@@ -291,8 +346,30 @@ class Engine:
             self._timers = nursery
             for name, lane in self._lanes.items():
                 nursery.start_soon(self._serve_lane, lane, name=f"prepare:{name}")
+            nursery.start_soon(self.serve_refill, name="refill")
             task_status.started()
             await trio.sleep_forever()
+
+    async def serve_refill(self) -> None:
+        """Read deferred items back from the store, oldest first, whenever at most half of
+        ADMIT_WINDOW is in memory: up to the window at a time."""
+        while True:
+            room = ADMIT_WINDOW - len(self.active)
+            if not self.deferred or room < ADMIT_WINDOW // 2:
+                await self._room.wait()
+                self._room = trio.Event()
+                continue
+            seqs = list(itertools.islice(self.deferred, room))
+            items = await self.store.read(functools.partial(op_items_by_seq, seqs=seqs))
+            for item in items:
+                self._deferred_stages[self.deferred.pop(item.seq)] -= 1
+                self._accept(item)
+            # Only now, so that the count never touches 0 on the way (a batch would end).
+            self.outstanding.value -= len(items)
+            for seq in seqs:  # not in the store (cannot happen): let go
+                if seq in self.deferred:
+                    self._deferred_stages[self.deferred.pop(seq)] -= 1
+                    self.outstanding.value -= 1
 
     async def _serve_lane(self, lane: _Lane) -> None:
         """Keep ``lane.depth()`` items prepared ahead of the stage's workers."""
@@ -499,14 +576,36 @@ class Engine:
             self._count_terminal(transition.state)
             if transition.state is ItemState.DEAD:
                 log.error("item dead: {}", transition.reason)
-            hook = self.on_terminal.get(item.source)
-            if hook is not None and self._timers is not None:
-                self._timers.start_soon(hook, moved)
+            if item.source in self.on_terminal and self._timers is not None:
+                ended = self._ended.get(item.source)
+                if ended is None:  # no call going on for this source: start one
+                    ended = self._ended[item.source] = []
+                    self._timers.start_soon(self._hand_over_ended, item.source)
+                ended.append(moved)
+            if self.deferred and len(self.active) <= ADMIT_WINDOW // 2:
+                self._room.set()
         else:
             if transition.state is ItemState.RETRY_WAIT:
                 self.tally.retries += 1
             self._dispatch(moved)
             self.on_change(self.tally)
+
+    async def _hand_over_ended(self, source: str) -> None:
+        """Give ``source``'s hook the items that ended, in batches, until none is left.
+
+        Shielded: at the end of a batch or at shutdown the last items' files are still moved
+        (the nursery waits for this task)."""
+        hook = self.on_terminal[source]
+        with trio.CancelScope(shield=True):
+            await trio.lowlevel.checkpoint()  # let the items ending in this step join
+            while ended := self._ended[source]:
+                self._ended[source] = []
+                for start in range(0, len(ended), ENDED_BATCH_MAX):
+                    try:
+                        await hook(ended[start : start + ENDED_BATCH_MAX])
+                    except Exception as exc:  # a hook must not take the engine down
+                        logger.opt(exception=exc).bind(source=source).error("terminal hook failed")
+            del self._ended[source]
 
     def _workdir(self, item: Item) -> str | None:
         """The item's workdir, when its route (or its record) needs one."""
@@ -575,13 +674,13 @@ class Engine:
         async with contextlib.aclosing(trio_util.periodic(STORE_WATCH_INTERVAL)) as ticks:
             async for _ in ticks:
                 now = time.time()
-                known = frozenset(self.active)
+                known = frozenset(self.active).union(self.deferred)
                 found = await self.store.read(
                     functools.partial(op_items_changed_since, since=since, known=known)
                 )
                 since = now - STORE_WATCH_OVERLAP
                 for item in found:
-                    if item.seq in self.active:
+                    if item.seq in self.active or item.seq in self.deferred:
                         continue
                     if item.seq in self.parked and item.stage not in self.stages:
                         continue  # still at a stage the config does not have (said once)

@@ -28,8 +28,9 @@ from orchestrator.store.sqlite import (
     op_batch_rows,
     op_get_item,
     op_item_runs,
+    op_items_by_seq,
     op_items_changed_since,
-    op_pending_items,
+    op_pending_index,
     op_recover,
 )
 
@@ -88,7 +89,8 @@ async def test_ingest_dedupes_by_source_and_key_durably(tmp_path: Path) -> None:
     assert [i.key for i in again] == ["c"]
     # A new process sees the same three items (the commit was durable and complete).
     conn = connect(tmp_path / "o.db", create=False)
-    assert [i.key for i in op_pending_items(conn)] == ["a", "b", "c"]
+    assert op_pending_index(conn) == [(1, "a"), (2, "a"), (3, "a")]
+    assert [i.key for i in op_items_by_seq(conn, [1, 2, 3])] == ["a", "b", "c"]
 
 
 async def test_an_item_whose_name_is_not_utf8_is_kept_rejected_and_the_rest_ingested(
@@ -345,7 +347,7 @@ async def test_group_commit_shares_transactions_and_isolates_a_failing_op(tmp_pa
     assert len([o for o in outcomes if isinstance(o, int)]) == 49
     assert commits < 50  # concurrent callers shared commits
     conn = connect(tmp_path / "o.db", create=False)
-    assert len(op_pending_items(conn)) == 49  # the failing op rolled back only itself
+    assert len(op_pending_index(conn)) == 49  # the failing op rolled back only itself
 
 
 async def test_recovery_requeues_interrupted_and_kills_poison_items(tmp_path: Path) -> None:

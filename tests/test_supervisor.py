@@ -14,15 +14,21 @@ import attrs
 import trio
 from conftest import PY, pids_alive, processes_with_env
 
+from orchestrator import workers
+from orchestrator.store import NewItem, connect
+from orchestrator.store.sqlite import op_ingest
 from orchestrator.supervisor import serve
+from orchestrator.workers import Engine
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
     from pathlib import Path
 
+    import pytest
+
     from orchestrator.config import Config
+    from orchestrator.store.records import Item
     from orchestrator.supervisor import ServiceResult
-    from orchestrator.workers import Engine
 
 HOSTILE = [
     "with space.txt",
@@ -336,3 +342,56 @@ async def test_a_service_keeps_no_record_per_item_it_took(
     assert (engine.tally.admitted, engine.tally.done) == (5, 5)
     assert engine.admitted is None
     assert served.result.admitted == frozenset()
+
+
+async def test_a_backlog_past_the_admission_window_waits_in_the_store_in_order(
+    tmp_path: Path, write_config: Callable[[str], Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A backlog larger than what the engine holds in memory: the rest waits in the store, as
+    # seqs, and is read back oldest first as room frees -- both a start's pending items and a
+    # source's new ones. The stage (one at a time) writes down the order it ran them in.
+    monkeypatch.setattr(workers, "ADMIT_WINDOW", 10)
+    held: list[int] = []
+    accept = Engine._accept
+
+    def counting_accept(self: Engine, item: Item) -> None:
+        accept(self, item)
+        held.append(len(self.active))
+        assert self.queue_depths()["s"] >= len(self.deferred)
+
+    monkeypatch.setattr(Engine, "_accept", counting_accept)
+    (tmp_path / "state").mkdir(mode=0o700)
+    conn = connect(tmp_path / "state" / "orchestrator.db", create=True)
+    with conn:  # left queued by an earlier service
+        op_ingest(conn, [NewItem(id=f"old:{i:02d}", source="old", key=str(i), route=("s",),
+                                 payload="{}") for i in range(30)])  # fmt: skip
+    conn.close()
+    (tmp_path / "in").mkdir()
+    for i in range(60):
+        (tmp_path / "in" / f"{i:02d}").write_text("x")
+        os.utime(tmp_path / "in" / f"{i:02d}", (1000 + i, 1000 + i))
+    config = write_config("""
+        [http]
+        listen = false
+        [[sources]]
+        name = "in"
+        type = "directory"
+        path = "in"
+        route = ["s"]
+        settle = "0s"
+        [[stages]]
+        name = "s"
+        command = ["sh", "-c", 'echo "$1" >> order.txt', "sh", "{item}"]
+        cwd = "."
+        concurrency = 1
+        """)
+    engines: list[Engine] = []
+    with trio.fail_after(60):
+        result = await serve(config, batch=True, on_start=engines.append)
+
+    assert (result.tally.admitted, result.tally.done) == (90, 90)
+    expected = [f"old:{i:02d}" for i in range(30)] + [f"in:{i:02d}" for i in range(60)]
+    assert (tmp_path / "order.txt").read_text().split() == expected
+    assert len(held) == 90
+    assert max(held) <= 10
+    assert engines[0].deferred == {}

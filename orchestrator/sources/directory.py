@@ -50,7 +50,7 @@ from loguru import logger
 from orchestrator.sources.ops import (
     op_items_by_key,
     op_keys_held,
-    op_set_item_path,
+    op_set_item_paths,
     op_source_has_items,
 )
 from orchestrator.store.records import TERMINAL_STATES, ItemState, NewItem
@@ -173,8 +173,38 @@ class DirectorySource:
         while stack:
             prefix, folder = stack.pop()
             try:
+                # One entry at a time: a DirEntry caches its stat, and a list of 50,000 of
+                # them held ~50 MB until the folder was done.
                 with os.scandir(folder) as listing:
-                    entries = list(listing)
+                    for entry in listing:
+                        name = entry.name
+                        rel = prefix + name
+                        try:
+                            if recursive and entry.is_dir(follow_symlinks=False):
+                                if (ignore is None or not ignore.match(name)) and (
+                                    entry.path not in self._skip_dirs
+                                ):
+                                    stack.append((rel + "/", entry.path))
+                                continue
+                            if not by_signature and rel in known:
+                                # Taken already: recognised without a stat (the cheap, common case).
+                                seen.add(rel)
+                                continue
+                            if (ignore is not None and ignore.match(name)) or (
+                                pattern is not None and not pattern.match(name)
+                            ):
+                                continue
+                            if not entry.is_file():
+                                continue
+                            st = entry.stat()
+                        except OSError:  # vanished or unreadable mid-scan: the next scan sees
+                            continue
+                        if by_signature:
+                            key = signature_key(rel, st.st_size, st.st_mtime_ns)
+                            if key in known:
+                                seen.add(key)
+                                continue
+                        found.append(FileSeen(rel, entry.path, st.st_size, st.st_mtime_ns))
             except (FileNotFoundError, NotADirectoryError, PermissionError) as exc:
                 if not prefix:
                     root_problem = exc.strerror or str(exc)
@@ -193,35 +223,6 @@ class DirectorySource:
                     self._log.warning("cannot list {!r}, skipped: {}", folder,
                                       exc.strerror or exc)  # fmt: skip
                 continue
-            for entry in entries:
-                name = entry.name
-                rel = prefix + name
-                try:
-                    if recursive and entry.is_dir(follow_symlinks=False):
-                        if (ignore is None or not ignore.match(name)) and (
-                            entry.path not in self._skip_dirs
-                        ):
-                            stack.append((rel + "/", entry.path))
-                        continue
-                    if not by_signature and rel in known:
-                        # Taken already: recognised without a stat (the cheap, common case).
-                        seen.add(rel)
-                        continue
-                    if (ignore is not None and ignore.match(name)) or (
-                        pattern is not None and not pattern.match(name)
-                    ):
-                        continue
-                    if not entry.is_file():
-                        continue
-                    st = entry.stat()
-                except OSError:  # vanished or unreadable mid-scan: the next scan sees
-                    continue
-                if by_signature:
-                    key = signature_key(rel, st.st_size, st.st_mtime_ns)
-                    if key in known:
-                        seen.add(key)
-                        continue
-                found.append(FileSeen(rel, entry.path, st.st_size, st.st_mtime_ns))
         if complete:
             # Keys whose file is gone leave (the store still refuses them), also those a
             # disposition took away while this scan listed their folder.
@@ -242,10 +243,15 @@ class DirectorySource:
             now: monotonic time (for how long a signature held still).
             wall: wall-clock time (for the files' mtimes).
         """
+        return [self._item(f) for f in self.settled(files, now=now, wall=wall)]
+
+    def settled(self, files: list[FileSeen], *, now: float | None = None,
+                wall: float | None = None) -> list[FileSeen]:  # fmt: skip
+        """The files that have settled (see `select`; the items are made chunk by chunk)."""
         now = time.monotonic() if now is None else now
         wall = time.time() if wall is None else wall
         settle = self.config.settle
-        ready: list[NewItem] = []
+        ready: list[FileSeen] = []
         watch: dict[str, tuple[int, int, float]] = {}
         for f in files:
             if self.key_of(f.rel, f.size, f.mtime_ns) in self.known:
@@ -253,7 +259,7 @@ class DirectorySource:
             old = self._watch.get(f.rel)
             first = old[2] if old is not None and old[:2] == (f.size, f.mtime_ns) else now
             if wall - f.mtime_ns / 1e9 >= settle or now - first >= settle:
-                ready.append(self._item(f))
+                ready.append(f)
             else:
                 watch[f.rel] = (f.size, f.mtime_ns, first)
         self._watch = watch
@@ -295,21 +301,23 @@ class DirectorySource:
             # The first scan after a start: which of these were taken by an earlier run?
             self._ask_store = False
             files = await self._drop_taken(engine, files)
-        new = self.select(files)
+        ready = self.settled(files)
         total = 0
-        # In growing chunks: the first items run while the rest is still being written.
-        for chunk in _chunks(new, INGEST_FIRST_CHUNK, INGEST_MAX_CHUNK):
-            added = await engine.store.ingest(chunk)
-            self.accepted(n.key for n in chunk)
+        # In growing chunks: the first items run while the rest is still being written; the
+        # items of a large backlog are made a chunk at a time.
+        for chunk in _chunks(ready, INGEST_FIRST_CHUNK, INGEST_MAX_CHUNK):
+            new = [self._item(f) for f in chunk]
+            added = await engine.store.ingest(new)
+            self.accepted(n.key for n in new)
             total += len(added)
             for item in added:
                 engine.admit(item)
-            if len(added) < len(chunk):  # refused: names taken before, whose file was gone
+            if len(added) < len(new):  # refused: names taken before, whose file was gone
                 stored = {i.key for i in added}
-                refused = {n.key for n in chunk if escaped_text(n.key) not in stored}
                 await self._taken_already(
-                    engine, [f for f in files if self.key_of(f.rel, f.size, f.mtime_ns) in refused]
-                )
+                    engine, [f for f, n in zip(chunk, new, strict=True)
+                             if escaped_text(n.key) not in stored],
+                )  # fmt: skip
         if total:
             self._log.info("ingested {} item(s)", total)
         return self.unsettled == 0
@@ -343,6 +351,7 @@ class DirectorySource:
             return
         items = await engine.store.read(lambda c: op_items_by_key(c, self.name, keys))
         stored = {escaped_text(k): f for k, f in keys.items()}
+        leftovers = []
         for item in items:
             f = stored.get(item.key)
             disposition = self._disposition(item)
@@ -354,7 +363,7 @@ class DirectorySource:
             ):
                 continue
             if item.path == f.path and f.mtime_ns <= item.updated_at * 1e9:
-                await self.on_terminal(item)
+                leftovers.append(item)
             elif self.config.reingest_changed:
                 self._log.warning(
                     "{!r} is back, unchanged, after its item's file was moved or deleted; that "
@@ -366,31 +375,43 @@ class DirectorySource:
                     "name was taken already, so it is ignored (set reingest_changed = true to "
                     "take it)", f.rel,
                 )  # fmt: skip
+        if leftovers:
+            await self.on_terminal(leftovers)
 
-    async def on_terminal(self, item: Item) -> None:
-        """Keep, move or delete an ended item's file as configured; failures are only logged.
+    async def on_terminal(self, items: list[Item]) -> None:
+        """Keep, move or delete ended items' files as configured; failures are only logged.
 
-        The engine calls this in the background once the item's end is durable. Shielded: at
-        the end of a batch (or at shutdown) the file of the last item is still moved.
+        The engine calls this in the background once the items' ends are durable, with the
+        items that ended meanwhile: one worker thread does the lot. Shielded: at the end of a
+        batch (or at shutdown) the files of the last items are still moved.
         """
-        log = self._log.bind(item=item.id)
-        try:
-            with trio.CancelScope(shield=True):
-                done = await trio.to_thread.run_sync(self.dispose, item)
-        except OSError as exc:
-            log.warning("cannot {} {!r}: {}", self._disposition(item), item.path, exc)
-            return
-        except Exception as exc:  # a disposition must never take the engine down
-            log.opt(exception=exc).error("cannot dispose of {!r}", item.path)
-            return
-        if done is None:
-            return
-        log.info("{}", done.message)
-        if done.moved_to is not None and self._engine is not None:
-            # The item follows its file: `show` says where it is, and a dead item that is
-            # requeued runs on the moved file.
-            seq, path = item.seq, done.moved_to
-            self._engine.store.submit(lambda c: op_set_item_path(c, seq, path))
+        with trio.CancelScope(shield=True):
+            results = await trio.to_thread.run_sync(self._dispose_each, items)
+        moved = []
+        for item, done in zip(items, results, strict=True):
+            log = self._log.bind(item=item.id)
+            if isinstance(done, OSError):
+                log.warning("cannot {} {!r}: {}", self._disposition(item), item.path, done)
+            elif isinstance(done, Exception):  # a disposition must never take the engine down
+                log.opt(exception=done).error("cannot dispose of {!r}", item.path)
+            elif done is not None:
+                log.info("{}", done.message)
+                if done.moved_to is not None:
+                    moved.append((item.seq, done.moved_to))
+        if moved and self._engine is not None:
+            # The items follow their files: `show` says where they are, and a dead item that
+            # is requeued runs on the moved file.
+            self._engine.store.submit(lambda c: op_set_item_paths(c, moved))
+
+    def _dispose_each(self, items: list[Item]) -> list[Disposed | Exception | None]:
+        """`dispose` of each item, or what it raised (blocking: worker thread)."""
+        results: list[Disposed | Exception | None] = []
+        for item in items:
+            try:
+                results.append(self.dispose(item))
+            except Exception as exc:
+                results.append(exc)
+        return results
 
     def _disposition(self, item: Item) -> Disposition | None:
         if item.state is ItemState.DONE:

@@ -26,7 +26,7 @@ __all__ = [
     "op_ingest_records",
     "op_items_by_key",
     "op_keys_held",
-    "op_set_item_path",
+    "op_set_item_paths",
     "op_source_has_items",
     "op_source_position",
 ]
@@ -155,6 +155,6 @@ def op_source_has_items(conn: sqlite3.Connection, source: str) -> bool:
     return row is not None
 
 
-def op_set_item_path(conn: sqlite3.Connection, seq: int, path: str) -> None:
-    """Record that an item's file is now at ``path`` (its source moved it)."""
-    conn.execute("UPDATE items SET path = ? WHERE seq = ?", (path, seq))
+def op_set_item_paths(conn: sqlite3.Connection, moved: Iterable[tuple[int, str]]) -> None:
+    """Record that items' files are elsewhere now (their source moved them): ``(seq, path)``."""
+    conn.executemany("UPDATE items SET path = ? WHERE seq = ?", [(p, seq) for seq, p in moved])

@@ -646,13 +646,23 @@ def op_give_up(conn: sqlite3.Connection, item: Item, reason: str) -> None:
     _event(conn, item.seq, now, "gave up", item.stage, "dead", reason)
 
 
-def op_pending_items(conn: sqlite3.Connection) -> list[Item]:
-    """Every item not yet in a terminal state, oldest first."""
-    rows = conn.execute(
-        f"SELECT {_ITEM_COLUMNS} FROM items"
+def op_pending_index(conn: sqlite3.Connection) -> list[tuple[int, str | None]]:
+    """``(seq, stage)`` of every item not yet in a terminal state, oldest first.
+
+    What a start takes charge of without reading a large backlog whole: the engine reads
+    the items themselves as it has room for them (`Engine.defer`).
+    """
+    routes: dict[str, list[str]] = {}
+    index: list[tuple[int, str | None]] = []
+    for seq, route, stage_index in conn.execute(
+        "SELECT seq, route, stage_index FROM items"
         " WHERE state IN ('queued', 'running', 'retry_wait') ORDER BY seq"
-    )
-    return [_item(r) for r in rows]
+    ):
+        stages = routes.get(route)
+        if stages is None:
+            stages = routes[route] = json.loads(route)
+        index.append((seq, stages[stage_index] if stage_index < len(stages) else None))
+    return index
 
 
 @attrs.frozen
