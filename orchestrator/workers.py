@@ -59,9 +59,10 @@ RECENT_ERRORS = 20
 STORE_WATCH_INTERVAL = 1.0
 #: The watch looks this far back in time, so a commit that lands late is not missed.
 STORE_WATCH_OVERLAP = 10.0
-#: Most items an engine holds in memory (queued for a stage, waiting for a retry, running).
-#: Beyond it, items wait in the store -- where they are durable anyway -- and are read back in
-#: order as room frees, so a backlog of a million files costs a seq each, not an item each.
+#: Most items an engine holds in memory queued for a stage or running (items waiting for a
+#: retry's delay come on top: they must not hold fresh ones back). Beyond it, items wait in the
+#: store -- where they are durable anyway -- and are read back in order as room frees, so a
+#: backlog of a million files costs a seq each, not an item each.
 ADMIT_WINDOW = 5000
 #: Most ended items handed to a source's terminal hook in one call (one worker thread hop).
 ENDED_BATCH_MAX = 500
@@ -182,6 +183,8 @@ class Engine:
         self.deferred: dict[int, str | None] = {}
         self._deferred_stages: collections.Counter[str | None] = collections.Counter()
         self._room = trio.Event()
+        #: Items of `active` sleeping out a retry's delay.
+        self._sleeping = 0
         #: Runs going on now, by run id (status file, watchdog).
         self.running: dict[int, RunningRun] = {}
         #: The last failures, newest last (status file).
@@ -227,9 +230,7 @@ class Engine:
         if item.seq in self.active or item.seq in self.deferred:
             return
         self._count_admitted(item.seq)
-        if item.state not in TERMINAL_STATES and (
-            self.deferred or len(self.active) >= ADMIT_WINDOW
-        ):
+        if item.state not in TERMINAL_STATES and (self.deferred or self._held() >= ADMIT_WINDOW):
             self._defer(item.seq, item.stage)
             return
         self._accept(item)
@@ -241,6 +242,15 @@ class Engine:
             if seq not in self.active and seq not in self.deferred:
                 self._count_admitted(seq)
                 self._defer(seq, stage)
+
+    def _held(self) -> int:
+        """Items in memory that count against ADMIT_WINDOW."""
+        return len(self.active) - self._sleeping
+
+    def _make_room(self) -> None:
+        """Wake `serve_refill` when deferred items wait and at most half the window is held."""
+        if self.deferred and self._held() <= ADMIT_WINDOW // 2:
+            self._room.set()
 
     def _count_admitted(self, seq: int) -> None:
         if self.admitted is None:
@@ -284,6 +294,8 @@ class Engine:
         if item.state is ItemState.RETRY_WAIT and item.not_before is not None:
             delay = item.not_before - time.time()
             if delay > 0 and self._timers is not None:
+                self._sleeping += 1
+                self._make_room()
                 self._timers.start_soon(self._retry_later, item, delay)
                 return
         self._enqueue(item)
@@ -295,6 +307,7 @@ class Engine:
 
     async def _retry_later(self, item: Item, delay: float) -> None:
         await trio.sleep(delay)
+        self._sleeping -= 1
         self._enqueue(item)
 
     def _count_terminal(self, state: ItemState) -> None:
@@ -354,7 +367,7 @@ class Engine:
         """Read deferred items back from the store, oldest first, whenever at most half of
         ADMIT_WINDOW is in memory: up to the window at a time."""
         while True:
-            room = ADMIT_WINDOW - len(self.active)
+            room = ADMIT_WINDOW - self._held()
             if not self.deferred or room < ADMIT_WINDOW // 2:
                 await self._room.wait()
                 self._room = trio.Event()
@@ -582,8 +595,7 @@ class Engine:
                     ended = self._ended[item.source] = []
                     self._timers.start_soon(self._hand_over_ended, item.source)
                 ended.append(moved)
-            if self.deferred and len(self.active) <= ADMIT_WINDOW // 2:
-                self._room.set()
+            self._make_room()
         else:
             if transition.state is ItemState.RETRY_WAIT:
                 self.tally.retries += 1

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import sqlite3
+import time
 from typing import TYPE_CHECKING
 
 import attrs
@@ -395,3 +396,43 @@ async def test_a_backlog_past_the_admission_window_waits_in_the_store_in_order(
     assert len(held) == 90
     assert max(held) <= 10
     assert engines[0].deferred == {}
+
+
+async def test_items_waiting_out_a_retry_delay_do_not_hold_fresh_ones_back(
+    tmp_path: Path, write_config: Callable[[str], Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Three items wait for their retry's delay (2 s) and fill a window of 3: the new files
+    # must still run at once, not after the delay.
+    monkeypatch.setattr(workers, "ADMIT_WINDOW", 3)
+    (tmp_path / "state").mkdir(mode=0o700)
+    conn = connect(tmp_path / "state" / "orchestrator.db", create=True)
+    wake = time.time() + 2
+    with conn:
+        op_ingest(conn, [NewItem(id=f"old:{i}", source="old", key=str(i), route=("s",),
+                                 payload="{}") for i in range(3)])  # fmt: skip
+        conn.execute("UPDATE items SET state = 'retry_wait', attempts = 1, not_before = ?", (wake,))
+    conn.close()
+    (tmp_path / "in").mkdir()
+    for i in range(5):
+        (tmp_path / "in" / f"{i}").write_text("x")
+    config = write_config("""
+        [http]
+        listen = false
+        [[sources]]
+        name = "in"
+        type = "directory"
+        path = "in"
+        route = ["s"]
+        settle = "0s"
+        [[stages]]
+        name = "s"
+        command = ["true"]
+        concurrency = 1
+        """)
+    with trio.fail_after(30):
+        result = await serve(config, batch=True)
+
+    assert result.tally.done == 8
+    started = {item: at for item, _, at, _ in runs_of(config.state_dir)}
+    assert all(started[f"in:{i}"] < wake for i in range(5)), (started, wake)
+    assert all(started[f"old:{i}"] >= wake for i in range(3)), (started, wake)
