@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import contextlib
 import os
+import sqlite3
 import sys
 import textwrap
 from pathlib import Path
@@ -11,12 +13,27 @@ import pytest
 from orchestrator.config import load_config
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
     from orchestrator.config import Config
 
 PROGRAMS = Path(__file__).parent / "programs"
 PY = sys.executable
+
+
+@contextlib.contextmanager
+def open_db(path: str | os.PathLike[str], **kwargs: float) -> Iterator[sqlite3.Connection]:
+    """A connection to a test's store, committed and closed at the end of the block.
+
+    sqlite3's own ``with`` only commits: the file stayed open until the garbage collector came
+    by, in the middle of a later test that compares the process's open descriptors.
+    """
+    conn = sqlite3.connect(path, **kwargs)
+    try:
+        with conn:
+            yield conn
+    finally:
+        conn.close()
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -15,7 +14,7 @@ import time
 from typing import TYPE_CHECKING
 
 import pytest
-from conftest import PROGRAMS, PY
+from conftest import PROGRAMS, PY, open_db
 from servicekit import Service
 
 if TYPE_CHECKING:
@@ -105,7 +104,7 @@ def test_seed_scenario_exclusive_stages_never_overlap(tmp_path: Path) -> None:
     assert max_overlap(intervals(record, "convert")) == 1
     store_peak = max_overlap(intervals(record, "store"))
     assert 2 <= store_peak <= 5  # the wide stage really ran in parallel, within its limit
-    with sqlite3.connect(tmp_path / "state" / "orchestrator.db") as db:
+    with open_db(tmp_path / "state" / "orchestrator.db") as db:
         runs = db.execute("SELECT stage, outcome, count(*) FROM runs GROUP BY stage, outcome")
         assert sorted(runs) == [("convert", "ok", 40), ("extract", "ok", 40), ("store", "ok", 40)]
     # And a second batch finds nothing new: files are never ingested twice.
@@ -159,7 +158,7 @@ def test_batch_exit_1_and_reason_when_an_item_is_dead(tmp_path: Path) -> None:
     assert "exit 4" in failed["reason"]
     assert "after 3 attempts" in failed["reason"]
     assert summary["stages"]["boom"]["outcomes"] == {"failed": 3}
-    with sqlite3.connect(tmp_path / "state" / "orchestrator.db") as db:
+    with open_db(tmp_path / "state" / "orchestrator.db") as db:
         tails = [r[0] for r in db.execute("SELECT tail FROM runs ORDER BY id")]
     assert tails == ["bad input x.txt"] * 3
 

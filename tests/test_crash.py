@@ -19,7 +19,7 @@ import time
 from typing import TYPE_CHECKING
 
 import pytest
-from conftest import PROGRAMS, PY, processes_with_env
+from conftest import PROGRAMS, PY, open_db, processes_with_env
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -40,7 +40,7 @@ def start(config: Path, log: Path, command: str = "run") -> subprocess.Popen[byt
 
 def states(db: Path) -> dict[str, int]:
     try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+        with open_db(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
             return dict(conn.execute("SELECT state, count(*) FROM items GROUP BY state").fetchall())
     except sqlite3.OperationalError:
         return {}
@@ -146,7 +146,7 @@ def test_kill_9_at_random_moments_loses_nothing_and_never_overlaps(tmp_path: Pat
     text = log.read_text()
     tail = text[-3000:]  # every assertion below shows it: a rare failure must explain itself
     assert states(db) == {"done": ITEMS}, tail
-    with sqlite3.connect(db) as conn:
+    with open_db(db) as conn:
         dones = conn.execute(
             "SELECT item_seq, count(*) FROM events WHERE state = 'done' GROUP BY item_seq"
         ).fetchall()
@@ -196,7 +196,7 @@ def test_poison_item_is_dead_after_max_interruptions(tmp_path: Path) -> None:
         codes.append(proc.wait(timeout=30))
     # Then: three deaths, then the item is dead as a poison item and the batch says so.
     assert codes == [-9, -9, -9, 1]
-    with sqlite3.connect(tmp_path / "state" / "orchestrator.db") as conn:
+    with open_db(tmp_path / "state" / "orchestrator.db") as conn:
         state, reason, interruptions = conn.execute(
             "SELECT state, reason, interruptions FROM items"
         ).fetchone()

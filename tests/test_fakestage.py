@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 import subprocess
 import sys
 import time
 from typing import TYPE_CHECKING
 
 import pytest
+from conftest import open_db
 
 from orchestrator.fakestage import parse_faults
 from orchestrator.supervisor import serve
@@ -97,7 +97,7 @@ async def test_faults_section_wraps_real_stages(
         """)
     result = await serve(config, batch=True)
     assert result.tally.dead == 3
-    with sqlite3.connect(config.state_dir / "orchestrator.db") as db:
+    with open_db(config.state_dir / "orchestrator.db") as db:
         tails = {r[0] for r in db.execute("SELECT tail FROM runs")}
     assert tails == {"fakestage: injected failure (faults.fail_rate)"}
 
@@ -128,6 +128,6 @@ async def test_faults_delay_then_runs_the_real_command(
     result = await serve(config, batch=True)
     assert result.tally.done == 1
     assert out.read_text() == "x"
-    with sqlite3.connect(config.state_dir / "orchestrator.db") as db:
+    with open_db(config.state_dir / "orchestrator.db") as db:
         [duration] = [r[0] for r in db.execute("SELECT duration FROM runs")]
     assert duration >= 0.3

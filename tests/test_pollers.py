@@ -15,7 +15,7 @@ import time
 from typing import TYPE_CHECKING
 
 import trio
-from conftest import PY
+from conftest import PY, open_db
 from servicekit import captured_logs, wait_logged
 
 from orchestrator import pollers
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 def items_of(config: Config) -> list[tuple[str, str, str | None, str | None]]:
     """``(id, state, payload, reason)`` of every item, in ingest order."""
-    with sqlite3.connect(config.state_dir / "orchestrator.db") as db:
+    with open_db(config.state_dir / "orchestrator.db") as db:
         return db.execute("SELECT id, state, payload, reason FROM items ORDER BY seq").fetchall()
 
 
@@ -106,7 +106,7 @@ async def test_a_thousand_files_arriving_at_once_are_each_taken_once(
     rows = items_of(config)
     assert len(rows) == 1000
     assert {r[0] for r in rows} == {f"in:f{i:04d}.dat" for i in range(1000)}
-    with sqlite3.connect(config.state_dir / "orchestrator.db") as db:
+    with open_db(config.state_dir / "orchestrator.db") as db:
         assert db.execute("SELECT count(*), count(DISTINCT item_seq) FROM runs").fetchone() == (
             1000, 1000,
         )  # fmt: skip
@@ -148,7 +148,7 @@ async def test_a_file_still_being_written_is_taken_once_settled(
 
     # Then: one item, taken at least `settle` after the last write, with the whole file.
     assert (out / "growing.bin").read_bytes() == b"".join(bytes([i]) * 1000 for i in range(10))
-    with sqlite3.connect(config.state_dir / "orchestrator.db") as db:
+    with open_db(config.state_dir / "orchestrator.db") as db:
         [(created,)] = db.execute("SELECT created_at FROM items").fetchall()
     assert created >= last_write + 0.3 - 0.01
 
@@ -238,7 +238,7 @@ async def test_on_done_move_and_on_dead_move_and_leftovers_after_a_restart(
     # And the item follows its file: a dead item requeued runs on the moved file (here with a
     # stage that now accepts it), and is moved from there on to done/ when it is done.
     rows = {r[0]: r for r in items_of(move)}
-    with sqlite3.connect(move.state_dir / "orchestrator.db") as db:
+    with open_db(move.state_dir / "orchestrator.db") as db:
         paths = dict(db.execute("SELECT id, path FROM items"))
         assert paths["in:sub/bad.txt"] == str(tmp_path / "failed" / "sub" / "bad.txt")
         db.execute("BEGIN IMMEDIATE")
@@ -523,7 +523,7 @@ def test_restart_after_sigkill_resumes_with_no_duplicate_and_no_gap(tmp_path: Pa
 
     def counts() -> tuple[int, int]:
         try:
-            with sqlite3.connect(tmp_path / "state" / "orchestrator.db", timeout=5) as db:
+            with open_db(tmp_path / "state" / "orchestrator.db", timeout=5) as db:
                 row = db.execute(
                     "SELECT count(*), count(*) FILTER (WHERE state = 'done') FROM items"
                 ).fetchone()
@@ -563,7 +563,7 @@ def test_restart_after_sigkill_resumes_with_no_duplicate_and_no_gap(tmp_path: Pa
     # Then: every record became exactly one item, and every item is done.
     err = service_log.read_text()[-3000:]
     assert proc.returncode == 0, err
-    with sqlite3.connect(tmp_path / "state" / "orchestrator.db") as db:
+    with open_db(tmp_path / "state" / "orchestrator.db") as db:
         payloads = [json.loads(p)["n"] for (p,) in db.execute("SELECT payload FROM items")]
         states = db.execute("SELECT state, count(*) FROM items GROUP BY state").fetchall()
         position = db.execute("SELECT inode, offset FROM source_offsets").fetchone()

@@ -7,13 +7,12 @@ import itertools
 import json
 import os
 import signal
-import sqlite3
 import time
 from typing import TYPE_CHECKING
 
 import attrs
 import trio
-from conftest import PY, pids_alive, processes_with_env
+from conftest import PY, open_db, pids_alive, processes_with_env
 
 from orchestrator import workers
 from orchestrator.store import NewItem, connect
@@ -65,7 +64,7 @@ async def serving(config: Config) -> AsyncIterator[Served]:
 
 
 def runs_of(state_dir: Path) -> list[tuple[str, int, float, str]]:
-    with sqlite3.connect(state_dir / "orchestrator.db") as db:
+    with open_db(state_dir / "orchestrator.db") as db:
         return db.execute(
             "SELECT i.id, r.attempt, r.started_at, r.outcome FROM runs r"
             " JOIN items i ON i.seq = r.item_seq ORDER BY r.id"
@@ -149,7 +148,7 @@ async def test_retries_with_growing_backoff_then_dead(
     gaps = [b[2] - a[2] for a, b in itertools.pairwise(runs)]
     for gap, cap in zip(gaps, (0.2, 0.4, 0.8), strict=True):
         assert 0 <= gap <= cap + 0.25, (gaps, cap)
-    with sqlite3.connect(config.state_dir / "orchestrator.db") as db:
+    with open_db(config.state_dir / "orchestrator.db") as db:
         state, reason = db.execute("SELECT state, reason FROM items").fetchone()
     assert state == "dead"
     assert reason == "flaky: exit 2 (after 4 attempts)"
@@ -221,7 +220,7 @@ async def test_sigterm_drains_then_cancels_and_requeues_without_spending_an_atte
     assert pids_alive(pids) == []
     assert processes_with_env(f"ORCH_INSTANCE={served.engines[0].instance}") == []
     assert [r[3] for r in runs_of(config.state_dir)] == ["cancelled"]
-    with sqlite3.connect(config.state_dir / "orchestrator.db") as db:
+    with open_db(config.state_dir / "orchestrator.db") as db:
         assert db.execute("SELECT state, attempts FROM items").fetchone() == ("queued", 0)
 
 
@@ -256,7 +255,7 @@ async def test_a_file_that_vanishes_fails_its_item_with_a_clear_reason(
 
     # Then: both are dead, not retried, each with what happened to its file.
     assert result.tally.dead == 2
-    with sqlite3.connect(config.state_dir / "orchestrator.db") as db:
+    with open_db(config.state_dir / "orchestrator.db") as db:
         reasons = dict(db.execute("SELECT id, reason FROM items").fetchall())
         runs = db.execute("SELECT count(*) FROM runs").fetchone()[0]
     before = str(tmp_path / "in" / "gone-before")
