@@ -265,6 +265,9 @@ class Engine:
         self.outstanding.value += 1
         self._room.set()
 
+    def _undefer(self, seq: int) -> None:
+        self._deferred_stages[self.deferred.pop(seq)] -= 1
+
     def _accept(self, item: Item) -> None:
         """Hold ``item`` in memory and send it on its way (or count it, when it has ended)."""
         if item.state in TERMINAL_STATES:
@@ -375,13 +378,13 @@ class Engine:
             seqs = list(itertools.islice(self.deferred, room))
             items = await self.store.read(functools.partial(op_items_by_seq, seqs=seqs))
             for item in items:
-                self._deferred_stages[self.deferred.pop(item.seq)] -= 1
+                self._undefer(item.seq)
                 self._accept(item)
             # Only now, so that the count never touches 0 on the way (a batch would end).
             self.outstanding.value -= len(items)
             for seq in seqs:  # not in the store (cannot happen): let go
                 if seq in self.deferred:
-                    self._deferred_stages[self.deferred.pop(seq)] -= 1
+                    self._undefer(seq)
                     self.outstanding.value -= 1
 
     async def _serve_lane(self, lane: _Lane) -> None:

@@ -6,19 +6,47 @@ import sqlite3
 import sys
 import textwrap
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import pytest
 
+from orchestrator import pollers
 from orchestrator.config import load_config
+from orchestrator.store import NewItem, connect
+from orchestrator.store.sqlite import op_ingest
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
-    from orchestrator.config import Config
+    from orchestrator.config import Config, SourceConfig
 
 PROGRAMS = Path(__file__).parent / "programs"
 PY = sys.executable
+
+S = TypeVar("S")
+
+
+def left_queued(state_dir: Path, items: list[NewItem]) -> None:
+    """A store as an earlier service left it: ``items`` ingested (queued), nothing run yet."""
+    state_dir.mkdir(mode=0o700, exist_ok=True)
+    conn = connect(state_dir / "orchestrator.db", create=True)
+    try:
+        with conn:
+            op_ingest(conn, items)
+    finally:
+        conn.close()
+
+
+def capture_sources(monkeypatch: pytest.MonkeyPatch, kind: Callable[..., S]) -> list[S]:
+    """The source objects the services of a test make (of ``kind``), in order."""
+    made: list[S] = []
+
+    def make_source(source: SourceConfig) -> S:
+        made.append(kind(source, set()))
+        return made[-1]
+
+    monkeypatch.setattr(pollers, "make_source", make_source)
+    return made
 
 
 @contextlib.contextmanager

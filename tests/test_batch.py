@@ -14,7 +14,7 @@ import time
 from typing import TYPE_CHECKING
 
 import pytest
-from conftest import PROGRAMS, PY, open_db
+from conftest import PROGRAMS, PY, left_queued, open_db
 from servicekit import Service
 
 if TYPE_CHECKING:
@@ -546,15 +546,10 @@ def test_items_queued_for_a_stage_no_longer_in_the_config_are_warned_about_once(
 ) -> None:
     # Found in session 6: each such item was "re-queued from outside" and refused again at
     # every look of the store watch -- a line per item per second, for ever.
-    from orchestrator.store import NewItem, connect
-    from orchestrator.store.sqlite import op_ingest
+    from orchestrator.store import NewItem
 
-    (tmp_path / "state").mkdir(mode=0o700)
-    conn = connect(tmp_path / "state" / "orchestrator.db", create=True)
-    with conn:
-        op_ingest(conn, [NewItem(id=f"in:{i}", source="in", key=str(i), route=("old",))
-                         for i in range(20)])  # fmt: skip
-    conn.close()
+    left_queued(tmp_path / "state", [NewItem(id=f"in:{i}", source="in", key=str(i),
+                                             route=("old",)) for i in range(20)])  # fmt: skip
     service = _service(tmp_path, '["true"]', route="new")
     time.sleep(4)  # a few looks of the store watch (every second)
     assert service.stop(20) == 0, service.log

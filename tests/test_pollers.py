@@ -15,10 +15,9 @@ import time
 from typing import TYPE_CHECKING
 
 import trio
-from conftest import PY, open_db
+from conftest import PY, capture_sources, open_db
 from servicekit import captured_logs, wait_logged
 
-from orchestrator import pollers
 from orchestrator.sources import DirectorySource
 from orchestrator.sources.jsonarray import JsonArraySource
 from orchestrator.store.sqlite import op_requeue
@@ -30,7 +29,7 @@ if TYPE_CHECKING:
 
     import pytest
 
-    from orchestrator.config import Config, SourceConfig
+    from orchestrator.config import Config
     from orchestrator.supervisor import ServiceResult
     from orchestrator.workers import Engine
 
@@ -65,6 +64,23 @@ async def serve_until(
             os.kill(os.getpid(), signal.SIGTERM)
     assert result is not None
     return result
+
+
+#: A service watching ideas.json (a json source keyed by "id") with one `true` stage.
+IDEAS_SERVICE = """
+    [http]
+    listen = false
+    [[sources]]
+    name = "ideas"
+    type = "json"
+    path = "ideas.json"
+    id_field = "id"
+    route = ["s"]
+    poll_interval = "30ms"
+    [[stages]]
+    name = "s"
+    command = ["true"]
+    """
 
 
 # --- directory ------------------------------------------------------------------------------
@@ -329,13 +345,7 @@ async def test_a_service_that_moves_every_file_remembers_only_what_the_folder_ho
 ) -> None:
     # The source's memory of taken names follows the folder, not its history: here one file
     # in each round fails and stays (on_dead = keep), the others are moved away.
-    sources: list[DirectorySource] = []
-
-    def make_source(source: SourceConfig) -> DirectorySource:
-        sources.append(DirectorySource(source, set()))
-        return sources[-1]
-
-    monkeypatch.setattr(pollers, "make_source", make_source)
+    sources = capture_sources(monkeypatch, DirectorySource)
     (tmp_path / "in").mkdir()
     config = write_config("""
         [http]
@@ -582,20 +592,7 @@ async def test_json_array_rewritten_in_place_with_a_new_element_adds_exactly_one
     # Given: an ideas file with three ideas, watched by the service.
     ideas = tmp_path / "ideas.json"
     ideas.write_text(json.dumps([{"id": i, "idea": f"idea {i}"} for i in range(3)]))
-    config = write_config("""
-        [http]
-        listen = false
-        [[sources]]
-        name = "ideas"
-        type = "json"
-        path = "ideas.json"
-        id_field = "id"
-        route = ["s"]
-        poll_interval = "30ms"
-        [[stages]]
-        name = "s"
-        command = ["true"]
-        """)
+    config = write_config(IDEAS_SERVICE)
 
     async def rewrite(engine: Engine) -> None:
         while engine.tally.done < 3:
@@ -623,13 +620,7 @@ async def test_json_array_with_a_rolling_window_takes_each_id_once_and_remembers
 ) -> None:
     # A writer that keeps only its latest 5 elements: the source remembers those (not every
     # id it ever took), and an old id that comes back is refused by the store, not taken again.
-    sources: list[JsonArraySource] = []
-
-    def make_source(source: SourceConfig) -> JsonArraySource:
-        sources.append(JsonArraySource(source, set()))
-        return sources[-1]
-
-    monkeypatch.setattr(pollers, "make_source", make_source)
+    sources = capture_sources(monkeypatch, JsonArraySource)
     ideas = tmp_path / "ideas.json"
 
     def window(first: int, last: int) -> None:
@@ -638,20 +629,7 @@ async def test_json_array_with_a_rolling_window_takes_each_id_once_and_remembers
         os.replace(tmp, ideas)
 
     window(0, 4)
-    config = write_config("""
-        [http]
-        listen = false
-        [[sources]]
-        name = "ideas"
-        type = "json"
-        path = "ideas.json"
-        id_field = "id"
-        route = ["s"]
-        poll_interval = "30ms"
-        [[stages]]
-        name = "s"
-        command = ["true"]
-        """)
+    config = write_config(IDEAS_SERVICE)
 
     async def roll(engine: Engine) -> None:
         with trio.fail_after(15):

@@ -12,11 +12,10 @@ from typing import TYPE_CHECKING
 
 import attrs
 import trio
-from conftest import PY, open_db, pids_alive, processes_with_env
+from conftest import PY, left_queued, open_db, pids_alive, processes_with_env
 
 from orchestrator import workers
-from orchestrator.store import NewItem, connect
-from orchestrator.store.sqlite import op_ingest
+from orchestrator.store import NewItem
 from orchestrator.supervisor import serve
 from orchestrator.workers import Engine
 
@@ -360,12 +359,8 @@ async def test_a_backlog_past_the_admission_window_waits_in_the_store_in_order(
         assert self.queue_depths()["s"] >= len(self.deferred)
 
     monkeypatch.setattr(Engine, "_accept", counting_accept)
-    (tmp_path / "state").mkdir(mode=0o700)
-    conn = connect(tmp_path / "state" / "orchestrator.db", create=True)
-    with conn:  # left queued by an earlier service
-        op_ingest(conn, [NewItem(id=f"old:{i:02d}", source="old", key=str(i), route=("s",),
-                                 payload="{}") for i in range(30)])  # fmt: skip
-    conn.close()
+    left_queued(tmp_path / "state", [NewItem(id=f"old:{i:02d}", source="old", key=str(i),
+                                             route=("s",), payload="{}") for i in range(30)])  # fmt: skip
     (tmp_path / "in").mkdir()
     for i in range(60):
         (tmp_path / "in" / f"{i:02d}").write_text("x")
@@ -403,14 +398,11 @@ async def test_items_waiting_out_a_retry_delay_do_not_hold_fresh_ones_back(
     # Three items wait for their retry's delay (2 s) and fill a window of 3: the new files
     # must still run at once, not after the delay.
     monkeypatch.setattr(workers, "ADMIT_WINDOW", 3)
-    (tmp_path / "state").mkdir(mode=0o700)
-    conn = connect(tmp_path / "state" / "orchestrator.db", create=True)
+    left_queued(tmp_path / "state", [NewItem(id=f"old:{i}", source="old", key=str(i),
+                                             route=("s",), payload="{}") for i in range(3)])  # fmt: skip
     wake = time.time() + 2
-    with conn:
-        op_ingest(conn, [NewItem(id=f"old:{i}", source="old", key=str(i), route=("s",),
-                                 payload="{}") for i in range(3)])  # fmt: skip
-        conn.execute("UPDATE items SET state = 'retry_wait', attempts = 1, not_before = ?", (wake,))
-    conn.close()
+    with open_db(tmp_path / "state" / "orchestrator.db") as db:
+        db.execute("UPDATE items SET state = 'retry_wait', attempts = 1, not_before = ?", (wake,))
     (tmp_path / "in").mkdir()
     for i in range(5):
         (tmp_path / "in" / f"{i}").write_text("x")

@@ -148,9 +148,9 @@ class DirectorySource:
         """Whether items' files are moved or deleted when they end."""
         return self.config.on_done.action != "keep" or self.config.on_dead.action != "keep"
 
-    def key_of(self, rel: str, size: int, mtime_ns: int) -> str:
+    def key_of(self, f: FileSeen) -> str:
         """The dedupe key of a file: its relative path, plus its signature with reingest_changed."""
-        return signature_key(rel, size, mtime_ns) if self.config.reingest_changed else rel
+        return signature_key(f.rel, f.size, f.mtime_ns) if self.config.reingest_changed else f.rel
 
     # --- scanning (worker thread) -----------------------------------------------------------
 
@@ -254,7 +254,7 @@ class DirectorySource:
         ready: list[FileSeen] = []
         watch: dict[str, tuple[int, int, float]] = {}
         for f in files:
-            if self.key_of(f.rel, f.size, f.mtime_ns) in self.known:
+            if self.key_of(f) in self.known:
                 continue
             old = self._watch.get(f.rel)
             first = old[2] if old is not None and old[:2] == (f.size, f.mtime_ns) else now
@@ -267,7 +267,7 @@ class DirectorySource:
         return ready
 
     def _item(self, f: FileSeen) -> NewItem:
-        key = self.key_of(f.rel, f.size, f.mtime_ns)
+        key = self.key_of(f)
         return NewItem(
             id=f"{self.name}:{key}", source=self.name, key=key, path=f.path,
             route=tuple(self.config.route),
@@ -329,7 +329,7 @@ class DirectorySource:
         """``files`` without those the store has taken already (which go to `_taken_already`)."""
         if not files:
             return files
-        stored = {escaped_text(self.key_of(f.rel, f.size, f.mtime_ns)): f for f in files}
+        stored = {escaped_text(self.key_of(f)): f for f in files}
         held = await engine.store.read(lambda c: op_keys_held(c, self.name, stored))
         if not held:
             return files
@@ -345,7 +345,7 @@ class DirectorySource:
         is a new file (names get reused); it is left where it is, with a warning, since its
         key was taken already.
         """
-        keys = {self.key_of(f.rel, f.size, f.mtime_ns): f for f in files}
+        keys = {self.key_of(f): f for f in files}
         self.known.update(keys)
         if not self.disposes:
             return
