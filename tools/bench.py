@@ -190,6 +190,18 @@ def read_status(pid: int) -> dict[str, int]:
 # the machine
 
 
+def _spread(ratios: list[float]) -> str:
+    """The per-run ratios' range (and quartiles from 4 runs): on a shared machine one run of
+    (a) says little, and the median of three not much more."""
+    if len(ratios) < 2:
+        return ""
+    spread = f"; runs {min(ratios):.3f}-{max(ratios):.3f}"
+    if len(ratios) >= 4:
+        low, mid, high = statistics.quantiles(ratios, n=4, method="inclusive")
+        spread += f", quartiles {low:.3f}/{mid:.3f}/{high:.3f}"
+    return spread
+
+
 def machine() -> dict[str, Any]:
     model = "?"
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
@@ -881,7 +893,8 @@ def print_report(results: dict[str, Any]) -> None:
                 f"xargs -P2 {a['xargs_ips']:.0f}/s",
                 f"{a['ratio']:.3f} (>= 0.55) {verdict('a_ratio', a['ratio'])}",
                 f"batch's own items_per_second {a['orch_internal_ips']:.0f}/s "
-                f"(elapsed {a['orch_elapsed']:.2f}s of {a['orch_wall']:.2f}s wall)",
+                f"(elapsed {a['orch_elapsed']:.2f}s of {a['orch_wall']:.2f}s wall)"
+                + _spread([rep["ratio"] for rep in a["repeats"]]),
             ))  # fmt: skip
     b = results.get("b")
     if b is not None:
