@@ -57,6 +57,7 @@ __all__ = [
     "Config",
     "Disposition",
     "FaultsConfig",
+    "HousekeepingConfig",
     "HttpConfig",
     "LogConfig",
     "SourceConfig",
@@ -330,6 +331,20 @@ def _structure_compression(value: Any, _type: Any) -> str | None:
     raise _Invalid.here(f"expected one of {choices} or false, got {describe_value(value)}")
 
 
+def _or_false(hook: _Hook) -> _Hook:
+    """``hook``, with TOML ``false`` meaning None (a rule switched off)."""
+
+    def structure(value: Any, type_: Any) -> Any:
+        return None if value is False else hook(value, type_)
+
+    return structure
+
+
+def _positive_size(_inst: Any, attribute: attrs.Attribute[Any], value: int | None) -> None:
+    if value is not None and value <= 0:
+        raise _fail(attribute, f"must be more than 0 bytes, got {value!r}")
+
+
 def _structure_state(value: Any, _type: Any) -> str:
     if isinstance(value, str):
         if value.lower() == "sqlite":
@@ -421,6 +436,22 @@ class LogConfig:
     def rotation_bytes(self) -> int:
         """The rotation size in bytes (pass this to loguru: its own size parser differs)."""
         return parse_size(self.rotation)
+
+
+@attrs.frozen(kw_only=True)
+class HousekeepingConfig:
+    """What the service cleans up by itself (``[housekeeping]``); see `orchestrator.housekeeping`."""
+
+    #: How often the run logs are pruned (also once at start).
+    interval: float = _duration(600.0, _positive_duration)
+    #: A run's log is removed this long after it was last written; None (``false``) keeps them.
+    run_logs_max_age: float | None = _hooked(
+        7 * 86400.0, _or_false(_structure_duration), _positive_duration
+    )
+    #: Beyond this much disk space in run logs, the oldest go; None (``false``): no budget.
+    run_logs_max_size: int | None = _hooked(
+        256 * 1000**2, _or_false(_structure_size), _positive_size
+    )
 
 
 @attrs.frozen(kw_only=True)
@@ -518,6 +549,7 @@ class Config:
     status: StatusConfig = attrs.field(factory=StatusConfig)
     log: LogConfig = attrs.field(factory=LogConfig)
     watchdog: WatchdogConfig = attrs.field(factory=WatchdogConfig)
+    housekeeping: HousekeepingConfig = attrs.field(factory=HousekeepingConfig)
     faults: FaultsConfig = attrs.field(factory=FaultsConfig)
     #: Named limits shared by stages: pool name -> slots.
     pools: Mapping[str, int] = attrs.field(factory=dict, validator=_pools, hash=False)

@@ -27,7 +27,7 @@ import re
 from collections.abc import Mapping
 from decimal import Decimal
 
-__all__ = ["describe_value", "format_duration", "parse_duration", "parse_size"]
+__all__ = ["describe_value", "format_duration", "format_size", "parse_duration", "parse_size"]
 
 # Seconds per duration unit, largest first: parts of a duration must follow this order.
 DURATION_UNITS: dict[str, float] = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
@@ -207,3 +207,14 @@ def format_duration(seconds: float | None) -> str:
     if millis:
         parts.append(f"{millis / 1000:g}s")
     return "".join(parts)
+
+
+def format_size(size: int) -> str:
+    """Render a number of bytes for people, in decimal units (``"256 MB"``, ``"4.1 KB"``).
+
+    Three significant digits at most; the result parses back with `parse_size` (approximately).
+    """
+    for unit, factor in (("GB", 1000**3), ("MB", 1000**2), ("KB", 1000)):
+        if size >= factor * 0.9995:  # 999,999 is "1 MB", not "1e+03 KB"
+            return f"{size / factor:.3g} {unit}"
+    return f"{size} B"

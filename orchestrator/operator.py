@@ -386,7 +386,8 @@ def _run_block(run: dict[str, Any]) -> RenderableType:
     if run["reason"]:
         parts.append(_indent(Text(f"reason: {clean(run['reason'])}"), 4))
     if run["log_path"]:
-        parts.append(_indent(Text(f"log: {show_id(run['log_path'])}"), 4))
+        gone = "" if os.path.exists(run["log_path"]) else " (no longer on disk: see [housekeeping])"
+        parts.append(_indent(Text(f"log: {show_id(run['log_path'])}{gone}"), 4))
     if run["tail"]:
         lines = run["tail"].rstrip("\n").split("\n")
         shown = lines[-TAIL_LINES:]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shlex
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.durations import format_duration
+from orchestrator.durations import format_duration, format_size
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -46,6 +46,11 @@ def plan_dict(config: Config) -> dict[str, Any]:
         "synchronous": config.store.synchronous,
         "shutdown_grace": config.shutdown_grace,
         "http": config.http.listen,
+        "housekeeping": {
+            "interval": config.housekeeping.interval,
+            "run_logs_max_age": config.housekeeping.run_logs_max_age,
+            "run_logs_max_size": config.housekeeping.run_logs_max_size,
+        },
         "sources": [
             {
                 "name": s.name,
@@ -99,6 +104,10 @@ def print_plan(config: Config, path: Path) -> None:
     where = config.state_dir if config.state == "sqlite" else config.state
     console.print(f"state: {where} ({config.state}, synchronous={config.store.synchronous}); "
                   f"shutdown grace {d(config.shutdown_grace)}; http {config.http.listen or 'off'}")  # fmt: skip
+    keep = config.housekeeping
+    size = keep.run_logs_max_size
+    console.print(f"run logs: kept {d(keep.run_logs_max_age) if keep.run_logs_max_age else 'for ever'}"
+                  f", {format_size(size) if size else 'no size limit'} at most")  # fmt: skip
     console.print()
     if not config.sources:
         console.print("sources: none (items only arrive through the store)")

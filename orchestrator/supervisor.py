@@ -11,12 +11,13 @@
        │                          (+ the loop-block thread, outside the loop)
        ├─ status                  status.json rewritten every status.interval
        ├─ store-watch             admits items re-queued from outside (`orchestrator requeue`)
+       ├─ housekeeping            run logs pruned by age and disk budget (thread), every interval
        ├─ batch-end               (batch only) drains once sources are exhausted and nothing is left
        └─ workers                 per stage: `concurrency` tasks: item → slots → claim → run → record
           └─ sources              per source: a poller: scan (thread) → settle → ingest → admit
 
 Start-up order: store → recovery of a dead instance's runs → timers → http → watchdog → status →
-store-watch → pending items admitted → workers → sources → ``READY=1`` to systemd. HTTP comes before the
+store-watch → housekeeping → pending items admitted → workers → sources → ``READY=1`` to systemd. HTTP comes before the
 workers so that the service can be looked at from its first run on, and the watchdog before
 anything that could block the loop. Sources start last so that nothing is ingested before there
 is someone to run it, and workers start before sources so that recovered items run first (FIFO).
@@ -46,6 +47,7 @@ import trio_util
 from loguru import logger
 
 from orchestrator.errors import LeftoverProcesses, StoreUnavailable
+from orchestrator.housekeeping import serve_housekeeping
 from orchestrator.instance import InstanceLock, acquire_instance_lock
 from orchestrator.pollers import serve_source
 from orchestrator.reaper import reap
@@ -275,6 +277,7 @@ async def _serve(
         await root.start(watchdog.serve, name="watchdog")
         await root.start(functools.partial(serve_status_file, engine, health=watchdog.health))
         await root.start(engine.serve_store_watch)
+        await root.start(serve_housekeeping, engine)
         engine.defer(pending)
         for item in poisoned:
             engine.admit(item)

@@ -862,6 +862,11 @@ class SqliteStore:
         self.syncs = 0
         self._last_run_id = last_run_id
 
+    @property
+    def last_run_id(self) -> int:
+        """The highest run id handed out so far (`new_run_id` only goes up)."""
+        return self._last_run_id
+
     def new_run_id(self) -> int:
         """A run id nobody has used: the one writer of this store (the instance lock) picks them,
         so a run's id -- and its environment marker -- exists before its record is written."""

@@ -1,0 +1,175 @@
+"""Housekeeping: the service keeps its run logs within an age and a disk budget by itself.
+
+An edge device's disk is small and nobody cleans it by hand, yet every run with output leaves a
+log (``state_dir/runs/<run id>.log``, up to a stage's ``output_limit``). Every
+``housekeeping.interval`` -- and once at start -- a worker thread lists that folder and removes:
+
+1. logs last written more than ``run_logs_max_age`` ago;
+2. then, while the logs left take more disk space than ``run_logs_max_size`` (as ``du`` counts
+   it: a 100-byte log takes a whole block), the oldest ones.
+
+Only regular files named ``<digits>.log`` are touched; anything else in the folder is left as it
+is. The logs of runs going on when a pass starts, and of every run started since, are never
+removed. A run whose log is gone keeps its record and output tail in the store; ``orchestrator
+show`` says the log was removed.
+
+Synopsis::
+
+    report = prune_run_logs(runs_dir, max_age=7 * 86400, max_size=256 << 20, keep=lambda id: ...)
+    report.removed, report.freed     # files and bytes of disk space
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import re
+import time
+from typing import TYPE_CHECKING
+
+import attrs
+import trio
+import trio_util
+from loguru import logger
+
+from orchestrator.durations import format_duration, format_size
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from orchestrator.workers import Engine
+
+__all__ = ["PruneReport", "prune_run_logs", "serve_housekeeping"]
+
+_RUN_LOG_RE = re.compile(r"([0-9]{1,19})\.log")
+
+
+@attrs.frozen(kw_only=True)
+class PruneReport:
+    """What one pass over the run logs did."""
+
+    #: Logs removed for their age, and to bring the rest within the size budget.
+    aged: int = 0
+    over_budget: int = 0
+    #: Disk space freed (bytes, as ``du`` counts them) and left in run logs afterwards.
+    freed: int = 0
+    left: int = 0
+    #: The first failure to list the folder or remove a log (the pass goes on without it).
+    error: str | None = None
+
+    @property
+    def removed(self) -> int:
+        return self.aged + self.over_budget
+
+
+def _disk_usage(st: os.stat_result) -> int:
+    return st.st_blocks * 512
+
+
+def prune_run_logs(
+    runs_dir: str, *, max_age: float | None, max_size: int | None,
+    keep: Callable[[int], bool], now: float | None = None,
+) -> PruneReport:  # fmt: skip
+    """Remove run logs in ``runs_dir`` past ``max_age`` seconds, then the oldest beyond
+    ``max_size`` bytes of disk space; never one whose run id ``keep`` says to keep (blocking:
+    run it in a worker thread). ``None`` switches a rule off."""
+    now = time.time() if now is None else now
+    logs: list[tuple[int, int, str]] = []  # (mtime_ns, disk usage, path) of removable logs
+    kept_usage = 0
+    error = None
+    try:
+        with os.scandir(runs_dir) as entries:
+            for entry in entries:
+                match = _RUN_LOG_RE.fullmatch(entry.name)
+                if match is None:
+                    continue
+                try:
+                    if not entry.is_file(follow_symlinks=False):
+                        continue
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue  # removed meanwhile
+                if keep(int(match.group(1))):
+                    kept_usage += _disk_usage(st)
+                else:
+                    logs.append((st.st_mtime_ns, _disk_usage(st), entry.path))
+    except FileNotFoundError:
+        return PruneReport()  # no run has had output yet
+    except OSError as exc:
+        error = f"cannot list {runs_dir!r}: {exc.strerror or exc}"
+    logs.sort()  # oldest first
+    aged = over_budget = freed = 0
+
+    def remove(path: str) -> bool:
+        nonlocal error
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return True
+        except OSError as exc:
+            error = error or f"cannot remove {path!r}: {exc.strerror or exc}"
+            return False
+        return True
+
+    start = 0
+    if max_age is not None:
+        cutoff = int((now - max_age) * 1e9)
+        while start < len(logs) and logs[start][0] < cutoff:
+            _, usage, path = logs[start]
+            if remove(path):
+                aged += 1
+                freed += usage
+            else:
+                kept_usage += usage
+            start += 1
+    rest = logs[start:]
+    total = kept_usage + sum(usage for _, usage, _ in rest)
+    if max_size is not None:
+        for _, usage, path in rest:
+            if total <= max_size:
+                break
+            if remove(path):
+                over_budget += 1
+                freed += usage
+                total -= usage
+    return PruneReport(aged=aged, over_budget=over_budget, freed=freed, left=total, error=error)
+
+
+async def serve_housekeeping(
+    engine: Engine, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Prune the run logs at start and every ``housekeeping.interval`` until cancelled."""
+    config = engine.config.housekeeping
+    runs_dir = str(engine.config.state_dir / "runs")
+    task_status.started()
+    if config.run_logs_max_age is None and config.run_logs_max_size is None:
+        return
+    prune = functools.partial(
+        prune_run_logs, runs_dir, max_age=config.run_logs_max_age, max_size=config.run_logs_max_size
+    )
+    async with contextlib.aclosing(trio_util.periodic(config.interval)) as ticks:
+        async for _ in ticks:
+            keep = _keeping(frozenset(engine.running), engine.store.last_run_id)
+            report = await trio.to_thread.run_sync(functools.partial(prune, keep=keep))
+            _log_report(report, config.run_logs_max_age, config.run_logs_max_size)
+
+
+def _keeping(running: frozenset[int], newest: int) -> Callable[[int], bool]:
+    """Runs going on now, and any started from now on (run ids only grow), keep their logs."""
+    return lambda run_id: run_id in running or run_id > newest
+
+
+def _log_report(report: PruneReport, max_age: float | None, max_size: int | None) -> None:
+    if report.removed:
+        why = []
+        if report.aged:
+            why.append(f"{report.aged} older than {format_duration(max_age)}")
+        if report.over_budget:
+            why.append(f"{report.over_budget} beyond the {format_size(max_size or 0)} budget")
+        logger.info(
+            "housekeeping: removed {} run log(s), {} ({}); {} left",
+            report.removed, format_size(report.freed), ", ".join(why), format_size(report.left),
+        )  # fmt: skip
+    if report.error is not None:
+        logger.warning("housekeeping: {}", report.error)

@@ -1,0 +1,243 @@
+"""Housekeeping: run logs pruned by age and by a disk budget, on real files and a real service."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import parse_config
+from orchestrator.errors import ConfigError
+from orchestrator.housekeeping import prune_run_logs
+from tests.servicekit import PY, Service, service_config
+
+DAY = 86400.0
+NOW = 1_900_000_000.0
+
+
+def _log(folder: Path, name: str, size: int, age: float) -> Path:
+    path = folder / name
+    path.write_bytes(b"x" * size)
+    os.utime(path, (NOW - age, NOW - age))
+    return path
+
+
+def _usage(path: Path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def _keep_none(_run_id: int) -> bool:
+    return False
+
+
+def test_logs_past_the_age_go_and_nothing_but_run_logs_is_touched(tmp_path: Path) -> None:
+    # Given: run logs of various ages, and things in the folder that are not run logs, all old
+    old = [_log(tmp_path, f"{i}.log", 100, 8 * DAY + i) for i in range(1, 4)]
+    young = [_log(tmp_path, f"{i}.log", 100, 6 * DAY) for i in range(4, 6)]
+    others = [_log(tmp_path, name, 100, 30 * DAY) for name in ("notes.txt", "7.log.tmp", "x.log")]
+    (tmp_path / "9.log").mkdir()
+    target = _log(tmp_path.parent, "outside.log", 100, 30 * DAY)
+    link = tmp_path / "8.log"
+    link.symlink_to(target)
+    os.utime(link, (NOW - 30 * DAY, NOW - 30 * DAY), follow_symlinks=False)
+
+    # When: a pass with a week's age limit and no size limit
+    report = prune_run_logs(str(tmp_path), max_age=7 * DAY, max_size=None, keep=_keep_none, now=NOW)
+
+    # Then: exactly the old run logs are gone
+    assert [p.exists() for p in old] == [False] * 3
+    assert all(p.exists() for p in young + others + [tmp_path / "9.log", target])
+    assert link.is_symlink()
+    assert (report.aged, report.over_budget, report.error) == (3, 0, None)
+    assert report.freed == 3 * _usage(young[0])
+    assert report.left == sum(_usage(p) for p in young)
+
+
+def test_the_oldest_logs_go_until_the_rest_fit_the_budget(tmp_path: Path) -> None:
+    # Given: ten logs of 10 KB, 1 to 10 hours old (log 1 the newest)
+    logs = [_log(tmp_path, f"{i}.log", 10_000, i * 3600) for i in range(1, 11)]
+    each = _usage(logs[0])
+    assert each >= 10_000
+
+    # When: the budget is four logs' disk space (plus a little: not five)
+    report = prune_run_logs(
+        str(tmp_path), max_age=7 * DAY, max_size=4 * each + each // 2, keep=_keep_none, now=NOW
+    )
+
+    # Then: the six oldest are gone, the four newest kept
+    assert [p.exists() for p in logs] == [True] * 4 + [False] * 6
+    assert (report.aged, report.over_budget) == (0, 6)
+    assert (report.freed, report.left) == (6 * each, 4 * each)
+
+
+def test_kept_runs_stay_whatever_their_age_and_size_and_count_against_the_budget(
+    tmp_path: Path,
+) -> None:
+    # Given: old big logs of runs that are going on (1, 2) and others (3, 4, 5)
+    logs = {i: _log(tmp_path, f"{i}.log", 20_000, (10 - i) * DAY) for i in range(1, 6)}
+    each = _usage(logs[1])
+
+    # When: a pass with a budget smaller than the kept logs alone, and no age limit
+    report = prune_run_logs(
+        str(tmp_path), max_age=None, max_size=each, keep=lambda run_id: run_id <= 2, now=NOW
+    )
+
+    # Then: the kept ones are there; every other one went to make room
+    assert {i for i, p in logs.items() if p.exists()} == {1, 2}
+    assert (report.aged, report.over_budget, report.left) == (0, 3, 2 * each)
+
+
+def test_a_missing_folder_is_nothing_to_do(tmp_path: Path) -> None:
+    report = prune_run_logs(str(tmp_path / "runs"), max_age=1.0, max_size=1, keep=_keep_none)
+    assert (report.removed, report.freed, report.error) == (0, 0, None)
+
+
+def _housekeeping(toml: str) -> object:
+    data = tomllib.loads('[[stages]]\nname = "s"\ncommand = ["true"]\n' + toml)
+    return parse_config(data, base_dir=Path()).housekeeping
+
+
+def test_config_defaults_switches_and_errors() -> None:
+    default = _housekeeping("")
+    assert (default.interval, default.run_logs_max_age, default.run_logs_max_size) == (  # type: ignore[attr-defined]
+        600.0, 7 * DAY, 256_000_000,
+    )  # fmt: skip
+    off = _housekeeping(
+        '[housekeeping]\ninterval = "1m"\nrun_logs_max_age = false\nrun_logs_max_size = false\n'
+    )
+    assert (off.interval, off.run_logs_max_age, off.run_logs_max_size) == (60.0, None, None)  # type: ignore[attr-defined]
+
+    with pytest.raises(ConfigError) as caught:
+        _housekeeping(
+            '[housekeeping]\ninterval = 0\nrun_logs_max_age = "soon"\nrun_logs_max_size = 0\n'
+            "run_log_max_size = 1\n"
+        )
+    assert caught.value.errors == [
+        "housekeeping.interval: must be > 0, got 0s",
+        'housekeeping.run_logs_max_age: expected a duration like "30s", got "soon"',
+        "housekeeping.run_logs_max_size: must be more than 0 bytes, got 0",
+        'housekeeping.run_log_max_size: unknown key (did you mean "run_logs_max_size"?)',
+    ]
+
+
+def _runs(state: Path) -> dict[int, Path]:
+    folder = state / "runs"
+    return {int(p.stem): p for p in folder.glob("*.log")} if folder.exists() else {}
+
+
+def test_a_service_keeps_its_run_logs_within_the_budget_but_never_a_running_ones(
+    tmp_path: Path,
+) -> None:
+    # Given: a service pruning every 0.2 s to a budget smaller than one log; each run prints
+    # 300 KB (more than the runner buffers: its log is on disk while it runs), then sleeps as
+    # long as its file says.
+    config = service_config(f"""
+        [housekeeping]
+        interval = "0.2s"
+        run_logs_max_size = "4 KB"
+        [[sources]]
+        name = "in"
+        type = "directory"
+        path = "in"
+        settle = "0s"
+        poll_interval = "0.1s"
+        route = ["work"]
+        [[stages]]
+        name = "work"
+        command = ["{PY}", "-c", "import sys, time; print('x' * 300_000, flush=True); time.sleep(float(open(sys.argv[1]).read()))", "{{path}}"]
+        concurrency = 2
+        """, listen="false")  # fmt: skip
+    service = Service(tmp_path, config)
+    state = tmp_path / "state"
+    try:
+        (tmp_path / "in" / "slow").write_text("3")
+        deadline = time.monotonic() + 15
+        while not service.status()["running"] if (state / "status.json").exists() else True:
+            assert time.monotonic() < deadline, service.log
+            time.sleep(0.05)
+        for i in range(6):
+            (tmp_path / "in" / f"fast{i}").write_text("0")
+
+        # When: the fast runs end and their logs go while the slow one runs
+        service.wait_log(r"housekeeping: removed \d+ run log\(s\).*beyond the 4 KB budget")
+        deadline = time.monotonic() + 20
+        slow_log_seen = 0
+        while time.monotonic() < deadline:
+            # (The status file is up to 0.3 s old: a run it shows 0.5-2 s into its 3 s sleep
+            # is still going.)
+            slow = [r for r in service.status()["running"] if r["item"] == "in:slow"]
+            logs = _runs(state)
+            if slow and 0.5 < slow[0]["age"] < 2:
+                # Then: the running run's log is never removed, whatever the budget says
+                assert slow[0]["run"] in logs, (slow, logs)
+                slow_log_seen += 1
+            elif not slow and service.status()["stages"]["work"]["done"] == 7:
+                break
+            time.sleep(0.05)
+        assert slow_log_seen > 10
+
+        # Then: once nothing runs, every log goes (one is over the budget), and `show` says so
+        deadline = time.monotonic() + 10
+        while _runs(state) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _runs(state) == {}
+        shown = subprocess.run(
+            [PY, "-m", "orchestrator", "show", "-c", str(service.config_path), "in:slow"],
+            capture_output=True, text=True, timeout=30, check=True,
+        ).stdout  # fmt: skip
+        assert "no longer on disk" in shown
+        assert "xxxxxxxx" in shown  # the output's tail is still in the store
+        as_json = subprocess.run(
+            [PY, "-m", "orchestrator", "show", "-c", str(service.config_path), "in:slow",
+             "--json"],
+            capture_output=True, text=True, timeout=30, check=True,
+        ).stdout  # fmt: skip
+        assert json.loads(as_json)["runs"][0]["log_path"].endswith(".log")
+    finally:
+        code = service.stop()
+    assert code == 0, service.log
+
+
+def test_a_service_removes_run_logs_past_their_age(tmp_path: Path) -> None:
+    # Given: a service keeping run logs 1 s, and items whose runs print
+    config = service_config(f"""
+        [housekeeping]
+        interval = "0.2s"
+        run_logs_max_age = "1s"
+        run_logs_max_size = false
+        [[sources]]
+        name = "in"
+        type = "directory"
+        path = "in"
+        settle = "0s"
+        poll_interval = "0.1s"
+        route = ["work"]
+        [[stages]]
+        name = "work"
+        command = ["{PY}", "-c", "print('hello')"]
+        """, listen="false")  # fmt: skip
+    service = Service(tmp_path, config)
+    state = tmp_path / "state"
+    try:
+        for i in range(3):
+            (tmp_path / "in" / f"f{i}").write_text("")
+        # When: they ran: their logs are there at first
+        deadline = time.monotonic() + 15
+        while len(_runs(state)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        ended = time.monotonic()
+        assert len(_runs(state)) == 3, service.log
+        # Then: gone a little over a second later, with a line saying why
+        service.wait_log(r"housekeeping: removed \d run log\(s\).*older than 1s")
+        while _runs(state) and time.monotonic() < ended + 5:
+            time.sleep(0.05)
+        assert _runs(state) == {}
+        assert time.monotonic() - ended > 0.8
+    finally:
+        code = service.stop()
+    assert code == 0, service.log
