@@ -1414,6 +1414,68 @@ def op_requeue(
     return RequeueReport(requeued=tuple(requeued), skipped=tuple(skipped))
 
 
+@attrs.frozen(kw_only=True)
+class PurgeCandidate:
+    """A terminal item `op_purge_candidates` found: what purge needs to judge it."""
+
+    seq: int
+    id: str
+    source: str
+    key: str
+    path: str | None
+    state: str
+
+
+def op_purge_candidates(
+    conn: sqlite3.Connection, *, before: float, states: Sequence[str], after_seq: int,
+    limit: int,
+) -> list[PurgeCandidate]:  # fmt: skip
+    """Up to ``limit`` items in ``states`` (terminal ones) last changed before ``before``, with
+    a seq above ``after_seq``, in seq order (purge pages through them)."""
+    marks = ", ".join("?" * len(states))
+    rows = conn.execute(
+        f"SELECT seq, id, source, key, path, state FROM items WHERE seq > ? AND state IN ({marks})"
+        " AND updated_at < ? ORDER BY seq LIMIT ?",
+        (after_seq, *states, before, limit),
+    ).fetchall()
+    return [
+        PurgeCandidate(seq=seq, id=id_, source=source, key=key, path=path, state=state)
+        for seq, id_, source, key, path, state in rows
+    ]
+
+
+def op_purge_items(
+    conn: sqlite3.Connection, seqs: Sequence[int], *, before: float, states: Sequence[str]
+) -> tuple[list[int], int, int, list[str]]:
+    """Delete the items ``seqs`` with their runs and events -- those still in ``states`` and
+    unchanged since ``before`` (a requeue in between keeps one). Run it inside one write
+    transaction.
+
+    Returns:
+        The seqs deleted, the numbers of runs and events deleted, and the run log paths of the
+        deleted runs (the caller removes those files once the transaction is committed).
+    """
+    marks = ", ".join("?" * len(states))
+    gone: list[int] = []
+    runs = events = 0
+    logs: list[str] = []
+    for seq in seqs:
+        still = conn.execute(
+            f"SELECT 1 FROM items WHERE seq = ? AND state IN ({marks}) AND updated_at < ?",
+            (seq, *states, before),
+        ).fetchone()
+        if still is None:
+            continue
+        logs += [row[0] for row in conn.execute(
+            "SELECT log_path FROM runs WHERE item_seq = ? AND log_path IS NOT NULL", (seq,)
+        )]  # fmt: skip
+        runs += conn.execute("DELETE FROM runs WHERE item_seq = ?", (seq,)).rowcount
+        events += conn.execute("DELETE FROM events WHERE item_seq = ?", (seq,)).rowcount
+        conn.execute("DELETE FROM items WHERE seq = ?", (seq,))
+        gone.append(seq)
+    return gone, runs, events, logs
+
+
 def _not_requeued(
     item: Item, known: Set[str] | None, to: str | None,
     routes: Mapping[str, Sequence[str]] | None,

@@ -1,0 +1,271 @@
+"""``orchestrator purge``: old terminal items go with their runs, events, logs and workdirs;
+what is still in a source keeps its item, so a batch after a purge takes nothing again.
+
+Real batches build the store (real runs, real files), then purge runs through ``main([...])``
+or in a subprocess beside a running service.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import textwrap
+import time
+from typing import TYPE_CHECKING, Any
+
+from orchestrator.cli import EXIT_OK, EXIT_USAGE, main
+from orchestrator.config import load_config
+from orchestrator.purge import KEPT_ELEMENT, KEPT_FILE, KEPT_NO_SOURCE, KEPT_UNREADABLE, purge
+from tests.conftest import open_db
+from tests.servicekit import PY, Service, service_config
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+#: Prints (so each run has a log), writes into its workdir, and fails for inputs named *bad*.
+STAGE = """["sh", "-c", "echo ran \\"$1\\"; echo x > \\"$2/w\\"; case \\"$1\\" in *bad*) exit 3;; esac", "sh", "{path}", "{workdir}"]"""
+
+
+def run_cli(*args: str) -> tuple[int, str]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(list(args))
+    return code, out.getvalue()
+
+
+def batch(config: Path) -> dict[str, Any]:
+    code, out = run_cli("batch", "-c", str(config), "--json", "--no-progress")
+    summary: dict[str, Any] = json.loads(out)
+    return {"code": code, **summary}
+
+
+def ids(config: Path) -> list[str]:
+    code, out = run_cli("items", "-c", str(config), "--json")
+    assert code == EXIT_OK
+    return sorted(item["id"] for item in json.loads(out))
+
+
+def counts(db: Path) -> tuple[int, int, int]:
+    with open_db(db) as conn:
+        return tuple(  # type: ignore[return-value]
+            conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+            for table in ("items", "runs", "events")
+        )
+
+
+def test_purge_keeps_what_is_still_in_a_folder_and_takes_the_rest_with_its_traces(
+    tmp_path: Path,
+) -> None:
+    # Given: one source that keeps its files, one that moves them away; one item dead
+    config = tmp_path / "orchestrator.toml"
+    config.write_text(textwrap.dedent(f"""
+        state_dir = "state"
+        [http]
+        listen = false
+        [[sources]]
+        name = "keep"
+        type = "directory"
+        path = "in_keep"
+        settle = "0s"
+        route = ["s"]
+        [[sources]]
+        name = "move"
+        type = "directory"
+        path = "in_move"
+        settle = "0s"
+        route = ["s"]
+        on_done = "move:done"
+        on_dead = "move:failed"
+        [[stages]]
+        name = "s"
+        command = {STAGE}
+        """))  # fmt: skip
+    for folder, names in (("in_keep", ["a", "b"]), ("in_move", ["c", "d", "bad e"])):
+        (tmp_path / folder).mkdir()
+        for name in names:
+            (tmp_path / folder / name).write_text(name)
+    first = batch(config)
+    assert first["states"] == {"done": 4, "dead": 1}
+    state = tmp_path / "state"
+    logs_before = sorted(p.name for p in (state / "runs").iterdir())
+    assert len(logs_before) == 5
+    workdirs = list((state / "work").iterdir())
+    assert len(workdirs) == 1  # the dead item's; done items' are removed at once
+    before = counts(state / "orchestrator.db")
+
+    # When: a dry run, then the purge
+    code, out = run_cli("purge", "-c", str(config), "--older-than", "0s", "--dry-run", "--json")
+    assert code == EXIT_OK
+    dry = json.loads(out)
+    assert (dry["purged"], dry["kept"]) == ({"done": 2, "dead": 1}, {KEPT_FILE: 2})
+    assert counts(state / "orchestrator.db") == before
+    code, out = run_cli("purge", "-c", str(config), "--older-than", "0s")
+
+    # Then: the moved items are gone with their runs, events, logs and workdir; the kept ones
+    # stay whole
+    assert code == EXIT_OK
+    assert out.splitlines() == [
+        "purged 3 items (1 dead, 2 done)",
+        "  with 3 run(s), 9 event(s); removed 3 run log(s) and 1 workdir(s)",
+        f"kept 2: {KEPT_FILE}",
+    ]
+    assert ids(config) == ["keep:a", "keep:b"]
+    assert counts(state / "orchestrator.db") == (2, 2, before[2] - 9)
+    assert len(list((state / "runs").iterdir())) == 2
+    assert not workdirs[0].exists()
+    assert sorted(os.listdir(tmp_path / "done")) == ["c", "d"]
+    assert os.listdir(tmp_path / "failed") == ["bad e"]
+
+    # Then: a batch after it takes nothing again
+    again = batch(config)
+    assert (again["code"], again["items"]) == (EXIT_OK, 0)
+    assert ids(config) == ["keep:a", "keep:b"]
+
+
+def test_purge_keeps_elements_still_in_the_json_array_and_everything_when_it_cannot_tell(
+    tmp_path: Path,
+) -> None:
+    # Given: three elements taken from a JSON array
+    config = tmp_path / "orchestrator.toml"
+    config.write_text(textwrap.dedent("""
+        state_dir = "state"
+        [http]
+        listen = false
+        [[sources]]
+        name = "arr"
+        type = "json"
+        path = "items.json"
+        id_field = "id"
+        route = ["s"]
+        [[stages]]
+        name = "s"
+        command = ["true"]
+        """))  # fmt: skip
+    array = tmp_path / "items.json"
+    array.write_text(json.dumps([{"id": 1}, {"id": 2}, {"id": "three"}]))
+    assert batch(config)["states"] == {"done": 3}
+    cfg = load_config(config)
+    db = tmp_path / "state" / "orchestrator.db"
+
+    # When: the file cannot be parsed (a writer mid-rewrite), a purge keeps them all
+    array.write_text('[{"id": 1}, {"id"')
+    report = purge(db, cfg, older_than=0)
+    assert (report.purged, report.kept) == ({}, {KEPT_UNREADABLE: 3})
+
+    # When: the writer keeps only the last element
+    array.write_text(json.dumps([{"id": "three"}]))
+    report = purge(db, cfg, older_than=0)
+
+    # Then: the others go; a batch takes nothing again, as the file holds only what is kept
+    assert (report.purged, report.kept) == ({"done": 2}, {KEPT_ELEMENT: 1})
+    assert ids(config) == ["arr:three"]
+    assert batch(config)["items"] == 0
+
+
+def test_purge_goes_by_age_and_state_and_keeps_items_of_unknown_sources(tmp_path: Path) -> None:
+    # Given: jsonl records done and one rejected (records before the read position are never
+    # read again, so nothing keeps them)
+    config = tmp_path / "orchestrator.toml"
+    body = """
+        state_dir = "state"
+        [http]
+        listen = false
+        [[sources]]
+        name = "rec"
+        type = "jsonl"
+        path = "records.jsonl"
+        id_field = "id"
+        route = ["s"]
+        [[stages]]
+        name = "s"
+        command = ["true"]
+        """
+    config.write_text(textwrap.dedent(body))
+    (tmp_path / "records.jsonl").write_text('{"id": 1}\n{"id": 2}\nnot json\n')
+    assert batch(config)["states"] == {"done": 2, "rejected": 1}
+    cfg = load_config(config)
+    db = tmp_path / "state" / "orchestrator.db"
+    now = time.time()
+
+    # Then: nothing is an hour old yet; an hour on, the rejected one goes alone with --state
+    assert purge(db, cfg, older_than=3600, now=now).purged == {}
+    assert purge(db, cfg, older_than=3600, now=now + 7200, states=["rejected"]).purged == {
+        "rejected": 1
+    }
+    # A config without the source keeps its items: a renamed source would take them again.
+    other = tmp_path / "other.toml"
+    other.write_text(textwrap.dedent(body.replace('name = "rec"', 'name = "renamed"')))
+    report = purge(db, load_config(other), older_than=0)
+    assert (report.purged, report.kept) == ({}, {KEPT_NO_SOURCE: 2})
+    assert purge(db, cfg, older_than=0).purged == {"done": 2}
+    assert batch(config)["items"] == 0
+
+
+def test_purge_command_line_errors(tmp_path: Path) -> None:
+    config = tmp_path / "orchestrator.toml"
+    config.write_text('[[stages]]\nname = "s"\ncommand = ["true"]\n')
+    assert run_cli("purge", "-c", str(config))[0] == EXIT_USAGE  # --older-than is required
+    assert run_cli("purge", "-c", str(config), "--older-than", "soon")[0] == EXIT_USAGE
+    code = run_cli("purge", "-c", str(config), "--older-than", "1d", "--state", "queued")[0]
+    assert code == EXIT_USAGE
+
+
+def purge_in_a_process(config: Path) -> int:
+    """``orchestrator purge --older-than 0s`` as another process; how many items it purged."""
+    out = subprocess.run(
+        [PY, "-m", "orchestrator", "purge", "-c", str(config), "--older-than", "0s", "--json"],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout  # fmt: skip
+    return sum(json.loads(out)["purged"].values())
+
+
+def test_purge_beside_a_running_service_loses_and_repeats_nothing(tmp_path: Path) -> None:
+    # Given: a service deleting each file once done; every run appends its input's name to a
+    # ledger (the OS's record of what ran, which purge cannot touch)
+    ledger = tmp_path / "ledger"
+    config = service_config(f"""
+        [[sources]]
+        name = "in"
+        type = "directory"
+        path = "in"
+        settle = "0s"
+        poll_interval = "0.05s"
+        route = ["work"]
+        on_done = "delete"
+        [[stages]]
+        name = "work"
+        command = ["sh", "-c", "echo \\"$1\\" >> {ledger}", "sh", "{{name}}"]
+        concurrency = 2
+        """, listen="false")  # fmt: skip
+    service = Service(tmp_path, config)
+    names = [f"f{i:03}" for i in range(120)]
+    try:
+        deadline = time.monotonic() + 15
+        while not (tmp_path / "state" / "status.json").exists():
+            assert service.proc.poll() is None, service.log
+            assert time.monotonic() < deadline, service.log
+            time.sleep(0.05)
+        # When: files arrive in bursts while purges of everything ended run beside it
+        purged = 0
+        for start in range(0, len(names), 30):
+            for name in names[start : start + 30]:
+                (tmp_path / "in" / name).write_text(name)
+            purged += purge_in_a_process(service.config_path)
+            time.sleep(0.1)
+        deadline = time.monotonic() + 30
+        while os.listdir(tmp_path / "in") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # the last deletions' items reach the store
+        purged += purge_in_a_process(service.config_path)
+
+        # Then: each file ran exactly once, the service is healthy, and every item was purged
+        assert sorted(ledger.read_text().split()) == names
+        assert service.proc.poll() is None, service.log
+        assert purged == len(names)
+        assert service.status()["state"] == "running"
+    finally:
+        code = service.stop()
+    assert code == 0, service.log
