@@ -199,6 +199,8 @@ class Engine:
         #: their files. One call at a time per source; the items that end meanwhile wait.
         self.on_terminal: dict[str, Callable[[list[Item]], Awaitable[None]]] = {}
         self._ended: dict[str, list[Item]] = {}
+        #: Workdirs of done items waiting to be removed (None: no removal going on).
+        self._doomed_workdirs: list[str] | None = None
         #: Called after each run's result is durable: (stage, result, slot wait, transition).
         #: Observers (metrics) must be quick and must not raise.
         self.on_run_end: list[Callable[[str, RunResult, float, Transition], None]] = []
@@ -564,9 +566,10 @@ class Engine:
         """A run's result is durable: report it and hand its item on."""
         if workdir is not None and transition.state is ItemState.DONE and self._timers is not None:
             # Off the store's thread and off the workers' path: nobody waits for it.
-            self._timers.start_soon(
-                functools.partial(trio.to_thread.run_sync, shutil.rmtree, workdir, True)
-            )
+            if self._doomed_workdirs is None:  # no removal going on: start one
+                self._doomed_workdirs = []
+                self._timers.start_soon(self._remove_workdirs)
+            self._doomed_workdirs.append(workdir)
         self.tally.runs += 1
         for observe in self.on_run_end:
             observe(stage.name, result, slot_wait, transition)
@@ -621,6 +624,16 @@ class Engine:
                     except Exception as exc:  # a hook must not take the engine down
                         logger.opt(exception=exc).bind(source=source).error("terminal hook failed")
             del self._ended[source]
+
+    async def _remove_workdirs(self) -> None:
+        """Remove done items' workdirs, all that wait at each go in one thread hop, until none
+        is left. Shielded, as `_hand_over_ended`: the last ones go at shutdown too."""
+        with trio.CancelScope(shield=True):
+            await trio.lowlevel.checkpoint()  # let the items ending in this step join
+            while doomed := self._doomed_workdirs:
+                self._doomed_workdirs = []
+                await trio.to_thread.run_sync(_remove_trees, doomed)
+            self._doomed_workdirs = None
 
     def _workdir(self, item: Item) -> str | None:
         """The item's workdir, when its route (or its record) needs one."""
@@ -756,6 +769,12 @@ def _prepare(jobs: list[tuple[int, str | None, str | None, str | None]]) -> dict
             except OSError as exc:  # a full disk: the item says why (requeue it later)
                 problems[seq] = f"cannot prepare its workdir {workdir!r}: {exc.strerror or exc}"
     return problems
+
+
+def _remove_trees(paths: list[str]) -> None:
+    """Remove these folders and what they hold, as far as possible (in a worker thread)."""
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _file_problem(path: str) -> str | None:

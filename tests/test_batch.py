@@ -651,3 +651,36 @@ def test_a_sigterm_during_start_up_recovery_waits_for_it_and_leaves_nothing(
     except FileNotFoundError:
         state = "gone"
     assert state in ("gone", "Z", "X"), state
+
+
+def test_done_items_workdirs_are_removed_and_a_dead_items_kept(tmp_path: Path) -> None:
+    # Given: 300 records, each run writing into its workdir; one record fails for good
+    records = [{"id": i} for i in range(300)] + [{"id": "bad"}]
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "orchestrator.toml").write_text(textwrap.dedent("""
+        state_dir = "state"
+        [http]
+        listen = false
+        [log]
+        level = "WARNING"
+        [[sources]]
+        name = "rec"
+        type = "jsonl"
+        path = "r.jsonl"
+        id_field = "id"
+        route = ["s"]
+        [[stages]]
+        name = "s"
+        command = ["sh", "-c", "echo x > \\"$1/out\\"; ! grep -q bad \\"$1/payload.json\\"", "sh", "{workdir}"]
+        concurrency = 4
+        """))  # fmt: skip
+
+    # When: the batch has run
+    done = orchestrator("batch", "-c", "orchestrator.toml", "--json", cwd=tmp_path)
+
+    # Then: the batch's last done items' workdirs are gone too; only the dead one's is kept,
+    # with what its run wrote
+    assert json.loads(done.stdout)["states"] == {"done": 300, "dead": 1}
+    left = list((tmp_path / "state" / "work").iterdir())
+    assert len(left) == 1
+    assert sorted(p.name for p in left[0].iterdir()) == ["out", "payload.json"]
