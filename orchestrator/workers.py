@@ -760,21 +760,52 @@ def _prepare(jobs: list[tuple[int, str | None, str | None, str | None]]) -> dict
                 continue
         if workdir is not None:
             try:
-                os.makedirs(workdir, mode=0o700, exist_ok=True)
-                if payload is not None:
-                    target = os.path.join(workdir, "payload.json")
-                    if not os.path.exists(target):
-                        with open(target, "w", encoding="utf-8") as f:
-                            f.write(payload)
+                _make_workdir(workdir, payload)
             except OSError as exc:  # a full disk: the item says why (requeue it later)
                 problems[seq] = f"cannot prepare its workdir {workdir!r}: {exc.strerror or exc}"
     return problems
 
 
+def _make_workdir(workdir: str, payload: str | None) -> None:
+    """Make ``workdir`` (and ``state_dir/work`` the first time) with the record's payload file,
+    unless they are there already (a retry, or a run after a restart)."""
+    try:
+        os.mkdir(workdir, 0o700)
+    except FileExistsError:
+        pass
+    except FileNotFoundError:
+        os.makedirs(workdir, mode=0o700, exist_ok=True)
+    if payload is None:
+        return
+    target = os.path.join(workdir, "payload.json")
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        return
+    try:
+        with open(fd, "w", encoding="utf-8") as f:
+            f.write(payload)
+    except BaseException:  # a full disk: no half payload for the next attempt to take as whole
+        with contextlib.suppress(OSError):
+            os.unlink(target)
+        raise
+
+
 def _remove_trees(paths: list[str]) -> None:
-    """Remove these folders and what they hold, as far as possible (in a worker thread)."""
+    """Remove these folders and what they hold, as far as possible (in a worker thread).
+
+    Most workdirs hold a few files and no folder: those go with a listing, an unlink each and
+    an rmdir; `shutil.rmtree` (several times the work) takes the rest."""
     for path in paths:
-        shutil.rmtree(path, ignore_errors=True)
+        try:
+            with os.scandir(path) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        raise IsADirectoryError(entry.path)
+                    os.unlink(entry.path)
+            os.rmdir(path)
+        except OSError:  # a folder inside, or gone meanwhile: the thorough way (quiet if gone)
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _file_problem(path: str) -> str | None:

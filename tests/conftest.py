@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sqlite3
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -105,3 +107,36 @@ def processes_with_env(marker: str) -> list[int]:
         if needle in env:
             found.append(int(entry))
     return pids_alive(found)
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs (root only): a disk that can really fill up. (Sync: see need_tool.)"""
+    folder = tmp_path / "disk"
+    reason = None
+    if os.geteuid() != 0:
+        reason = "mounting a tmpfs needs root"
+    else:
+        folder.mkdir()
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs",
+                               str(folder)], capture_output=True, text=True, check=False)  # fmt: skip
+        if proc.returncode != 0:
+            reason = f"cannot mount a tmpfs: {proc.stderr.strip()}"
+    if reason is not None:
+        message = f"{reason} (a store whose disk is full needs a small file system)"
+        if os.environ.get("CI"):  # CI runs every test: a skip there is a failure
+            pytest.fail(message)
+        pytest.skip(message)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def fill(folder: Path) -> Path:
+    filler = folder / "filler"
+    with open(filler, "wb", buffering=0) as f, pytest.raises(OSError) as full:  # noqa: PT012
+        while True:
+            f.write(b"\0" * 4096)
+    assert full.value.errno == errno.ENOSPC
+    return filler

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -14,7 +15,7 @@ import time
 from typing import TYPE_CHECKING
 
 import pytest
-from conftest import PROGRAMS, PY, left_queued, open_db
+from conftest import PROGRAMS, PY, fill, left_queued, open_db
 from servicekit import Service
 
 if TYPE_CHECKING:
@@ -684,3 +685,25 @@ def test_done_items_workdirs_are_removed_and_a_dead_items_kept(tmp_path: Path) -
     left = list((tmp_path / "state" / "work").iterdir())
     assert len(left) == 1
     assert sorted(p.name for p in left[0].iterdir()) == ["out", "payload.json"]
+
+
+def test_a_payload_cut_short_by_a_full_disk_is_not_left_for_the_next_attempt(disk: Path) -> None:
+    # Given: a disk with about 100 KB free, and a record of 300 KB
+    from orchestrator.workers import _make_workdir
+
+    filler = fill(disk)
+    os.truncate(filler, max(0, filler.stat().st_size - 100_000))
+    workdir = str(disk / "work" / "7")
+    payload = json.dumps({"id": 7, "blob": "x" * 300_000})
+
+    # When: the workdir is prepared
+    with pytest.raises(OSError) as full:
+        _make_workdir(workdir, payload)
+
+    # Then: no half payload is left behind, so a later attempt writes it whole
+    assert full.value.errno == errno.ENOSPC
+    assert not os.path.exists(os.path.join(workdir, "payload.json"))
+    filler.unlink()
+    _make_workdir(workdir, payload)
+    assert (disk / "work" / "7" / "payload.json").read_text() == payload
+    assert oct((disk / "work" / "7" / "payload.json").stat().st_mode & 0o777) == "0o600"

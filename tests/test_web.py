@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import http.client
 import json
@@ -16,7 +15,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 import trio
-from servicekit import CI, DEFAULT_PIPELINE, Service, aget, http_get, service_config
+from conftest import fill
+from servicekit import DEFAULT_PIPELINE, Service, aget, http_get, service_config
 
 from orchestrator.cli import EXIT_FAILED
 from orchestrator.errors import StoreUnavailable
@@ -27,7 +27,7 @@ from orchestrator.web import HttpUnavailable, serve_http
 from orchestrator.workers import Engine
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Iterator
+    from collections.abc import AsyncIterator, Callable
     from pathlib import Path
 
     from orchestrator.config import Config
@@ -117,39 +117,6 @@ async def test_draining_engine_is_503(write_config: Callable[[str], Config]) -> 
         status, body, _ = await aget(url + "/health")
         assert status == 503
         assert json.loads(body) == {"status": "draining", "reasons": ["draining: shutting down"]}
-
-
-@pytest.fixture
-def disk(tmp_path: Path) -> Iterator[Path]:
-    """A 1 MiB tmpfs (root only): a disk that can really fill up. (Sync: see need_tool.)"""
-    folder = tmp_path / "disk"
-    reason = None
-    if os.geteuid() != 0:
-        reason = "mounting a tmpfs needs root"
-    else:
-        folder.mkdir()
-        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs",
-                               str(folder)], capture_output=True, text=True, check=False)  # fmt: skip
-        if proc.returncode != 0:
-            reason = f"cannot mount a tmpfs: {proc.stderr.strip()}"
-    if reason is not None:
-        message = f"{reason} (a store whose disk is full needs a small file system)"
-        if CI:
-            pytest.fail(message)
-        pytest.skip(message)
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
-
-
-def fill(folder: Path) -> Path:
-    filler = folder / "filler"
-    with open(filler, "wb", buffering=0) as f, pytest.raises(OSError) as full:  # noqa: PT012
-        while True:
-            f.write(b"\0" * 4096)
-    assert full.value.errno == errno.ENOSPC
-    return filler
 
 
 async def test_health_is_503_when_the_store_cannot_be_written(
