@@ -130,16 +130,13 @@ def _runs(state: Path) -> dict[int, Path]:
     return {int(p.stem): p for p in folder.glob("*.log")} if folder.exists() else {}
 
 
-def test_a_service_keeps_its_run_logs_within_the_budget_but_never_a_running_ones(
-    tmp_path: Path,
-) -> None:
-    # Given: a service pruning every 0.2 s to a budget smaller than one log; each run prints
-    # 300 KB (more than the runner buffers: its log is on disk while it runs), then sleeps as
-    # long as its file says.
-    config = service_config(f"""
+def _pruning_service(tmp_path: Path, housekeeping: str, command: str) -> Service:
+    """A service with a directory source ``in`` and one stage ``work`` at concurrency 2
+    running ``command`` (a TOML array), pruning its run logs every 0.2 s as told."""
+    return Service(tmp_path, service_config(f"""
         [housekeeping]
         interval = "0.2s"
-        run_logs_max_size = "4 KB"
+        {housekeeping}
         [[sources]]
         name = "in"
         type = "directory"
@@ -149,15 +146,26 @@ def test_a_service_keeps_its_run_logs_within_the_budget_but_never_a_running_ones
         route = ["work"]
         [[stages]]
         name = "work"
-        command = ["{PY}", "-c", "import sys, time; print('x' * 300_000, flush=True); time.sleep(float(open(sys.argv[1]).read()))", "{{path}}"]
+        command = {command}
         concurrency = 2
-        """, listen="false")  # fmt: skip
-    service = Service(tmp_path, config)
+        """, listen="false"))  # fmt: skip
+
+
+def test_a_service_keeps_its_run_logs_within_the_budget_but_never_a_running_ones(
+    tmp_path: Path,
+) -> None:
+    # Given: a service pruning every 0.2 s to a budget smaller than one log; each run prints
+    # 300 KB (more than the runner buffers: its log is on disk while it runs), then sleeps as
+    # long as its file says.
+    service = _pruning_service(
+        tmp_path, 'run_logs_max_size = "4 KB"',
+        f"""["{PY}", "-c", "import sys, time; print('x' * 300_000, flush=True); time.sleep(float(open(sys.argv[1]).read()))", "{{path}}"]""",
+    )  # fmt: skip
     state = tmp_path / "state"
     try:
         (tmp_path / "in" / "slow").write_text("3")
         deadline = time.monotonic() + 15
-        while not service.status()["running"] if (state / "status.json").exists() else True:
+        while not ((state / "status.json").exists() and service.status()["running"]):
             assert time.monotonic() < deadline, service.log
             time.sleep(0.05)
         for i in range(6):
@@ -205,23 +213,10 @@ def test_a_service_keeps_its_run_logs_within_the_budget_but_never_a_running_ones
 
 def test_a_service_removes_run_logs_past_their_age(tmp_path: Path) -> None:
     # Given: a service keeping run logs 1 s, and items whose runs print
-    config = service_config(f"""
-        [housekeeping]
-        interval = "0.2s"
-        run_logs_max_age = "1s"
-        run_logs_max_size = false
-        [[sources]]
-        name = "in"
-        type = "directory"
-        path = "in"
-        settle = "0s"
-        poll_interval = "0.1s"
-        route = ["work"]
-        [[stages]]
-        name = "work"
-        command = ["{PY}", "-c", "print('hello')"]
-        """, listen="false")  # fmt: skip
-    service = Service(tmp_path, config)
+    service = _pruning_service(
+        tmp_path, 'run_logs_max_age = "1s"\nrun_logs_max_size = false',
+        f"""["{PY}", "-c", "print('hello')"]""",
+    )  # fmt: skip
     state = tmp_path / "state"
     try:
         for i in range(3):
