@@ -134,7 +134,7 @@ def run(config: ConfigOption = Path("orchestrator.toml")) -> None:
     cfg = _load(config)
     configure_logging(cfg.log)
     _warn_about(cfg)
-    _serve(cfg, batch=False)
+    _serve(cfg, batch=False, config_path=config)
 
 
 @app.command()
@@ -161,7 +161,7 @@ def batch(
     import orchestrator.supervisor  # noqa: F401
 
     t0 = time.monotonic()
-    result = _serve(cfg, batch=True, progress=show)
+    result = _serve(cfg, batch=True, progress=show, config_path=config)
     elapsed = time.monotonic() - t0
     summary = _batch_summary(cfg, result, elapsed)
     if as_json:
@@ -215,7 +215,9 @@ def _logging_setup() -> Callable[..., None]:
     return configure_logging
 
 
-def _serve(cfg: Config, *, batch: bool, progress: bool = False) -> ServiceResult:
+def _serve(
+    cfg: Config, *, batch: bool, progress: bool = False, config_path: Path | None = None
+) -> ServiceResult:
     import trio
 
     from orchestrator.supervisor import serve
@@ -228,7 +230,7 @@ def _serve(cfg: Config, *, batch: bool, progress: bool = False) -> ServiceResult
     gc.enable()
     try:
         if not progress:
-            return trio.run(lambda: serve(cfg, batch=batch))
+            return trio.run(lambda: serve(cfg, batch=batch, config_path=config_path))
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
         with Progress(
@@ -243,7 +245,9 @@ def _serve(cfg: Config, *, batch: bool, progress: bool = False) -> ServiceResult
 
                 engine.on_change = update
 
-            return trio.run(lambda: serve(cfg, batch=batch, on_start=on_start))
+            return trio.run(
+                lambda: serve(cfg, batch=batch, on_start=on_start, config_path=config_path)
+            )
     except* StoreError as group:
         for message in dict.fromkeys(str(exc) for exc in _leaves(group)):  # each once
             _err(f"orchestrator: {message}")

@@ -17,18 +17,23 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import sys
 import traceback
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
+import attrs
 from loguru import logger
 
 if TYPE_CHECKING:
+    import io
+
     from loguru import Record
 
     from orchestrator.config import LogConfig
 
-__all__ = ["configure_logging", "debug_enabled", "printable"]
+__all__ = ["configure_logging", "debug_enabled", "printable", "reopen_log_file"]
 
 #: loguru's number for DEBUG.
 DEBUG_LEVEL = 10
@@ -121,12 +126,78 @@ def configure_logging(config: LogConfig | None, *, console_level: str | None = N
         sys.stderr, level=console_level or level, format=_json if console_json else _human,
         colorize=False if console_json else None, backtrace=False, diagnose=False,
     )  # fmt: skip
+    _file_sink.clear()
     if config is not None and config.file is not None:
         config.file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        logger.add(
-            str(config.file), level=level, format=_json if as_json else _human,
+        compression = None if config.compression is None else _Compress(config.compression)
+        options: dict[str, Any] = dict(
+            sink=str(config.file), level=level, format=_json if as_json else _human,
             colorize=False, rotation=config.rotation_bytes, retention=config.retention,
-            compression=config.compression, enqueue=True, delay=True, backtrace=False,
-            diagnose=False,
+            compression=compression, enqueue=True, delay=True, backtrace=False,
+            diagnose=False, opener=_private,
         )  # fmt: skip
+        _file_sink.update(options, id=logger.add(**options))
     logging.basicConfig(handlers=[_InterceptHandler()], level=logging.INFO, force=True)
+
+
+def _private(path: str, flags: int) -> int:
+    """Open a log file readable by this user only (the lines name items and show output)."""
+    return os.open(path, flags, 0o600)
+
+
+@attrs.frozen
+class _Compress:
+    """Compress a rotated log file into ``<file>.<kind>``, private like the log, then remove it.
+
+    (loguru's own compression makes the archive with the umask's permissions.) The modules
+    are imported on first use: most runs never rotate, and start-up is part of every batch.
+    """
+
+    kind: str
+
+    def __call__(self, path: str) -> None:
+        target = f"{path}.{self.kind}"
+        with open(target, "wb", opener=_private) as out:
+            if self.kind == "zip":
+                import zipfile
+
+                with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
+                    archive.write(path, os.path.basename(path))
+            else:
+                with self._open(out) as packed, open(path, "rb") as log:
+                    shutil.copyfileobj(log, packed)
+        os.remove(path)
+
+    def _open(self, out: IO[bytes]) -> io.BufferedIOBase:
+        if self.kind == "gz":
+            import gzip
+
+            return gzip.GzipFile(fileobj=out, mode="wb")
+        if self.kind == "bz2":
+            import bz2
+
+            return bz2.BZ2File(out, "wb")
+        import lzma
+
+        return lzma.LZMAFile(out, "wb", format=lzma.FORMAT_XZ)
+
+
+#: The ``[log] file`` sink: its loguru id and the options it was added with (empty: none).
+_file_sink: dict[str, Any] = {}
+
+
+def reopen_log_file() -> str | None:
+    """Close the ``[log] file`` and open it again at its path; return the path (None: no file).
+
+    After logrotate (or a person) renamed the file, the lines go to a new file at the path
+    instead of the renamed one. The new sink is added before the old one goes, so no line is
+    lost in between (a line may be in both files). Blocks until the old sink's queue is written
+    out: call it in a worker thread.
+    """
+    if not _file_sink:
+        return None
+    options = {k: v for k, v in _file_sink.items() if k != "id"}
+    old = _file_sink["id"]
+    _file_sink["id"] = logger.add(**options)
+    logger.remove(old)
+    return str(options["sink"])

@@ -4,7 +4,8 @@
 
     trio.run(serve, config)
     └─ serve                      opens the store (its committer task), recovers, then:
-       ├─ signals                 SIGTERM/SIGINT → drain; a second SIGINT → stop now
+       ├─ signals                 SIGTERM/SIGINT → drain; a second SIGINT → stop now;
+       │                          SIGHUP → reopen the log file, reload the limits
        ├─ timers                  items in retry_wait come back to their stage's queue
        ├─ http                    /health /metrics /status / (hypercorn, trio worker); [http] listen
        ├─ watchdog                heartbeat (+ WATCHDOG=1 to systemd), stall checks, STATUS=
@@ -46,11 +47,14 @@ import trio
 import trio_util
 from loguru import logger
 
-from orchestrator.errors import LeftoverProcesses, StoreUnavailable
+from orchestrator.config import load_config
+from orchestrator.errors import ConfigError, LeftoverProcesses, StoreUnavailable
 from orchestrator.housekeeping import serve_housekeeping
 from orchestrator.instance import InstanceLock, acquire_instance_lock
+from orchestrator.logs import reopen_log_file
 from orchestrator.pollers import serve_source
 from orchestrator.reaper import reap
+from orchestrator.reload import Terminal, compare_configs
 from orchestrator.status import serve_status_file, write_status
 from orchestrator.store.sqlite import (
     BatchCounts,
@@ -82,20 +86,10 @@ __all__ = ["ServiceResult", "serve"]
 FINAL_STATUS_GRACE = 5.0
 
 
-def workers_for(concurrency: int) -> int:
-    """Worker tasks per stage: one per slot.
-
-    The limit is the stage's limiter, not the number of workers (a pool can hold them back). A
-    worker never waits for the store: its run's claim and result are queued for the next group
-    commit and the item is handed on once that is durable, while the worker takes its next
-    prepared item.
-    """
-    return concurrency
-
-
-#: Signals the service handles: SIGTERM, SIGINT and SIGHUP (a closed terminal) drain and stop
-#: (a second SIGINT stops at once), SIGQUIT stops at once; SIGUSR1 and SIGUSR2 are ignored. Left
-#: at their default, each of the last four ended the process on the spot, its runs orphaned.
+#: Signals the service handles: SIGTERM and SIGINT drain and stop (a second SIGINT stops at
+#: once), SIGQUIT stops at once; SIGHUP reopens the log file and reloads the limits (`_Reloader`),
+#: or drains and stops when it comes from a closed terminal; SIGUSR1 and SIGUSR2 are ignored.
+#: Left at their default, each of the last four ended the process on the spot, its runs orphaned.
 SIGNALS_HANDLED = (
     signal.SIGTERM,
     signal.SIGINT,
@@ -131,6 +125,7 @@ async def serve(
     *,
     batch: bool = False,
     on_start: Callable[[Engine], None] | None = None,
+    config_path: Path | None = None,
 ) -> ServiceResult:
     """Run the pipeline: as a service until SIGTERM/SIGINT, or (``batch``) until all is done.
 
@@ -138,6 +133,8 @@ async def serve(
         config: the loaded config.
         batch: ingest what the sources hold now, process it all, then return.
         on_start: called with the engine once it is built (progress bars, tests).
+        config_path: the file ``config`` was loaded from, read again at SIGHUP for new limits
+            (None: SIGHUP only reopens the log file).
 
     Raises:
         StoreUnavailable: the store cannot be opened or written (the service cannot go on).
@@ -151,7 +148,9 @@ async def serve(
             ' use state = "sqlite"'
         )
     lock = await trio.to_thread.run_sync(acquire_instance_lock, config.state_dir)
+    terminal = await trio.to_thread.run_sync(Terminal)
     notifier = Notifier.from_environ(os.environ)
+    reloader = _Reloader(config_path, notifier, terminal)
     try:
         async with open_sqlite_store(
             config.db_path, synchronous=config.store.synchronous,
@@ -166,8 +165,9 @@ async def serve(
                     guard.start_soon(_watch_state_files, lock, config.db_path, db_file)
                     recovery = await _recover(config, store, instance)
                     result = await _serve(
-                        config, store, instance, recovery, batch, on_start, notifier, signals
-                    )
+                        config, store, instance, recovery, batch, on_start, notifier, signals,
+                        reloader,
+                    )  # fmt: skip
                     guard.cancel_scope.cancel()
             if batch:
                 seqs = sorted(result.admitted)
@@ -251,7 +251,7 @@ async def _recover(config: Config, store: SqliteStore, instance: str) -> Recover
 async def _serve(
     config: Config, store: SqliteStore, instance: str, recovery: Recovery, batch: bool,
     on_start: Callable[[Engine], None] | None, notifier: Notifier | None,
-    signals: AsyncIterator[int],
+    signals: AsyncIterator[int], reloader: _Reloader,
 ) -> ServiceResult:  # fmt: skip
     interrupted = False
     # Seqs and stages only: the items are read as the engine has room for them.
@@ -298,6 +298,11 @@ async def _serve(
                 nonlocal interrupted
                 async for signum in signals:
                     name = signal.Signals(signum).name
+                    if signum == signal.SIGHUP:
+                        if not await trio.to_thread.run_sync(reloader.terminal.gone):
+                            await reloader.reload(engine, functools.partial(engine.staff, workers))
+                            continue
+                        name = "SIGHUP (the terminal closed)"
                     if signum in SIGNALS_IGNORED:
                         logger.warning("{}: ignored (SIGTERM or SIGINT drain and stop)", name)
                         continue
@@ -325,9 +330,7 @@ async def _serve(
             root.start_soon(watch_signals, name="signals")
             if batch:
                 root.start_soon(end_of_batch, name="batch-end")
-            for stage in config.stages:
-                for n in range(workers_for(stage.concurrency)):
-                    workers.start_soon(engine.serve_worker, stage, name=f"worker:{stage.name}:{n}")
+            engine.staff(workers)
             with sources_scope:
                 async with trio.open_nursery() as sources:
                     for source in config.sources:
@@ -353,3 +356,50 @@ async def _serve(
         tally=engine.tally, interrupted=interrupted, recovery=recovery,
         admitted=frozenset(engine.admitted or ()), failed_sources=dict(engine.failed_sources),
     )  # fmt: skip
+
+
+@attrs.define
+class _Reloader:
+    """SIGHUP without a closed terminal: the log file reopened, the limits reloaded."""
+
+    config_path: Path | None
+    notifier: Notifier | None
+    terminal: Terminal
+
+    async def reload(self, engine: Engine, staff: Callable[[], None]) -> None:
+        if self.notifier is not None:
+            usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+            self.notifier.notify("RELOADING=1", f"MONOTONIC_USEC={usec}", "STATUS=reloading")
+        try:
+            await self._reload(engine, staff)
+        finally:
+            if self.notifier is not None:
+                self.notifier.notify("READY=1", "STATUS=running")
+
+    async def _reload(self, engine: Engine, staff: Callable[[], None]) -> None:
+        try:
+            reopened = await trio.to_thread.run_sync(reopen_log_file)
+        except (OSError, ValueError) as exc:
+            logger.error("SIGHUP: cannot reopen the log file: {}", exc)
+        else:
+            if reopened is not None:
+                logger.info("SIGHUP: log file {} reopened", reopened)
+        if self.config_path is None:
+            return
+        try:
+            new = await trio.to_thread.run_sync(load_config, self.config_path)
+        except ConfigError as exc:
+            logger.error(
+                "SIGHUP: {} not reloaded, the limits stay as they are; {} error{}:\n  {}",
+                self.config_path, len(exc.errors), "" if len(exc.errors) == 1 else "s",
+                "\n  ".join(exc.errors),
+            )  # fmt: skip
+            return
+        changes = compare_configs(engine.config, new)
+        engine.set_limits(
+            {name: size for name, (_, size) in changes.stages.items()},
+            {name: size for name, (_, size) in changes.pools.items()},
+        )
+        staff()
+        log = logger.warning if changes.not_applied else logger.info
+        log("SIGHUP: {} reloaded; {}", self.config_path, changes.describe())

@@ -148,6 +148,8 @@ class Engine:
         self.slots = Slots(config)
         self.stages = {s.name: s for s in config.stages}
         self._lanes = {s.name: _Lane(s.concurrency) for s in config.stages}
+        #: Per stage, the numbers of its workers alive (`staff`).
+        self._workers: dict[str, set[int]] = {s.name: set() for s in config.stages}
         self._runs_dir = str(config.state_dir / "runs")
         self._work_dir = config.state_dir / "work"
         base = dict(os.environ)
@@ -448,19 +450,60 @@ class Engine:
         except RuntimeError:  # the timers' nursery is closing already: the error must not be lost
             raise error from None
 
-    async def serve_worker(self, stage: StageConfig) -> None:
-        """Run items of ``stage`` one after another until told to stop."""
+    def staff(self, nursery: trio.Nursery) -> None:
+        """Start the workers each stage lacks: one per slot of its ``concurrency``.
+
+        The limit is the stage's limiter, not the number of workers (a pool can hold them back).
+        A worker never waits for the store: its run's claim and result are queued for the next
+        group commit and the item is handed on once that is durable, while the worker takes its
+        next prepared item. Called at start-up, and again after a reload raised a limit; a
+        worker whose number is past a lowered limit ends once it is idle (`serve_worker`).
+        """
+        if self.stopping:
+            return
+        for stage in self.config.stages:
+            live = self._workers[stage.name]
+            for n in range(self._lanes[stage.name].concurrency):
+                if n not in live:
+                    live.add(n)
+                    nursery.start_soon(self.serve_worker, stage, n, name=f"worker:{stage.name}:{n}")
+
+    def set_limits(self, stages: Mapping[str, int], pools: Mapping[str, int]) -> None:
+        """Resize stages' and pools' limits (a reload): new runs start only below the new limit;
+        runs going on are let finish. Start the workers a raised limit needs with `staff`."""
+        for name, size in stages.items():
+            self.slots.stage_limiters[name].total_tokens = size
+            self._lanes[name].concurrency = size
+            self._lanes[name].has_ready.set()  # idle workers past the limit end
+            self._lanes[name].has_ready = trio.Event()
+        for name, size in pools.items():
+            self.slots.pool_limiters[name].total_tokens = size
+        config = self.config
+        self.config = attrs.evolve(
+            config,
+            stages=tuple(attrs.evolve(s, concurrency=stages.get(s.name, s.concurrency))
+                         for s in config.stages),
+            pools={**config.pools, **pools},
+        )  # fmt: skip
+        self.stages = {s.name: s for s in self.config.stages}
+
+    async def serve_worker(self, stage: StageConfig, number: int = 0) -> None:
+        """Run items of ``stage`` one after another until told to stop, or until the stage's
+        limit was lowered to ``number`` or below (`set_limits`)."""
         lane = self._lanes[stage.name]
-        while not self.stopping:
-            if not lane.ready:
-                with self._interruptible() as idle:
-                    await lane.has_ready.wait()
-                if idle.cancelled_caught:
-                    return
-                continue
-            item = lane.ready.popleft()
-            lane.wanted.set()
-            await self._process_item(stage, lane, item)
+        try:
+            while not self.stopping and number < lane.concurrency:
+                if not lane.ready:
+                    with self._interruptible() as idle:
+                        await lane.has_ready.wait()
+                    if idle.cancelled_caught:
+                        return
+                    continue
+                item = lane.ready.popleft()
+                lane.wanted.set()
+                await self._process_item(stage, lane, item)
+        finally:
+            self._workers[stage.name].discard(number)
 
     async def _process_item(self, stage: StageConfig, lane: _Lane, item: Item) -> None:
         # The attempt this run will be: every line about it, the slot lines included, carries

@@ -501,21 +501,23 @@ def _wait_for_pid(pidfile: Path, service: Service) -> int:
     return int(pidfile.read_text())
 
 
-def test_sighup_drains_like_sigterm_and_sigusr1_is_ignored(tmp_path: Path) -> None:
-    # Found in session 6: SIGHUP (a closed terminal), SIGQUIT, SIGUSR1 and SIGUSR2 ended the
-    # service on the spot and left its runs behind, reparented to init.
+def test_sigusr1_is_ignored_and_sighup_without_a_terminal_reloads(tmp_path: Path) -> None:
+    # Found in session 6: SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 ended the service on the spot
+    # and left its runs behind, reparented to init. (A SIGHUP from a closed terminal drains:
+    # test_reload.py.)
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.txt").write_text("a")
     pidfile = tmp_path / "stage.pid"
     service = _service(tmp_path, json.dumps(["sh", "-c", f"echo $$ > {pidfile}; exec sleep 60"]))
     stage = _wait_for_pid(pidfile, service)
     service.signal(signal.SIGUSR1)
-    time.sleep(0.5)
-    assert service.proc.poll() is None  # ignored
     service.signal(signal.SIGHUP)
-    assert service.wait(20) == 0, service.log
+    service.wait_log("SIGHUP: .* reloaded; limits: unchanged")
+    assert service.proc.poll() is None
+    assert os.path.exists(f"/proc/{stage}")  # its run goes on
     assert "SIGUSR1: ignored" in service.log
-    assert "SIGHUP: draining" in service.log
+    service.signal(signal.SIGTERM)
+    assert service.wait(20) == 0, service.log
     assert not os.path.exists(f"/proc/{stage}")  # killed and reaped before the exit
 
 

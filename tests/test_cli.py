@@ -117,9 +117,9 @@ def test_batch_start_up_shortcuts_leave_no_trace(tmp_path: Path) -> None:
         import orchestrator.workers as workers
         seen = []
         original = workers.Engine.serve_worker
-        async def serve_worker(self, stage):
+        async def serve_worker(self, stage, number):
             seen.append(gc.isenabled())
-            await original(self, stage)
+            await original(self, stage, number)
         workers.Engine.serve_worker = serve_worker
         from orchestrator.cli import main
         code = main(["batch", "-c", "c.toml", "--no-progress"])

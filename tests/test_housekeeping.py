@@ -10,11 +10,11 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from servicekit import PY, Service, service_config
 
 from orchestrator.config import parse_config
 from orchestrator.errors import ConfigError
 from orchestrator.housekeeping import prune_run_logs
-from tests.servicekit import PY, Service, service_config
 
 DAY = 86400.0
 NOW = 1_900_000_000.0

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import json
 import logging
+import lzma
 import sys
+import zipfile
 from typing import TYPE_CHECKING
 
 import pytest
@@ -124,6 +127,48 @@ def test_file_rotates_keeps_retention_and_compresses(
     assert "line 199" in current
     assert "stage=a attempt=1" in current
     assert config.log.file.stat().st_size <= 2048 + 200
+    # Private to the user, the archives too (the lines name items and show their output).
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in folder.iterdir()}
+    assert set(modes.values()) == {"0o600"}, modes
+    assert oct(folder.stat().st_mode & 0o777) == "0o700"
+
+
+@pytest.mark.parametrize("kind", ["bz2", "xz", "zip"])
+def test_other_compressions_make_private_archives_of_the_whole_file(
+    tmp_path: Path, kind: str, write_config: Callable[[str], Config]
+) -> None:
+    config = write_config(f"""
+        [log]
+        file = "logs/orchestrator.log"
+        rotation = "2 KB"
+        compression = "{kind}"
+        [[stages]]
+        name = "a"
+        command = ["true"]
+        """)  # fmt: skip
+    configure_logging(config.log)
+    for n in range(60):
+        logger.info("line {} {}", n, "x" * 40)
+    logger.complete()
+    logger.remove()
+    assert config.log.file is not None
+    archives = sorted(config.log.file.parent.glob(f"*.{kind}"))
+    assert archives
+    assert {oct(a.stat().st_mode & 0o777) for a in archives} == {"0o600"}
+    archive = archives[0]
+    if kind == "zip":
+        with zipfile.ZipFile(archive) as z:
+            (name,) = z.namelist()
+            text = z.read(name).decode()
+    else:
+        opener = {"bz2": bz2.open, "xz": lzma.open}[kind]
+        with opener(archive, "rt") as f:
+            text = f.read()
+    lines = text.splitlines()
+    assert "line 0 " in lines[0]
+    assert len(lines) > 10
+    # the rotated files themselves are removed once compressed
+    assert list(config.log.file.parent.glob("*.log")) == [config.log.file]
 
 
 def test_json_without_a_file_goes_to_the_console(

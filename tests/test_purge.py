@@ -16,11 +16,12 @@ import textwrap
 import time
 from typing import TYPE_CHECKING, Any
 
+from conftest import open_db
+from servicekit import PY, Service, service_config
+
 from orchestrator.cli import EXIT_OK, EXIT_USAGE, main
 from orchestrator.config import load_config
 from orchestrator.purge import KEPT_ELEMENT, KEPT_FILE, KEPT_NO_SOURCE, KEPT_UNREADABLE, purge
-from tests.conftest import open_db
-from tests.servicekit import PY, Service, service_config
 
 if TYPE_CHECKING:
     from pathlib import Path

@@ -175,6 +175,27 @@ def test_stopping_is_sent_once_even_on_a_second_signal(tmp_path: Path) -> None:
     assert not [d for _, d in later if "STOPPING=1" in d.splitlines()]
 
 
+def test_reload_is_told_to_systemd(tmp_path: Path) -> None:
+    # systemd's reload protocol (`Type=notify-reload`, and what `systemctl reload` shows):
+    # RELOADING=1 with the monotonic time, then READY=1 once the reload is done.
+    path = str(tmp_path / "notify.sock")
+    with notify_socket(path) as sock:
+        service = Service(tmp_path, service_config(DEFAULT_PIPELINE), env={"NOTIFY_SOCKET": path})
+        try:
+            wait_for(sock, "READY=1", timeout=15)
+            before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+            service.signal(signal.SIGHUP)
+            got = wait_for(sock, "READY=1", timeout=10)
+            after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+            assert service.proc.poll() is None
+        finally:
+            service.stop()
+    (reloading,) = [d.splitlines() for _, d in got if "RELOADING=1" in d.splitlines()]
+    usec = int(next(line for line in reloading if line.startswith("MONOTONIC_USEC="))[15:])
+    assert before <= usec <= after
+    assert "reloaded; limits: unchanged" in service.log
+
+
 UNIT = Path(__file__).resolve().parent.parent / "configs" / "orchestrator.service"
 
 
@@ -193,6 +214,7 @@ def test_unit_file_fits_edge_toml() -> None:
     assert unit["Type"] == "notify"
     assert unit["Restart"] == "on-failure"
     assert unit["KillMode"] == "mixed"
+    assert unit["ExecReload"] == "/bin/kill -HUP $MAINPID"
     assert unit["ExecStart"].endswith(" run -c /etc/orchestrator/edge.toml")
     assert edge.state_dir == Path("/var/lib") / unit["StateDirectory"]
     assert edge.log.file is not None

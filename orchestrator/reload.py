@@ -1,0 +1,142 @@
+"""SIGHUP: reopen the log file and reload the limits, without a restart.
+
+What an operator expects of a long-running service (``systemctl reload``, logrotate's
+``postrotate``): the ``[log] file`` is closed and opened again at its path (a rotated file is let
+go), and the config file is read again. Of the new config only the limits are applied -- each
+stage's ``concurrency`` and each pool's size -- since they change nothing but how many runs may go
+on at once; every other change is listed as needing a restart, and a config that is no longer
+valid changes nothing (its errors are logged with their paths, as ``check`` prints them).
+
+A lower limit lets the runs going on finish: a new run starts only once fewer than the new limit
+are going on. A higher one starts the runs waiting for it at once.
+
+A SIGHUP that comes with the service's terminal gone (a closed terminal window or SSH session)
+still drains and stops it, as it always did: `Terminal` tells the two apart.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+if TYPE_CHECKING:
+    from orchestrator.config import Config
+
+__all__ = ["LimitChanges", "Terminal", "compare_configs"]
+
+#: Config fields that are not keys of the file.
+_NOT_KEYS = frozenset({"base_dir"})
+
+
+@attrs.frozen
+class LimitChanges:
+    """What a reloaded config changes, against the one the service runs with."""
+
+    #: Stage name -> (old, new) ``concurrency``, for the stages whose limit changed.
+    stages: dict[str, tuple[int, int]]
+    #: Pool name -> (old, new) size, for the pools whose size changed.
+    pools: dict[str, tuple[int, int]]
+    #: Keys (as paths, like ``stages[0].timeout``) that changed but take a restart.
+    not_applied: tuple[str, ...]
+
+    def describe(self) -> str:
+        """One line for the log: what was applied and what was not."""
+        applied = [f"stages[{name}].concurrency {a} → {b}" for name, (a, b) in self.stages.items()]
+        applied += [f"pools.{name} {a} → {b}" for name, (a, b) in self.pools.items()]
+        text = "limits: " + (", ".join(applied) if applied else "unchanged")
+        if self.not_applied:
+            text += "; changed but not applied until a restart: " + ", ".join(self.not_applied)
+        return text
+
+
+def compare_configs(old: Config, new: Config) -> LimitChanges:
+    """The limits ``new`` changes, and the other keys it changes (which need a restart)."""
+    not_applied: list[str] = []
+    for field in attrs.fields(type(old)):
+        if field.name in _NOT_KEYS or field.name in ("stages", "pools", "sources"):
+            continue
+        _diff(getattr(old, field.name), getattr(new, field.name), field.name, not_applied)
+
+    old_stages = {s.name: s for s in old.stages}
+    stages: dict[str, tuple[int, int]] = {}
+    for index, stage in enumerate(new.stages):
+        before = old_stages.get(stage.name)
+        if before is None:
+            not_applied.append(f"stages[{index}] (new stage {stage.name!r})")
+            continue
+        if before.concurrency != stage.concurrency:
+            stages[stage.name] = (before.concurrency, stage.concurrency)
+        path = f"stages[{index}]"
+        _diff(attrs.evolve(before, concurrency=stage.concurrency), stage, path, not_applied)
+    new_names = {s.name for s in new.stages}
+    not_applied += [f"stages: {name!r} removed" for name in old_stages if name not in new_names]
+    if [s.name for s in old.stages if s.name in new_names] != [
+        s.name for s in new.stages if s.name in old_stages
+    ]:
+        not_applied.append("stages (order)")
+
+    pools: dict[str, tuple[int, int]] = {}
+    for name, size in new.pools.items():
+        if name not in old.pools:
+            not_applied.append(f"pools.{name} (new pool)")
+        elif old.pools[name] != size:
+            pools[name] = (old.pools[name], size)
+    not_applied += [f"pools.{name} (removed)" for name in old.pools if name not in new.pools]
+
+    old_sources = {s.name: s for s in old.sources}
+    for index, source in enumerate(new.sources):
+        before_source = old_sources.pop(source.name, None)
+        if before_source is None:
+            not_applied.append(f"sources[{index}] (new source {source.name!r})")
+        else:
+            _diff(before_source, source, f"sources[{index}]", not_applied)
+    not_applied += [f"sources: {name!r} removed" for name in old_sources]
+    return LimitChanges(stages=stages, pools=pools, not_applied=tuple(not_applied))
+
+
+def _diff(old: Any, new: Any, path: str, out: list[str]) -> None:
+    """Append the paths of the keys that differ between ``old`` and ``new`` to ``out``."""
+    if old == new:
+        return
+    if attrs.has(type(old)) and type(old) is type(new):
+        for field in attrs.fields(type(old)):
+            _diff(getattr(old, field.name), getattr(new, field.name), f"{path}.{field.name}", out)
+        return
+    out.append(path)
+
+
+class Terminal:
+    """Whether a SIGHUP means that the service's terminal is gone.
+
+    Built at start-up, when the service either has a controlling terminal (started by hand, from
+    a shell) or has none (systemd, a container, ``setsid``). A SIGHUP means "the terminal hung
+    up" only when there was one and it is gone now: the kernel takes a hung-up terminal away from
+    its session, and its file descriptors stop being terminals, before the SIGHUP is sent.
+    Otherwise -- ``systemctl reload``, ``kill -HUP`` -- it asks for a reload.
+
+    Both methods make system calls on ``/dev/tty``: call them in a worker thread.
+    """
+
+    def __init__(self) -> None:
+        self.had = _controlling_terminal()
+        #: Which of stdin, stdout and stderr were terminals at start-up.
+        self._ttys = [fd for fd in (0, 1, 2) if os.isatty(fd)]
+
+    def gone(self) -> bool:
+        """The service had a terminal and has lost it (the terminal hung up)."""
+        if not self.had:
+            return False
+        return not _controlling_terminal() or any(not os.isatty(fd) for fd in self._ttys)
+
+
+def _controlling_terminal() -> bool:
+    try:
+        fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        return os.isatty(fd)
+    finally:
+        os.close(fd)

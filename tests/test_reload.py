@@ -1,0 +1,324 @@
+"""SIGHUP: limits reloaded and the log file reopened in a running service; a closed terminal drains.
+
+The limits are checked from the OS (live processes carrying the service's state marker, and
+the lock files `locked_stage.py` takes), the terminal is a real pseudo-terminal hung up by
+closing its master side.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import signal
+import subprocess
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import processes_with_env
+from servicekit import PY, Service
+
+from orchestrator.config import parse_config
+from orchestrator.reaper import STATE_MARKER
+from orchestrator.reload import compare_configs
+
+PROGRAMS = Path(__file__).parent / "programs"
+STAGE = str(PROGRAMS / "locked_stage.py")
+
+BASE = {
+    "sources": [{"name": "in", "type": "directory", "path": "in", "route": ["a", "b"]}],
+    "pools": {"gpu": 1, "disk": 2},
+    "stages": [
+        {"name": "a", "command": ["true"], "concurrency": 1, "pools": ["gpu"]},
+        {"name": "b", "command": ["true"], "concurrency": 2, "timeout": "30s"},
+    ],
+}
+
+
+def _with(change: dict[str, object], stage: int | None = None) -> dict[str, object]:
+    """BASE with ``change`` merged into one stage (``stage``) or at the top level."""
+    doc: dict[str, object] = {**BASE, "stages": [dict(s) for s in BASE["stages"]]}  # type: ignore[attr-defined]
+    if stage is None:
+        doc.update(change)
+    else:
+        doc["stages"][stage].update(change)  # type: ignore[index]
+    return doc
+
+
+def test_compare_sees_limits_apart_from_the_keys_that_take_a_restart() -> None:
+    old = parse_config(BASE, base_dir="/x")
+    assert compare_configs(old, parse_config(BASE, base_dir="/x")).describe() == (
+        "limits: unchanged"
+    )
+    raised = compare_configs(old, parse_config(_with({"concurrency": 4}, 1), base_dir="/x"))
+    assert raised.stages == {"b": (2, 4)}
+    assert raised.pools == {}
+    assert raised.not_applied == ()
+    assert raised.describe() == "limits: stages[b].concurrency 2 → 4"
+
+    pools = compare_configs(old, parse_config(_with({"pools": {"gpu": 3, "disk": 2}}),
+                                              base_dir="/x"))  # fmt: skip
+    assert pools.pools == {"gpu": (1, 3)}
+    assert pools.stages == {}
+
+    mixed = _with({"concurrency": 5, "timeout": "1m", "command": ["false"]}, 1)
+    mixed["log"] = {"level": "DEBUG"}
+    mixed["sources"] = [{**BASE["sources"][0], "pattern": "*.pdf"}]  # type: ignore[index]
+    changes = compare_configs(old, parse_config(mixed, base_dir="/x"))
+    assert changes.stages == {"b": (2, 5)}
+    assert set(changes.not_applied) == {
+        "log.level", "stages[1].timeout", "stages[1].command", "sources[0].pattern",
+    }  # fmt: skip
+    assert changes.describe().startswith("limits: stages[b].concurrency 2 → 5; changed but not")
+
+    reshaped = _with({"pools": {"gpu": 1, "net": 1}})
+    reshaped["stages"] = [BASE["stages"][1], {"name": "c", "command": ["true"]}]  # type: ignore[index]
+    reshaped["sources"] = [{**BASE["sources"][0], "route": ["b", "c"]}]  # type: ignore[index]
+    changes = compare_configs(old, parse_config(reshaped, base_dir="/x"))
+    assert set(changes.not_applied) == {
+        "stages[1] (new stage 'c')", "stages: 'a' removed", "pools.net (new pool)",
+        "pools.disk (removed)", "sources[0].route",
+    }  # fmt: skip
+    # The same stages in another order: a restart.
+    swapped = _with({})
+    swapped["stages"] = [BASE["stages"][1], BASE["stages"][0]]  # type: ignore[index]
+    assert compare_configs(old, parse_config(swapped, base_dir="/x")).not_applied == (
+        "stages (order)",
+    )
+
+
+_TERMINAL_PROBE = """
+import os, signal, sys, time
+from orchestrator.reload import Terminal
+signal.signal(signal.SIGHUP, signal.SIG_IGN)
+terminal = Terminal()
+report = os.open(sys.argv[1], os.O_WRONLY | os.O_APPEND)
+os.write(report, f"start {terminal.had} {terminal.gone()}\\n".encode())
+deadline = time.monotonic() + 10
+while not terminal.gone() and time.monotonic() < deadline:
+    time.sleep(0.02)
+os.write(report, f"later {terminal.gone()}\\n".encode())
+"""
+
+#: Runs argv[1:] with its stdin (a terminal) as its controlling terminal; started in a new
+#: session, it is the session leader, so a hang-up of the terminal sends it SIGHUP.
+_ON_TERMINAL = (
+    "import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
+class _PseudoTerminal:
+    """A program in a session of its own on a pseudo-terminal, whose output is read (so it
+    never blocks writing) until `hang_up` closes the terminal's master side."""
+
+    def __init__(self, argv: list[str], *, cwd: Path) -> None:
+        self.master, slave = os.openpty()
+        self.output = bytearray()
+        self._stop = threading.Event()
+        try:
+            self.proc = subprocess.Popen(
+                [PY, "-c", _ON_TERMINAL, *argv], stdin=slave, stdout=slave, stderr=slave,
+                cwd=cwd, start_new_session=True,
+            )  # fmt: skip
+        finally:
+            os.close(slave)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            if select.select([self.master], [], [], 0.05)[0]:
+                try:
+                    self.output += os.read(self.master, 65536)
+                except OSError:  # EIO: every slave side is closed
+                    return
+
+    def hang_up(self) -> None:
+        self._stop.set()
+        self._reader.join(5)
+        os.close(self.master)
+        self.master = -1
+
+    def close(self) -> None:
+        if self.master >= 0:
+            self.hang_up()
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _wait_for(check: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():  # type: ignore[operator]
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def test_terminal_tells_a_hang_up_from_a_reload_request(tmp_path: Path) -> None:
+    # Without a controlling terminal (systemd, setsid): a SIGHUP is never a hang-up.
+    report = tmp_path / "report"
+    report.write_text("")
+    probe = [PY, "-c", _TERMINAL_PROBE.replace("deadline = time.monotonic() + 10",
+                                               "deadline = 0"), str(report)]  # fmt: skip
+    subprocess.run(probe, start_new_session=True, stdin=subprocess.DEVNULL, check=True,
+                   capture_output=True, timeout=30)  # fmt: skip
+    assert report.read_text().split("\n")[:2] == ["start False False", "later False"]
+    # On a terminal: not gone while it is there, gone once it hung up.
+    report.write_text("")
+    terminal = _PseudoTerminal([PY, "-c", _TERMINAL_PROBE, str(report)], cwd=tmp_path)
+    try:
+        _wait_for(lambda: report.read_text(), 20, "the probe never started")
+        assert report.read_text() == "start True False\n"
+        terminal.hang_up()
+        assert terminal.proc.wait(20) == 0
+        assert report.read_text() == "start True False\nlater True\n"
+    finally:
+        terminal.close()
+
+
+def _config(folder: Path, concurrency: int, *, extra: str = "", log_file: bool = False) -> str:
+    """One folder source → stage ``work``: `locked_stage.py` with 3 lock files, for as many
+    seconds as the file says."""
+    (folder / "locks").mkdir(exist_ok=True)
+    log = '[log]\nfile = "logs/orchestrator.log"\n' if log_file else ""
+    return textwrap.dedent("""
+        shutdown_grace = "1s"
+        [http]
+        listen = false
+        """) + log + textwrap.dedent(f"""
+        [[sources]]
+        name = "in"
+        type = "directory"
+        path = "in"
+        route = ["work"]
+        settle = "0s"
+        poll_interval = "100ms"
+        [[stages]]
+        name = "work"
+        command = ["{PY}", "{STAGE}", "{folder / 'locks'}", "3", "{folder / 'record'}", "@path"]
+        concurrency = {concurrency}
+        {extra}
+        """)  # fmt: skip
+
+
+def _live(folder: Path) -> int:
+    """How many stage processes of the service on ``folder`` are alive now (from /proc)."""
+    return len(processes_with_env(f"{STATE_MARKER}={folder / 'state'}"))
+
+
+def _most_alive(folder: Path, seconds: float) -> int:
+    most, deadline = 0, time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        most = max(most, _live(folder))
+        time.sleep(0.01)
+    return most
+
+
+def test_sighup_applies_a_new_concurrency_to_a_running_service(tmp_path: Path) -> None:
+    # Given: a service running a stage at concurrency 1, with 40 items of 0.4 s each.
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    for i in range(40):
+        (inbox / f"f{i:02}").write_text("0.4")
+    service = Service(tmp_path, _config(tmp_path, 1))
+    try:
+        service.wait_log("ingested")
+        assert _most_alive(tmp_path, 1.5) == 1
+        # When: the limit is raised to 3 and the service told so
+        service.config_path.write_text(_config(tmp_path, 3))
+        service.signal(signal.SIGHUP)
+        service.wait_log(r"reloaded; limits: stages\[work\]\.concurrency 1 → 3\n")
+        # Then: three runs go on at once, and never more.
+        assert _most_alive(tmp_path, 1.5) == 3
+        # When: it is lowered to 1 (and a key that takes a restart changes too)
+        service.config_path.write_text(_config(tmp_path, 1, extra='timeout = "1m"'))
+        service.signal(signal.SIGHUP)
+        service.wait_log(
+            r"reloaded; limits: stages\[work\]\.concurrency 3 → 1; changed but not applied "
+            r"until a restart: stages\[0\]\.timeout"
+        )
+        # Then: the runs going on finish, and from then on one runs at a time.
+        time.sleep(0.6)
+        assert _most_alive(tmp_path, 1.2) == 1
+        assert service.stop(20) == 0
+    finally:
+        service.stop()
+    record = (tmp_path / "record").read_text()
+    assert "OVERLAP" not in record  # the lock files agree: never more than 3
+    assert record.count("start") >= 10
+
+
+def test_sighup_with_a_broken_config_keeps_the_limits_and_the_service(tmp_path: Path) -> None:
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    service = Service(tmp_path, _config(tmp_path, 2))
+    try:
+        _wait_for(lambda: (tmp_path / "state" / "status.json").exists(), 15, service.log)
+        service.config_path.write_text(_config(tmp_path, 2).replace("concurrency = 2",
+                                                          'concurrency = "many"'))  # fmt: skip
+        service.signal(signal.SIGHUP)
+        match = service.wait_log(r"not reloaded, the limits stay as they are; 1 error:\n  (.*)")
+        assert match.group(1).startswith("stages[0].concurrency: expected")
+        # The service goes on with its limits: two at once.
+        for i in range(6):
+            (inbox / f"f{i}").write_text("0.5")
+        assert _most_alive(tmp_path, 1.5) == 2
+        assert service.stop(20) == 0
+    finally:
+        service.stop()
+
+
+def test_sighup_reopens_the_log_file_after_it_was_renamed(tmp_path: Path) -> None:
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    service = Service(tmp_path, _config(tmp_path, 1, log_file=True))
+    log = tmp_path / "logs" / "orchestrator.log"
+    try:
+        (inbox / "first").write_text("0")
+        _wait_for(lambda: log.exists() and "ingested" in log.read_text(), 15, service.log)
+        # When: logrotate's way: rename, then SIGHUP
+        log.rename(log.with_suffix(".log.1"))
+        service.signal(signal.SIGHUP)
+        service.wait_log("reloaded; limits: unchanged")
+        (inbox / "second").write_text("0")
+        _wait_for(lambda: log.exists() and "ingested 1 item" in log.read_text(), 15,
+                  f"no new log file; console:\n{service.log}")  # fmt: skip
+        assert service.stop(20) == 0
+    finally:
+        service.stop()
+    new = log.read_text()
+    assert re.search(r"SIGHUP: log file \S+orchestrator\.log reopened", new)
+    assert "draining" in new  # the lines from then on are here
+    old = log.with_suffix(".log.1").read_text()
+    assert "draining" not in old
+    assert oct(log.stat().st_mode & 0o777) == "0o600"
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/ptmx"), reason="needs pseudo-terminals")
+def test_a_closed_terminal_drains_and_stops_the_service(tmp_path: Path) -> None:
+    # Given: `orchestrator run` started from a terminal, with a run going on
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    config = tmp_path / "orchestrator.toml"
+    config.write_text(_config(tmp_path, 1, log_file=True))
+    (inbox / "long").write_text("60")
+    terminal = _PseudoTerminal([PY, "-m", "orchestrator", "run", "-c", str(config)], cwd=tmp_path)
+    log = tmp_path / "logs" / "orchestrator.log"
+    try:
+        _wait_for(lambda: _live(tmp_path) == 1, 20, f"no run started: {terminal.output!r}")
+        (stage,) = processes_with_env(f"{STATE_MARKER}={tmp_path / 'state'}")
+        # When: the terminal window is closed
+        terminal.hang_up()
+        # Then: the service drains (the run is killed: shutdown_grace is 1 s) and exits 0.
+        assert terminal.proc.wait(30) == 0, log.read_text()
+    finally:
+        terminal.close()
+    text = log.read_text()
+    assert "SIGHUP (the terminal closed): draining" in text
+    assert "reloaded" not in text
+    assert not os.path.exists(f"/proc/{stage}")
+    assert not processes_with_env(f"{STATE_MARKER}={tmp_path / 'state'}")
