@@ -9,7 +9,9 @@ key it holds). So an item whose input is still in its source is kept, whatever i
   file stays; a name the store holds escaped -- not UTF-8 -- cannot be checked, so it is kept);
 - json: an element with the item's key still in the array (if the file cannot be read, every
   item of that source is kept);
-- items of a source the config does not have (a renamed source would take its files again).
+- items of a source the config does not have (a renamed source would take its files again);
+- the newest item, and the item with the newest run: SQLite would give their numbers to the next
+  item or run, whose workdir or run log could then meet the purged one's (`op_newest`).
 
 JSONL items are purged: records before the stored read position are never read again. What
 purge forgets can come back as a new item: a file dropped again under a purged name, an element
@@ -42,7 +44,7 @@ import attrs
 from orchestrator.config import SourceType
 from orchestrator.errors import StoreUnavailable
 from orchestrator.store.records import TERMINAL_STATES, ItemState
-from orchestrator.store.sqlite import connect, op_purge_candidates, op_purge_items
+from orchestrator.store.sqlite import connect, op_newest, op_purge_candidates, op_purge_items
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -61,6 +63,7 @@ KEPT_NAME = "its file name cannot be checked (not UTF-8)"
 KEPT_ELEMENT = "its element is still in the JSON array"
 KEPT_UNREADABLE = "its JSON file cannot be read now"
 KEPT_NO_SOURCE = "its source is not in this config"
+KEPT_NEWEST = "it is the newest item, or has the newest run (numbers are never reused)"
 
 
 @attrs.frozen(kw_only=True)
@@ -96,7 +99,6 @@ def purge(
     if wrong:
         raise ValueError(f"not a terminal state: {', '.join(wrong)} (use {', '.join(terminal)})")
     before = (time.time() if now is None else now) - older_than
-    judge = _Judge(config)
     purged: dict[str, int] = {}
     runs = events = logs = workdirs = 0
     conn = connect(
@@ -104,6 +106,8 @@ def purge(
         create=False,
     )  # fmt: skip
     try:
+        # The newest rows only ever get newer: those of now are kept to the end.
+        judge = _Judge(config, newest=op_newest(conn))
         after = 0
         while True:
             found = op_purge_candidates(
@@ -147,8 +151,9 @@ def purge(
 class _Judge:
     """Whether an item's input is still in its source, which keeps the item."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, newest: frozenset[int]) -> None:
         self.sources = {s.name: s for s in config.sources}
+        self.newest = newest
         self.kept: dict[str, int] = {}
         #: Per json source: the keys its file holds now (None: it cannot be read).
         self._arrays: dict[str, set[str] | None] = {}
@@ -161,6 +166,12 @@ class _Judge:
         return why
 
     def _why(self, item: PurgeCandidate) -> str | None:
+        why = self._source_keeps(item)
+        if why is None and item.seq in self.newest:
+            return KEPT_NEWEST
+        return why
+
+    def _source_keeps(self, item: PurgeCandidate) -> str | None:
         source = self.sources.get(item.source)
         if source is None:
             return KEPT_NO_SOURCE

@@ -21,7 +21,14 @@ from servicekit import PY, Service, service_config
 
 from orchestrator.cli import EXIT_OK, EXIT_USAGE, main
 from orchestrator.config import load_config
-from orchestrator.purge import KEPT_ELEMENT, KEPT_FILE, KEPT_NO_SOURCE, KEPT_UNREADABLE, purge
+from orchestrator.purge import (
+    KEPT_ELEMENT,
+    KEPT_FILE,
+    KEPT_NEWEST,
+    KEPT_NO_SOURCE,
+    KEPT_UNREADABLE,
+    purge,
+)
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -60,18 +67,13 @@ def counts(db: Path) -> tuple[int, int, int]:
 def test_purge_keeps_what_is_still_in_a_folder_and_takes_the_rest_with_its_traces(
     tmp_path: Path,
 ) -> None:
-    # Given: one source that keeps its files, one that moves them away; one item dead
+    # Given: one source that moves its files away (one item dead), then one that keeps them
+    # (the newest item and run, which purge would keep anyway, are kept for their files)
     config = tmp_path / "orchestrator.toml"
     config.write_text(textwrap.dedent(f"""
         state_dir = "state"
         [http]
         listen = false
-        [[sources]]
-        name = "keep"
-        type = "directory"
-        path = "in_keep"
-        settle = "0s"
-        route = ["s"]
         [[sources]]
         name = "move"
         type = "directory"
@@ -80,6 +82,12 @@ def test_purge_keeps_what_is_still_in_a_folder_and_takes_the_rest_with_its_trace
         route = ["s"]
         on_done = "move:done"
         on_dead = "move:failed"
+        [[sources]]
+        name = "keep"
+        type = "directory"
+        path = "in_keep"
+        settle = "0s"
+        route = ["s"]
         [[stages]]
         name = "s"
         command = {STAGE}
@@ -185,7 +193,7 @@ def test_purge_goes_by_age_and_state_and_keeps_items_of_unknown_sources(tmp_path
         command = ["true"]
         """
     config.write_text(textwrap.dedent(body))
-    (tmp_path / "records.jsonl").write_text('{"id": 1}\n{"id": 2}\nnot json\n')
+    (tmp_path / "records.jsonl").write_text('not json\n{"id": 1}\n{"id": 2}\n')
     assert batch(config)["states"] == {"done": 2, "rejected": 1}
     cfg = load_config(config)
     db = tmp_path / "state" / "orchestrator.db"
@@ -201,8 +209,23 @@ def test_purge_goes_by_age_and_state_and_keeps_items_of_unknown_sources(tmp_path
     other.write_text(textwrap.dedent(body.replace('name = "rec"', 'name = "renamed"')))
     report = purge(db, load_config(other), older_than=0)
     assert (report.purged, report.kept) == ({}, {KEPT_NO_SOURCE: 2})
-    assert purge(db, cfg, older_than=0).purged == {"done": 2}
+    # The newest item (it also has the newest run) is kept: its number must not be reused.
+    report = purge(db, cfg, older_than=0)
+    assert (report.purged, report.kept) == ({"done": 1}, {KEPT_NEWEST: 1})
     assert batch(config)["items"] == 0
+    with open_db(db) as conn:
+        newest_seq, newest_run = conn.execute(
+            "SELECT (SELECT max(seq) FROM items), (SELECT max(id) FROM runs)"
+        ).fetchone()
+    # Then: a record appended later is numbered past every item and run there ever was.
+    with open(tmp_path / "records.jsonl", "a") as f:
+        f.write('{"id": 3}\n')
+    assert batch(config)["states"] == {"done": 1}
+    with open_db(db) as conn:
+        seq, run = conn.execute(
+            "SELECT seq, runs.id FROM items JOIN runs ON item_seq = seq WHERE items.id = 'rec:3'"
+        ).fetchone()
+    assert (seq, run) == (newest_seq + 1, newest_run + 1)
 
 
 def test_purge_command_line_errors(tmp_path: Path) -> None:
@@ -263,9 +286,10 @@ def test_purge_beside_a_running_service_loses_and_repeats_nothing(tmp_path: Path
         purged += purge_in_a_process(service.config_path)
 
         # Then: each file ran exactly once, the service is healthy, and every item was purged
+        # but the newest (its number is never reused)
         assert sorted(ledger.read_text().split()) == names
         assert service.proc.poll() is None, service.log
-        assert purged == len(names)
+        assert purged == len(names) - 1
         assert service.status()["state"] == "running"
     finally:
         code = service.stop()

@@ -189,6 +189,8 @@ def _config(folder: Path, concurrency: int, *, extra: str = "", log_file: bool =
         shutdown_grace = "1s"
         [http]
         listen = false
+        [status]
+        interval = "0.3s"
         """) + log + textwrap.dedent(f"""
         [[sources]]
         name = "in"
@@ -232,8 +234,10 @@ def test_sighup_applies_a_new_concurrency_to_a_running_service(tmp_path: Path) -
         service.config_path.write_text(_config(tmp_path, 3))
         service.signal(signal.SIGHUP)
         service.wait_log(r"reloaded; limits: stages\[work\]\.concurrency 1 → 3\n")
-        # Then: three runs go on at once, and never more.
+        # Then: three runs go on at once, and never more; the status file shows the new limit.
         assert _most_alive(tmp_path, 1.5) == 3
+        _wait_for(lambda: service.status()["stages"]["work"]["concurrency"] == 3, 10,
+                  "the status file kept the old limit")  # fmt: skip
         # When: it is lowered to 1 (and a key that takes a restart changes too)
         service.config_path.write_text(_config(tmp_path, 1, extra='timeout = "1m"'))
         service.signal(signal.SIGHUP)

@@ -1444,12 +1444,27 @@ def op_purge_candidates(
     ]
 
 
+def op_newest(conn: sqlite3.Connection) -> frozenset[int]:
+    """The seqs of the newest item and of the item with the newest run, which purge keeps.
+
+    SQLite numbers a new row one past the highest there is: were those rows deleted, the next
+    item would get a purged item's seq (and, after a restart, a run a purged run's id) -- and
+    with it a workdir or a run log the purge is still removing, or left behind by a crash.
+    Kept, the numbers only ever grow.
+    """
+    row = conn.execute(
+        "SELECT (SELECT max(seq) FROM items),"
+        " (SELECT item_seq FROM runs WHERE id = (SELECT max(id) FROM runs))"
+    ).fetchone()
+    return frozenset(seq for seq in row if seq is not None)
+
+
 def op_purge_items(
     conn: sqlite3.Connection, seqs: Sequence[int], *, before: float, states: Sequence[str]
 ) -> tuple[list[int], int, int, list[str]]:
     """Delete the items ``seqs`` with their runs and events -- those still in ``states`` and
-    unchanged since ``before`` (a requeue in between keeps one). Run it inside one write
-    transaction.
+    unchanged since ``before`` (a requeue in between keeps one), and never the `op_newest`
+    ones. Run it inside one write transaction.
 
     Returns:
         The seqs deleted, the numbers of runs and events deleted, and the run log paths of the
@@ -1459,7 +1474,10 @@ def op_purge_items(
     gone: list[int] = []
     runs = events = 0
     logs: list[str] = []
+    newest = op_newest(conn)
     for seq in seqs:
+        if seq in newest:
+            continue
         still = conn.execute(
             f"SELECT 1 FROM items WHERE seq = ? AND state IN ({marks}) AND updated_at < ?",
             (seq, *states, before),
