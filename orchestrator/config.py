@@ -442,7 +442,7 @@ class LogConfig:
 class HousekeepingConfig:
     """What the service cleans up by itself (``[housekeeping]``); see `orchestrator.housekeeping`."""
 
-    #: How often the run logs are pruned (also once at start).
+    #: How often the run logs are pruned and old items purged (also once at start).
     interval: float = _duration(600.0, _positive_duration)
     #: A run's log is removed this long after it was last written; None (``false``) keeps them.
     run_logs_max_age: float | None = _hooked(
@@ -452,6 +452,9 @@ class HousekeepingConfig:
     run_logs_max_size: int | None = _hooked(
         256 * 1000**2, _or_false(_structure_size), _positive_size
     )
+    #: Done, dead and rejected items unchanged this long are purged, as ``orchestrator purge
+    #: --older-than`` does; None (``false``, the default): only that command purges.
+    items_max_age: float | None = _hooked(None, _or_false(_structure_duration), _positive_duration)
 
 
 @attrs.frozen(kw_only=True)

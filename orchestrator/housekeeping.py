@@ -1,4 +1,5 @@
-"""Housekeeping: the service keeps its run logs within an age and a disk budget by itself.
+"""Housekeeping: the service keeps its run logs within an age and a disk budget by itself, and
+(``items_max_age``) purges old ended items as ``orchestrator purge`` does.
 
 An edge device's disk is small and nobody cleans it by hand, yet every run with output leaves a
 log (``state_dir/runs/<run id>.log``, up to a stage's ``output_limit``). Every
@@ -34,9 +35,11 @@ import trio_util
 from loguru import logger
 
 from orchestrator.durations import format_duration, format_size
+from orchestrator.errors import StoreUnavailable
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from pathlib import Path
 
     from orchestrator.workers import Engine
 
@@ -139,20 +142,54 @@ def prune_run_logs(
 async def serve_housekeeping(
     engine: Engine, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Prune the run logs at start and every ``housekeeping.interval`` until cancelled."""
+    """Prune the run logs, and purge old items (``items_max_age``), at start and every
+    ``housekeeping.interval`` until cancelled."""
     config = engine.config.housekeeping
     runs_dir = str(engine.config.state_dir / "runs")
     task_status.started()
-    if config.run_logs_max_age is None and config.run_logs_max_size is None:
+    prune_logs = config.run_logs_max_age is not None or config.run_logs_max_size is not None
+    db_path, items_max_age = engine.config.db_path, config.items_max_age
+    purge_items = items_max_age is not None and db_path is not None
+    if not prune_logs and not purge_items:
         return
     prune = functools.partial(
         prune_run_logs, runs_dir, max_age=config.run_logs_max_age, max_size=config.run_logs_max_size
     )
     async with contextlib.aclosing(trio_util.periodic(config.interval)) as ticks:
         async for _ in ticks:
-            keep = _keeping(frozenset(engine.running), engine.store.last_run_id)
-            report = await trio.to_thread.run_sync(functools.partial(prune, keep=keep))
-            _log_report(report, config.run_logs_max_age, config.run_logs_max_size)
+            if prune_logs:
+                keep = _keeping(frozenset(engine.running), engine.store.last_run_id)
+                report = await trio.to_thread.run_sync(functools.partial(prune, keep=keep))
+                _log_report(report, config.run_logs_max_age, config.run_logs_max_size)
+            if items_max_age is not None and db_path is not None:
+                await _purge_items(engine, db_path, items_max_age)
+
+
+async def _purge_items(engine: Engine, db_path: Path, max_age: float) -> None:
+    """One `orchestrator.purge.purge` of the items unchanged for ``items_max_age``, in a worker
+    thread on a connection of its own (as the command beside a running service)."""
+    from orchestrator.purge import purge  # only where it is switched on
+
+    now = time.time()
+    if engine.admitted is not None:
+        # A batch: never the items it ended itself -- its summary reads them at the end.
+        now = min(now, engine.started_wall + max_age)
+    try:
+        report = await trio.to_thread.run_sync(
+            functools.partial(purge, db_path, engine.config, older_than=max_age, now=now)
+        )
+    except StoreUnavailable as exc:
+        logger.warning("housekeeping: cannot purge old items: {}", exc)
+        return
+    purged = sum(report.purged.values())
+    if purged:
+        states = ", ".join(f"{n} {state}" for state, n in sorted(report.purged.items()))
+        logger.info(
+            "housekeeping: purged {} item(s) unchanged for {} ({}) with {} run(s) and {} "
+            "event(s); removed {} run log(s) and {} workdir(s)",
+            purged, format_duration(max_age), states, report.runs, report.events, report.logs,
+            report.workdirs,
+        )  # fmt: skip
 
 
 def _keeping(running: frozenset[int], newest: int) -> Callable[[int], bool]:

@@ -50,6 +50,7 @@ def plan_dict(config: Config) -> dict[str, Any]:
             "interval": config.housekeeping.interval,
             "run_logs_max_age": config.housekeeping.run_logs_max_age,
             "run_logs_max_size": config.housekeeping.run_logs_max_size,
+            "items_max_age": config.housekeeping.items_max_age,
         },
         "sources": [
             {
@@ -108,6 +109,9 @@ def print_plan(config: Config, path: Path) -> None:
     size = keep.run_logs_max_size
     console.print(f"run logs: kept {d(keep.run_logs_max_age) if keep.run_logs_max_age else 'for ever'}"
                   f", {format_size(size) if size else 'no size limit'} at most")  # fmt: skip
+    age = keep.items_max_age
+    console.print(f"ended items: purged after {d(age)}" if age else
+                  "ended items: kept until `orchestrator purge`")  # fmt: skip
     console.print()
     if not config.sources:
         console.print("sources: none (items only arrive through the store)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import textwrap
 import time
 import tomllib
 from pathlib import Path
@@ -107,20 +108,25 @@ def test_config_defaults_switches_and_errors() -> None:
     assert (default.interval, default.run_logs_max_age, default.run_logs_max_size) == (  # type: ignore[attr-defined]
         600.0, 7 * DAY, 256_000_000,
     )  # fmt: skip
+    assert default.items_max_age is None  # type: ignore[attr-defined]
     off = _housekeeping(
         '[housekeeping]\ninterval = "1m"\nrun_logs_max_age = false\nrun_logs_max_size = false\n'
+        "items_max_age = false\n"
     )
     assert (off.interval, off.run_logs_max_age, off.run_logs_max_size) == (60.0, None, None)  # type: ignore[attr-defined]
+    assert off.items_max_age is None  # type: ignore[attr-defined]
+    assert _housekeeping('[housekeeping]\nitems_max_age = "30d"\n').items_max_age == 30 * DAY  # type: ignore[attr-defined]
 
     with pytest.raises(ConfigError) as caught:
         _housekeeping(
             '[housekeeping]\ninterval = 0\nrun_logs_max_age = "soon"\nrun_logs_max_size = 0\n'
-            "run_log_max_size = 1\n"
+            "items_max_age = 0\nrun_log_max_size = 1\n"
         )
     assert caught.value.errors == [
         "housekeeping.interval: must be > 0, got 0s",
         'housekeeping.run_logs_max_age: expected a duration like "30s", got "soon"',
         "housekeeping.run_logs_max_size: must be more than 0 bytes, got 0",
+        "housekeeping.items_max_age: must be > 0, got 0s",
         'housekeeping.run_log_max_size: unknown key (did you mean "run_logs_max_size"?)',
     ]
 
@@ -236,3 +242,99 @@ def test_a_service_removes_run_logs_past_their_age(tmp_path: Path) -> None:
     finally:
         code = service.stop()
     assert code == 0, service.log
+
+
+def _item_ids(config: Path) -> list[str]:
+    out = subprocess.run(
+        [PY, "-m", "orchestrator", "items", "-c", str(config), "--json"],
+        capture_output=True, text=True, timeout=30, check=True,
+    ).stdout  # fmt: skip
+    return sorted(item["id"] for item in json.loads(out))
+
+
+def test_a_service_purges_ended_items_past_items_max_age(tmp_path: Path) -> None:
+    # Given: a service purging items unchanged for 1 s, whose source deletes each done file
+    service = Service(tmp_path, service_config("""
+        [housekeeping]
+        interval = "0.2s"
+        items_max_age = "1s"
+        [[sources]]
+        name = "in"
+        type = "directory"
+        path = "in"
+        settle = "0s"
+        poll_interval = "0.1s"
+        route = ["work"]
+        on_done = "delete"
+        [[stages]]
+        name = "work"
+        command = ["true"]
+        concurrency = 2
+        """, listen="false"))  # fmt: skip
+    try:
+        for i in range(5):
+            (tmp_path / "in" / f"f{i}").write_text("")
+        deadline = time.monotonic() + 15
+        while os.listdir(tmp_path / "in") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        ended = time.monotonic()
+        assert len(_item_ids(service.config_path)) == 5
+        # Then: a little over a second later they are purged -- all but the newest, whose
+        # number must not be reused -- with a line saying so
+        service.wait_log(r"housekeeping: purged 4 item\(s\) unchanged for 1s \(4 done\) with 4 "
+                         r"run\(s\)")  # fmt: skip
+        assert time.monotonic() - ended > 0.8
+        assert _item_ids(service.config_path) == ["in:f4"]
+        # And the service goes on: a file dropped again under a purged name is a new item
+        (tmp_path / "in" / "f0").write_text("")
+        service.wait_log(r"run ok .*\[item='in:f0'.*\n(.|\n)*run ok .*\[item='in:f0'")
+    finally:
+        code = service.stop()
+    assert code == 0, service.log
+
+
+def test_a_batch_purges_older_items_but_never_those_it_ended(tmp_path: Path) -> None:
+    config = tmp_path / "orchestrator.toml"
+    config.write_text(textwrap.dedent(f"""
+        state_dir = "state"
+        [http]
+        listen = false
+        [housekeeping]
+        interval = "0.2s"
+        items_max_age = "1s"
+        [[sources]]
+        name = "in"
+        type = "directory"
+        path = "in"
+        settle = "0s"
+        route = ["work"]
+        on_done = "move:done"
+        [[stages]]
+        name = "work"
+        command = ["{PY}", "-c", "import time; time.sleep(0.3)"]
+        """))  # fmt: skip
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+
+    def batch() -> dict[str, object]:
+        proc = subprocess.run(
+            [PY, "-m", "orchestrator", "batch", "-c", str(config), "--json", "--no-progress"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)  # type: ignore[no-any-return]
+
+    for name in ("a", "b", "c"):
+        (inbox / name).write_text("")
+    first = batch()
+    assert first["states"] == {"done": 3}
+    time.sleep(1.2)
+    # When: a second batch, of 6 items at 0.3 s each (longer than items_max_age, with
+    # housekeeping passes all along)
+    for i in range(6):
+        (inbox / f"n{i}").write_text("")
+    second = batch()
+    # Then: the first batch's items went (the newest too, once this batch's were newer), this
+    # batch's stayed for its summary
+    assert second["states"] == {"done": 6}
+    assert _item_ids(config) == [f"in:n{i}" for i in range(6)]
