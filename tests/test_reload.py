@@ -8,6 +8,7 @@ closing its master side.
 from __future__ import annotations
 
 import os
+import random
 import re
 import select
 import signal
@@ -326,3 +327,45 @@ def test_a_closed_terminal_drains_and_stops_the_service(tmp_path: Path) -> None:
     assert "reloaded" not in text
     assert not os.path.exists(f"/proc/{stage}")
     assert not processes_with_env(f"{STATE_MARKER}={tmp_path / 'state'}")
+
+
+def _ended(record: Path) -> int:
+    """How many runs `locked_stage.py` recorded as ended."""
+    if not record.exists():
+        return 0
+    return sum(line.startswith("end ") for line in record.read_text().splitlines())
+
+
+def test_reloads_in_a_row_lose_and_repeat_nothing(tmp_path: Path) -> None:
+    # Given: 150 items of 20-60 ms through a stage whose limit is changed by a SIGHUP every
+    # 0.15 s, at random between 1 and 3 (workers started and retired all along)
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    rng = random.Random(13)
+    names = [f"f{i:03}" for i in range(150)]
+    for name in names:
+        (inbox / name).write_text(f"{rng.uniform(0.02, 0.06):.3f}")
+    service = Service(tmp_path, _config(tmp_path, 2))
+    record = tmp_path / "record"
+    try:
+        _wait_for(lambda: (tmp_path / "state" / "status.json").exists(), 15, service.log)
+        reloads = 0
+        deadline = time.monotonic() + 60
+        while _ended(record) < len(names):
+            assert time.monotonic() < deadline, service.log[-3000:]
+            service.config_path.write_text(_config(tmp_path, rng.randint(1, 3)))
+            service.signal(signal.SIGHUP)
+            reloads += 1
+            time.sleep(0.15)
+        assert service.stop(20) == 0, service.log[-3000:]
+    finally:
+        service.stop()
+    # Then: every item ran exactly once, never more than 3 at a time (the lock files), and
+    # every reload was applied or found nothing to change.
+    text = record.read_text()
+    assert "OVERLAP" not in text
+    started = sorted(re.findall(r"^start work \S+ \d+ '(in:f\d+)'", text, re.MULTILINE))
+    assert started == [f"in:{name}" for name in names]
+    assert reloads > 10
+    assert service.log.count("reloaded; limits:") >= reloads - 1  # the last may come late
+    assert "Traceback" not in service.log
