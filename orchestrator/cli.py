@@ -108,10 +108,28 @@ def _load(path: Path, *, failure: int = EXIT_CONFIG) -> Config:
     try:
         return load_config(path)
     except ConfigError as exc:
-        _err(f"{path}: {len(exc.errors)} error{'s' if len(exc.errors) != 1 else ''}:")
-        for error in exc.errors:
-            _err(f"  {error}")
+        _report(path, exc.errors)
         raise typer.Exit(failure) from None
+
+
+def _report(path: Path, errors: list[str]) -> None:
+    _err(f"{path}: {len(errors)} error{'s' if len(errors) != 1 else ''}:")
+    for error in errors:
+        _err(f"  {error}")
+
+
+def _load_runnable(path: Path) -> Config:
+    """`_load`, and the Python stages' functions imported (every problem printed, exit 2)."""
+    cfg = _load(path)
+    if any(stage.call is not None for stage in cfg.stages):
+        from orchestrator.calls import resolve_calls
+
+        try:
+            resolve_calls(cfg)
+        except ConfigError as exc:
+            _report(path, exc.errors)
+            raise typer.Exit(EXIT_CONFIG) from None
+    return cfg
 
 
 @app.command()
@@ -119,7 +137,7 @@ def check(config: ConfigOption = Path("orchestrator.toml"), as_json: JsonOption 
     """Validate the config and print the plan: sources → routes → stages, limits, timeouts."""
     from orchestrator.plan import plan_dict, print_plan
 
-    cfg = _load(config)
+    cfg = _load_runnable(config)
     if as_json:
         print(json.dumps(plan_dict(cfg), indent=2))
     else:
@@ -131,7 +149,7 @@ def run(config: ConfigOption = Path("orchestrator.toml")) -> None:
     """Run the service until SIGTERM or SIGINT, then drain and exit 0."""
     _start_up_without_gc()
     configure_logging = _logging_setup()
-    cfg = _load(config)
+    cfg = _load_runnable(config)
     configure_logging(cfg.log)
     _warn_about(cfg)
     _serve(cfg, batch=False, config_path=config)
@@ -152,7 +170,7 @@ def batch(
     """
     _start_up_without_gc()
     configure_logging = _logging_setup()
-    cfg = _load(config)
+    cfg = _load_runnable(config)
     show = sys.stderr.isatty() if progress is None else progress
     configure_logging(cfg.log, console_level="WARNING" if show or as_json else None)
     _warn_about(cfg)

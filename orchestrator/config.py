@@ -72,6 +72,8 @@ __all__ = [
 
 # Names of stages, sources and pools: they end up in file names, URLs and metric labels.
 NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
+#: A Python stage's ``call``: ``package.module:function`` (an attribute path after the colon).
+CALL_RE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
 # Where the HTTP server listens unless told otherwise: loopback, so nothing is exposed by default.
 DEFAULT_LISTEN = "127.0.0.1:8787"
@@ -164,9 +166,16 @@ def _not_empty(_inst: Any, attribute: attrs.Attribute[Any], value: tuple[Any, ..
 
 
 def _command(inst: Any, attribute: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
+    if not value and inst.call is not None:
+        return  # a Python stage (whether it has either is checked on the raw data)
     _not_empty(inst, attribute, value)
     if not value[0]:
         raise _fail(attribute, "must not be empty (the program to run)", 0)
+
+
+def _call(_inst: Any, attribute: attrs.Attribute[Any], value: str | None) -> None:
+    if value is not None and not CALL_RE.fullmatch(value):
+        raise _fail(attribute, f'expected "module:function", got {describe_value(value)}')
 
 
 def _no_repeats(what: str) -> _Validator:
@@ -512,8 +521,11 @@ class StageConfig:
     """A named step: a command and its limits, timeouts and retries (``[[stages]]``)."""
 
     name: str = attrs.field(validator=_name)
+    #: A Python stage instead of a command: ``"module:function"``, an ``async def`` called with
+    #: a `orchestrator.calls.StageRun` (see there). Exactly one of ``command`` and ``call``.
+    call: str | None = attrs.field(default=None, validator=_call)
     #: argv template; placeholders such as ``{path}`` are substituted as whole arguments.
-    command: tuple[str, ...] = attrs.field(validator=_command)
+    command: tuple[str, ...] = attrs.field(default=(), validator=_command)
     concurrency: int = attrs.field(default=1, validator=_at_least(1))
     pools: tuple[str, ...] = attrs.field(default=(), validator=_no_repeats("pool"))
     #: Wall-clock limit of one run; ``None`` means no limit.
@@ -820,6 +832,10 @@ DIRECTORY_ONLY_KEYS = (
     "pattern", "recursive", "ignore", "settle", "on_done", "on_dead", "reingest_changed",
 )  # fmt: skip
 RECORD_ONLY_KEYS = ("id_field",)
+#: Stage keys about a process, which a Python stage (``call``) does not have.
+COMMAND_ONLY_KEYS = (
+    "stall_timeout", "grace_period", "fatal_exit_codes", "env", "cwd", "output_limit",
+)  # fmt: skip
 
 
 def _cross_reference_problems(data: Mapping[str, Any]) -> list[_Problem]:
@@ -858,8 +874,23 @@ def _cross_reference_problems(data: Mapping[str, Any]) -> list[_Problem]:
     if isinstance(faults, Mapping):
         check_stage_refs(faults.get("stages"), ("faults", "stages"))
 
-    pools = data.get("pools", {})
     stages = data.get("stages")
+    for index, stage in enumerate(stages if isinstance(stages, list) else []):
+        if not isinstance(stage, Mapping):
+            continue
+        if "call" in stage and "command" in stage:
+            problems.append(
+                (("stages", index, "call"), 'a stage has "command" or "call", not both')
+            )
+        elif "call" not in stage and "command" not in stage:
+            problems.append((("stages", index), 'needs "command" (a program and its arguments) or'
+                             ' "call" (an async Python function, "module:function")'))  # fmt: skip
+        elif "call" in stage:
+            for key in COMMAND_ONLY_KEYS:
+                if key in stage:
+                    message = 'only for stages with a "command", not a "call"'
+                    problems.append((("stages", index, key), message))
+    pools = data.get("pools", {})
     if isinstance(pools, Mapping) and isinstance(stages, list):
         listed_pools = ", ".join(pools) or "none defined"
         for index, stage in enumerate(stages):
@@ -949,7 +980,10 @@ def parse_config(data: Mapping[str, Any], *, base_dir: Path) -> Config:
         config = _converter.structure(data, Config)
     except ClassValidationError as exc:
         _collect(exc, (), problems)
-    problems.extend(_cross_reference_problems(data))
+    crossed = _cross_reference_problems(data)
+    # A stage with neither "command" nor "call" is said once, not also as an empty command.
+    without = {(*path, "command") for path, message in crossed if message.startswith("needs")}
+    problems = [p for p in problems if p[0] not in without] + crossed
     if problems or config is None:
         raise ConfigError(_render(problems, data))
     return _resolve_paths(config, Path(os.path.normpath(Path(base_dir).absolute())))

@@ -71,6 +71,7 @@ def plan_dict(config: Config) -> dict[str, Any]:
             {
                 "name": s.name,
                 "command": list(s.command),
+                "call": s.call,
                 "concurrency": s.concurrency,
                 "pools": list(s.pools),
                 "timeout": s.timeout,
@@ -133,7 +134,8 @@ def print_plan(config: Config, path: Path) -> None:
         )  # fmt: skip
     console.print(table)
     for st in config.stages:
-        console.print(f"{st.name}: {shlex.join(st.command)}", soft_wrap=True)
+        what = f"call {st.call} (Python, in the service)" if st.call else shlex.join(st.command)
+        console.print(f"{st.name}: {escape(what)}", soft_wrap=True)
     if config.pools:
         users = plan_dict(config)["pools"]
         for name, info in users.items():

@@ -47,6 +47,7 @@ import trio
 import trio_util
 from loguru import logger
 
+from orchestrator.calls import resolve_calls
 from orchestrator.config import load_config
 from orchestrator.errors import ConfigError, LeftoverProcesses, StoreUnavailable
 from orchestrator.housekeeping import serve_housekeeping
@@ -259,7 +260,11 @@ async def _serve(
     # Items recovery found poisoned died in this run: a batch reports them.
     poisoned = await store.read(lambda c: op_items_by_seq(c, recovery.poisoned_seqs))
     executables = await trio.to_thread.run_sync(resolve_executables, config)
-    engine = Engine(config, store, instance=instance, executables=executables, batch=batch)
+    # Imported here, in the loop, as our own modules are: start-up, before any run.
+    calls = resolve_calls(config)
+    engine = Engine(
+        config, store, instance=instance, executables=executables, batch=batch, calls=calls
+    )
     if on_start is not None:
         on_start(engine)
     watchdog = Watchdog(engine, notifier=notifier)

@@ -23,6 +23,7 @@ import trio
 import trio_util
 from loguru import logger
 
+from orchestrator.calls import StageRun, run_call
 from orchestrator.limits import Holder, Slots
 from orchestrator.pipeline import decide, expand_argv, uses_placeholder
 from orchestrator.reaper import STATE_MARKER
@@ -141,6 +142,7 @@ class Engine:
     def __init__(
         self, config: Config, store: SqliteStore, *, instance: str,
         executables: Mapping[str, str] | None = None, batch: bool = True,
+        calls: Mapping[str, Callable[[StageRun], Awaitable[object]]] | None = None,
     ) -> None:  # fmt: skip
         self.config = config
         self.store = store
@@ -165,6 +167,8 @@ class Engine:
             for s in config.stages
         }  # fmt: skip
         self._executables = dict(executables or {})
+        #: Python stages' functions (`orchestrator.calls.resolve_calls`).
+        self._calls = dict(calls or {})
         self._route_workdir: dict[tuple[str, ...], bool] = {}
         self.tally = Tally()
         #: Items not yet terminal that this process knows of.
@@ -550,10 +554,18 @@ class Engine:
             self.last_run_started = running.since
             item = item.running(attempt)
             log_path = f"{self._runs_dir}/{run_id}.log"  # not pathlib: once per run
-            command = self._command(stage, item, attempt, run_id, workdir, log_path)
-            log.debug("run started: {}", command.argv)
             try:
-                result = await run_command(command, on_spawn=claim)
+                if stage.call is not None:
+                    claim(None)  # no process: nothing to find if we die
+                    log.debug("run started: {}", stage.call)
+                    result = await run_call(
+                        self._calls[stage.name], self._stage_run(stage, item, attempt, run_id,
+                        workdir, log), timeout=stage.timeout,
+                    )  # fmt: skip
+                else:
+                    command = self._command(stage, item, attempt, run_id, workdir, log_path)
+                    log.debug("run started: {}", command.argv)
+                    result = await run_command(command, on_spawn=claim)
             except BaseException as exc:
                 if not _is_cancellation(exc):
                     raise
@@ -688,22 +700,25 @@ class Engine:
             return True
         needs = self._route_workdir.get(item.route)
         if needs is None:
+            # A Python stage may use its run's workdir: it always gets one.
             needs = any(
-                uses_placeholder(self.stages[name].command, "workdir")
+                self.stages[name].call is not None
+                or uses_placeholder(self.stages[name].command, "workdir")
                 for name in item.route if name in self.stages
             )  # fmt: skip
             self._route_workdir[item.route] = needs
         return needs
 
-    def _command(
-        self, stage: StageConfig, item: Item, attempt: int, run_id: int, workdir: str | None,
-        log_path: str,
-    ) -> Command:  # fmt: skip
+    @staticmethod
+    def _values(
+        stage: StageConfig, item: Item, attempt: int, workdir: str | None
+    ) -> dict[str, str]:
+        """The placeholders' values for a run (a command's arguments and ``ORCH_*``)."""
         payload = (
             os.path.join(workdir, "payload.json") if item.payload is not None and workdir else ""
         )
         path = item.path if item.path is not None else payload
-        values = {
+        return {
             "path": path,
             "name": os.path.basename(path) if item.path else item.id,
             "item": item.id,
@@ -712,6 +727,22 @@ class Engine:
             "workdir": workdir if workdir is not None else "",
             "payload": payload,
         }
+
+    def _stage_run(
+        self, stage: StageConfig, item: Item, attempt: int, run_id: int, workdir: str | None,
+        log: Any,
+    ) -> StageRun:  # fmt: skip
+        values = self._values(stage, item, attempt, workdir)
+        return StageRun(
+            item=item.id, stage=stage.name, attempt=attempt, run=run_id, path=values["path"],
+            name=values["name"], workdir=values["workdir"], payload=values["payload"], log=log,
+        )  # fmt: skip
+
+    def _command(
+        self, stage: StageConfig, item: Item, attempt: int, run_id: int, workdir: str | None,
+        log_path: str,
+    ) -> Command:  # fmt: skip
+        values = self._values(stage, item, attempt, workdir)
         own = {_ENV_NAMES[key]: value for key, value in values.items()}
         own["ORCH_RUN"] = str(run_id)
         env = RunEnvironment(self._stage_env[stage.name], own)
@@ -768,6 +799,8 @@ def resolve_executables(config: Config) -> dict[str, str]:
     """
     found = {}
     for stage in config.stages:
+        if stage.call is not None:
+            continue
         program = stage.command[0]
         if "{" in program:
             continue

@@ -1,0 +1,139 @@
+"""Python stages: ``call = "module:function"`` runs an ``async def`` in the service's event loop.
+
+A stage is usually an external command; a small step -- renaming a result, posting to an HTTP
+API with an async client, a check -- can be a Python function instead, without a process to
+start. It is given the same values a command gets as placeholders, as a `StageRun`::
+
+    # mystages.py, beside the config (its folder is searched first)
+    import trio
+
+    async def publish(run: StageRun) -> None:
+        await trio.Path(run.workdir, "published").write_text(run.item)
+        run.log.info("published")
+
+    # orchestrator.toml
+    [[stages]]
+    name = "publish"
+    call = "mystages:publish"
+    concurrency = 4
+    timeout = "30s"
+
+Returning is ``ok``; raising an exception is ``failed`` (retried as ``retries`` says; the
+exception is the reason and its traceback the output tail); running past ``timeout`` cancels it
+(``timeout``); a shutdown cancels it too (``cancelled``, the item re-queued). Limits and pools
+hold as for commands: a run holds its slots until the function has returned.
+
+The function runs in the event loop: it must not block it (file and network I/O through trio,
+or ``trio.to_thread.run_sync``). The watchdog reports a function that does, with its stack.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import traceback
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import trio
+
+from orchestrator.errors import ConfigError
+from orchestrator.runner import TAIL_LINES, Outcome, RunResult
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from orchestrator.config import Config
+
+__all__ = ["StageRun", "resolve_calls", "run_call"]
+
+
+@attrs.frozen(kw_only=True)
+class StageRun:
+    """What a Python stage is called with: one run of one item, the values of a command's
+    placeholders (``""`` where a command would get an empty argument)."""
+
+    item: str  #: the item's id, e.g. ``"uploads:a.pdf"``
+    stage: str
+    attempt: int  #: 1 for the first run of this item at this stage
+    run: int  #: the run's id in the store (``orchestrator show`` lists it)
+    path: str  #: the item's file (a record's payload file for records)
+    name: str  #: the file's name (the item's id for records)
+    workdir: str  #: the item's folder, kept across its stages
+    payload: str  #: the record as a JSON file (``""`` for files)
+    log: Any  #: a loguru logger bound to item, stage, attempt and run
+
+
+def resolve_calls(config: Config) -> dict[str, Callable[[StageRun], Awaitable[object]]]:
+    """Import each Python stage's function; the config's folder is searched first.
+
+    Raises:
+        ConfigError: a module cannot be imported, or the name is not an ``async def`` (every
+            problem, with its path, like the config's own errors).
+    """
+    import inspect  # (not at start-up when no stage needs it)
+
+    found: dict[str, Callable[[StageRun], Awaitable[object]]] = {}
+    errors = []
+    calls = [(i, s) for i, s in enumerate(config.stages) if s.call is not None]
+    if calls and str(config.base_dir) not in sys.path:
+        sys.path.insert(0, str(config.base_dir))
+    for index, stage in calls:
+        assert stage.call is not None
+        module_name, _, attribute = stage.call.partition(":")
+        where = f"stages[{index}].call"
+        try:
+            target: Any = importlib.import_module(module_name)
+            for part in attribute.split("."):
+                target = getattr(target, part)
+        except ImportError as exc:
+            errors.append(f"{where}: cannot import {module_name!r}: {exc}")
+            continue
+        except AttributeError:
+            errors.append(f"{where}: {module_name!r} has no {attribute!r}")
+            continue
+        except Exception as exc:  # the module's own code failed at import
+            errors.append(f"{where}: importing {module_name!r} failed: {_one_line(exc)}")
+            continue
+        if not inspect.iscoroutinefunction(target):
+            errors.append(f"{where}: {stage.call!r} is not an async function (async def)")
+            continue
+        found[stage.name] = target
+    if errors:
+        raise ConfigError(errors)
+    return found
+
+
+async def run_call(
+    function: Callable[[StageRun], Awaitable[object]], run: StageRun, *, timeout: float | None
+) -> RunResult:
+    """Call ``function(run)`` within ``timeout`` seconds; what happened, as a command's result.
+
+    `trio.Cancelled` from outside (a shutdown) propagates, as from `run_command`.
+    """
+    start = trio.current_time()
+    with trio.move_on_after(timeout if timeout is not None else float("inf")) as scope:
+        try:
+            await function(run)
+        except Exception as exc:
+            lines = "".join(traceback.format_exception(exc)).splitlines()
+            return RunResult(
+                outcome=Outcome.FAILED, exit_code=None, signal=None, pid=None,
+                duration=trio.current_time() - start, tail="\n".join(lines[-TAIL_LINES:]),
+                reason=f"raised {_one_line(exc)}",
+            )  # fmt: skip
+    duration = trio.current_time() - start
+    if scope.cancelled_caught:
+        return RunResult(
+            outcome=Outcome.TIMEOUT, exit_code=None, signal=None, pid=None, duration=duration,
+            tail="", reason=f"timed out after {timeout:g}s; cancelled",
+        )  # fmt: skip
+    return RunResult(
+        outcome=Outcome.OK, exit_code=0, signal=None, pid=None, duration=duration, tail="",
+        reason="returned",
+    )  # fmt: skip
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

@@ -1,0 +1,242 @@
+"""Python stages (``call = "module:function"``): checked at start, run in the loop under the same
+limits, pools, retries, timeouts and shutdown as commands. Real batches and a real service, in
+processes of their own; the stage functions prove limits with `flock` on real lock files."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import textwrap
+import time
+from typing import TYPE_CHECKING, Any
+
+from servicekit import PY, Service
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+#: The stage functions, written beside each test's config as ``stagefuncs.py``.
+MODULE = '''
+import fcntl, json, os, time
+import trio
+
+async def record(run):
+    """Hold the "solo" lock for the run (OVERLAP if another run has it); write what it got."""
+    fd = os.open(os.path.join(os.path.dirname(__file__), "solo.lock"), os.O_CREAT | os.O_RDWR)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            with open(os.path.join(os.path.dirname(__file__), "overlaps"), "a") as f:
+                f.write(run.item + "\\n")
+        await trio.sleep(0.03)
+        fields = {k: getattr(run, k) for k in
+                  ("item", "stage", "attempt", "run", "path", "name", "workdir", "payload")}
+        fields["prep"] = open(os.path.join(run.workdir, "prep")).read()
+        await trio.Path(run.workdir, "py.json").write_text(json.dumps(fields))
+        run.log.info("recorded")
+    finally:
+        os.close(fd)
+
+async def flaky(run):
+    if run.attempt == 1 or "never" in run.name:
+        raise ValueError("boom")
+
+async def forever(run):
+    try:
+        await trio.sleep_forever()
+    finally:
+        with open(os.path.join(os.path.dirname(__file__), "ended"), "a") as f:
+            f.write(run.item + "\\n")
+
+def not_async(run):
+    pass
+'''
+
+
+def _setup(tmp_path: Path, stages: str, *, files: tuple[str, ...] = (), extra: str = "") -> Path:
+    (tmp_path / "stagefuncs.py").write_text(MODULE)
+    inbox = tmp_path / "in"
+    inbox.mkdir(exist_ok=True)
+    for name in files:
+        (inbox / name).write_text(name)
+    config = tmp_path / "orchestrator.toml"
+    config.write_text(textwrap.dedent(f"""
+        state_dir = "state"
+        shutdown_grace = "0.5s"
+        [http]
+        listen = false
+        {extra}
+        [[sources]]
+        name = "in"
+        type = "directory"
+        path = "in"
+        settle = "0s"
+        poll_interval = "0.1s"
+        route = {json.dumps([line.split('"')[1] for line in stages.splitlines()
+                             if line.strip().startswith("name =")])}
+        """) + textwrap.dedent(stages))  # fmt: skip
+    return config
+
+
+def _orchestrator(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PY, "-m", "orchestrator", *args], cwd=cwd, capture_output=True, text=True, timeout=60,
+        check=False,
+    )  # fmt: skip
+
+
+def _show(config: Path, item: str) -> dict[str, Any]:
+    proc = _orchestrator("show", "-c", str(config), item, "--json", cwd=config.parent)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)  # type: ignore[no-any-return]
+
+
+def test_check_imports_each_function_and_reports_every_problem_with_its_path(
+    tmp_path: Path,
+) -> None:
+    config = _setup(tmp_path, """
+        [[stages]]
+        name = "a"
+        call = "nosuchmodule:f"
+        [[stages]]
+        name = "b"
+        call = "stagefuncs:missing"
+        [[stages]]
+        name = "c"
+        call = "stagefuncs:not_async"
+        [[stages]]
+        name = "d"
+        call = "stagefuncs:record"
+        stall_timeout = "5s"
+        env = { A = "1" }
+        [[stages]]
+        name = "e"
+        """)  # fmt: skip
+    proc = _orchestrator("check", "-c", str(config), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines()[1:] == [
+        '  stages[3].stall_timeout: only for stages with a "command", not a "call"',
+        '  stages[3].env: only for stages with a "command", not a "call"',
+        '  stages[4]: needs "command" (a program and its arguments) or "call" (an async Python '
+        'function, "module:function")',
+    ]
+    # Once the config itself is valid, the functions are imported: every problem at once.
+    text = (
+        config.read_text().replace('stall_timeout = "5s"\n', "").replace('env = { A = "1" }\n', "")
+    )
+    config.write_text(text.replace('name = "e"\n', 'name = "e"\ncall = "stagefuncs:record"\n'))
+    for command in ("check", "batch", "run"):
+        proc = _orchestrator(command, "-c", str(config), cwd=tmp_path)
+        assert proc.returncode == 2, (command, proc.stderr)
+        assert proc.stderr.splitlines()[1:] == [
+            "  stages[0].call: cannot import 'nosuchmodule': No module named 'nosuchmodule'",
+            "  stages[1].call: 'stagefuncs' has no 'missing'",
+            "  stages[2].call: 'stagefuncs:not_async' is not an async function (async def)",
+        ], command
+    assert not (tmp_path / "state").exists()  # nothing started
+
+
+def test_a_route_of_commands_and_a_python_stage_shares_workdirs_and_keeps_its_pool(
+    tmp_path: Path,
+) -> None:
+    # Given: prep (a command) → py (the function, 4 workers but a pool of 1) → post (a command)
+    out = tmp_path / "out"
+    out.mkdir()
+    config = _setup(tmp_path, f"""
+        [[stages]]
+        name = "prep"
+        command = ["sh", "-c", "echo prepared > \\"$1/prep\\"", "sh", "{{workdir}}"]
+        [[stages]]
+        name = "py"
+        call = "stagefuncs:record"
+        concurrency = 4
+        pools = ["solo"]
+        [[stages]]
+        name = "post"
+        command = ["cp", "{{workdir}}/py.json", "{out}/{{name}}.json"]
+        """, files=tuple(f"f{i}" for i in range(12)), extra="[pools]\nsolo = 1")  # fmt: skip
+    proc = _orchestrator("check", "-c", str(config), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "py: call stagefuncs:record (Python, in the service)" in proc.stdout
+    # When: the batch runs
+    proc = _orchestrator("batch", "-c", str(config), "--json", "--no-progress", cwd=tmp_path)
+    # Then: all done, one function run at a time (the lock file), each given its item's values
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["states"] == {"done": 12}
+    assert not (tmp_path / "overlaps").exists()
+    runs = set()
+    for i in range(12):
+        got = json.loads((out / f"f{i}.json").read_text())
+        shown = _show(config, f"in:f{i}")
+        (py_run,) = [r for r in shown["runs"] if r["stage"] == "py"]
+        assert got == {
+            "item": f"in:f{i}", "stage": "py", "attempt": 1, "run": py_run["id"],
+            "path": str(tmp_path / "in" / f"f{i}"), "name": f"f{i}",
+            "workdir": got["workdir"], "payload": "", "prep": "prepared\n",
+        }  # fmt: skip
+        assert got["workdir"].startswith(str(tmp_path / "state" / "work") + "/")
+        assert (py_run["outcome"], py_run["pid"]) == ("ok", None)
+        runs.add(py_run["id"])
+    assert len(runs) == 12
+
+
+def test_an_exception_is_a_failed_run_retried_then_dead_with_its_traceback(
+    tmp_path: Path,
+) -> None:
+    config = _setup(tmp_path, """
+        [[stages]]
+        name = "py"
+        call = "stagefuncs:flaky"
+        retries = 1
+        backoff = "0.05s"
+        """, files=("once", "never"))  # fmt: skip
+    proc = _orchestrator("batch", "-c", str(config), "--json", "--no-progress", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert json.loads(proc.stdout)["states"] == {"done": 1, "dead": 1}
+    once = _show(config, "in:once")
+    assert [r["outcome"] for r in once["runs"]] == ["failed", "ok"]
+    never = _show(config, "in:never")
+    assert never["item"]["reason"] == "py: raised ValueError: boom (after 2 attempts)"
+    last = never["runs"][-1]
+    assert last["outcome"] == "failed"
+    assert last["exit_code"] is None
+    assert "ValueError: boom" in last["tail"]
+    assert "stagefuncs.py" in last["tail"]  # the traceback, where the function raised
+
+
+def test_a_function_past_its_timeout_is_cancelled_and_a_shutdown_cancels_it_too(
+    tmp_path: Path,
+) -> None:
+    config = _setup(tmp_path, """
+        [[stages]]
+        name = "py"
+        call = "stagefuncs:forever"
+        timeout = "0.3s"
+        """, files=("slow",))  # fmt: skip
+    proc = _orchestrator("batch", "-c", str(config), "--json", "--no-progress", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    shown = _show(config, "in:slow")
+    assert shown["item"]["state"] == "dead"
+    (run,) = shown["runs"]
+    assert run["outcome"] == "timeout"
+    assert 0.25 < run["duration"] < 5
+    assert "timed out after 0.3s; cancelled" in shown["item"]["reason"]
+    assert (tmp_path / "ended").read_text() == "in:slow\n"  # its finally: ran
+
+    # A service with no timeout: SIGTERM drains it, the function is cancelled after the
+    # grace, and its item waits, queued, for the next start.
+    config.write_text(config.read_text().replace('timeout = "0.3s"\n', ""))
+    (tmp_path / "in" / "second").write_text("")
+    service = Service(tmp_path, config.read_text())
+    try:
+        service.wait_log(r"ingested 1 item")
+        time.sleep(0.3)
+        service.signal(signal.SIGTERM)
+        assert service.wait(20) == 0, service.log
+    finally:
+        service.stop()
+    assert "run cancelled by shutdown; item re-queued" in service.log
+    assert (tmp_path / "ended").read_text() == "in:slow\nin:second\n"
+    assert _show(config, "in:second")["item"]["state"] == "queued"
