@@ -111,9 +111,15 @@ def errors_of(text: str) -> list[str]:
             id="unknown-pool-listed",
         ),
         pytest.param(
-            '[[stages]]\nname = "a"\n',
-            "stages[0].command: required key missing",
+            '[[stages]]\ncommand = ["a"]\n',
+            "stages[0].name: required key missing",
             id="required-key-missing",
+        ),
+        pytest.param(
+            '[[stages]]\nname = "a"\n',
+            'stages[0]: needs "command" (a program and its arguments) or "call" (an async Python'
+            ' function, "module:function")',
+            id="neither-command-nor-call",
         ),
         pytest.param(
             '[[stages]]\nname = "a"\ncommand = ["a"]\nconcurrency = 0\n',
