@@ -112,21 +112,29 @@ async def run_call(
     `trio.Cancelled` from outside (a shutdown) propagates, as from `run_command`.
     """
     start = trio.current_time()
-    with trio.move_on_after(timeout if timeout is not None else float("inf")) as scope:
-        try:
+    timed_out = f"timed out after {timeout:g}s; cancelled" if timeout is not None else ""
+    scope = trio.move_on_after(timeout if timeout is not None else float("inf"))
+    try:
+        # The scope inside the try: what the function raised on its way out of a timeout
+        # (a nursery's group holding our Cancelled and its own error) is caught with the
+        # Cancelled taken out, not lost.
+        with scope:
             await function(run)
-        except Exception as exc:
-            lines = "".join(traceback.format_exception(exc)).splitlines()
-            return RunResult(
-                outcome=Outcome.FAILED, exit_code=None, signal=None, pid=None,
-                duration=trio.current_time() - start, tail="\n".join(lines[-TAIL_LINES:]),
-                reason=f"raised {_one_line(exc)}",
-            )  # fmt: skip
+    except Exception as exc:
+        lines = "".join(traceback.format_exception(exc)).splitlines()
+        late = scope.cancelled_caught
+        return RunResult(
+            outcome=Outcome.TIMEOUT if late else Outcome.FAILED, exit_code=None, signal=None,
+            pid=None, duration=trio.current_time() - start,
+            tail="\n".join(lines[-TAIL_LINES:]),
+            reason=f"{timed_out}, then raised {_one_line(exc)}" if late else
+            f"raised {_one_line(exc)}",
+        )  # fmt: skip
     duration = trio.current_time() - start
     if scope.cancelled_caught:
         return RunResult(
             outcome=Outcome.TIMEOUT, exit_code=None, signal=None, pid=None, duration=duration,
-            tail="", reason=f"timed out after {timeout:g}s; cancelled",
+            tail="", reason=timed_out,
         )  # fmt: skip
     return RunResult(
         outcome=Outcome.OK, exit_code=0, signal=None, pid=None, duration=duration, tail="",

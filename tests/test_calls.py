@@ -50,6 +50,15 @@ async def forever(run):
         with open(os.path.join(os.path.dirname(__file__), "ended"), "a") as f:
             f.write(run.item + "\\n")
 
+async def messy(run):
+    """Times out, and its cleanup raises: its nursery's group holds the Cancelled and the error."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.sleep_forever)
+        try:
+            await trio.sleep_forever()
+        finally:
+            raise OSError("cleanup failed")
+
 def not_async(run):
     pass
 '''
@@ -224,6 +233,18 @@ def test_a_function_past_its_timeout_is_cancelled_and_a_shutdown_cancels_it_too(
     assert 0.25 < run["duration"] < 5
     assert "timed out after 0.3s; cancelled" in shown["item"]["reason"]
     assert (tmp_path / "ended").read_text() == "in:slow\n"  # its finally: ran
+
+    # A function whose cleanup raises on its way out of the timeout: a timeout, with the error.
+    config.write_text(config.read_text().replace("stagefuncs:forever", "stagefuncs:messy"))
+    (tmp_path / "in" / "messy").write_text("")
+    proc = _orchestrator("batch", "-c", str(config), "--json", "--no-progress", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    shown = _show(config, "in:messy")
+    (run,) = shown["runs"]
+    assert run["outcome"] == "timeout"
+    assert "timed out after 0.3s; cancelled, then raised ExceptionGroup" in shown["item"]["reason"]
+    assert "OSError: cleanup failed" in run["tail"]
+    config.write_text(config.read_text().replace("stagefuncs:messy", "stagefuncs:forever"))
 
     # A service with no timeout: SIGTERM drains it, the function is cancelled after the
     # grace, and its item waits, queued, for the next start.
