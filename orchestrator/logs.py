@@ -15,6 +15,7 @@ run (from its claim to its recorded outcome) carries ``item``, ``stage``, ``atte
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -129,6 +130,8 @@ def configure_logging(config: LogConfig | None, *, console_level: str | None = N
     _file_sink.clear()
     if config is not None and config.file is not None:
         config.file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with contextlib.suppress(OSError):  # made readable by all before 0.1.0's fix: private now
+            os.chmod(config.file, 0o600)
         compression = None if config.compression is None else _Compress(config.compression)
         options: dict[str, Any] = dict(
             sink=str(config.file), level=level, format=_json if as_json else _human,

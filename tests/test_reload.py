@@ -301,6 +301,7 @@ def test_sighup_reopens_the_log_file_after_it_was_renamed(tmp_path: Path) -> Non
     old = log.with_suffix(".log.1").read_text()
     assert "draining" not in old
     assert oct(log.stat().st_mode & 0o777) == "0o600"
+    assert oct(log.parent.stat().st_mode & 0o777) == "0o700"  # made by the service
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/ptmx"), reason="needs pseudo-terminals")
