@@ -130,7 +130,7 @@ def configure_logging(config: LogConfig | None, *, console_level: str | None = N
     _file_sink.clear()
     if config is not None and config.file is not None:
         config.file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with contextlib.suppress(OSError):  # made readable by all before 0.1.0's fix: private now
+        with contextlib.suppress(OSError):  # older versions made it with the umask's mode
             os.chmod(config.file, 0o600)
         compression = None if config.compression is None else _Compress(config.compression)
         options: dict[str, Any] = dict(
