@@ -777,6 +777,13 @@ def stress(
         str | None, typer.Option(help="SIGSTOP the service this often (then SIGCONT).")
     ] = None,
     freeze_for: Annotated[str, typer.Option(help="How long each freeze lasts.")] = "1s",
+    reload_every: Annotated[
+        str | None,
+        typer.Option(
+            help="SIGHUP (reload) the service this often; the synthetic pipeline's "
+            "limits are drawn anew each time."
+        ),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Load and faults against a pipeline, then every invariant checked from the OS.
@@ -793,6 +800,7 @@ def stress(
             kill_every=parse_duration(kill_every) if kill_every else None,
             freeze_every=parse_duration(freeze_every) if freeze_every else None,
             freeze_for=parse_duration(freeze_for),
+            reload_every=parse_duration(reload_every) if reload_every else None,
         )  # fmt: skip
         from orchestrator.fakestage import parse_faults
 
@@ -822,7 +830,8 @@ def _print_stress(report: dict[str, Any]) -> None:
     console.print(table)
     console.print(
         f"items {report['items']}; runs {report['runs']}; retries {report['retries']}; "
-        f"kills {report['kills']}, restarts {report['restarts']}, freezes {report['freezes']}"
+        f"kills {report['kills']}, restarts {report['restarts']}, freezes {report['freezes']}, "
+        f"reloads {report['reloads']}"
     )
     console.print(f"faults drawn: {report['faults']}")
     console.print(f"throughput {report['throughput']} items/s over {report['elapsed_seconds']} s")

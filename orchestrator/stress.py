@@ -12,7 +12,11 @@ the stage programs' audit log and the store -- never from the service's own coun
 - ``no_survivors``: no process of any run is left after the final shutdown;
 - ``status_file``: every sample of the status file was complete, valid JSON;
 - ``health``: after every restart the service wrote a fresh status file again;
-- ``clean_exit``: the final SIGTERM drained the service to exit 0.
+- ``clean_exit``: the final SIGTERM drained the service to exit 0;
+- ``reloads`` (with ``--reload-every``): the SIGHUPs took effect -- the status file showed the
+  synthetic ``store`` stage at more than one limit (each reload draws it anew between 1 and its
+  configured 5, which stays the bound the ``limits`` invariant checks; a user's config is never
+  rewritten, only reloaded as it is).
 
 Without ``-c`` it builds a synthetic pipeline, extract(1) → convert(1) → store(5) of
 ``python -m orchestrator.fakestage`` programs, in a temporary state folder. With ``-c`` it drives
@@ -25,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shlex
 import signal
 import sqlite3
@@ -73,6 +78,8 @@ class StressOptions:
     kill_every: float | None = None
     freeze_every: float | None = None
     freeze_for: float = 1.0
+    #: SIGHUP the service this often (a reload); the synthetic config is rewritten first.
+    reload_every: float | None = None
     workdir: Path | None = None
 
 
@@ -84,19 +91,23 @@ class _Samples:
     status_reads: int = 0
     status_bad: list[str] = attrs.field(factory=list)
     samples: int = 0
+    #: Per stage, every limit (``concurrency``) the status file showed.
+    limits_seen: dict[str, set[int]] = attrs.field(factory=dict)
 
 
-def _synthetic_config(root: Path, faults: str) -> Path:
+def _synthetic_config(root: Path, faults: str, *, store_limit: int = 5) -> Path:
     audit = root / "audit.jsonl"
     locks = root / "locks"
     fake = [sys.executable, "-m", "orchestrator.fakestage"]
 
-    def stage(name: str, limit: int, duration: str) -> str:
+    def stage(name: str, limit: int, duration: str, concurrency: int | None = None) -> str:
+        # The lock files (--limit) are the bound the limits invariant checks; a reload may set
+        # the stage's concurrency below it.
         command = [*fake, "--duration", duration, "--faults", faults, "--audit", str(audit),
                    "--lock-dir", str(locks), "--limit", str(limit)]  # fmt: skip
         return (
             f'\n[[stages]]\nname = "{name}"\ncommand = {json.dumps(command)}\n'
-            f'concurrency = {limit}\ntimeout = "5s"\nstall_timeout = "2s"\n'
+            f'concurrency = {concurrency or limit}\ntimeout = "5s"\nstall_timeout = "2s"\n'
             f'grace_period = "300ms"\nretries = 3\nbackoff = "100ms"\nbackoff_max = "1s"\n'
             f'output_limit = "256 KB"\n'
         )
@@ -109,10 +120,13 @@ def _synthetic_config(root: Path, faults: str) -> Path:
         'poll_interval = "200ms"\nroute = ["extract", "convert", "store"]\n'
         + stage("extract", 1, "0.01:0.05")
         + stage("convert", 1, "0.01:0.05")
-        + stage("store", 5, "0.05:0.2")
+        + stage("store", 5, "0.05:0.2", concurrency=store_limit)
     )
     path = root / "stress.toml"
-    path.write_text(text)
+    # Whole or not at all: a restart or a reload may read it at any moment.
+    part = path.with_suffix(".toml.part")
+    part.write_text(text)
+    part.replace(path)
     return path
 
 
@@ -142,9 +156,12 @@ def _sample(state_dir: Path, status: Path, samples: _Samples, stop: threading.Ev
             text = status.read_text()
             samples.status_reads += 1
             try:
-                json.loads(text)
+                doc = json.loads(text)
             except ValueError as exc:
                 samples.status_bad.append(f"{exc} in {text[:80]!r}")
+                continue
+            for stage, facts in doc.get("stages", {}).items():
+                samples.limits_seen.setdefault(stage, set()).add(facts.get("concurrency"))
 
 
 def _feed(config: Config, n: int, start: int) -> int:
@@ -265,7 +282,8 @@ def _run(
     stop = threading.Event()
     sampler = threading.Thread(target=_sample, args=(state_dir, status, samples, stop),
                                daemon=True)  # fmt: skip
-    restarts = kills = freezes = 0
+    restarts = kills = freezes = reloads = 0
+    draw = random.Random()
     unhealthy: list[str] = []
     fed = 0
 
@@ -296,6 +314,7 @@ def _run(
                 for i in range(waves)]  # fmt: skip
     next_kill = t0 + options.kill_every if options.kill_every else float("inf")
     next_freeze = t0 + options.freeze_every if options.freeze_every else float("inf")
+    next_reload = t0 + options.reload_every if options.reload_every else float("inf")
     deadline = t0 + options.duration
     wave = 0
     next_wave = t0
@@ -320,6 +339,12 @@ def _run(
             proc.send_signal(signal.SIGCONT)
             freezes += 1
             next_freeze = time.monotonic() + (options.freeze_every or 0)
+        if now >= next_reload:
+            if options.config is None:  # ours to rewrite; the lock files stay those of 5
+                _synthetic_config(root, options.faults, store_limit=draw.randint(1, 5))
+            proc.send_signal(signal.SIGHUP)
+            reloads += 1
+            next_reload = time.monotonic() + (options.reload_every or 0)
         if wave >= waves and _all_terminal(db, fed):
             break
         time.sleep(0.05)
@@ -381,6 +406,14 @@ def _run(
             "evidence": f"exit status after SIGTERM: {exit_code}",
         },
     }
+    if options.reload_every:
+        seen = {s: sorted(v for v in vals if v is not None)
+                for s, vals in samples.limits_seen.items()}  # fmt: skip
+        invariants["reloads"] = {
+            # Only the synthetic config changes; a user's is reloaded as it is.
+            "held": options.config is not None or len(seen.get("store", [])) > 1,
+            "evidence": f"{reloads} SIGHUP(s); limits the status file showed: {seen}",
+        }
     runs = store["runs"]
     outcomes: dict[str, int] = {}
     for _stage, outcome, *_ in runs:
@@ -396,6 +429,7 @@ def _run(
         "restarts": restarts,
         "kills": kills,
         "freezes": freezes,
+        "reloads": reloads,
         "faults": audit_facts["modes"],
         "runs": outcomes,
         "retries": sum(1 for r in runs if r[4] > 1),

@@ -25,10 +25,10 @@ ALL_FAULTS = (
 @pytest.mark.timeout(120)
 def test_stress_with_kills_freezes_and_every_fault_holds_every_invariant(tmp_path: Path) -> None:
     # Given/When: 40 items through the synthetic pipeline with every fault kind, the service
-    # SIGKILLed every 2 s and frozen every 4 s.
+    # SIGKILLed every 2 s, frozen every 4 s and reloaded with a new store limit every 0.7 s.
     report = run_stress(StressOptions(
         items=40, duration=40, faults=ALL_FAULTS, kill_every=2.0, freeze_every=4.0,
-        freeze_for=0.5, workdir=tmp_path,
+        freeze_for=0.5, reload_every=0.7, workdir=tmp_path,
     ))  # fmt: skip
 
     # Then: every invariant held, and the faults and kills really happened.
@@ -38,9 +38,10 @@ def test_stress_with_kills_freezes_and_every_fault_holds_every_invariant(tmp_pat
     assert report["items"]["generated"] == 40
     assert sum(report["items"]["states"].values()) == 40
     assert len(set(report["faults"]) - {"ok"}) >= 5, report["faults"]
+    assert report["reloads"] >= 5
     assert set(report["invariants"]) == {
         "limits", "accounted", "single_terminal", "no_survivors", "status_file", "health",
-        "clean_exit",
+        "clean_exit", "reloads",
     }  # fmt: skip
 
 
