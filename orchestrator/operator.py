@@ -224,6 +224,7 @@ def read_status_file(path: Path, now: float) -> dict[str, Any] | None:
         "state": doc.get("state"), "started": doc.get("started"), "updated": doc.get("updated"),
         "age": None if age is None else round(age, 3), "interval": interval, "stale": stale,
         "stages": table("stages"), "pools": table("pools"),
+        "reload": doc.get("reload") if isinstance(doc.get("reload"), dict) else None,
     }  # fmt: skip
 
 
@@ -479,11 +480,31 @@ def _service_line(service: dict[str, Any] | None) -> Text:
     return line
 
 
+def _reload_line(reload: dict[str, Any]) -> Text:
+    line = Text("last reload: ", style="bold")
+    line.append(f"{clean(str(reload.get('at', '?')))}, ")
+    errors = reload.get("errors") or []
+    if not reload.get("ok"):
+        line.append(f"the config has {len(errors)} error(s), limits unchanged", style="red")
+        if errors:
+            line.append(f" ({clean(str(errors[0]))}{', …' if len(errors) > 1 else ''})")
+        return line
+    applied = reload.get("applied") or []
+    line.append(", ".join(clean(str(a)) for a in applied) if applied else "limits unchanged")
+    later = reload.get("not_applied") or []
+    if later:
+        line.append("; until a restart: " + ", ".join(clean(str(k)) for k in later),
+                    style="yellow")  # fmt: skip
+    return line
+
+
 def render_status(data: dict[str, Any]) -> RenderableType:
     """The ``status`` view: service, stages with slots, pools, running runs, recent failures."""
     service = data["service"]
     live = service if service is not None and "error" not in service else None
     parts: list[RenderableType] = [_service_line(service)]
+    if live and live.get("reload"):
+        parts.append(_reload_line(live["reload"]))
     stages = _table("stages")
     for col in ("stage", "queued", "running", "retry", "done", "dead", "slots", "waiting",
                 "holders"):  # fmt: skip

@@ -41,10 +41,14 @@ class LimitChanges:
     #: Keys (as paths, like ``stages[0].timeout``) that changed but take a restart.
     not_applied: tuple[str, ...]
 
+    def applied(self) -> list[str]:
+        """The limits changed, as ``stages[extract].concurrency 1 → 2`` and ``pools.gpu 1 → 2``."""
+        applied = [f"stages[{name}].concurrency {a} → {b}" for name, (a, b) in self.stages.items()]
+        return applied + [f"pools.{name} {a} → {b}" for name, (a, b) in self.pools.items()]
+
     def describe(self) -> str:
         """One line for the log: what was applied and what was not."""
-        applied = [f"stages[{name}].concurrency {a} → {b}" for name, (a, b) in self.stages.items()]
-        applied += [f"pools.{name} {a} → {b}" for name, (a, b) in self.pools.items()]
+        applied = self.applied()
         text = "limits: " + (", ".join(applied) if applied else "unchanged")
         if self.not_applied:
             text += "; changed but not applied until a restart: " + ", ".join(self.not_applied)

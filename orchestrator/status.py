@@ -101,6 +101,7 @@ def snapshot(
         "pools": pools,
         "running": running,
         "recent_errors": list(engine.recent_errors),
+        "reload": engine.last_reload,
         "health": health,
     }
 

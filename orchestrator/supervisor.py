@@ -34,13 +34,14 @@ until the runs are over (``/health`` says 503 ``draining``).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
 import os
 import signal
 import socket
 import time
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
@@ -393,9 +394,16 @@ class _Reloader:
                 logger.info("SIGHUP: log file {} reopened", reopened)
         if self.config_path is None:
             return
+        record: dict[str, Any] = {
+            "at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "config": str(self.config_path), "ok": False, "applied": [], "not_applied": [],
+            "errors": [],
+        }  # fmt: skip
+        engine.last_reload = record
         try:
             new = await trio.to_thread.run_sync(load_config, self.config_path)
         except ConfigError as exc:
+            record["errors"] = exc.errors
             logger.error(
                 "SIGHUP: {} not reloaded, the limits stay as they are; {} error{}:\n  {}",
                 self.config_path, len(exc.errors), "" if len(exc.errors) == 1 else "s",
@@ -408,5 +416,6 @@ class _Reloader:
             {name: size for name, (_, size) in changes.pools.items()},
         )
         staff()
+        record.update(ok=True, applied=changes.applied(), not_applied=list(changes.not_applied))
         log = logger.warning if changes.not_applied else logger.info
         log("SIGHUP: {} reloaded; {}", self.config_path, changes.describe())

@@ -226,6 +226,8 @@ class Engine:
         #: Runs whose result is queued in the store but not yet durable (their items are not
         #: handed on until it is).
         self.unsettled = trio_util.AsyncValue(0)
+        #: What the last SIGHUP reload did (status file: ``reload``), None before the first.
+        self.last_reload: dict[str, Any] | None = None
 
     # --- admission and dispatch -----------------------------------------------------------
 

@@ -272,9 +272,35 @@ def test_sighup_with_a_broken_config_keeps_the_limits_and_the_service(tmp_path: 
         for i in range(6):
             (inbox / f"f{i}").write_text("0.5")
         assert _most_alive(tmp_path, 1.5) == 2
+        # The status file says so (`orchestrator status` refuses the broken config itself)
+        _wait_for(lambda: (service.status().get("reload") or {}).get("errors"), 10, service.log)
+        reload = service.status()["reload"]
+        assert reload["ok"] is False
+        assert reload["errors"][0].startswith("stages[0].concurrency: expected")
+        # and `orchestrator status` too, once the file is mended but not yet reloaded
+        service.config_path.write_text(_config(tmp_path, 3, extra='timeout = "1m"'))
+        assert "the config has 1 error(s), limits unchanged (stages[0].concurrency" in _status(
+            service
+        )
+        # until a good reload
+        service.signal(signal.SIGHUP)
+        _wait_for(lambda: service.status()["reload"]["ok"], 10, service.log)
+        assert service.status()["reload"]["applied"] == ["stages[work].concurrency 2 → 3"]
+        shown = _status(service)
+        assert "stages[work].concurrency 2 → 3; until a restart: stages[0].timeout" in shown
         assert service.stop(20) == 0
     finally:
         service.stop()
+
+
+def _status(service: Service) -> str:
+    """What `orchestrator status` prints about the service, on one line per row."""
+    proc = subprocess.run(
+        [PY, "-m", "orchestrator", "status", "-c", str(service.config_path)],
+        capture_output=True, text=True, timeout=30, check=True,
+        env={**os.environ, "COLUMNS": "300"},
+    )  # fmt: skip
+    return proc.stdout
 
 
 def test_sighup_reopens_the_log_file_after_it_was_renamed(tmp_path: Path) -> None:
