@@ -11,12 +11,14 @@ A lower limit lets the runs going on finish: a new run starts only once fewer th
 are going on. A higher one starts the runs waiting for it at once.
 
 A SIGHUP that comes with the service's terminal gone (a closed terminal window or SSH session)
-still drains and stops it, as it always did: `Terminal` tells the two apart.
+still drains and stops it, as it always did: `Terminal` tells the two apart. Started under
+``nohup`` (SIGHUP ignored), a hang-up is ignored.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -127,6 +129,9 @@ class Terminal:
         self.had = _controlling_terminal()
         #: Which of stdin, stdout and stderr were terminals at start-up.
         self._ttys = [fd for fd in (0, 1, 2) if os.isatty(fd)]
+        #: Started with SIGHUP ignored (``nohup``): a hang-up is to be ignored, as asked. Read
+        #: before the service takes SIGHUP over.
+        self.nohup = signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
 
     def gone(self) -> bool:
         """The service had a terminal and has lost it (the terminal hung up)."""

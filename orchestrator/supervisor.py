@@ -311,6 +311,9 @@ async def _serve(
                             await reloader.reload(engine, functools.partial(engine.staff, workers))
                             continue
                         name = "SIGHUP (the terminal closed)"
+                        if reloader.terminal.nohup:
+                            logger.warning("{}: ignored, as nohup asked", name)
+                            continue
                     if signum in SIGNALS_IGNORED:
                         logger.warning("{}: ignored (SIGTERM or SIGINT drain and stop)", name)
                         continue

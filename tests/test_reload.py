@@ -104,11 +104,13 @@ while not terminal.gone() and time.monotonic() < deadline:
 os.write(report, f"later {terminal.gone()}\\n".encode())
 """
 
-#: Runs argv[1:] with its stdin (a terminal) as its controlling terminal; started in a new
-#: session, it is the session leader, so a hang-up of the terminal sends it SIGHUP.
+#: Runs argv[2:] with its stdin (a terminal) as its controlling terminal; started in a new
+#: session, it is the session leader, so a hang-up of the terminal sends it SIGHUP. With argv[1]
+#: "nohup", SIGHUP is ignored first, as nohup does.
 _ON_TERMINAL = (
-    "import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
-    "os.execv(sys.argv[1], sys.argv[1:])"
+    "import fcntl, os, signal, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+    "sys.argv[1] == 'nohup' and signal.signal(signal.SIGHUP, signal.SIG_IGN); "
+    "os.execv(sys.argv[2], sys.argv[2:])"
 )
 
 
@@ -116,14 +118,14 @@ class _PseudoTerminal:
     """A program in a session of its own on a pseudo-terminal, whose output is read (so it
     never blocks writing) until `hang_up` closes the terminal's master side."""
 
-    def __init__(self, argv: list[str], *, cwd: Path) -> None:
+    def __init__(self, argv: list[str], *, cwd: Path, nohup: bool = False) -> None:
         self.master, slave = os.openpty()
         self.output = bytearray()
         self._stop = threading.Event()
         try:
             self.proc = subprocess.Popen(
-                [PY, "-c", _ON_TERMINAL, *argv], stdin=slave, stdout=slave, stderr=slave,
-                cwd=cwd, start_new_session=True,
+                [PY, "-c", _ON_TERMINAL, "nohup" if nohup else "-", *argv], stdin=slave,
+                stdout=slave, stderr=slave, cwd=cwd, start_new_session=True,
             )  # fmt: skip
         finally:
             os.close(slave)
@@ -331,26 +333,39 @@ def test_sighup_reopens_the_log_file_after_it_was_renamed(tmp_path: Path) -> Non
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/ptmx"), reason="needs pseudo-terminals")
-def test_a_closed_terminal_drains_and_stops_the_service(tmp_path: Path) -> None:
-    # Given: `orchestrator run` started from a terminal, with a run going on
+@pytest.mark.parametrize("nohup", [False, True], ids=["plain", "nohup"])
+def test_a_closed_terminal_drains_the_service_unless_nohup_said_otherwise(
+    tmp_path: Path, nohup: bool
+) -> None:
+    # Given: `orchestrator run` started from a terminal (under nohup: SIGHUP ignored), with a
+    # run going on
     inbox = tmp_path / "in"
     inbox.mkdir()
     config = tmp_path / "orchestrator.toml"
     config.write_text(_config(tmp_path, 1, log_file=True))
     (inbox / "long").write_text("60")
-    terminal = _PseudoTerminal([PY, "-m", "orchestrator", "run", "-c", str(config)], cwd=tmp_path)
+    terminal = _PseudoTerminal(
+        [PY, "-m", "orchestrator", "run", "-c", str(config)], cwd=tmp_path, nohup=nohup
+    )
     log = tmp_path / "logs" / "orchestrator.log"
     try:
         _wait_for(lambda: _live(tmp_path) == 1, 20, f"no run started: {terminal.output!r}")
         (stage,) = processes_with_env(f"{STATE_MARKER}={tmp_path / 'state'}")
         # When: the terminal window is closed
         terminal.hang_up()
+        if nohup:
+            # Then (nohup): the service goes on, its run too, until told to stop.
+            _wait_for(lambda: "ignored, as nohup asked" in log.read_text(), 20, "no line")
+            time.sleep(0.5)
+            assert terminal.proc.poll() is None
+            assert os.path.exists(f"/proc/{stage}")
+            terminal.proc.send_signal(signal.SIGTERM)
         # Then: the service drains (the run is killed: shutdown_grace is 1 s) and exits 0.
         assert terminal.proc.wait(30) == 0, log.read_text()
     finally:
         terminal.close()
     text = log.read_text()
-    assert "SIGHUP (the terminal closed): draining" in text
+    assert ("SIGTERM: draining" if nohup else "SIGHUP (the terminal closed): draining") in text
     assert "reloaded" not in text
     assert not os.path.exists(f"/proc/{stage}")
     assert not processes_with_env(f"{STATE_MARKER}={tmp_path / 'state'}")
