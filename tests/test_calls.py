@@ -5,16 +5,17 @@ processes of their own; the stage functions prove limits with `flock` on real lo
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import textwrap
 import time
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 from servicekit import PY, Service
 
-if TYPE_CHECKING:
-    from pathlib import Path
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 #: The stage functions, written beside each test's config as ``stagefuncs.py``.
 MODULE = '''
@@ -261,3 +262,19 @@ def test_a_function_past_its_timeout_is_cancelled_and_a_shutdown_cancels_it_too(
     assert "run cancelled by shutdown; item re-queued" in service.log
     assert (tmp_path / "ended").read_text() == "in:slow\nin:second\n"
     assert _show(config, "in:second")["item"]["state"] == "queued"
+
+
+def test_the_worked_example_counts_every_file(tmp_path: Path) -> None:
+    # configs/python.toml with its pystages.py, on a copy of configs/ (it writes beside itself)
+    configs = tmp_path / "configs"
+    shutil.copytree(CONFIGS, configs, ignore=shutil.ignore_patterns("state*", "out", "counts"))
+    config = configs / "python.toml"
+    proc = _orchestrator("batch", "-c", str(config), "--json", "--no-progress", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    inbox = sorted(p.name for p in (configs / "example" / "inbox").iterdir())
+    assert json.loads(proc.stdout)["states"] == {"done": len(inbox)}
+    for name in inbox:
+        text = (configs / "example" / "inbox" / name).read_text()
+        counts = json.loads((configs / "example" / "counts" / f"{name}.json").read_text())
+        assert counts == {"item": f"docs:{name}", "lines": len(text.splitlines()),
+                          "words": len(text.split())}  # fmt: skip
