@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
     from orchestrator.config import LogConfig
 
-__all__ = ["configure_logging", "debug_enabled", "printable", "reopen_log_file"]
+__all__ = ["configure_logging", "debug_enabled", "printable", "reopen_logs"]
 
 #: loguru's number for DEBUG.
 DEBUG_LEVEL = 10
@@ -116,31 +116,70 @@ def configure_logging(config: LogConfig | None, *, console_level: str | None = N
     Args:
         config: the ``[log]`` section (None: console only, INFO).
         console_level: overrides the console's level (a batch with a progress bar shows only
-            warnings there; the file, if any, still gets everything at ``log.level``).
+            warnings there; the file, if any, still gets everything at ``log.level``). A
+            `reopen_logs` keeps it.
     """
     logger.remove()
+    _sinks.clear()
+    _sinks["console_level"] = console_level
+    _add_sinks(config)
+    logging.basicConfig(handlers=[_InterceptHandler()], level=logging.INFO, force=True)
+
+
+def reopen_logs(config: LogConfig | None) -> str | None:
+    """Build the sinks again from ``config`` (a reload's ``[log]``): the file is closed and
+    opened again at its path, and a changed level, format, file, rotation or retention applies
+    from the next line. Returns the log file's path (None: no file, or logging was never
+    configured here).
+
+    After logrotate (or a person) renamed the file, the lines go to a new file at the path
+    instead of the renamed one. The new file sink is added before the old one goes, so no line
+    is lost in between (a line may be in both). The console sink is kept unless its level or
+    format changed. Blocks until the old file sink's queue is written out: call it in a worker
+    thread.
+    """
+    if not _sinks:
+        return None
+    old = dict(_sinks)
+    _add_sinks(config, console=old)
+    for key in ("console_id", "file_id"):
+        if old.get(key) is not None and old[key] != _sinks.get(key):
+            logger.remove(old[key])
+    return _sinks.get("file")
+
+
+#: What `configure_logging` set up: the console's level override, the console sink's id and
+#: spec (level, JSON or not), the file sink's id and the file's path.
+_sinks: dict[str, Any] = {}
+
+
+def _add_sinks(config: LogConfig | None, *, console: dict[str, Any] | None = None) -> None:
+    """Add the sinks ``config`` asks for; keep ``console``'s console sink if it is the same."""
     level = config.level if config is not None else "INFO"
     as_json = config is not None and config.json
     has_file = config is not None and config.file is not None
     console_json = as_json and not has_file  # with a file, JSON goes there; people read stderr
-    logger.add(
-        sys.stderr, level=console_level or level, format=_json if console_json else _human,
-        colorize=False if console_json else None, backtrace=False, diagnose=False,
-    )  # fmt: skip
-    _file_sink.clear()
+    spec = (_sinks.get("console_level") or level, console_json)
+    if console is not None and console.get("console_spec") == spec:
+        console_id = console["console_id"]
+    else:
+        console_id = logger.add(
+            sys.stderr, level=spec[0], format=_json if console_json else _human,
+            colorize=False if console_json else None, backtrace=False, diagnose=False,
+        )  # fmt: skip
+    path = file_id = None
     if config is not None and config.file is not None:
         config.file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         with contextlib.suppress(OSError):  # older versions made it with the umask's mode
             os.chmod(config.file, 0o600)
         compression = None if config.compression is None else _Compress(config.compression)
-        options: dict[str, Any] = dict(
-            sink=str(config.file), level=level, format=_json if as_json else _human,
-            colorize=False, rotation=config.rotation_bytes, retention=config.retention,
-            compression=compression, enqueue=True, delay=True, backtrace=False,
-            diagnose=False, opener=_private,
+        path = str(config.file)
+        file_id = logger.add(
+            path, level=level, format=_json if as_json else _human, colorize=False,
+            rotation=config.rotation_bytes, retention=config.retention, compression=compression,
+            enqueue=True, delay=True, backtrace=False, diagnose=False, opener=_private,
         )  # fmt: skip
-        _file_sink.update(options, id=logger.add(**options))
-    logging.basicConfig(handlers=[_InterceptHandler()], level=logging.INFO, force=True)
+    _sinks.update(console_id=console_id, console_spec=spec, file_id=file_id, file=path)
 
 
 def _private(path: str, flags: int) -> int:
@@ -183,24 +222,3 @@ class _Compress:
         import lzma
 
         return lzma.LZMAFile(out, "wb", format=lzma.FORMAT_XZ)
-
-
-#: The ``[log] file`` sink: its loguru id and the options it was added with (empty: none).
-_file_sink: dict[str, Any] = {}
-
-
-def reopen_log_file() -> str | None:
-    """Close the ``[log] file`` and open it again at its path; return the path (None: no file).
-
-    After logrotate (or a person) renamed the file, the lines go to a new file at the path
-    instead of the renamed one. The new sink is added before the old one goes, so no line is
-    lost in between (a line may be in both files). Blocks until the old sink's queue is written
-    out: call it in a worker thread.
-    """
-    if not _file_sink:
-        return None
-    options = {k: v for k, v in _file_sink.items() if k != "id"}
-    old = _file_sink["id"]
-    _file_sink["id"] = logger.add(**options)
-    logger.remove(old)
-    return str(options["sink"])

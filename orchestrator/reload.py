@@ -2,10 +2,11 @@
 
 What an operator expects of a long-running service (``systemctl reload``, logrotate's
 ``postrotate``): the ``[log] file`` is closed and opened again at its path (a rotated file is let
-go), and the config file is read again. Of the new config only the limits are applied -- each
+go), and the config file is read again. Of the new config the limits are applied -- each
 stage's ``concurrency`` and each pool's size -- since they change nothing but how many runs may go
-on at once; every other change is listed as needing a restart, and a config that is no longer
-valid changes nothing (its errors are logged with their paths, as ``check`` prints them).
+on at once, and the ``[log]`` section (level, file, format, rotation); every other change is
+listed as needing a restart, and a config that is no longer valid changes nothing (its errors
+are logged with their paths, as ``check`` prints them).
 
 A lower limit lets the runs going on finish: a new run starts only once fewer than the new limit
 are going on. A higher one starts the runs waiting for it at once.
@@ -61,8 +62,8 @@ def compare_configs(old: Config, new: Config) -> LimitChanges:
     """The limits ``new`` changes, and the other keys it changes (which need a restart)."""
     not_applied: list[str] = []
     for field in attrs.fields(type(old)):
-        if field.name in _NOT_KEYS or field.name in ("stages", "pools", "sources"):
-            continue
+        if field.name in _NOT_KEYS or field.name in ("stages", "pools", "sources", "log"):
+            continue  # (``[log]`` is applied by `orchestrator.logs.reopen_logs`)
         _diff(getattr(old, field.name), getattr(new, field.name), field.name, not_applied)
 
     old_stages = {s.name: s for s in old.stages}

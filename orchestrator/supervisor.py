@@ -53,7 +53,7 @@ from orchestrator.config import load_config
 from orchestrator.errors import ConfigError, LeftoverProcesses, StoreUnavailable
 from orchestrator.housekeeping import serve_housekeeping
 from orchestrator.instance import InstanceLock, acquire_instance_lock
-from orchestrator.logs import reopen_log_file
+from orchestrator.logs import reopen_logs
 from orchestrator.pollers import serve_source
 from orchestrator.reaper import reap
 from orchestrator.reload import Terminal, compare_configs
@@ -78,7 +78,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
     from pathlib import Path
 
-    from orchestrator.config import Config
+    from orchestrator.config import Config, LogConfig
     from orchestrator.store.sqlite import SqliteStore
 
 __all__ = ["ServiceResult", "serve"]
@@ -388,14 +388,8 @@ class _Reloader:
                 self.notifier.notify("READY=1", "STATUS=running")
 
     async def _reload(self, engine: Engine, staff: Callable[[], None]) -> None:
-        try:
-            reopened = await trio.to_thread.run_sync(reopen_log_file)
-        except (OSError, ValueError) as exc:
-            logger.error("SIGHUP: cannot reopen the log file: {}", exc)
-        else:
-            if reopened is not None:
-                logger.info("SIGHUP: log file {} reopened", reopened)
         if self.config_path is None:
+            await self._reopen_logs(engine.config.log)
             return
         record: dict[str, Any] = {
             "at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -407,13 +401,16 @@ class _Reloader:
             new = await trio.to_thread.run_sync(load_config, self.config_path)
         except ConfigError as exc:
             record["errors"] = exc.errors
+            await self._reopen_logs(engine.config.log)  # as they were, for logrotate
             logger.error(
                 "SIGHUP: {} not reloaded, the limits stay as they are; {} error{}:\n  {}",
                 self.config_path, len(exc.errors), "" if len(exc.errors) == 1 else "s",
                 "\n  ".join(exc.errors),
             )  # fmt: skip
             return
+        await self._reopen_logs(new.log)
         changes = compare_configs(engine.config, new)
+        engine.config = attrs.evolve(engine.config, log=new.log)
         engine.set_limits(
             {name: size for name, (_, size) in changes.stages.items()},
             {name: size for name, (_, size) in changes.pools.items()},
@@ -422,3 +419,12 @@ class _Reloader:
         record.update(ok=True, applied=changes.applied(), not_applied=list(changes.not_applied))
         log = logger.warning if changes.not_applied else logger.info
         log("SIGHUP: {} reloaded; {}", self.config_path, changes.describe())
+
+    async def _reopen_logs(self, config: LogConfig) -> None:
+        try:
+            reopened = await trio.to_thread.run_sync(reopen_logs, config)
+        except (OSError, ValueError) as exc:
+            logger.error("SIGHUP: cannot reopen the log file: {}", exc)
+        else:
+            if reopened is not None:
+                logger.info("SIGHUP: log file {} reopened", reopened)

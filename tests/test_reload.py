@@ -70,8 +70,8 @@ def test_compare_sees_limits_apart_from_the_keys_that_take_a_restart() -> None:
     mixed["sources"] = [{**BASE["sources"][0], "pattern": "*.pdf"}]  # type: ignore[index]
     changes = compare_configs(old, parse_config(mixed, base_dir="/x"))
     assert changes.stages == {"b": (2, 5)}
-    assert set(changes.not_applied) == {
-        "log.level", "stages[1].timeout", "stages[1].command", "sources[0].pattern",
+    assert set(changes.not_applied) == {  # ([log] is applied: reopen_logs)
+        "stages[1].timeout", "stages[1].command", "sources[0].pattern",
     }  # fmt: skip
     assert changes.describe().startswith("limits: stages[b].concurrency 2 → 5; changed but not")
 
@@ -328,6 +328,7 @@ def test_sighup_reopens_the_log_file_after_it_was_renamed(tmp_path: Path) -> Non
     assert "draining" in new  # the lines from then on are here
     old = log.with_suffix(".log.1").read_text()
     assert "draining" not in old
+    assert "run started" not in new  # INFO: no DEBUG lines
     assert oct(log.stat().st_mode & 0o777) == "0o600"
     assert oct(log.parent.stat().st_mode & 0o777) == "0o700"  # made by the service
 
@@ -411,3 +412,31 @@ def test_reloads_in_a_row_lose_and_repeat_nothing(tmp_path: Path) -> None:
     assert reloads > 10
     assert service.log.count("reloaded; limits:") >= reloads - 1  # the last may come late
     assert "Traceback" not in service.log
+
+
+def test_sighup_applies_a_new_log_level_and_a_new_log_file(tmp_path: Path) -> None:
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    service = Service(tmp_path, _config(tmp_path, 1, log_file=True))
+    first = tmp_path / "logs" / "orchestrator.log"
+    try:
+        (inbox / "a").write_text("0")
+        _wait_for(lambda: first.exists() and "run ok" in first.read_text(), 15, service.log)
+        assert "run started" not in first.read_text()  # a DEBUG line
+        # When: the config now says DEBUG, into another file
+        text = _config(tmp_path, 1).replace(
+            "[status]", '[log]\nlevel = "DEBUG"\nfile = "logs/debug.log"\n[status]'
+        )
+        service.config_path.write_text(text)
+        service.signal(signal.SIGHUP)
+        service.wait_log(r"reloaded; limits: unchanged\n")
+        (inbox / "b").write_text("0")
+        debug = tmp_path / "logs" / "debug.log"
+        # Then: the next run's DEBUG lines are in the new file (and on the console), not the old
+        _wait_for(lambda: debug.exists() and "run started" in debug.read_text(), 15, service.log)
+        assert service.stop(20) == 0
+    finally:
+        service.stop()
+    assert "item='in:b'" in debug.read_text()
+    assert "item='in:b'" not in first.read_text()
+    assert re.search(r"DEBUG\s+run started.*item='in:b'", service.log)
