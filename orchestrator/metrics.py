@@ -27,6 +27,7 @@ series                                                     type       labels
 ``orchestrator_pipeline_stalls_total``                     counter    kind
 ``orchestrator_pipeline_stalled``                          gauge      kind (going on now)
 ``orchestrator_source_last_poll_timestamp_seconds``        gauge      source
+``orchestrator_reloads_total``                             counter    result (ok|failed: SIGHUP)
 ``orchestrator_healthy`` / ``orchestrator_draining``       gauge
 ``orchestrator_store_commits_total`` / ``_syncs_total``    counter
 ``orchestrator_store_write_failed``                        gauge
@@ -231,6 +232,13 @@ class _EngineCollector:
             stalls.add_metric([kind], n)
             stalled.add_metric([kind], now_by_kind.get(kind, 0))
         yield from (stalls, stalled)
+
+        reloads = CounterMetricFamily("orchestrator_reloads",
+                                      "SIGHUP reloads, by result (failed: the config was "
+                                      "invalid; nothing changed).", labels=["result"])  # fmt: skip
+        for result in ("ok", "failed"):
+            reloads.add_metric([result], engine.reloads[result])
+        yield reloads
 
         polls = GaugeMetricFamily("orchestrator_source_last_poll_timestamp_seconds",
                                   "When each source's last poll finished (unix time).",

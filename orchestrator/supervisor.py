@@ -401,6 +401,7 @@ class _Reloader:
             new = await trio.to_thread.run_sync(load_config, self.config_path)
         except ConfigError as exc:
             record["errors"] = exc.errors
+            engine.reloads["failed"] += 1
             await self._reopen_logs(engine.config.log)  # as they were, for logrotate
             logger.error(
                 "SIGHUP: {} not reloaded, the limits stay as they are; {} error{}:\n  {}",
@@ -417,6 +418,7 @@ class _Reloader:
         )
         staff()
         record.update(ok=True, applied=changes.applied(), not_applied=list(changes.not_applied))
+        engine.reloads["ok"] += 1
         log = logger.warning if changes.not_applied else logger.info
         log("SIGHUP: {} reloaded; {}", self.config_path, changes.describe())
 

@@ -228,6 +228,8 @@ class Engine:
         self.unsettled = trio_util.AsyncValue(0)
         #: What the last SIGHUP reload did (status file: ``reload``), None before the first.
         self.last_reload: dict[str, Any] | None = None
+        #: SIGHUP reloads since start, by result ("ok", "failed": the config was invalid).
+        self.reloads: collections.Counter[str] = collections.Counter()
 
     # --- admission and dispatch -----------------------------------------------------------
 

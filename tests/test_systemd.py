@@ -188,6 +188,9 @@ def test_reload_is_told_to_systemd(tmp_path: Path) -> None:
             got = wait_for(sock, "READY=1", timeout=10)
             after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
             assert service.proc.poll() is None
+            metrics = service.get("/metrics")[1].decode()
+            assert 'orchestrator_reloads_total{result="ok"} 1.0' in metrics
+            assert 'orchestrator_reloads_total{result="failed"} 0.0' in metrics
         finally:
             service.stop()
     (reloading,) = [d.splitlines() for _, d in got if "RELOADING=1" in d.splitlines()]
