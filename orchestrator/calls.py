@@ -19,7 +19,8 @@ start. It is given the same values a command gets as placeholders, as a `StageRu
     timeout = "30s"
 
 Returning is ``ok``; raising an exception is ``failed`` (retried as ``retries`` says; the
-exception is the reason and its traceback the output tail); running past ``timeout`` cancels it
+exception is the reason and its traceback the output tail; `Fatal` is not retried: the item is
+dead at once, as a command's ``fatal_exit_codes``); running past ``timeout`` cancels it
 (``timeout``); a shutdown cancels it too (``cancelled``, the item re-queued). Limits and pools
 hold as for commands: a run holds its slots until the function has returned.
 
@@ -45,7 +46,11 @@ if TYPE_CHECKING:
 
     from orchestrator.config import Config
 
-__all__ = ["StageRun", "resolve_calls", "run_call"]
+__all__ = ["Fatal", "StageRun", "resolve_calls", "run_call"]
+
+
+class Fatal(Exception):
+    """Raised by a Python stage for an input no retry can fix: the item is dead at once."""
 
 
 @attrs.frozen(kw_only=True)
@@ -128,7 +133,7 @@ async def run_call(
             pid=None, duration=trio.current_time() - start,
             tail="\n".join(lines[-TAIL_LINES:]),
             reason=f"{timed_out}, then raised {_one_line(exc)}" if late else
-            f"raised {_one_line(exc)}",
+            f"raised {_one_line(exc)}", fatal=isinstance(exc, Fatal) and not late,
         )  # fmt: skip
     duration = trio.current_time() - start
     if scope.cancelled_caught:

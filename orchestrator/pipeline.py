@@ -100,7 +100,8 @@ def decide(
     - ``ok`` moves the item to the next stage of its route, or to ``done`` after the last.
     - ``cancelled`` (shutdown) re-queues it at the same stage and gives the attempt back.
     - any other outcome retries after a backoff while ``retries`` allow, unless the exit code is
-      in ``fatal_exit_codes``; otherwise the item is ``dead`` with the reason.
+      in ``fatal_exit_codes`` (or a Python stage raised ``Fatal``); otherwise the item is
+      ``dead`` with the reason.
     """
     if result.outcome is Outcome.OK:
         nxt = item.stage_index + 1
@@ -117,6 +118,11 @@ def decide(
         return Transition(
             state=ItemState.DEAD, stage_index=item.stage_index, attempts=attempt,
             reason=f"{why} (a fatal exit code; not retried)",
+        )  # fmt: skip
+    if result.fatal:
+        return Transition(
+            state=ItemState.DEAD, stage_index=item.stage_index, attempts=attempt,
+            reason=f"{why} (fatal; not retried)",
         )  # fmt: skip
     if attempt <= stage.retries:
         delay = backoff_delay(stage, attempt, rand)

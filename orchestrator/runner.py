@@ -204,6 +204,8 @@ class RunResult:
     #: Signals this runner sent to the group, in order ("SIGTERM", "SIGKILL").
     signals_sent: tuple[str, ...] = ()
     output_bytes: int = 0
+    #: Not worth retrying: a Python stage raised `orchestrator.calls.Fatal`.
+    fatal: bool = False
 
 
 def _killpg(pgid: int, sig: int) -> bool:

@@ -41,6 +41,9 @@ async def record(run):
         os.close(fd)
 
 async def flaky(run):
+    if "hopeless" in run.name:
+        from orchestrator.calls import Fatal
+        raise Fatal("not a document")
     if run.attempt == 1 or "never" in run.name:
         raise ValueError("boom")
 
@@ -201,10 +204,13 @@ def test_an_exception_is_a_failed_run_retried_then_dead_with_its_traceback(
         call = "stagefuncs:flaky"
         retries = 1
         backoff = "0.05s"
-        """, files=("once", "never"))  # fmt: skip
+        """, files=("once", "never", "hopeless"))  # fmt: skip
     proc = _orchestrator("batch", "-c", str(config), "--json", "--no-progress", cwd=tmp_path)
     assert proc.returncode == 1, proc.stderr
-    assert json.loads(proc.stdout)["states"] == {"done": 1, "dead": 1}
+    assert json.loads(proc.stdout)["states"] == {"done": 1, "dead": 2}
+    hopeless = _show(config, "in:hopeless")
+    assert len(hopeless["runs"]) == 1  # Fatal: not retried
+    assert hopeless["item"]["reason"] == "py: raised Fatal: not a document (fatal; not retried)"
     once = _show(config, "in:once")
     assert [r["outcome"] for r in once["runs"]] == ["failed", "ok"]
     never = _show(config, "in:never")
