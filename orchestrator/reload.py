@@ -1,4 +1,4 @@
-"""SIGHUP: reopen the log file and reload the limits, without a restart.
+"""SIGHUP: reopen the logs and reload ``[log]`` and the limits, without a restart.
 
 What an operator expects of a long-running service (``systemctl reload``, logrotate's
 ``postrotate``): the ``[log] file`` is closed and opened again at its path (a rotated file is let

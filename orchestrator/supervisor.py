@@ -5,7 +5,7 @@
     trio.run(serve, config)
     └─ serve                      opens the store (its committer task), recovers, then:
        ├─ signals                 SIGTERM/SIGINT → drain; a second SIGINT → stop now;
-       │                          SIGHUP → reopen the log file, reload the limits
+       │                          SIGHUP → reopen the logs, reload [log] and the limits
        ├─ timers                  items in retry_wait come back to their stage's queue
        ├─ http                    /health /metrics /status / (hypercorn, trio worker); [http] listen
        ├─ watchdog                heartbeat (+ WATCHDOG=1 to systemd), stall checks, STATUS=
@@ -89,7 +89,7 @@ FINAL_STATUS_GRACE = 5.0
 
 
 #: Signals the service handles: SIGTERM and SIGINT drain and stop (a second SIGINT stops at
-#: once), SIGQUIT stops at once; SIGHUP reopens the log file and reloads the limits (`_Reloader`),
+#: once), SIGQUIT stops at once; SIGHUP reopens the logs and reloads [log] and the limits (`_Reloader`),
 #: or drains and stops when it comes from a closed terminal; SIGUSR1 and SIGUSR2 are ignored.
 #: Left at their default, each of the last four ended the process on the spot, its runs orphaned.
 SIGNALS_HANDLED = (
@@ -136,7 +136,7 @@ async def serve(
         batch: ingest what the sources hold now, process it all, then return.
         on_start: called with the engine once it is built (progress bars, tests).
         config_path: the file ``config`` was loaded from, read again at SIGHUP for new limits
-            (None: SIGHUP only reopens the log file).
+            and ``[log]`` (None: SIGHUP only reopens the logs).
 
     Raises:
         StoreUnavailable: the store cannot be opened or written (the service cannot go on).
@@ -371,7 +371,7 @@ async def _serve(
 
 @attrs.define
 class _Reloader:
-    """SIGHUP without a closed terminal: the log file reopened, the limits reloaded."""
+    """SIGHUP without a closed terminal: the logs reopened, ``[log]`` and the limits reloaded."""
 
     config_path: Path | None
     notifier: Notifier | None
