@@ -674,6 +674,40 @@ def _watch(conn: sqlite3.Connection, cfg: Config, interval: float, first: Any) -
 
 
 @app.command()
+def reload(
+    config: ConfigOption = Path("orchestrator.toml"),
+    as_json: JsonOption = False,
+    timeout: Annotated[
+        float, typer.Option("--timeout", min=0.1, max=MAX_INTERVAL, callback=_a_number,
+                            help="Seconds to wait for the service's answer.")
+    ] = 10.0,
+) -> None:  # fmt: skip
+    """Tell the running service to reload (SIGHUP), then show what it did.
+
+    The config is checked first: one with errors is not sent (exit 2). The service is found by
+    its status file, on this host, its pid checked against its start time. Exit 0 reloaded,
+    1 the service refused the config, 3 no running service here, or no answer in time.
+    """
+    from orchestrator.operator import reload_service
+
+    cfg = _load(config)
+    code, answer = reload_service(cfg.status_path, interval=cfg.status.interval, timeout=timeout)
+    if as_json:
+        print(json.dumps(answer, indent=2))
+    elif code == EXIT_OK:
+        applied = ", ".join(answer["applied"]) or "limits unchanged"
+        print(f"reloaded: {applied}")
+        if answer["not_applied"]:
+            print(f"changed but not applied until a restart: {', '.join(answer['not_applied'])}")
+    elif code == EXIT_FAILED:
+        _report(Path(answer["config"]), list(answer["errors"]))
+        _err("orchestrator reload: the service kept its config as it was")
+    else:
+        _err(f"orchestrator reload: {answer['error']}")
+    raise typer.Exit(code)
+
+
+@app.command()
 def health(
     config: ConfigOption = Path("orchestrator.toml"),
     as_json: JsonOption = False,

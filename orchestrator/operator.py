@@ -20,6 +20,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import signal
 import socket
 import sqlite3
 import time
@@ -263,6 +264,60 @@ def status_data(conn: sqlite3.Connection, config: Config, now: float) -> dict[st
         "recent_failures": failures,
         "service": read_status_file(config.status_path, now),
     }
+
+
+# --- reload ----------------------------------------------------------------------------------
+
+#: How often `reload_service` looks at the status file for the service's answer.
+RELOAD_POLL = 0.05
+
+
+def reload_service(
+    status_path: Path, *, interval: float, timeout: float
+) -> tuple[int, dict[str, Any]]:
+    """SIGHUP the service whose status file is ``status_path``; wait for its answer there.
+
+    The service is signalled only when its status file names a live process on this host
+    that started when the service did (`orchestrator.health.judge`: a reused pid is never
+    signalled) and it is running, not draining.
+
+    Returns:
+        The exit status (0 reloaded, 1 the config was refused, 3 no service or no answer) and
+        the service's ``reload`` record (or ``{"error": why}``).
+    """
+    from orchestrator.health import judge
+
+    verdict = judge(status_path, interval=interval)
+    if not verdict.pid_alive or verdict.pid is None:
+        why = "; ".join(verdict.reasons) or f"no live service on this host ({status_path})"
+        return 3, {"error": why}
+    if verdict.state != "running":
+        return 3, {"error": f"the service (pid {verdict.pid}) is {verdict.state}, not running"}
+    before = _reload_number(status_path)
+    os.kill(verdict.pid, signal.SIGHUP)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(RELOAD_POLL)
+        record = _reload_record(status_path)
+        if record is not None and record.get("number", 0) > before:
+            return (0 if record.get("ok") else 1), record
+    return 3, {"error": f"no answer from the service (pid {verdict.pid}) within {timeout:g}s "
+                        "(its log says why)"}  # fmt: skip
+
+
+def _reload_record(status_path: Path) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(status_path.read_bytes())
+    except (OSError, ValueError):
+        return None  # (being replaced: the next look sees it)
+    record = doc.get("reload") if isinstance(doc, dict) else None
+    return record if isinstance(record, dict) else None
+
+
+def _reload_number(status_path: Path) -> int:
+    record = _reload_record(status_path)
+    number = record.get("number", 0) if record is not None else 0
+    return number if isinstance(number, int) else 0
 
 
 # --- writing ---------------------------------------------------------------------------------

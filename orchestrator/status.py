@@ -8,7 +8,6 @@ over the old one, so a reader always sees a complete JSON document -- never a ha
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import json
 import os
@@ -16,7 +15,6 @@ import socket
 from typing import TYPE_CHECKING, Any
 
 import trio
-import trio_util
 
 from orchestrator import __version__
 from orchestrator.store.sqlite import op_counts_by_stage
@@ -143,10 +141,19 @@ async def serve_status_file(
     from loguru import logger
 
     task_status.started()
-    async with contextlib.aclosing(trio_util.periodic(engine.config.status.interval)) as ticks:
-        async for _ in ticks:
-            try:
-                state = "draining" if engine.stopping else "running"
-                await write_status(engine, state=state, health=health)
-            except OSError as exc:
-                logger.warning("cannot write the status file: {}", exc)
+    interval = engine.config.status.interval
+    deadline = trio.current_time()
+    while True:
+        # Every interval, and at once when asked (`Engine.want_status`: a reload's result).
+        with trio.move_on_at(deadline):
+            await engine.status_wanted.wait()
+        engine.status_wanted = trio.Event()
+        if trio.current_time() >= deadline:
+            deadline += interval
+            if deadline < trio.current_time():  # (behind: a slow disk) no burst to catch up
+                deadline = trio.current_time() + interval
+        try:
+            state = "draining" if engine.stopping else "running"
+            await write_status(engine, state=state, health=health)
+        except OSError as exc:
+            logger.warning("cannot write the status file: {}", exc)

@@ -384,6 +384,7 @@ class _Reloader:
         try:
             await self._reload(engine, staff)
         finally:
+            engine.status_wanted.set()  # `orchestrator reload` waits for it
             if self.notifier is not None:
                 self.notifier.notify("READY=1", "STATUS=running")
 
@@ -402,6 +403,7 @@ class _Reloader:
         except ConfigError as exc:
             record["errors"] = exc.errors
             engine.reloads["failed"] += 1
+            record["number"] = engine.reloads.total()
             await self._reopen_logs(engine.config.log)  # as they were, for logrotate
             logger.error(
                 "SIGHUP: {} not reloaded, the limits stay as they are; {} error{}:\n  {}",
@@ -419,6 +421,7 @@ class _Reloader:
         staff()
         record.update(ok=True, applied=changes.applied(), not_applied=list(changes.not_applied))
         engine.reloads["ok"] += 1
+        record["number"] = engine.reloads.total()
         log = logger.warning if changes.not_applied else logger.info
         log("SIGHUP: {} reloaded; {}", self.config_path, changes.describe())
 

@@ -230,6 +230,8 @@ class Engine:
         self.last_reload: dict[str, Any] | None = None
         #: SIGHUP reloads since start, by result ("ok", "failed": the config was invalid).
         self.reloads: collections.Counter[str] = collections.Counter()
+        #: Set to have the status file written now rather than at the next interval.
+        self.status_wanted = trio.Event()
 
     # --- admission and dispatch -----------------------------------------------------------
 

@@ -7,6 +7,7 @@ closing its master side.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -440,3 +441,47 @@ def test_sighup_applies_a_new_log_level_and_a_new_log_file(tmp_path: Path) -> No
     assert "item='in:b'" in debug.read_text()
     assert "item='in:b'" not in first.read_text()
     assert re.search(r"DEBUG\s+run started.*item='in:b'", service.log)
+
+
+def _reload_cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PY, "-m", "orchestrator", "reload", "-c", str(config), *args],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+def test_the_reload_command_signals_the_service_and_shows_its_answer(tmp_path: Path) -> None:
+    config = tmp_path / "orchestrator.toml"
+    slow_status = _config(tmp_path, 1).replace('interval = "0.3s"', 'interval = "10s"')
+    config.write_text(slow_status)
+    # No service yet: nothing to signal.
+    proc = _reload_cli(config)
+    assert proc.returncode == 3
+    assert "no status file" in proc.stderr
+    service = Service(tmp_path, slow_status)
+    try:
+        _wait_for(lambda: (tmp_path / "state" / "status.json").exists(), 15, service.log)
+        # When: the limit is raised and `orchestrator reload` run
+        config.write_text(slow_status.replace("concurrency = 1", "concurrency = 2"))
+        started = time.monotonic()
+        proc = _reload_cli(config)
+        # Then: the answer comes from the service, well before its next status write (10 s)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout == "reloaded: stages[work].concurrency 1 → 2\n"
+        assert time.monotonic() - started < 8
+        answer = json.loads(_reload_cli(config, "--json").stdout)
+        assert (answer["ok"], answer["number"], answer["applied"]) == (True, 2, [])
+        # A broken config is not sent: the service never hears of it.
+        config.write_text(slow_status.replace("concurrency = 1", 'concurrency = "many"'))
+        proc = _reload_cli(config)
+        assert proc.returncode == 2
+        assert "stages[0].concurrency" in proc.stderr
+        assert service.log.count("reloaded;") == 2
+        config.write_text(slow_status)
+        assert service.stop(20) == 0
+    finally:
+        service.stop()
+    # Stopped: nothing to signal (its pid may be another process's by now).
+    proc = _reload_cli(config)
+    assert proc.returncode == 3
+    assert "stopped" in proc.stderr
