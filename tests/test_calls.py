@@ -5,6 +5,7 @@ processes of their own; the stage functions prove limits with `flock` on real lo
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -62,6 +63,9 @@ async def messy(run):
             await trio.sleep_forever()
         finally:
             raise OSError("cleanup failed")
+
+async def blocks_the_loop(run):
+    time.sleep(1.2)  # the mistake the watchdog is there to name
 
 def not_async(run):
     pass
@@ -284,3 +288,16 @@ def test_the_worked_example_counts_every_file(tmp_path: Path) -> None:
         counts = json.loads((configs / "example" / "counts" / f"{name}.json").read_text())
         assert counts == {"item": f"docs:{name}", "lines": len(text.splitlines()),
                           "words": len(text.split())}  # fmt: skip
+
+
+def test_a_function_that_blocks_the_loop_is_named_by_the_watchdog(tmp_path: Path) -> None:
+    config = _setup(tmp_path, """
+        [[stages]]
+        name = "py"
+        call = "stagefuncs:blocks_the_loop"
+        """, files=("x",), extra='[watchdog]\nloop_stall_warn = "0.4s"')  # fmt: skip
+    proc = _orchestrator("batch", "-c", str(config), "--no-progress", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    # The worker task running it is named, with the function's line in its stack.
+    assert re.search(r"event loop blocked for [\d.]+s by task 'worker:py:0'; its stack:\n"
+                     r"(.*\n)*.*time\.sleep\(1\.2\)", proc.stderr), proc.stderr  # fmt: skip
