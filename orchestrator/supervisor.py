@@ -261,8 +261,11 @@ async def _serve(
     # Items recovery found poisoned died in this run: a batch reports them.
     poisoned = await store.read(lambda c: op_items_by_seq(c, recovery.poisoned_seqs))
     executables = await trio.to_thread.run_sync(resolve_executables, config)
-    # Imported here, in the loop, as our own modules are: start-up, before any run.
-    calls = resolve_calls(config)
+    # Python stages' modules (already imported by the command line, which checked them; a
+    # module's import reads files, so not on the loop).
+    calls = {}
+    if any(stage.call is not None for stage in config.stages):
+        calls = await trio.to_thread.run_sync(resolve_calls, config)
     engine = Engine(
         config, store, instance=instance, executables=executables, batch=batch, calls=calls
     )
