@@ -18,16 +18,29 @@ still drains and stops it, as it always did: `Terminal` tells the two apart. Sta
 
 from __future__ import annotations
 
+import datetime
 import os
 import signal
+import time
 from typing import TYPE_CHECKING, Any
 
 import attrs
+import trio
+from loguru import logger
+
+from orchestrator.config import load_config
+from orchestrator.errors import ConfigError
+from orchestrator.logs import reopen_logs
 
 if TYPE_CHECKING:
-    from orchestrator.config import Config
+    from collections.abc import Callable
+    from pathlib import Path
 
-__all__ = ["LimitChanges", "Terminal", "compare_configs"]
+    from orchestrator.config import Config, LogConfig
+    from orchestrator.systemd import Notifier
+    from orchestrator.workers import Engine
+
+__all__ = ["LimitChanges", "Reloader", "Terminal", "compare_configs"]
 
 #: Config fields that are not keys of the file.
 _NOT_KEYS = frozenset({"base_dir"})
@@ -139,6 +152,74 @@ class Terminal:
         if not self.had:
             return False
         return not _controlling_terminal() or any(not os.isatty(fd) for fd in self._ttys)
+
+
+@attrs.define
+class Reloader:
+    """Carries out a SIGHUP that is not a hang-up: the logs reopened, ``[log]`` and the limits
+    reloaded from ``config_path`` (None: the logs only), systemd and the status file told."""
+
+    config_path: Path | None
+    notifier: Notifier | None
+    terminal: Terminal
+
+    async def reload(self, engine: Engine, staff: Callable[[], None]) -> None:
+        """Reload ``engine``'s service; ``staff`` starts the workers a raised limit needs."""
+        if self.notifier is not None:
+            usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+            self.notifier.notify("RELOADING=1", f"MONOTONIC_USEC={usec}", "STATUS=reloading")
+        try:
+            await self._reload(engine, staff)
+        finally:
+            engine.status_wanted.set()  # `orchestrator reload` waits for it
+            if self.notifier is not None:
+                self.notifier.notify("READY=1", "STATUS=running")
+
+    async def _reload(self, engine: Engine, staff: Callable[[], None]) -> None:
+        if self.config_path is None:
+            await self._reopen_logs(engine.config.log)
+            return
+        record: dict[str, Any] = {
+            "at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "config": str(self.config_path), "ok": False, "applied": [], "not_applied": [],
+            "errors": [],
+        }  # fmt: skip
+        engine.last_reload = record
+        try:
+            new = await trio.to_thread.run_sync(load_config, self.config_path)
+        except ConfigError as exc:
+            record["errors"] = exc.errors
+            engine.reloads["failed"] += 1
+            record["number"] = engine.reloads.total()
+            await self._reopen_logs(engine.config.log)  # as they were, for logrotate
+            logger.error(
+                "SIGHUP: {} not reloaded, the limits stay as they are; {} error{}:\n  {}",
+                self.config_path, len(exc.errors), "" if len(exc.errors) == 1 else "s",
+                "\n  ".join(exc.errors),
+            )  # fmt: skip
+            return
+        await self._reopen_logs(new.log)
+        changes = compare_configs(engine.config, new)
+        engine.config = attrs.evolve(engine.config, log=new.log)
+        engine.set_limits(
+            {name: size for name, (_, size) in changes.stages.items()},
+            {name: size for name, (_, size) in changes.pools.items()},
+        )
+        staff()
+        record.update(ok=True, applied=changes.applied(), not_applied=list(changes.not_applied))
+        engine.reloads["ok"] += 1
+        record["number"] = engine.reloads.total()
+        log = logger.warning if changes.not_applied else logger.info
+        log("SIGHUP: {} reloaded; {}", self.config_path, changes.describe())
+
+    async def _reopen_logs(self, config: LogConfig) -> None:
+        try:
+            reopened = await trio.to_thread.run_sync(reopen_logs, config)
+        except (OSError, ValueError) as exc:
+            logger.error("SIGHUP: cannot reopen the log file: {}", exc)
+        else:
+            if reopened is not None:
+                logger.info("SIGHUP: log file {} reopened", reopened)
 
 
 def _controlling_terminal() -> bool:

@@ -34,14 +34,13 @@ until the runs are over (``/health`` says 503 ``draining``).
 from __future__ import annotations
 
 import contextlib
-import datetime
 import functools
 import os
 import signal
 import socket
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
@@ -49,14 +48,12 @@ import trio_util
 from loguru import logger
 
 from orchestrator.calls import resolve_calls
-from orchestrator.config import load_config
-from orchestrator.errors import ConfigError, LeftoverProcesses, StoreUnavailable
+from orchestrator.errors import LeftoverProcesses, StoreUnavailable
 from orchestrator.housekeeping import serve_housekeeping
 from orchestrator.instance import InstanceLock, acquire_instance_lock
-from orchestrator.logs import reopen_logs
 from orchestrator.pollers import serve_source
 from orchestrator.reaper import reap
-from orchestrator.reload import Terminal, compare_configs
+from orchestrator.reload import Reloader, Terminal
 from orchestrator.status import serve_status_file, write_status
 from orchestrator.store.sqlite import (
     BatchCounts,
@@ -78,7 +75,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
     from pathlib import Path
 
-    from orchestrator.config import Config, LogConfig
+    from orchestrator.config import Config
     from orchestrator.store.sqlite import SqliteStore
 
 __all__ = ["ServiceResult", "serve"]
@@ -89,7 +86,7 @@ FINAL_STATUS_GRACE = 5.0
 
 
 #: Signals the service handles: SIGTERM and SIGINT drain and stop (a second SIGINT stops at
-#: once), SIGQUIT stops at once; SIGHUP reopens the logs and reloads [log] and the limits (`_Reloader`),
+#: once), SIGQUIT stops at once; SIGHUP reopens the logs and reloads [log] and the limits (`orchestrator.reload.Reloader`),
 #: or drains and stops when it comes from a closed terminal; SIGUSR1 and SIGUSR2 are ignored.
 #: Left at their default, each of the last four ended the process on the spot, its runs orphaned.
 SIGNALS_HANDLED = (
@@ -152,7 +149,7 @@ async def serve(
     lock = await trio.to_thread.run_sync(acquire_instance_lock, config.state_dir)
     terminal = await trio.to_thread.run_sync(Terminal)
     notifier = Notifier.from_environ(os.environ)
-    reloader = _Reloader(config_path, notifier, terminal)
+    reloader = Reloader(config_path, notifier, terminal)
     try:
         async with open_sqlite_store(
             config.db_path, synchronous=config.store.synchronous,
@@ -253,7 +250,7 @@ async def _recover(config: Config, store: SqliteStore, instance: str) -> Recover
 async def _serve(
     config: Config, store: SqliteStore, instance: str, recovery: Recovery, batch: bool,
     on_start: Callable[[Engine], None] | None, notifier: Notifier | None,
-    signals: AsyncIterator[int], reloader: _Reloader,
+    signals: AsyncIterator[int], reloader: Reloader,
 ) -> ServiceResult:  # fmt: skip
     interrupted = False
     # Seqs and stages only: the items are read as the engine has room for them.
@@ -370,69 +367,3 @@ async def _serve(
         tally=engine.tally, interrupted=interrupted, recovery=recovery,
         admitted=frozenset(engine.admitted or ()), failed_sources=dict(engine.failed_sources),
     )  # fmt: skip
-
-
-@attrs.define
-class _Reloader:
-    """SIGHUP without a closed terminal: the logs reopened, ``[log]`` and the limits reloaded."""
-
-    config_path: Path | None
-    notifier: Notifier | None
-    terminal: Terminal
-
-    async def reload(self, engine: Engine, staff: Callable[[], None]) -> None:
-        if self.notifier is not None:
-            usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-            self.notifier.notify("RELOADING=1", f"MONOTONIC_USEC={usec}", "STATUS=reloading")
-        try:
-            await self._reload(engine, staff)
-        finally:
-            engine.status_wanted.set()  # `orchestrator reload` waits for it
-            if self.notifier is not None:
-                self.notifier.notify("READY=1", "STATUS=running")
-
-    async def _reload(self, engine: Engine, staff: Callable[[], None]) -> None:
-        if self.config_path is None:
-            await self._reopen_logs(engine.config.log)
-            return
-        record: dict[str, Any] = {
-            "at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "config": str(self.config_path), "ok": False, "applied": [], "not_applied": [],
-            "errors": [],
-        }  # fmt: skip
-        engine.last_reload = record
-        try:
-            new = await trio.to_thread.run_sync(load_config, self.config_path)
-        except ConfigError as exc:
-            record["errors"] = exc.errors
-            engine.reloads["failed"] += 1
-            record["number"] = engine.reloads.total()
-            await self._reopen_logs(engine.config.log)  # as they were, for logrotate
-            logger.error(
-                "SIGHUP: {} not reloaded, the limits stay as they are; {} error{}:\n  {}",
-                self.config_path, len(exc.errors), "" if len(exc.errors) == 1 else "s",
-                "\n  ".join(exc.errors),
-            )  # fmt: skip
-            return
-        await self._reopen_logs(new.log)
-        changes = compare_configs(engine.config, new)
-        engine.config = attrs.evolve(engine.config, log=new.log)
-        engine.set_limits(
-            {name: size for name, (_, size) in changes.stages.items()},
-            {name: size for name, (_, size) in changes.pools.items()},
-        )
-        staff()
-        record.update(ok=True, applied=changes.applied(), not_applied=list(changes.not_applied))
-        engine.reloads["ok"] += 1
-        record["number"] = engine.reloads.total()
-        log = logger.warning if changes.not_applied else logger.info
-        log("SIGHUP: {} reloaded; {}", self.config_path, changes.describe())
-
-    async def _reopen_logs(self, config: LogConfig) -> None:
-        try:
-            reopened = await trio.to_thread.run_sync(reopen_logs, config)
-        except (OSError, ValueError) as exc:
-            logger.error("SIGHUP: cannot reopen the log file: {}", exc)
-        else:
-            if reopened is not None:
-                logger.info("SIGHUP: log file {} reopened", reopened)
