@@ -565,14 +565,11 @@ def purge(
     config: ConfigOption = Path("orchestrator.toml"),
     as_json: JsonOption = False,
 ) -> None:  # fmt: skip
-    """Remove done, dead and rejected items older than a duration, with their runs, events,
-    run logs and workdirs.
+    """Remove ended items older than a duration, with their runs, events, logs and workdirs.
 
-    An item whose input is still in its source is kept, whatever its age -- a file still in
-    the source folder, an element still in the JSON array, an item of a source this config
-    does not have -- so that nothing is taken again. Works while the service runs.
+    An item whose input is still in its source is kept, whatever its age, so nothing is taken again.
 
-    Exit 0, 2 for a wrong command line, 3 when the store cannot be written.
+    Works while the service runs. Exit 0, 2 for a wrong command line, 3 when the store fails.
     """
     import attrs
 
@@ -684,9 +681,11 @@ def reload(
 ) -> None:  # fmt: skip
     """Tell the running service to reload (SIGHUP), then show what it did.
 
-    The config is checked first: one with errors is not sent (exit 2). The service is found by
-    its status file, on this host, its pid checked against its start time. Exit 0 reloaded,
-    1 the service refused the config, 3 no running service here, or no answer in time.
+    The config is checked first: one with errors is not sent (exit 2).
+
+    The service is found by its status file, on this host, its pid checked against its start.
+
+    Exit 0 reloaded, 1 refused by the service, 3 no running service here or no answer in time.
     """
     from orchestrator.operator import reload_service
 
