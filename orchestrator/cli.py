@@ -503,15 +503,14 @@ def requeue(
 ) -> None:  # fmt: skip
     """Put dead items back in the queue of the stage where they died, with fresh attempts.
 
-    With --to STAGE they go to that stage instead, on their source's route as this config
-    has it: to redo an earlier stage, or to move items left waiting at a stage the config no
-    longer has (renamed or removed) -- --stage OLD --to NEW moves them all.
+    With --to STAGE they go to that stage of their source's route, as this config has it.
+    That redoes an earlier stage, or moves items waiting at a stage the config no longer has.
+    --stage OLD --to NEW moves all of them.
 
-    One transaction; a running service picks them up by itself. Rejected and done items stay
-    as they are.
+    One transaction; a running service picks them up by itself. Rejected and done items stay.
 
-    Exit 0 when every named item was requeued, 1 when one was not (not found, not dead),
-    2 for a wrong command line, 3 when the store cannot be written.
+    Exit 0 when every named item was requeued, 1 when one was not (not found, not dead).
+    Exit 2 for a wrong command line, 3 when the store cannot be written.
     """
     from orchestrator import operator
 
@@ -735,12 +734,12 @@ def health(
 ) -> None:  # fmt: skip
     """Judge the service's health from its status file: age, process, its own problems.
 
-    Fresh (updated within 2 status intervals) and its process alive: ok. Older than 2
-    intervals, or the service reports problems: warning. Older than 4, the process gone, the
-    service stopped, or no status file: critical.
+    ok: updated within 2 status intervals, and its process alive.
+    warning: older than 2 intervals, or the service reports problems.
+    critical: older than 4, its process gone, the service stopped, or no status file.
 
-    Exit 0 ok, 1 warning, 2 critical, 3 unknown (a command line it cannot take);
-    --watch: 0 when Ctrl+C ends it.
+    Exit 0 ok, 1 warning, 2 critical, 3 unknown (a command line it cannot take).
+    With --watch: 0 when Ctrl+C ends it.
     """
     import shlex
 
