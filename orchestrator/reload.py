@@ -12,15 +12,16 @@ A lower limit lets the runs going on finish: a new run starts only once fewer th
 are going on. A higher one starts the runs waiting for it at once.
 
 A SIGHUP that comes with the service's terminal gone (a closed terminal window or SSH session)
-still drains and stops it, as it always did: `Terminal` tells the two apart. Started under
-``nohup`` (SIGHUP ignored), a hang-up is ignored.
+still drains and stops it, as it always did: `orchestrator.terminal.Terminal` tells the two
+apart. Started under ``nohup`` (SIGHUP ignored), a hang-up is ignored.
+
+The supervisor imports this module at the first SIGHUP (in a worker thread): a service that is
+never reloaded -- every batch -- does not pay for it at start-up.
 """
 
 from __future__ import annotations
 
 import datetime
-import os
-import signal
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -38,9 +39,10 @@ if TYPE_CHECKING:
 
     from orchestrator.config import Config, LogConfig
     from orchestrator.systemd import Notifier
+    from orchestrator.terminal import Terminal
     from orchestrator.workers import Engine
 
-__all__ = ["LimitChanges", "Reloader", "Terminal", "compare_configs"]
+__all__ = ["LimitChanges", "Reloader", "compare_configs"]
 
 #: Config fields that are not keys of the file.
 _NOT_KEYS = frozenset({"base_dir"})
@@ -127,33 +129,6 @@ def _diff(old: Any, new: Any, path: str, out: list[str]) -> None:
     out.append(path)
 
 
-class Terminal:
-    """Whether a SIGHUP means that the service's terminal is gone.
-
-    Built at start-up, when the service either has a controlling terminal (started by hand, from
-    a shell) or has none (systemd, a container, ``setsid``). A SIGHUP means "the terminal hung
-    up" only when there was one and it is gone now: the kernel takes a hung-up terminal away from
-    its session, and its file descriptors stop being terminals, before the SIGHUP is sent.
-    Otherwise -- ``systemctl reload``, ``kill -HUP`` -- it asks for a reload.
-
-    Both methods make system calls on ``/dev/tty``: call them in a worker thread.
-    """
-
-    def __init__(self) -> None:
-        self.had = _controlling_terminal()
-        #: Which of stdin, stdout and stderr were terminals at start-up.
-        self._ttys = [fd for fd in (0, 1, 2) if os.isatty(fd)]
-        #: Started with SIGHUP ignored (``nohup``): a hang-up is to be ignored, as asked. Read
-        #: before the service takes SIGHUP over.
-        self.nohup = signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
-
-    def gone(self) -> bool:
-        """The service had a terminal and has lost it (the terminal hung up)."""
-        if not self.had:
-            return False
-        return not _controlling_terminal() or any(not os.isatty(fd) for fd in self._ttys)
-
-
 @attrs.define
 class Reloader:
     """Carries out a SIGHUP that is not a hang-up: the logs reopened, ``[log]`` and the limits
@@ -220,14 +195,3 @@ class Reloader:
         else:
             if reopened is not None:
                 logger.info("SIGHUP: log file {} reopened", reopened)
-
-
-def _controlling_terminal() -> bool:
-    try:
-        fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
-    except OSError:
-        return False
-    try:
-        return os.isatty(fd)
-    finally:
-        os.close(fd)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import os
 import signal
 import socket
@@ -47,13 +48,11 @@ import trio
 import trio_util
 from loguru import logger
 
-from orchestrator.calls import resolve_calls
 from orchestrator.errors import LeftoverProcesses, StoreUnavailable
 from orchestrator.housekeeping import serve_housekeeping
 from orchestrator.instance import InstanceLock, acquire_instance_lock
 from orchestrator.pollers import serve_source
 from orchestrator.reaper import reap
-from orchestrator.reload import Reloader, Terminal
 from orchestrator.status import serve_status_file, write_status
 from orchestrator.store.sqlite import (
     BatchCounts,
@@ -68,6 +67,7 @@ from orchestrator.store.sqlite import (
     open_sqlite_store,
 )
 from orchestrator.systemd import Notifier
+from orchestrator.terminal import Terminal
 from orchestrator.watchdog import Watchdog
 from orchestrator.workers import RECORD_GRACE, Engine, Tally, resolve_executables
 
@@ -76,6 +76,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from orchestrator.config import Config
+    from orchestrator.reload import Reloader
     from orchestrator.store.sqlite import SqliteStore
 
 __all__ = ["ServiceResult", "serve"]
@@ -149,7 +150,6 @@ async def serve(
     lock = await trio.to_thread.run_sync(acquire_instance_lock, config.state_dir)
     terminal = await trio.to_thread.run_sync(Terminal)
     notifier = Notifier.from_environ(os.environ)
-    reloader = Reloader(config_path, notifier, terminal)
     try:
         async with open_sqlite_store(
             config.db_path, synchronous=config.store.synchronous,
@@ -165,7 +165,7 @@ async def serve(
                     recovery = await _recover(config, store, instance)
                     result = await _serve(
                         config, store, instance, recovery, batch, on_start, notifier, signals,
-                        reloader,
+                        config_path, terminal,
                     )  # fmt: skip
                     guard.cancel_scope.cancel()
             if batch:
@@ -250,7 +250,7 @@ async def _recover(config: Config, store: SqliteStore, instance: str) -> Recover
 async def _serve(
     config: Config, store: SqliteStore, instance: str, recovery: Recovery, batch: bool,
     on_start: Callable[[Engine], None] | None, notifier: Notifier | None,
-    signals: AsyncIterator[int], reloader: Reloader,
+    signals: AsyncIterator[int], config_path: Path | None, terminal: Terminal,
 ) -> ServiceResult:  # fmt: skip
     interrupted = False
     # Seqs and stages only: the items are read as the engine has room for them.
@@ -262,6 +262,8 @@ async def _serve(
     # module's import reads files, so not on the loop).
     calls = {}
     if any(stage.call is not None for stage in config.stages):
+        from orchestrator.calls import resolve_calls
+
         calls = await trio.to_thread.run_sync(resolve_calls, config)
     engine = Engine(
         config, store, instance=instance, executables=executables, batch=batch, calls=calls
@@ -304,14 +306,20 @@ async def _serve(
 
             async def watch_signals() -> None:
                 nonlocal interrupted
+                reloader: Reloader | None = None  # (made at the first SIGHUP)
                 async for signum in signals:
                     name = signal.Signals(signum).name
                     if signum == signal.SIGHUP:
-                        if not await trio.to_thread.run_sync(reloader.terminal.gone):
+                        if not await trio.to_thread.run_sync(terminal.gone):
+                            if reloader is None:
+                                reloading = await trio.to_thread.run_sync(
+                                    importlib.import_module, "orchestrator.reload"
+                                )
+                                reloader = reloading.Reloader(config_path, notifier, terminal)
                             await reloader.reload(engine, functools.partial(engine.staff, workers))
                             continue
                         name = "SIGHUP (the terminal closed)"
-                        if reloader.terminal.nohup:
+                        if terminal.nohup:
                             logger.warning("{}: ignored, as nohup asked", name)
                             continue
                     if signum in SIGNALS_IGNORED:

@@ -23,7 +23,6 @@ import trio
 import trio_util
 from loguru import logger
 
-from orchestrator.calls import StageRun, run_call
 from orchestrator.limits import Holder, Slots
 from orchestrator.pipeline import decide, expand_argv, uses_placeholder
 from orchestrator.reaper import STATE_MARKER
@@ -47,6 +46,7 @@ from orchestrator.store.sqlite import (
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 
+    from orchestrator.calls import StageRun
     from orchestrator.config import Config, StageConfig
     from orchestrator.store.sqlite import SqliteStore, _Op
 
@@ -562,6 +562,8 @@ class Engine:
             log_path = f"{self._runs_dir}/{run_id}.log"  # not pathlib: once per run
             try:
                 if stage.call is not None:
+                    from orchestrator.calls import run_call  # (loaded by the supervisor then)
+
                     claim(None)  # no process: nothing to find if we die
                     log.debug("run started: {}", stage.call)
                     result = await run_call(
@@ -738,6 +740,8 @@ class Engine:
         self, stage: StageConfig, item: Item, attempt: int, run_id: int, workdir: str | None,
         log: Any,
     ) -> StageRun:  # fmt: skip
+        from orchestrator.calls import StageRun
+
         values = self._values(stage, item, attempt, workdir)
         return StageRun(
             item=item.id, stage=stage.name, attempt=attempt, run=run_id, path=values["path"],

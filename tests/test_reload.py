@@ -94,7 +94,7 @@ def test_compare_sees_limits_apart_from_the_keys_that_take_a_restart() -> None:
 
 _TERMINAL_PROBE = """
 import os, signal, sys, time
-from orchestrator.reload import Terminal
+from orchestrator.terminal import Terminal
 signal.signal(signal.SIGHUP, signal.SIG_IGN)
 terminal = Terminal()
 report = os.open(sys.argv[1], os.O_WRONLY | os.O_APPEND)
