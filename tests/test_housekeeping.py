@@ -269,7 +269,7 @@ def test_a_service_purges_ended_items_past_items_max_age(tmp_path: Path) -> None
         [[stages]]
         name = "work"
         command = ["true"]
-        concurrency = 2
+        concurrency = 1  # runs start in the items' order: the newest item has the newest run
         """, listen="false"))  # fmt: skip
     try:
         for i in range(5):

@@ -68,7 +68,6 @@ def test_purge_keeps_what_is_still_in_a_folder_and_takes_the_rest_with_its_trace
     tmp_path: Path,
 ) -> None:
     # Given: one source that moves its files away (one item dead), then one that keeps them
-    # (the newest item and run, which purge would keep anyway, are kept for their files)
     config = tmp_path / "orchestrator.toml"
     config.write_text(textwrap.dedent(f"""
         state_dir = "state"
@@ -98,9 +97,14 @@ def test_purge_keeps_what_is_still_in_a_folder_and_takes_the_rest_with_its_trace
             (tmp_path / folder / name).write_text(name)
     first = batch(config)
     assert first["states"] == {"done": 4, "dead": 1}
+    # the batch's order decides which of them is newest: one more kept file, taken by a second
+    # batch, is the newest item and has the newest run, whatever that order was
+    (tmp_path / "in_keep" / "z").write_text("z")
+    second = batch(config)
+    assert second["states"] == {"done": 1}
     state = tmp_path / "state"
     logs_before = sorted(p.name for p in (state / "runs").iterdir())
-    assert len(logs_before) == 5
+    assert len(logs_before) == 6
     workdirs = list((state / "work").iterdir())
     assert len(workdirs) == 1  # the dead item's; done items' are removed at once
     before = counts(state / "orchestrator.db")
@@ -109,7 +113,7 @@ def test_purge_keeps_what_is_still_in_a_folder_and_takes_the_rest_with_its_trace
     code, out = run_cli("purge", "-c", str(config), "--older-than", "0s", "--dry-run", "--json")
     assert code == EXIT_OK
     dry = json.loads(out)
-    assert (dry["purged"], dry["kept"]) == ({"done": 2, "dead": 1}, {KEPT_FILE: 2})
+    assert (dry["purged"], dry["kept"]) == ({"done": 2, "dead": 1}, {KEPT_FILE: 3})
     assert counts(state / "orchestrator.db") == before
     code, out = run_cli("purge", "-c", str(config), "--older-than", "0s")
 
@@ -119,11 +123,11 @@ def test_purge_keeps_what_is_still_in_a_folder_and_takes_the_rest_with_its_trace
     assert out.splitlines() == [
         "purged 3 items (1 dead, 2 done)",
         "  with 3 run(s), 9 event(s); removed 3 run log(s) and 1 workdir(s)",
-        f"kept 2: {KEPT_FILE}",
+        f"kept 3: {KEPT_FILE}",
     ]
-    assert ids(config) == ["keep:a", "keep:b"]
-    assert counts(state / "orchestrator.db") == (2, 2, before[2] - 9)
-    assert len(list((state / "runs").iterdir())) == 2
+    assert ids(config) == ["keep:a", "keep:b", "keep:z"]
+    assert counts(state / "orchestrator.db") == (3, 3, before[2] - 9)
+    assert len(list((state / "runs").iterdir())) == 3
     assert not workdirs[0].exists()
     assert sorted(os.listdir(tmp_path / "done")) == ["c", "d"]
     assert os.listdir(tmp_path / "failed") == ["bad e"]
@@ -131,7 +135,7 @@ def test_purge_keeps_what_is_still_in_a_folder_and_takes_the_rest_with_its_trace
     # Then: a batch after it takes nothing again
     again = batch(config)
     assert (again["code"], again["items"]) == (EXIT_OK, 0)
-    assert ids(config) == ["keep:a", "keep:b"]
+    assert ids(config) == ["keep:a", "keep:b", "keep:z"]
 
 
 def test_purge_keeps_elements_still_in_the_json_array_and_everything_when_it_cannot_tell(
@@ -286,10 +290,18 @@ def test_purge_beside_a_running_service_loses_and_repeats_nothing(tmp_path: Path
         purged += purge_in_a_process(service.config_path)
 
         # Then: each file ran exactly once, the service is healthy, and every item was purged
-        # but the newest (its number is never reused)
+        # but the newest and the one with the newest run (numbers are never reused; at
+        # concurrency 2 they may be two items)
         assert sorted(ledger.read_text().split()) == names
         assert service.proc.poll() is None, service.log
-        assert purged == len(names) - 1
+        with open_db(tmp_path / "state" / "orchestrator.db") as conn:
+            left = {seq for (seq,) in conn.execute("SELECT seq FROM items")}
+            newest = set(conn.execute(
+                "SELECT (SELECT max(seq) FROM items),"
+                " (SELECT item_seq FROM runs ORDER BY id DESC LIMIT 1)"
+            ).fetchone())  # fmt: skip
+        assert left == newest
+        assert purged == len(names) - len(left)
         assert service.status()["state"] == "running"
     finally:
         code = service.stop()
