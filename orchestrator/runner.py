@@ -687,6 +687,15 @@ async def run_command(cmd: Command, *, on_spawn: Callable[[int], None] | None = 
                 _, status = await trio.to_thread.run_sync(os.waitpid, pid, 0)
         return status
 
+    async def sweep_marked() -> None:
+        # A run we killed: its processes that left the group (setsid, output elsewhere) are
+        # found by its environment marker and killed too, before its slot is released. (One
+        # holding the pipe is found below whatever the outcome; the service's stop sweeps the
+        # rest.)
+        if cmd.marker:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(kill_marked, cmd.marker)
+
     timeout_at = started + cmd.timeout if cmd.timeout is not None else math.inf
     stall = cmd.stall_timeout if cmd.stall_timeout is not None else math.inf
     outcome: Outcome | None = None
@@ -712,6 +721,8 @@ async def run_command(cmd: Command, *, on_spawn: Callable[[int], None] | None = 
             with trio.CancelScope(shield=True):
                 await kill_tree()
         reaped = await reap()
+        if timed_out:
+            await sweep_marked()
         if not output.eof:  # what is left in the pipe is there already: the group is gone
             watch.poll()
         if not output.eof:
@@ -728,6 +739,7 @@ async def run_command(cmd: Command, *, on_spawn: Callable[[int], None] | None = 
             with trio.CancelScope(shield=True):
                 await kill_tree()
                 reaped = await reap()
+                await sweep_marked()
         raise
     finally:
         watch.close()

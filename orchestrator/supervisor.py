@@ -167,6 +167,7 @@ async def serve(
                         config, store, instance, recovery, batch, on_start, notifier, signals,
                         config_path, terminal,
                     )  # fmt: skip
+                    await _sweep_escaped(config)
                     guard.cancel_scope.cancel()
             if batch:
                 seqs = sorted(result.admitted)
@@ -245,6 +246,23 @@ async def _recover(config: Config, store: SqliteStore, instance: str) -> Recover
             recovery.interrupted, recovery.poisoned,
         )  # fmt: skip
     return recovery
+
+
+async def _sweep_escaped(config: Config) -> None:
+    """End what runs left behind outside their process groups, now that every run is over.
+
+    A stage's process that started a session of its own and let go of the output pipe (a
+    ``setsid`` helper writing to a file) is not in the group a run's end sweeps; its
+    environment marker still names this state folder, so it is found in /proc like a dead
+    instance's leftover. Without this it would outlive the service.
+    """
+    grace = max(s.grace_period for s in config.stages)
+    report = await trio.to_thread.run_sync(reap, str(config.state_dir), (), grace)
+    if report.found:
+        logger.warning(
+            "ended {} process(es) that runs had left running in the background, outside "
+            "their process groups ({} needed SIGKILL)", report.found, report.killed,
+        )  # fmt: skip
 
 
 async def _serve(

@@ -164,6 +164,53 @@ def test_batch_exit_1_and_reason_when_an_item_is_dead(tmp_path: Path) -> None:
     assert tails == ["bad input x.txt"] * 3
 
 
+def test_a_background_helper_that_left_its_run_does_not_outlive_the_batch(
+    tmp_path: Path,
+) -> None:
+    # Given: a stage that starts a helper in a session of its own, its output away from the
+    # run's pipe, and exits 0 (the run ends well; the helper is out of its group and off the
+    # pipe by then, so only the end-of-batch sweep can find it)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "x").write_text("x")
+    pidfile = tmp_path / "helper.pid"
+    config = tmp_path / "c.toml"
+    config.write_text(textwrap.dedent(f"""
+        [http]
+        listen = false
+        [[sources]]
+        name = "in"
+        type = "directory"
+        path = "in"
+        route = ["s"]
+        settle = "0s"
+        [[stages]]
+        name = "s"
+        command = ["sh", "-c", "setsid sleep 1000 </dev/null >/dev/null 2>&1 & echo $! > {pidfile}; sleep 0.3"]
+        """))  # fmt: skip
+    helper = None
+    try:
+        # When
+        proc = orchestrator("batch", "-c", str(config), "--no-progress", cwd=tmp_path)
+
+        # Then: the batch did its work, and the helper is gone by its end, with a warning
+        assert proc.returncode == 0, proc.stderr
+        helper = int(pidfile.read_text())
+        assert not os.path.exists(f"/proc/{helper}") or "Z" in _proc_state(helper)
+        assert "left running in the background" in proc.stderr
+    finally:
+        if helper is not None and os.path.exists(f"/proc/{helper}"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(helper, signal.SIGKILL)
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0]
+    except FileNotFoundError:
+        return "gone"
+
+
 def test_a_record_with_a_nul_byte_kills_its_item_not_the_batch(tmp_path: Path) -> None:
     # Given: a JSONL record whose id holds a NUL (valid JSON), passed to the stage as {item} and
     # ORCH_ITEM: no program can be given that argument. Found in session 6: the spawn's

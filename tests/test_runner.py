@@ -442,6 +442,45 @@ print("leader done")
             os.kill(escaped, signal.SIGKILL)
 
 
+async def test_a_killed_run_takes_its_marked_escapees_with_it_even_off_the_pipe(
+    tmp_path: Path,
+) -> None:
+    # A descendant that left the group (setsid) and the pipe (output to /dev/null) is not seen
+    # by the end-of-output check; a run we kill (its timeout) still finds it by its marker.
+    escaped_file = tmp_path / "escaped.pid"
+    code = (
+        "import os, sys, time\n"
+        + WRITE_ATOMIC
+        + """
+if os.fork() == 0:
+    os.setsid()
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.dup2(null, 2)
+    write_atomic(sys.argv[1], str(os.getpid()))
+    time.sleep(1000)
+    os._exit(0)
+time.sleep(1000)
+"""
+    )
+    env = {**os.environ, "ORCH_RUN": "run-under-test", "ORCH_STATE": str(tmp_path)}
+    escaped: int | None = None
+    try:
+        result = await run_command(cmd(
+            py(code, str(escaped_file)), env=env, timeout=1.0,
+            marker=("ORCH_RUN=run-under-test", f"ORCH_STATE={tmp_path}"),
+        ))  # fmt: skip
+        escaped = int(escaped_file.read_text())
+        assert result.outcome is Outcome.TIMEOUT
+        deadline = time.monotonic() + 5
+        while not is_dead(escaped) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert is_dead(escaped)
+    finally:
+        if escaped is not None and not is_dead(escaped):
+            os.kill(escaped, signal.SIGKILL)
+
+
 # --- argv, cwd, environment --------------------------------------------------------------------
 
 HOSTILE_ARGS = (
