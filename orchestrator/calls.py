@@ -125,7 +125,9 @@ async def run_call(
         # Cancelled taken out, not lost.
         with scope:
             await function(run)
-    except Exception as exc:
+    except (Exception, SystemExit, KeyboardInterrupt) as exc:
+        # SystemExit too: code turned from a script into a stage (argparse among it) exits;
+        # that is this run's failure, not the service's end.
         lines = "".join(traceback.format_exception(exc)).splitlines()
         late = scope.cancelled_caught
         return RunResult(
@@ -140,6 +142,15 @@ async def run_call(
         return RunResult(
             outcome=Outcome.TIMEOUT, exit_code=None, signal=None, pid=None, duration=duration,
             tail="", reason=timed_out,
+        )  # fmt: skip
+    if timeout is not None and duration > timeout:
+        # It returned, but past its time: the cancellation could not reach it (a thread from
+        # trio.to_thread.run_sync, or a call that blocked the event loop). Still a timeout.
+        return RunResult(
+            outcome=Outcome.TIMEOUT, exit_code=None, signal=None, pid=None, duration=duration,
+            tail="", reason=f"returned after {duration:.3g}s, past its timeout of {timeout:g}s "
+            "(a thread or a blocking call cannot be cancelled: use "
+            "trio.to_thread.run_sync(..., abandon_on_cancel=True), or a command stage)",
         )  # fmt: skip
     return RunResult(
         outcome=Outcome.OK, exit_code=0, signal=None, pid=None, duration=duration, tail="",

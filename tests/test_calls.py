@@ -67,6 +67,13 @@ async def messy(run):
 async def blocks_the_loop(run):
     time.sleep(1.2)  # the mistake the watchdog is there to name
 
+async def exits(run):
+    import sys
+    sys.exit(3)  # what a script's main does; argparse too
+
+async def threaded(run):
+    await trio.to_thread.run_sync(time.sleep, 1.0)  # a thread: the timeout cannot reach it
+
 def not_async(run):
     pass
 '''
@@ -224,6 +231,34 @@ def test_an_exception_is_a_failed_run_retried_then_dead_with_its_traceback(
     assert last["exit_code"] is None
     assert "ValueError: boom" in last["tail"]
     assert "stagefuncs.py" in last["tail"]  # the traceback, where the function raised
+
+
+def test_sys_exit_is_a_failed_run_and_a_thread_past_the_timeout_a_timeout(
+    tmp_path: Path,
+) -> None:
+    # Given: a function that calls sys.exit, and one whose thread outlasts its timeout
+    config = _setup(tmp_path, """
+        [[stages]]
+        name = "py"
+        call = "stagefuncs:exits"
+        timeout = "0.3s"
+        """, files=("a", "b"))  # fmt: skip
+
+    # When / Then: the batch goes on to its summary; each item is dead with its reason
+    proc = _orchestrator("batch", "-c", str(config), "--json", "--no-progress", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert json.loads(proc.stdout)["states"] == {"dead": 2}
+    (run,) = _show(config, "in:a")["runs"]
+    assert (run["outcome"], run["reason"]) == ("failed", "raised SystemExit: 3")
+
+    config.write_text(config.read_text().replace("stagefuncs:exits", "stagefuncs:threaded"))
+    (tmp_path / "in" / "c").write_text("")
+    proc = _orchestrator("batch", "-c", str(config), "--json", "--no-progress", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    (run,) = _show(config, "in:c")["runs"]
+    assert run["outcome"] == "timeout"
+    assert run["duration"] >= 1.0
+    assert "past its timeout of 0.3s" in run["reason"]
 
 
 def test_a_function_past_its_timeout_is_cancelled_and_a_shutdown_cancels_it_too(
