@@ -85,7 +85,7 @@ def pids_alive(pids: list[int]) -> list[int]:
         try:
             with open(f"/proc/{pid}/stat") as f:
                 state = f.read().rsplit(")", 1)[1].split()[0]
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):  # gone before or while read
             continue
         if state != "Z":
             alive.append(pid)

@@ -207,7 +207,7 @@ def _proc_state(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rpartition(")")[2].split()[0]
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
         return "gone"
 
 
@@ -698,7 +698,7 @@ def test_a_sigterm_during_start_up_recovery_waits_for_it_and_leaves_nothing(
     try:
         with open(f"/proc/{leftover}/stat") as f:
             state = f.read().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
         state = "gone"
     assert state in ("gone", "Z", "X"), state
 
