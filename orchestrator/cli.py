@@ -74,6 +74,9 @@ EXIT_CRITICAL = 2
 #: ``health``: its command line is wrong, so nothing was judged (monitoring plugins' UNKNOWN:
 #: a usage error's usual 2 would read as critical).
 EXIT_UNKNOWN = 3
+
+#: The width tables are laid out for when the output is not a terminal: as wide as they need.
+UNWRAPPED_WIDTH = 1000
 #: stdout or stderr could not be flushed at exit, e.g. a closed pipe (what Python itself exits).
 EXIT_FLUSH_FAILED = 120
 #: Allocations between two collections of young objects while the engine runs (Python: 700).
@@ -335,10 +338,9 @@ def _batch_summary(cfg: Config, result: ServiceResult, elapsed: float) -> dict[s
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = _console(highlight=True)
     table = Table(title="stages", title_justify="left")
     for col in ("stage", "runs", "outcomes", "mean s", "max s", "mean wait s"):
         table.add_column(col, justify="left" if col in ("stage", "outcomes") else "right")
@@ -406,10 +408,15 @@ def _reader(cfg: Config) -> Iterator[sqlite3.Connection]:
             conn.close()
 
 
-def _console() -> Any:
+def _console(**kw: Any) -> Any:
+    """A rich console; into a pipe or a file, lines are not wrapped unless $COLUMNS says a
+    width (an id cut in two is neither found by grep nor pasted back whole)."""
     from rich.console import Console
 
-    return Console(highlight=False)
+    console = Console(**{"highlight": False, **kw})
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = UNWRAPPED_WIDTH
+    return console
 
 
 @app.command()

@@ -193,6 +193,22 @@ def test_items_table_shows_an_id_with_a_newline_escaped(
     assert "6 item(s)" in out
 
 
+def test_items_piped_keeps_each_row_on_one_line_however_long(
+    config: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Into a pipe with no $COLUMNS, an 80-column layout cut ids in two: grep missed them
+    monkeypatch.delenv("COLUMNS")
+    long_id = "in:" + "a-rather-long-file-name-" * 5 + ".txt"
+    conn = connect(config.parent / "state" / "orchestrator.db")
+    try:
+        op_ingest(conn, [new(long_id.removeprefix("in:"))])
+    finally:
+        conn.close()
+    assert main(["items", "-c", str(config)]) == EXIT_OK
+    [line] = [line for line in capsys.readouterr().out.splitlines() if long_id in line]
+    assert "queued" in line
+
+
 def test_commands_without_a_store_exit_3_and_create_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

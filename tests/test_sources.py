@@ -238,6 +238,15 @@ def test_free_name() -> None:
     assert free_name("/d/.env", 1) == "/d/.env.1"
 
 
+def test_move_no_clobber_onto_itself_leaves_the_file_as_it_is(tmp_path: Path) -> None:
+    # A dead item requeued from its failed folder and dead again: moved where it already is
+    (tmp_path / "failed").mkdir()
+    (tmp_path / "failed" / "a.pdf").write_text("a")
+    where = move_no_clobber(str(tmp_path / "failed" / "a.pdf"), str(tmp_path / "failed/a.pdf"))
+    assert where == str(tmp_path / "failed" / "a.pdf")
+    assert os.listdir(tmp_path / "failed") == ["a.pdf"]
+
+
 def test_move_no_clobber_across_file_systems(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -483,6 +483,10 @@ def move_no_clobber(src: str, dest: str) -> str | None:
     Raises:
         OSError: the move failed; ``src`` is left where it was.
     """
+    if os.path.abspath(src) == os.path.abspath(dest):
+        # Already there (a dead item requeued from its failed folder, dead again): a move onto
+        # itself would only add a number to its name.
+        return src if os.path.lexists(src) else None
     os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
     candidate, n = dest, 0
     while True:
