@@ -11,6 +11,7 @@ import gc
 import json
 import math
 import os
+import signal
 import sqlite3
 import sys
 import threading
@@ -849,7 +850,19 @@ def stress(
         raise typer.Exit(EXIT_USAGE) from None
     if config is not None:
         _load(config)  # every config problem reported, exit 2
-    report = run_stress(options, log=None if as_json else (lambda line: _err(f"stress: {line}")))
+
+    def interrupted(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    # SIGTERM as Ctrl+C: either way the service started is stopped before the tool exits.
+    signal.signal(signal.SIGTERM, interrupted)
+    try:
+        report = run_stress(
+            options, log=None if as_json else (lambda line: _err(f"stress: {line}"))
+        )
+    except KeyboardInterrupt:
+        _err("orchestrator stress: interrupted; the service it started was stopped")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     if as_json:
         print(json.dumps(report, indent=2))
     else:
@@ -877,7 +890,8 @@ def _print_stress(report: dict[str, Any]) -> None:
     for stage, pct in report["latency"].items():
         console.print(f"  {stage}: run time {pct}")
     if report.get("workdir"):
-        console.print(f"evidence kept in {report['workdir']}")
+        kept = "service log and audit" if report["ok"] else "evidence kept"
+        console.print(f"{kept} in {report['workdir']}")
     console.print("[green]ok: every invariant held[/]" if report["ok"]
                   else "[red]FAILED: an invariant did not hold[/]")  # fmt: skip
 

@@ -31,6 +31,7 @@ import json
 import os
 import random
 import shlex
+import shutil
 import signal
 import sqlite3
 import statistics
@@ -249,22 +250,35 @@ def run_stress(
         log: a callable taking a line of progress text (None: quiet).
     """
     say: Callable[[str], None] = log or (lambda _line: None)
-    owned_tmp = None
+    # mkdtemp, not TemporaryDirectory: the latter's finalizer would delete the evidence kept.
+    owned = options.workdir is None and options.config is None
+    root = Path(options.workdir or tempfile.mkdtemp(prefix="orchestrator-stress-"))
     if options.config is None:
-        owned_tmp = tempfile.TemporaryDirectory(prefix="orchestrator-stress-")
-        root = Path(options.workdir or owned_tmp.name)
         config_path = _synthetic_config(root, options.faults)
     else:
         config_path = options.config.resolve()
-        root = Path(options.workdir or tempfile.mkdtemp(prefix="orchestrator-stress-"))
     report = _run(options, config_path, root, say)
-    if owned_tmp is not None:
-        if report["ok"]:
-            owned_tmp.cleanup()
-            report["workdir"] = None
-        else:  # keep the evidence
-            report["workdir"] = str(root)
+    if owned and report["ok"]:
+        shutil.rmtree(root, ignore_errors=True)
+        report["workdir"] = None
+    else:  # keep the evidence (and a user's config's audit log and service log)
+        report["workdir"] = str(root)
     return report
+
+
+def _stop_service(proc: subprocess.Popen[bytes]) -> int | None:
+    """SIGCONT (it may be frozen) and SIGTERM the service; SIGKILL it after DRAIN_WAIT.
+
+    Returns its exit status, or None when it had to be killed.
+    """
+    proc.send_signal(signal.SIGCONT)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=DRAIN_WAIT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return None
 
 
 def _run(
@@ -304,61 +318,63 @@ def _run(
     t0 = time.monotonic()
     proc = start()
     sampler.start()
-    say(f"service pid {proc.pid}; state {state_dir}")
-    if not _wait_status(status, proc.pid, HEALTH_WAIT):
-        unhealthy.append(f"start (pid {proc.pid}): no fresh status within {HEALTH_WAIT:g}s")
-    # Feed the load in waves, about one a second over the first 60% of the run, so that
-    # arrivals overlap with kills, freezes and runs for most of it.
-    waves = max(1, min(options.items, int(options.duration * 0.6)))
-    per_wave = [options.items // waves + (1 if i < options.items % waves else 0)
-                for i in range(waves)]  # fmt: skip
-    next_kill = t0 + options.kill_every if options.kill_every else float("inf")
-    next_freeze = t0 + options.freeze_every if options.freeze_every else float("inf")
-    next_reload = t0 + options.reload_every if options.reload_every else float("inf")
-    deadline = t0 + options.duration
-    wave = 0
-    next_wave = t0
-    while time.monotonic() < deadline:
-        now = time.monotonic()
-        if wave < waves and now >= next_wave:
+    try:
+        say(f"service pid {proc.pid}; state {state_dir}")
+        if not _wait_status(status, proc.pid, HEALTH_WAIT):
+            unhealthy.append(f"start (pid {proc.pid}): no fresh status within {HEALTH_WAIT:g}s")
+        # Feed the load in waves, about one a second over the first 60% of the run, so that
+        # arrivals overlap with kills, freezes and runs for most of it.
+        waves = max(1, min(options.items, int(options.duration * 0.6)))
+        per_wave = [options.items // waves + (1 if i < options.items % waves else 0)
+                    for i in range(waves)]  # fmt: skip
+        next_kill = t0 + options.kill_every if options.kill_every else float("inf")
+        next_freeze = t0 + options.freeze_every if options.freeze_every else float("inf")
+        next_reload = t0 + options.reload_every if options.reload_every else float("inf")
+        deadline = t0 + options.duration
+        wave = 0
+        next_wave = t0
+        while time.monotonic() < deadline:
+            now = time.monotonic()
+            if wave < waves and now >= next_wave:
+                fed += _feed(config, per_wave[wave], fed)
+                wave += 1
+                next_wave = now + options.duration * 0.6 / waves
+            if now >= next_kill:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                kills += 1
+                proc = start()
+                restarts += 1
+                if not _wait_status(status, proc.pid, HEALTH_WAIT):
+                    unhealthy.append(f"restart {restarts} (pid {proc.pid}): no fresh status")
+                next_kill = time.monotonic() + (options.kill_every or 0)
+            if now >= next_freeze:
+                proc.send_signal(signal.SIGSTOP)
+                time.sleep(options.freeze_for)
+                proc.send_signal(signal.SIGCONT)
+                freezes += 1
+                next_freeze = time.monotonic() + (options.freeze_every or 0)
+            if now >= next_reload:
+                if options.config is None:  # ours to rewrite; the lock files stay those of 5
+                    _synthetic_config(root, options.faults, store_limit=draw.randint(1, 5))
+                proc.send_signal(signal.SIGHUP)
+                reloads += 1
+                next_reload = time.monotonic() + (options.reload_every or 0)
+            if wave >= waves and _all_terminal(db, fed):
+                break
+            time.sleep(0.05)
+        while wave < waves:  # a short duration still generates every item asked for
             fed += _feed(config, per_wave[wave], fed)
             wave += 1
-            next_wave = now + options.duration * 0.6 / waves
-        if now >= next_kill:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            kills += 1
-            proc = start()
-            restarts += 1
-            if not _wait_status(status, proc.pid, HEALTH_WAIT):
-                unhealthy.append(f"restart {restarts} (pid {proc.pid}): no fresh status")
-            next_kill = time.monotonic() + (options.kill_every or 0)
-        if now >= next_freeze:
-            proc.send_signal(signal.SIGSTOP)
-            time.sleep(options.freeze_for)
-            proc.send_signal(signal.SIGCONT)
-            freezes += 1
-            next_freeze = time.monotonic() + (options.freeze_every or 0)
-        if now >= next_reload:
-            if options.config is None:  # ours to rewrite; the lock files stay those of 5
-                _synthetic_config(root, options.faults, store_limit=draw.randint(1, 5))
-            proc.send_signal(signal.SIGHUP)
-            reloads += 1
-            next_reload = time.monotonic() + (options.reload_every or 0)
-        if wave >= waves and _all_terminal(db, fed):
-            break
-        time.sleep(0.05)
-    while wave < waves:  # a short duration still generates every item asked for
-        fed += _feed(config, per_wave[wave], fed)
-        wave += 1
+    except BaseException:
+        # Interrupted (Ctrl+C): the service is in a session of its own and hears nothing of
+        # it; left running it would hold the state folder (or stay frozen) for good.
+        say("interrupted: stopping the service")
+        _stop_service(proc)
+        stop.set()
+        raise
     say(f"load: {fed} inputs; kills {kills}, freezes {freezes}; draining")
-    proc.send_signal(signal.SIGTERM)
-    try:
-        exit_code: int | None = proc.wait(timeout=DRAIN_WAIT)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        exit_code = None
+    exit_code = _stop_service(proc)
     elapsed = time.monotonic() - t0
     stop.set()
     sampler.join()

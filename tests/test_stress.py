@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
+import time
 from typing import TYPE_CHECKING
 
 import pytest
@@ -95,3 +97,36 @@ def test_stress_refuses_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["stress", "--faults", "explode=1"]) == 2
     assert "unknown fault 'explode'" in capsys.readouterr().err
     assert main(["stress", "--duration", "soon"]) == 2
+
+
+def test_a_stopped_stress_run_stops_the_frozen_service_it_started(tmp_path: Path) -> None:
+    # Given: a stress run whose service is frozen for long stretches
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "stress", "--items", "50", "--duration", "60s",
+         "--freeze-every", "1s", "--freeze-for", "20s"],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    service = None
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # "stress: service pid N; state …"
+            if "service pid" in line:
+                service = int(line.split("service pid ")[1].split(";")[0])
+                break
+        assert service is not None
+        time.sleep(2)  # inside the freeze
+
+        # When: the tool is told to stop
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+
+        # Then: it stopped its service (woken from the freeze) before exiting 130
+        assert proc.returncode == 130, err
+        assert "the service it started was stopped" in err
+        assert not os.path.exists(f"/proc/{service}")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if service is not None and os.path.exists(f"/proc/{service}"):
+            os.kill(service, signal.SIGKILL)
