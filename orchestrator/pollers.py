@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from typing import TYPE_CHECKING, Protocol
 
 import trio
@@ -19,6 +20,8 @@ from orchestrator.errors import StoreError
 from orchestrator.sources.directory import DirectorySource
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from orchestrator.config import SourceConfig
     from orchestrator.workers import Engine
 
@@ -71,6 +74,14 @@ def _is_store_failure(exc: BaseException) -> bool:
     return isinstance(exc, StoreError)
 
 
+def _not_a_folder(path: Path) -> bool:
+    """Whether ``path`` is something other than a folder (not: cannot be looked at)."""
+    try:
+        return not stat.S_ISDIR(os.stat(path).st_mode)
+    except OSError:  # a symbolic link loop, say: the poller's own errors say why
+        return False
+
+
 async def serve_source(
     engine: Engine, source: SourceConfig, *, once: bool = False,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
@@ -93,6 +104,17 @@ async def serve_source(
         if once and not await trio.to_thread.run_sync(os.path.lexists, source.path):
             # A service waits for it to appear; a batch would end with nothing, and no word.
             log.warning("{} does not exist: this source has nothing to take", str(source.path))
+        elif (
+            once
+            and isinstance(poller, DirectorySource)
+            and await trio.to_thread.run_sync(_not_a_folder, source.path)
+        ):
+            # A file where the folder should be: nothing would be taken, and nothing said.
+            why = f"{str(source.path)!r} is not a folder"
+            log.error("the batch gives this source up: {}", why)
+            engine.failed_sources[source.name] = why
+            engine.sources_exhausted.value += 1
+            return
         backoff = POLLER_BACKOFF
         failures = 0
         interval = min(source.poll_interval, BATCH_SETTLE_POLL) if once else source.poll_interval

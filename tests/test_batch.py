@@ -339,6 +339,70 @@ def test_a_source_that_keeps_failing_ends_the_batch_with_its_error(
     assert summary["ok"] is False
 
 
+def _directory_batch_config(tmp_path: Path, path: str, settle: str) -> Path:
+    config = tmp_path / "c.toml"
+    config.write_text(textwrap.dedent(f"""
+        [http]
+        listen = false
+        [[sources]]
+        name = "in"
+        type = "directory"
+        path = "{path}"
+        settle = "{settle}"
+        poll_interval = "0.1s"
+        route = ["s"]
+        [[stages]]
+        name = "s"
+        command = ["true"]
+        """))  # fmt: skip
+    return config
+
+
+def test_a_batch_whose_folder_is_a_file_gives_the_source_up(tmp_path: Path) -> None:
+    (tmp_path / "inbox").write_text("not a folder")
+    config = _directory_batch_config(tmp_path, "inbox", "0s")
+    proc = orchestrator("batch", "-c", str(config), "--json", "--no-progress", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["failed_sources"] == {"in": f"{str(tmp_path / 'inbox')!r} is not a folder"}
+
+
+def test_a_batch_takes_what_its_folder_held_at_start_and_ends_while_files_keep_coming(
+    tmp_path: Path,
+) -> None:
+    # Given: a file still settling when the batch starts, and a writer adding one every 0.1 s
+    # for 8 s
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    (inbox / "first").write_text("x")
+    config = _directory_batch_config(tmp_path, "in", "1s")
+    stop = time.monotonic() + 8
+    writer = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time, pathlib
+        i = 0
+        while time.monotonic() < {stop}:
+            pathlib.Path({str(inbox)!r}, f"later{{i}}").write_text("x")
+            i += 1
+            time.sleep(0.1)
+        """)])  # fmt: skip
+    try:
+        # When
+        started = time.monotonic()
+        proc = orchestrator("batch", "-c", str(config), "--json", "--no-progress", cwd=tmp_path)
+        took = time.monotonic() - started
+
+        # Then: it ended well before the writer stopped, with what the folder held when it
+        # started (the first file and those written while it started up), not what came later
+        assert proc.returncode == 0, proc.stderr
+        assert took < 6, took
+        (done,) = json.loads(proc.stdout)["states"].items()
+        assert done[0] == "done"
+        assert 1 <= done[1] < len(os.listdir(inbox)) - 5
+    finally:
+        writer.kill()
+        writer.wait()
+
+
 def test_a_subfolder_that_cannot_be_listed_is_skipped_and_the_rest_taken(tmp_path: Path) -> None:
     # A folder nested past the 4,096-byte path limit cannot be listed (ENAMETOOLONG): found in
     # session 6, it made every scan of the whole source fail.

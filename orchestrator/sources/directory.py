@@ -138,6 +138,8 @@ class DirectorySource:
         #: Why the source's own folder could not be listed at the last scan (None: it could),
         #: and what was last said about it.
         self.root_problem: str | None = None
+        #: In a batch: the files its first scan found, the only ones it takes.
+        self._batch_names: set[str] | None = None
         self._root_problem_said: str | None = None
         #: Subfolders that could not be listed (warned about once).
         self._unlistable: set[str] = set()
@@ -288,6 +290,14 @@ class DirectorySource:
     async def poll(self, engine: Engine, *, once: bool) -> bool:
         """One pass: scan, take what settled, admit it; True once nothing is left unsettled."""
         files = await trio.to_thread.run_sync(self.scan)
+        if once:
+            # A batch takes what the folder holds when it starts (files still being written
+            # included); what arrives later waits for the next batch, or a feed that never
+            # stops would keep the batch from ever ending.
+            if self._batch_names is None:
+                self._batch_names = {f.rel for f in files}
+            else:
+                files = [f for f in files if f.rel in self._batch_names]
         if not once and self.root_problem != self._root_problem_said:  # (a batch: pollers.py)
             # A service waits for its folder (a mount that comes back), but says so once: a
             # typo in ``path`` looked like a healthy service that never took anything.
