@@ -848,8 +848,10 @@ def stress(
     except ValueError as exc:
         _err(f"orchestrator stress: {exc}")
         raise typer.Exit(EXIT_USAGE) from None
-    if config is not None:
-        _load(config)  # every config problem reported, exit 2
+    if config is not None and _load(config).db_path is None:  # every config problem: exit 2
+        _err("orchestrator stress: it needs the SQLite store; the PostgreSQL store is not "
+             "available in this version")  # fmt: skip
+        raise typer.Exit(EXIT_USAGE)
 
     def interrupted(signum: int, frame: object) -> None:
         raise KeyboardInterrupt

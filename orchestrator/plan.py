@@ -25,6 +25,11 @@ def config_warnings(config: Config) -> list[str]:
     from orchestrator.pipeline import placeholder_lookalikes
 
     out = []
+    if config.db_path is None:
+        out.append(
+            "state: the PostgreSQL store is not available in this version; run, batch and "
+            'stress refuse this config (use state = "sqlite")'
+        )
     for i, stage in enumerate(config.stages):
         for index, word, meant in placeholder_lookalikes(stage.command):
             out.append(

@@ -290,7 +290,8 @@ def _run(
     audit = root / "audit.jsonl"
     service_log = root / "service.log"
     db = config.db_path
-    assert db is not None, "stress needs the SQLite store"
+    if db is None:
+        raise ValueError("stress needs the SQLite store; the PostgreSQL store is not available")
     limits = {s.name: s.concurrency for s in config.stages}
     samples = _Samples()
     stop = threading.Event()

@@ -328,3 +328,16 @@ def test_the_batch_summary_adds_up_the_counts_per_stage(tmp_path: Path) -> None:
         "runs": 5, "outcomes": {"ok": 3, "failed": 2}, "mean_duration": 2.0,
         "max_duration": 5.0, "mean_slot_wait": 0.2,
     }  # fmt: skip
+
+
+def test_a_postgresql_state_is_a_warning_for_check_and_refused_by_stress(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The key is accepted so configs written for it keep working; nothing can run it yet.
+    config = tmp_path / "pg.toml"
+    config.write_text('state = "postgresql://orch@db/orch"\n[[stages]]\nname = "s"\n'
+                      'command = ["true"]\n')  # fmt: skip
+    assert main(["check", "-c", str(config)]) == EXIT_OK
+    assert "the PostgreSQL store is not available in this version" in capsys.readouterr().out
+    assert main(["stress", "-c", str(config), "--items", "1", "--duration", "1s"]) == EXIT_USAGE
+    assert "it needs the SQLite store" in capsys.readouterr().err
