@@ -70,6 +70,25 @@ def _disk_usage(st: os.stat_result) -> int:
     return st.st_blocks * 512
 
 
+def highest_run_log_id(runs_dir: str) -> int:
+    """The highest run id among the logs in ``runs_dir`` (0 for none; blocking: run it in a
+    worker thread).
+
+    Run ids are handed out before runs are recorded, so a service the store failed under can
+    leave logs of runs it never recorded; the next start continues after them, not over them.
+    """
+    highest = 0
+    try:
+        with os.scandir(runs_dir) as entries:
+            for entry in entries:
+                match = _RUN_LOG_RE.fullmatch(entry.name)
+                if match is not None:
+                    highest = max(highest, int(match.group(1)))
+    except FileNotFoundError:
+        pass  # no run has had output yet
+    return highest
+
+
 def prune_run_logs(
     runs_dir: str, *, max_age: float | None, max_size: int | None,
     keep: Callable[[int], bool], now: float | None = None,

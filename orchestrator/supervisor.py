@@ -49,7 +49,7 @@ import trio_util
 from loguru import logger
 
 from orchestrator.errors import LeftoverProcesses, StoreUnavailable
-from orchestrator.housekeeping import serve_housekeeping
+from orchestrator.housekeeping import highest_run_log_id, serve_housekeeping
 from orchestrator.instance import InstanceLock, acquire_instance_lock
 from orchestrator.pollers import serve_source
 from orchestrator.reaper import reap
@@ -239,7 +239,8 @@ async def _recover(config: Config, store: SqliteStore, instance: str) -> Recover
     host = socket.gethostname()
     await store.call(lambda c: op_register_instance(c, instance, os.getpid(), host))
     recovery = await store.call(lambda c: op_recover(c, config.max_interruptions, report.runs))
-    await store.reload_run_ids()
+    logged = await trio.to_thread.run_sync(highest_run_log_id, str(config.state_dir / "runs"))
+    await store.reload_run_ids(logged)
     if recovery.interrupted:
         logger.warning(
             "recovered {} run(s) left open by a dead instance; {} poison item(s) now dead",

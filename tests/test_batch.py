@@ -164,6 +164,43 @@ def test_batch_exit_1_and_reason_when_an_item_is_dead(tmp_path: Path) -> None:
     assert tails == ["bad input x.txt"] * 3
 
 
+def test_run_ids_continue_after_logs_of_runs_the_store_never_recorded(tmp_path: Path) -> None:
+    # Given: a state folder whose store records no run but whose runs/ holds the log of run 57
+    # (what a service leaves when its store fails -- a full disk -- after spawning a run).
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "x.txt").write_text("x")
+    runs = tmp_path / "state" / "runs"
+    runs.mkdir(parents=True)
+    (runs / "57.log").write_text("the old run's output\n")
+    config = tmp_path / "c.toml"
+    config.write_text(
+        textwrap.dedent(f"""
+        [http]
+        listen = false
+        [[sources]]
+        name = "in"
+        type = "directory"
+        path = "in"
+        route = ["talk"]
+        settle = "0s"
+        [[stages]]
+        name = "talk"
+        command = ["{PY}", "-c", "print('new output')"]
+        """)
+    )
+
+    # When
+    proc = orchestrator("batch", "-c", str(config), "--json", "--no-progress", cwd=tmp_path)
+
+    # Then: the new run got an id past 57, and the old log is untouched.
+    assert proc.returncode == 0, proc.stderr
+    with open_db(tmp_path / "state" / "orchestrator.db") as db:
+        [(run_id,)] = db.execute("SELECT id FROM runs").fetchall()
+    assert run_id > 57
+    assert (runs / "57.log").read_text() == "the old run's output\n"
+    assert (runs / f"{run_id}.log").read_text() == "new output\n"
+
+
 def test_a_background_helper_that_left_its_run_does_not_outlive_the_batch(
     tmp_path: Path,
 ) -> None:
