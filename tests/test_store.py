@@ -362,8 +362,11 @@ async def test_recovery_requeues_interrupted_and_kills_poison_items(tmp_path: Pa
         a2 = await store.read(lambda c: op_get_item(c, "src:a"))
         b2 = await store.read(lambda c: op_get_item(c, "src:b"))
         runs = await store.read(lambda c: op_item_runs(c, a.seq))
+        again = await store.start_run(a2, "a", 0.0, "next-instance")
     assert (rec.interrupted, rec.poisoned) == (2, 1)
-    assert (a2.state, a2.attempts, a2.interruptions) == (ItemState.QUEUED, 1, 1)
+    assert (a2.state, a2.attempts, a2.interruptions) == (ItemState.QUEUED, 0, 1)  # given back
+    assert again is not None
+    assert again[1] == 1  # the next run is attempt 1 again: the interruption used no retry
     assert b2.state is ItemState.DEAD
     assert b2.reason == "poison item: interrupted 3 times at stage 'a'"
     assert runs[0].outcome == "interrupted"
@@ -393,7 +396,7 @@ async def test_recovery_records_runs_known_only_from_their_leftovers(tmp_path: P
     # Then: the unrecorded run is recorded as interrupted and counts; nothing twice; a run
     # that does not match the item's stage is not invented; ids continue after the highest.
     assert rec.interrupted == 2
-    assert (a2.state, a2.attempts, a2.interruptions) == (ItemState.QUEUED, 1, 1)
+    assert (a2.state, a2.attempts, a2.interruptions) == (ItemState.QUEUED, 0, 1)
     assert [(r.id, r.outcome) for r in runs_a] == [(41, "interrupted")]
     assert (b2.state, b2.interruptions) == (ItemState.QUEUED, 1)
     assert (c2.state, c2.interruptions, runs_c) == (ItemState.QUEUED, 0, [])

@@ -680,7 +680,9 @@ def op_recover(
 ) -> Recovery:
     """Close runs a dead instance left open as ``interrupted``; re-queue or kill their items.
 
-    An item interrupted ``max_interruptions`` times is dead as a poison item. Attempts are kept.
+    An item interrupted ``max_interruptions`` times is dead as a poison item. A re-queued item
+    gets its attempt back, as a run cancelled by a shutdown does: the stage did not fail it, and
+    interruptions have their own bound.
 
     Args:
         seen: runs whose leftover processes the reaper found, as their environment tells them.
@@ -727,7 +729,10 @@ def op_recover(
             _event(conn, seq, now, "interrupted", stage, "dead", reason)
             poisoned.append(seq)
         else:
-            conn.execute("UPDATE items SET state = 'queued' WHERE seq = ?", (seq,))
+            conn.execute(
+                "UPDATE items SET state = 'queued', attempts = max(attempts - 1, 0) WHERE seq = ?",
+                (seq,),
+            )
             _event(conn, seq, now, "interrupted", stage, "queued", f"run {run_id}")
     # An item left 'running' without an open run (cannot happen through these functions, but a
     # hand-edited store must not wedge an item forever) goes back to its queue.
