@@ -600,10 +600,12 @@ class Engine:
 
         transition = decide(item, stage, result, now=time.time())
         if result.outcome is not Outcome.OK and item.path is not None:
+            # Files are checked in batches ahead of their runs: one removed after that check
+            # may have gone before its run started or during it; the reason does not guess.
             if not await trio.to_thread.run_sync(os.path.exists, item.path):
                 transition = Transition(
                     state=ItemState.DEAD, stage_index=item.stage_index, attempts=attempt,
-                    reason=f"{stage.name}: source file {item.path!r} vanished during the run "
+                    reason=f"{stage.name}: source file {item.path!r} was gone when its run ended "
                     f"({result.reason})",
                 )  # fmt: skip
         logged_path = log_path if result.output_bytes else None

@@ -261,7 +261,7 @@ async def test_a_file_that_vanishes_fails_its_item_with_a_clear_reason(
     during = str(tmp_path / "in" / "gone-during")
     assert reasons["in:gone-before"] == f"second: source file {before!r} vanished before its run"
     assert reasons["in:gone-during"] == (
-        f"first: source file {during!r} vanished during the run (exit 1)"
+        f"first: source file {during!r} was gone when its run ended (exit 1)"
     )
     assert runs == 2
 
