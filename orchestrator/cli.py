@@ -326,7 +326,8 @@ def _batch_summary(cfg: Config, result: ServiceResult, elapsed: float) -> dict[s
     total = sum(states.values())
     done = states.get("done", 0)
     return {
-        "ok": not failed and not result.interrupted and done == total and not result.failed_sources,
+        "ok": not failed and not result.interrupted and done == total
+        and not result.failed_sources and not result.failed_dispositions,
         "interrupted": result.interrupted,
         "items": total,
         "states": states,
@@ -335,6 +336,10 @@ def _batch_summary(cfg: Config, result: ServiceResult, elapsed: float) -> dict[s
         "stages": stages,
         "failed_items": failed,
         "failed_sources": result.failed_sources,
+        "failed_dispositions": {
+            "count": result.failed_dispositions,
+            "first": [{"id": i, "reason": why} for i, why in result.failed_disposition_samples],
+        },
     }
 
 
@@ -370,6 +375,16 @@ def _print_summary(summary: dict[str, Any]) -> None:
             console.print(f"... and {len(summary['failed_items']) - 50} more")
     for name, why in summary["failed_sources"].items():
         console.print(f"source {name!r} given up: {why}", style="red", markup=False)
+    moves = summary["failed_dispositions"]
+    if moves["count"]:
+        console.print(
+            f"{moves['count']} ended item(s) whose file could not be moved or deleted "
+            "(on_done/on_dead); they stay where they were:", style="red", markup=False,
+        )  # fmt: skip
+        for f in moves["first"][:10]:
+            console.print(f"  {f['id']}: {f['reason']}", markup=False)
+        if moves["count"] > 10:
+            console.print(f"  ... and {moves['count'] - 10} more (see the log)", markup=False)
     if summary["interrupted"]:
         console.print("[yellow]interrupted: the rest stays queued; run again to continue[/]")
 

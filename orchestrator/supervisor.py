@@ -118,6 +118,10 @@ class ServiceResult:
     #: A batch's items and runs counted for its summary (`op_batch_rows`), read before the
     #: store closed.
     batch_rows: BatchCounts | None = None
+    #: How many ended items' files could not be moved or deleted, and the first of them as
+    #: ``(item id, why)`` (`Engine.failed_dispositions`).
+    failed_dispositions: int = 0
+    failed_disposition_samples: tuple[tuple[str, str], ...] = ()
 
 
 async def serve(
@@ -393,4 +397,6 @@ async def _serve(
     return ServiceResult(
         tally=engine.tally, interrupted=interrupted, recovery=recovery,
         admitted=frozenset(engine.admitted or ()), failed_sources=dict(engine.failed_sources),
+        failed_dispositions=engine.failed_dispositions,
+        failed_disposition_samples=tuple(engine.failed_disposition_samples),
     )  # fmt: skip

@@ -52,6 +52,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Engine", "resolve_executables"]
 
+#: How many failed dispositions an engine keeps the reasons of (`Engine.failed_dispositions`).
+FAILED_DISPOSITIONS_KEPT = 100
 #: How long a worker may spend recording a run after shutdown cancelled it.
 RECORD_GRACE = 10.0
 #: How many recent failures the status file shows.
@@ -223,6 +225,11 @@ class Engine:
         self._failure: BaseException | None = None
         #: Sources a batch gave up on (they kept failing), with the last error.
         self.failed_sources: dict[str, str] = {}
+        #: Ended items' files that could not be moved or deleted (``on_done``/``on_dead``): how
+        #: many, and the first `FAILED_DISPOSITIONS_KEPT` as ``(item id, why)`` (a batch's
+        #: summary lists them and exits 1).
+        self.failed_dispositions = 0
+        self.failed_disposition_samples: list[tuple[str, str]] = []
         #: Runs whose result is queued in the store but not yet durable (their items are not
         #: handed on until it is).
         self.unsettled = trio_util.AsyncValue(0)
@@ -623,6 +630,12 @@ class Engine:
             Finish(run_id, item, result, transition, logged_path),
             power_safe=True, on_done=finished,
         )  # fmt: skip
+
+    def disposition_failed(self, item_id: str, why: str) -> None:
+        """An ended item's file could not be moved or deleted (a source's terminal hook)."""
+        self.failed_dispositions += 1
+        if len(self.failed_disposition_samples) < FAILED_DISPOSITIONS_KEPT:
+            self.failed_disposition_samples.append((item_id, why))
 
     def _ran(
         self, stage: StageConfig, item: Item, result: RunResult, transition: Transition,

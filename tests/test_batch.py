@@ -201,6 +201,53 @@ def test_run_ids_continue_after_logs_of_runs_the_store_never_recorded(tmp_path: 
     assert (runs / f"{run_id}.log").read_text() == "new output\n"
 
 
+def test_a_file_that_cannot_be_moved_on_done_fails_the_batch_with_the_reason(
+    tmp_path: Path,
+) -> None:
+    # Given: on_done moves files into "done", which is a regular file, not a folder.
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "x.txt").write_text("x")
+    (tmp_path / "done").write_text("not a folder")
+    config = tmp_path / "c.toml"
+    config.write_text(
+        textwrap.dedent("""
+        [http]
+        listen = false
+        [[sources]]
+        name = "in"
+        type = "directory"
+        path = "in"
+        route = ["ok"]
+        settle = "0s"
+        on_done = "move:done"
+        [[stages]]
+        name = "ok"
+        command = ["true"]
+        """)
+    )
+
+    # When
+    proc = orchestrator("batch", "-c", str(config), "--json", "--no-progress", cwd=tmp_path)
+    human = orchestrator("batch", "-c", str(config), "--no-progress", cwd=tmp_path)
+
+    # Then: the item is done, but the batch exits 1 and says which file stayed and why.
+    assert proc.returncode == 1, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["states"] == {"done": 1}
+    assert summary["ok"] is False
+    moves = summary["failed_dispositions"]
+    assert moves["count"] == 1
+    [failed] = moves["first"]
+    assert failed["id"] == "in:x.txt"
+    assert "cannot move" in failed["reason"]
+    assert (tmp_path / "in" / "x.txt").exists()
+    # A second batch takes no new item, and tries the move again (the file is a leftover).
+    assert human.returncode == 1, human.stderr
+    said = " ".join(human.stdout.split())  # rich wraps at $COLUMNS when it is set
+    assert "could not be moved or deleted" in said
+    assert "in:x.txt: cannot move" in said
+
+
 def test_a_background_helper_that_left_its_run_does_not_outlive_the_batch(
     tmp_path: Path,
 ) -> None:

@@ -400,10 +400,14 @@ class DirectorySource:
         moved = []
         for item, done in zip(items, results, strict=True):
             log = self._log.bind(item=item.id)
-            if isinstance(done, OSError):
-                log.warning("cannot {} {!r}: {}", self._disposition(item), item.path, done)
-            elif isinstance(done, Exception):  # a disposition must never take the engine down
-                log.opt(exception=done).error("cannot dispose of {!r}", item.path)
+            if isinstance(done, Exception):
+                why = f"cannot {self._disposition(item)} {item.path!r}: {done}"
+                if isinstance(done, OSError):
+                    log.warning("{}", why)
+                else:  # a disposition must never take the engine down
+                    log.opt(exception=done).error("{}", why)
+                if self._engine is not None:
+                    self._engine.disposition_failed(item.id, why)
             elif done is not None:
                 log.info("{}", done.message)
                 if done.moved_to is not None:
