@@ -325,9 +325,11 @@ def _batch_summary(cfg: Config, result: ServiceResult, elapsed: float) -> dict[s
     states = counts.states
     total = sum(states.values())
     done = states.get("done", 0)
+    ok = done == total and not (
+        failed or result.interrupted or result.failed_sources or result.failed_dispositions
+    )
     return {
-        "ok": not failed and not result.interrupted and done == total
-        and not result.failed_sources and not result.failed_dispositions,
+        "ok": ok,
         "interrupted": result.interrupted,
         "items": total,
         "states": states,
@@ -336,6 +338,7 @@ def _batch_summary(cfg: Config, result: ServiceResult, elapsed: float) -> dict[s
         "stages": stages,
         "failed_items": failed,
         "failed_sources": result.failed_sources,
+        "parked": {"count": result.parked, "stages": list(result.parked_stages)},
         "failed_dispositions": {
             "count": result.failed_dispositions,
             "first": [{"id": i, "reason": why} for i, why in result.failed_disposition_samples],
@@ -375,6 +378,14 @@ def _print_summary(summary: dict[str, Any]) -> None:
             console.print(f"... and {len(summary['failed_items']) - 50} more")
     for name, why in summary["failed_sources"].items():
         console.print(f"source {name!r} given up: {why}", style="red", markup=False)
+    parked = summary["parked"]
+    if parked["count"]:
+        stages = ", ".join(repr(s) for s in parked["stages"])
+        console.print(
+            f"{parked['count']} item(s) left queued at stage(s) {stages}, which the config does "
+            "not have: a config with the stage takes them, or move them with `orchestrator "
+            "requeue --stage OLD --to NEW`", style="red", markup=False,
+        )  # fmt: skip
     moves = summary["failed_dispositions"]
     if moves["count"]:
         console.print(

@@ -121,6 +121,9 @@ class ServiceResult:
     #: How many ended items' files could not be moved or deleted, and the first of them as
     #: ``(item id, why)`` (`Engine.failed_dispositions`).
     failed_dispositions: int = 0
+    #: Items left queued at stages the config does not have (`Engine.parked`), and the stages.
+    parked: int = 0
+    parked_stages: tuple[str, ...] = ()
     failed_disposition_samples: tuple[tuple[str, str], ...] = ()
 
 
@@ -398,5 +401,6 @@ async def _serve(
         tally=engine.tally, interrupted=interrupted, recovery=recovery,
         admitted=frozenset(engine.admitted or ()), failed_sources=dict(engine.failed_sources),
         failed_dispositions=engine.failed_dispositions,
+        parked=len(engine.parked), parked_stages=tuple(sorted(engine.parked_stages)),
         failed_disposition_samples=tuple(engine.failed_disposition_samples),
     )  # fmt: skip

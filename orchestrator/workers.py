@@ -220,7 +220,7 @@ class Engine:
         self.last_poll: dict[str, float] = {}
         #: Items queued for a stage the config no longer has (left queued), and those stages.
         self.parked: set[int] = set()
-        self._parked_stages: set[str] = set()
+        self.parked_stages: set[str] = set()
         #: The store failure that ends the service (the first; later ones add nothing).
         self._failure: BaseException | None = None
         #: Sources a batch gave up on (they kept failing), with the last error.
@@ -302,8 +302,8 @@ class Engine:
             if item.seq not in self.parked:
                 self.parked.add(item.seq)
                 stage = item.stage or ""
-                if stage not in self._parked_stages:
-                    self._parked_stages.add(stage)
+                if stage not in self.parked_stages:
+                    self.parked_stages.add(stage)
                     logger.bind(item=item.id).warning(
                         "items queued for stage {!r}, which is not in the config, are left "
                         "queued (a config with that stage again takes them)", stage,

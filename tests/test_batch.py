@@ -755,6 +755,32 @@ def test_items_queued_for_a_stage_no_longer_in_the_config_are_warned_about_once(
     assert "re-queued from outside" not in service.log
 
 
+def test_a_batch_says_why_items_left_at_a_stage_it_does_not_have_make_it_exit_1(
+    tmp_path: Path,
+) -> None:
+    from orchestrator.store import NewItem
+
+    # Given: three items an earlier config left queued at stage "old"; the config now has "new".
+    left_queued(tmp_path / "state", [NewItem(id=f"in:{i}", source="in", key=str(i),
+                                             route=("old",)) for i in range(3)])  # fmt: skip
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "x.txt").write_text("x")
+    config = _directory_batch_config(tmp_path, "in", "0s")
+
+    # When
+    proc = orchestrator("batch", "-c", str(config), "--json", "--no-progress", cwd=tmp_path)
+    human = orchestrator("batch", "-c", str(config), "--no-progress", cwd=tmp_path)
+
+    # Then: exit 1, and the summary says which items wait where and what to do.
+    assert proc.returncode == 1, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["parked"] == {"count": 3, "stages": ["old"]}
+    assert summary["states"]["queued"] == 3
+    assert human.returncode == 1, human.stderr
+    said = " ".join(human.stdout.split())
+    assert "3 item(s) left queued at stage(s) 'old', which the config does not have" in said
+
+
 def test_a_running_service_takes_parked_items_requeue_moves_to_a_stage_it_has(
     tmp_path: Path,
 ) -> None:

@@ -222,6 +222,12 @@ def test_unit_file_fits_edge_toml() -> None:
     assert edge.state_dir == Path("/var/lib") / unit["StateDirectory"]
     assert edge.log.file is not None
     assert edge.log.file.parent == Path("/var/log") / unit["LogsDirectory"]
+    # The state and log folders are private to the service's user, as the README says.
+    assert unit["StateDirectoryMode"] == unit["LogsDirectoryMode"] == "0700"
+    # The folders the sources read and move into are the ones the unit lets it write.
+    writable = set(unit["ReadWritePaths"].split())
+    [source] = edge.sources
+    assert {str(source.path), str(source.on_done.dir), str(source.on_dead.dir)} <= writable
     # The drain (and the cancelled runs' kill escalation and records) fits in TimeoutStopSec.
     drain = (edge.shutdown_grace + max(s.grace_period for s in edge.stages) + RECORD_GRACE
              + FINAL_STATUS_GRACE)  # fmt: skip
