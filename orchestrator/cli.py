@@ -156,7 +156,18 @@ def run(config: ConfigOption = Path("orchestrator.toml")) -> None:
     cfg = _load_runnable(config)
     configure_logging(cfg.log)
     _warn_about(cfg)
-    _serve(cfg, batch=False, config_path=config)
+    from loguru import logger
+
+    logger.info(
+        "orchestrator {} starting: pid {}, config {}, state {}",
+        __version__, os.getpid(), str(config), str(cfg.state_dir),
+    )  # fmt: skip
+    result = _serve(cfg, batch=False, config_path=config)
+    t = result.tally
+    logger.info(
+        "orchestrator stopped: {} run(s), {} item(s) done, {} dead, {} rejected since the start",
+        t.runs, t.done, t.dead, t.rejected,
+    )  # fmt: skip
 
 
 @app.command()
@@ -170,7 +181,7 @@ def batch(
 ) -> None:
     """Ingest what the sources hold now, process it all, print a summary.
 
-    Exit 0 when every item is done, 1 when any is dead or rejected.
+    Exit 0 when every item is done, 1 when not (the summary says why).
     """
     _start_up_without_gc()
     configure_logging = _logging_setup()

@@ -661,6 +661,9 @@ def test_run_service_processes_new_files_and_exits_0_on_sigterm(tmp_path: Path) 
             proc.wait()
     assert proc.returncode == 0, err
     assert "SIGTERM: draining" in err
+    # The log says when the service started (which one, on what) and when it stopped.
+    assert f"starting: pid {proc.pid}, config {config}" in err
+    assert "orchestrator stopped: 1 run(s), 1 item(s) done, 0 dead, 0 rejected" in err
 
 
 def _service(tmp_path: Path, stage: str, *, route: str = "slow", path: str = "in",
