@@ -16,6 +16,7 @@ break a table or drive the terminal.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import datetime as dt
 import json
@@ -143,7 +144,7 @@ def show_data(conn: sqlite3.Connection, item_id: str) -> dict[str, Any]:
         ItemNotFound: the store holds no item ``item_id``.
     """
     with _snapshot(conn):
-        item = op_get_item(conn, item_id)
+        item = op_get_item(conn, unshow_id(conn, item_id))
         runs = op_item_runs(conn, item.seq)
         events = op_item_events(conn, item.seq)
     data = _item_dict(item)
@@ -343,6 +344,8 @@ def requeue(
     try:
         conn.execute("BEGIN IMMEDIATE")
         try:
+            if ids is not None:
+                ids = [unshow_id(conn, i) for i in ids]
             report = op_requeue(
                 conn, ids, dead=dead, stage=stage, known_stages=[s.name for s in config.stages],
                 to=to, routes={source.name: source.route for source in config.sources},
@@ -364,6 +367,21 @@ def requeue(
 def show_id(text: str) -> str:
     """``text`` as is when it prints cleanly on one line, else its ``repr``."""
     return text if text.isprintable() else repr(text)
+
+
+def unshow_id(conn: sqlite3.Connection, text: str) -> str:
+    """The item id ``text`` names on a command line: itself, or, when no item has that id and
+    ``text`` is the quoted form `show_id` prints for an id that does not print cleanly (a
+    newline in a file name), the id it stands for -- so what ``items`` prints can be pasted."""
+    if len(text) < 2 or text[0] != text[-1] or text[0] not in "'\"":
+        return text
+    if conn.execute("SELECT 1 FROM items WHERE id = ?", (text,)).fetchone() is not None:
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return text
+    return value if isinstance(value, str) and show_id(value) == text else text
 
 
 def _when(ts: float | None, *, short: bool = False) -> str:

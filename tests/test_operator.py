@@ -193,6 +193,20 @@ def test_items_table_shows_an_id_with_a_newline_escaped(
     assert "6 item(s)" in out
 
 
+def test_the_quoted_id_items_prints_can_be_pasted_into_show_and_requeue(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given: the id as `items` prints it (its repr: the id has a newline).
+    shown = repr(WEIRD)
+    # When / Then: show finds the item by it, and requeue takes it.
+    assert main(["show", shown, "-c", str(config), "--json"]) == EXIT_OK
+    assert json.loads(capsys.readouterr().out)["item"]["id"] == WEIRD
+    assert main(["requeue", shown, "-c", str(config), "--json"]) == EXIT_OK
+    assert json.loads(capsys.readouterr().out)["requeued"] == [WEIRD]
+    # A quoted text that names no item is still "no such item", as itself.
+    assert main(["show", "'in:nothing\\n'", "-c", str(config)]) == EXIT_FAILED
+
+
 def test_items_piped_keeps_each_row_on_one_line_however_long(
     config: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
