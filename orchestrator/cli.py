@@ -75,11 +75,11 @@ EXIT_CRITICAL = 2
 #: ``health``: its command line is wrong, so nothing was judged (monitoring plugins' UNKNOWN:
 #: a usage error's usual 2 would read as critical).
 EXIT_UNKNOWN = 3
+#: stdout or stderr could not be flushed at exit, e.g. a closed pipe (what Python itself exits).
+EXIT_FLUSH_FAILED = 120
 
 #: The width tables are laid out for when the output is not a terminal: as wide as they need.
 UNWRAPPED_WIDTH = 1000
-#: stdout or stderr could not be flushed at exit, e.g. a closed pipe (what Python itself exits).
-EXIT_FLUSH_FAILED = 120
 #: Allocations between two collections of young objects while the engine runs (Python: 700).
 GC_YOUNG_THRESHOLD = 10_000
 
