@@ -20,9 +20,11 @@ Every problem is reported at once, each prefixed with the TOML path of the offen
 
 How: a field that fails to structure is collected by cattrs (detailed validation); the attrs
 validators of the fields that did structure are then run as well (they would not run otherwise,
-since the class is never instantiated); and the checks that span sections (routes naming stages,
-stages naming pools, duplicate names) run over the raw TOML data, skipping parts of the wrong
-type, so they are reported together with the rest. Errors are sorted in file order.
+since the class is never instantiated), and those of an array or a table some of whose items
+failed over the items that did (``pools.cpu = 0`` is reported beside ``pools.gpu = "one"``);
+and the checks that span sections (routes naming stages, stages naming pools, duplicate names)
+run over the raw TOML data, skipping parts of the wrong type, so they are reported together with
+the rest. Errors are sorted in file order.
 
 Relative paths are resolved against the config file's folder (``base_dir``) and made absolute
 (normalised, symlinks kept). Nothing here reads the environment.
@@ -169,7 +171,7 @@ def _command(inst: Any, attribute: attrs.Attribute[Any], value: tuple[str, ...])
     if not value and inst.call is not None:
         return  # a Python stage (whether it has either is checked on the raw data)
     _not_empty(inst, attribute, value)
-    if not value[0]:
+    if not value[0] and _positions(value)[0] == 0:  # (not when the program had the wrong type)
         raise _fail(attribute, "must not be empty (the program to run)", 0)
 
 
@@ -366,6 +368,10 @@ def _structure_state(value: Any, _type: Any) -> str:
 def _structure_patterns(value: Any, _type: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         return (value,)
+    if not isinstance(value, list):
+        raise _Invalid.here(
+            f"expected a string or an array of strings, got {describe_value(value)}"
+        )
     patterns: tuple[str, ...] = _converter.structure(value, tuple[str, ...])
     return patterns
 
@@ -752,13 +758,71 @@ def _structure_field(field: attrs.Attribute[Any], value: Any) -> Any:
     return hook(value, type_) if hook is not None else _converter.structure(value, type_)
 
 
+class _Survivors(tuple[Any, ...]):
+    """The items of an array that structured, when others did not; ``positions`` holds the index
+    each had in the array (a validator's problems are moved back to those indices)."""
+
+    positions: tuple[int, ...]
+
+
+def _positions(value: tuple[Any, ...]) -> tuple[int, ...]:
+    """The index in the TOML array of each item of ``value`` (some may have been left out)."""
+    return value.positions if isinstance(value, _Survivors) else tuple(range(len(value)))
+
+
+def _survivors(field: attrs.Attribute[Any], value: Any) -> Any:
+    """The items of an array or table field that structure, when some do not; None when none do
+    (an emptiness check would then report what the type errors already say) or the field is
+    neither."""
+    type_: Any = field.type
+    if _is_array(type_) and isinstance(value, list):
+        kept: list[Any] = []
+        positions: list[int] = []
+        for index, item in enumerate(value):
+            try:
+                kept.append(_converter.structure(item, get_args(type_)[0]))
+            except Exception:  # already reported by cattrs
+                continue
+            positions.append(index)
+        survivors = _Survivors(kept)
+        survivors.positions = tuple(positions)
+        return survivors if kept else None
+    if _is_table(type_) and isinstance(value, Mapping):
+        table: dict[str, Any] = {}
+        for key, item in value.items():
+            try:
+                table[key] = _converter.structure(item, get_args(type_)[1])
+            except Exception:  # already reported by cattrs
+                continue
+        return table or None
+    return None
+
+
+def _moved_back(problems: list[_Problem], value: Any) -> list[_Problem]:
+    """``problems`` about the survivors ``value``, at the indices their items had in TOML."""
+    if not isinstance(value, _Survivors):
+        return problems
+    moved: list[_Problem] = []
+    for path, message in problems:
+        if len(path) > 1 and isinstance(path[1], int) and 0 <= path[1] < len(value.positions):
+            path = (path[0], value.positions[path[1]], *path[2:])
+        moved.append((path, message))
+    return moved
+
+
 def _validator_problems(cls: type[Any], raw: Mapping[str, Any], failed: set[str]) -> list[_Problem]:
-    fields = [
-        f for f in attrs.fields(cls) if f.name not in failed and not f.metadata.get(_NOT_A_KEY)
-    ]
+    # A field that failed to structure is checked too when it is an array or a table: over the
+    # items that did (a type error in pools.gpu must not hide that pools.cpu is 0).
+    fields = [f for f in attrs.fields(cls) if not f.metadata.get(_NOT_A_KEY)]
     values: dict[str, Any] = {}
+    partial: dict[str, Any] = {}
     for field in fields:
-        if field.name in raw:
+        if field.name in failed:
+            if field.validator is not None and field.name in raw:
+                survivors = _survivors(field, raw[field.name])
+                if survivors is not None:
+                    partial[field.name] = survivors
+        elif field.name in raw:
             try:
                 values[field.name] = _structure_field(field, raw[field.name])
             except Exception:  # already reported by cattrs
@@ -768,14 +832,16 @@ def _validator_problems(cls: type[Any], raw: Mapping[str, Any], failed: set[str]
                 values[field.name] = field.default.factory()
         elif field.default is not attrs.NOTHING:
             values[field.name] = field.default
+    # Only whole values in the namespace: a cross-field validator never sees survivors.
     namespace = types.SimpleNamespace(**values)
     problems: list[_Problem] = []
     for field in fields:
-        if field.validator is not None and field.name in values:
+        value = values.get(field.name, partial.get(field.name, attrs.NOTHING))
+        if field.validator is not None and value is not attrs.NOTHING:
             try:
-                field.validator(namespace, field, values[field.name])
+                field.validator(namespace, field, value)
             except _Invalid as exc:
-                problems.extend(exc.problems)
+                problems.extend(_moved_back(exc.problems, value))
     return problems
 
 
