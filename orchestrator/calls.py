@@ -43,10 +43,11 @@ from orchestrator.runner import TAIL_LINES, Outcome, RunResult
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
+    from pathlib import Path
 
     from orchestrator.config import Config
 
-__all__ = ["Fatal", "StageRun", "resolve_calls", "run_call"]
+__all__ = ["Fatal", "StageRun", "import_call", "resolve_calls", "run_call"]
 
 
 class Fatal(Exception):
@@ -69,41 +70,51 @@ class StageRun:
     log: Any  #: a loguru logger bound to item, stage, attempt and run
 
 
+def import_call(call: str, base_dir: Path) -> Callable[[StageRun], Awaitable[object]]:
+    """Import the ``async def`` a stage's ``call`` (``"module:function"``) names; the folder
+    ``base_dir`` (the config's) is searched first.
+
+    Raises:
+        ValueError: the module cannot be imported (or its code failed), it has no such name, or
+            the name is not an ``async def``; the message says which.
+    """
+    import inspect  # (not at start-up when no stage needs it)
+
+    if str(base_dir) not in sys.path:
+        sys.path.insert(0, str(base_dir))
+    module_name, _, attribute = call.partition(":")
+    try:
+        target: Any = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            target = getattr(target, part)
+    except ImportError as exc:
+        raise ValueError(f"cannot import {module_name!r}: {exc}") from None
+    except AttributeError:
+        raise ValueError(f"{module_name!r} has no {attribute!r}") from None
+    except Exception as exc:  # the module's own code failed at import
+        raise ValueError(f"importing {module_name!r} failed: {_one_line(exc)}") from None
+    if not inspect.iscoroutinefunction(target):
+        raise ValueError(f"{call!r} is not an async function (async def)")
+    function: Callable[[StageRun], Awaitable[object]] = target
+    return function
+
+
 def resolve_calls(config: Config) -> dict[str, Callable[[StageRun], Awaitable[object]]]:
-    """Import each Python stage's function; the config's folder is searched first.
+    """Import each Python stage's function (`import_call`); the config's folder is searched first.
 
     Raises:
         ConfigError: a module cannot be imported, or the name is not an ``async def`` (every
             problem, with its path, like the config's own errors).
     """
-    import inspect  # (not at start-up when no stage needs it)
-
     found: dict[str, Callable[[StageRun], Awaitable[object]]] = {}
     errors = []
-    calls = [(i, s) for i, s in enumerate(config.stages) if s.call is not None]
-    if calls and str(config.base_dir) not in sys.path:
-        sys.path.insert(0, str(config.base_dir))
-    for index, stage in calls:
-        assert stage.call is not None
-        module_name, _, attribute = stage.call.partition(":")
-        where = f"stages[{index}].call"
+    for index, stage in enumerate(config.stages):
+        if stage.call is None:
+            continue
         try:
-            target: Any = importlib.import_module(module_name)
-            for part in attribute.split("."):
-                target = getattr(target, part)
-        except ImportError as exc:
-            errors.append(f"{where}: cannot import {module_name!r}: {exc}")
-            continue
-        except AttributeError:
-            errors.append(f"{where}: {module_name!r} has no {attribute!r}")
-            continue
-        except Exception as exc:  # the module's own code failed at import
-            errors.append(f"{where}: importing {module_name!r} failed: {_one_line(exc)}")
-            continue
-        if not inspect.iscoroutinefunction(target):
-            errors.append(f"{where}: {stage.call!r} is not an async function (async def)")
-            continue
-        found[stage.name] = target
+            found[stage.name] = import_call(stage.call, config.base_dir)
+        except ValueError as exc:
+            errors.append(f"stages[{index}].call: {exc}")
     if errors:
         raise ConfigError(errors)
     return found

@@ -105,12 +105,12 @@ def _err(text: str) -> None:
     print(text, file=sys.stderr)
 
 
-def _load(path: Path, *, failure: int = EXIT_CONFIG) -> Config:
+def _load(path: Path, *, failure: int = EXIT_CONFIG, import_calls: bool = False) -> Config:
     """The config at ``path``; else every problem printed and exit ``failure``."""
     from orchestrator.config import load_config
 
     try:
-        return load_config(path)
+        return load_config(path, import_calls=import_calls)
     except ConfigError as exc:
         _report(path, exc.errors)
         raise typer.Exit(failure) from None
@@ -123,17 +123,9 @@ def _report(path: Path, errors: list[str]) -> None:
 
 
 def _load_runnable(path: Path) -> Config:
-    """`_load`, and the Python stages' functions imported (every problem printed, exit 2)."""
-    cfg = _load(path)
-    if any(stage.call is not None for stage in cfg.stages):
-        from orchestrator.calls import resolve_calls
-
-        try:
-            resolve_calls(cfg)
-        except ConfigError as exc:
-            _report(path, exc.errors)
-            raise typer.Exit(EXIT_CONFIG) from None
-    return cfg
+    """`_load`, and the Python stages' functions imported: a function that cannot be is one
+    more problem, printed with the others (exit 2)."""
+    return _load(path, import_calls=True)
 
 
 @app.command()

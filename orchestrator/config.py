@@ -24,7 +24,9 @@ since the class is never instantiated), and those of an array or a table some of
 failed over the items that did (``pools.cpu = 0`` is reported beside ``pools.gpu = "one"``);
 and the checks that span sections (routes naming stages, stages naming pools, duplicate names)
 run over the raw TOML data, skipping parts of the wrong type, so they are reported together with
-the rest. Errors are sorted in file order.
+the rest. With ``import_calls`` (what ``check``, ``run`` and ``batch`` ask for), each Python
+stage's function is imported too, and one that cannot be is one more problem. Errors are sorted
+in file order.
 
 Relative paths are resolved against the config file's folder (``base_dir``) and made absolute
 (normalised, symlinks kept). Nothing here reads the environment.
@@ -1023,13 +1025,17 @@ def _render(problems: list[_Problem], data: Mapping[str, Any]) -> list[str]:
 # Public API
 
 
-def parse_config(data: Mapping[str, Any], *, base_dir: Path) -> Config:
+def parse_config(data: Mapping[str, Any], *, base_dir: Path, import_calls: bool = False) -> Config:
     """Validate parsed TOML data and build a `Config`.
 
     Args:
         data: The document as `tomllib` returns it.
         base_dir: The folder relative paths are resolved against (the config file's folder);
             made absolute first.
+        import_calls: Also import the function of each Python stage (``call``), as a service
+            must before it starts (`orchestrator.calls.import_call`): one that cannot be
+            imported is an error like the others, reported with them. Only a config that has
+            a ``call`` imports `orchestrator.calls`.
 
     Returns:
         The config, with every path absolute.
@@ -1050,18 +1056,46 @@ def parse_config(data: Mapping[str, Any], *, base_dir: Path) -> Config:
     # A stage with neither "command" nor "call" is said once, not also as an empty command.
     without = {(*path, "command") for path, message in crossed if message.startswith("needs")}
     problems = [p for p in problems if p[0] not in without] + crossed
+    base_dir = Path(os.path.normpath(Path(base_dir).absolute()))
+    if import_calls:
+        problems += _call_problems(data, base_dir)
     if problems or config is None:
         raise ConfigError(_render(problems, data))
-    return _resolve_paths(config, Path(os.path.normpath(Path(base_dir).absolute())))
+    return _resolve_paths(config, base_dir)
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
+def _call_problems(data: Mapping[str, Any], base_dir: Path) -> list[_Problem]:
+    # Over the raw data, so that a function that cannot be imported is reported with the rest
+    # of the config's problems, not once they are fixed; a malformed call is reported already.
+    stages = data.get("stages")
+    calls = [
+        (index, stage["call"])
+        for index, stage in enumerate(stages if isinstance(stages, list) else [])
+        if isinstance(stage, Mapping)
+        and isinstance(stage.get("call"), str)
+        and CALL_RE.fullmatch(stage["call"])
+    ]
+    if not calls:
+        return []
+    from orchestrator.calls import import_call  # (trio and the runner: only when a stage calls)
+
+    problems: list[_Problem] = []
+    for index, call in calls:
+        try:
+            import_call(call, base_dir)
+        except ValueError as exc:
+            problems.append((("stages", index, "call"), str(exc)))
+    return problems
+
+
+def load_config(path: str | os.PathLike[str], *, import_calls: bool = False) -> Config:
     """Read a TOML config file and build a `Config`.
 
     Relative paths in the file are resolved against the file's folder.
 
     Args:
         path: The config file.
+        import_calls: Also import the Python stages' functions (see `parse_config`).
 
     Returns:
         The config, with every path absolute.
@@ -1086,7 +1120,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([_syntax_error(exc)], path=config_path) from None
     try:
-        return parse_config(data, base_dir=config_path.parent)
+        return parse_config(data, base_dir=config_path.parent, import_calls=import_calls)
     except ConfigError as exc:
         raise ConfigError(exc.errors, path=config_path) from None
 

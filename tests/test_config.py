@@ -618,6 +618,41 @@ def test_load_config_invalid_reports_the_file(tmp_path: Path) -> None:
     assert info.value.errors == ['stages[0].timeout: expected a duration like "30s", got "soon"']
 
 
+def test_load_config_import_calls_reports_a_bad_call_with_the_other_problems(
+    tmp_path: Path,
+) -> None:
+    # Acceptance (issue 2): a call that cannot be imported was reported only once the rest of
+    # the config was valid. The module, beside the config, has a name of this test's own.
+    module = f"stages_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{module}.py").write_text("async def ok(run):\n    pass\n")
+    config_file = tmp_path / "orchestrator.toml"
+    config_file.write_text(
+        '[[stages]]\nname = "a"\ncommand = ["a"]\ntimeout = "soon"\n'
+        f'[[stages]]\nname = "b"\ncall = "{module}:ok"\n'
+        '[[stages]]\nname = "c"\ncall = "nosuch.module:fn"\nretries = -1\n'
+        f'[[stages]]\nname = "d"\ncall = "{module}:missing"\n'
+    )  # fmt: skip
+
+    with pytest.raises(ConfigError) as info:
+        load_config(config_file, import_calls=True)
+
+    assert info.value.errors == [
+        'stages[0].timeout: expected a duration like "30s", got "soon"',
+        "stages[2].call: cannot import 'nosuch.module': No module named 'nosuch'",
+        "stages[2].retries: must be >= 0, got -1",
+        f"stages[3].call: {module!r} has no 'missing'",
+    ]
+    # Without import_calls (a reload, `orchestrator show`), nothing is imported.
+    with pytest.raises(ConfigError) as info:
+        load_config(config_file)
+    assert info.value.errors == [
+        'stages[0].timeout: expected a duration like "30s", got "soon"',
+        "stages[2].retries: must be >= 0, got -1",
+    ]
+    config_file.write_text(f'[[stages]]\nname = "b"\ncall = "{module}:ok"\n')
+    assert load_config(config_file, import_calls=True).stages[0].call == f"{module}:ok"
+
+
 def test_load_config_toml_syntax_error(tmp_path: Path) -> None:
     config_file = tmp_path / "broken.toml"
     config_file.write_text('state_dir = "state"\nstages = [\n[http]\n')
