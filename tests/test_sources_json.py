@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.config import parse_config
 from orchestrator.sources import JsonArraySource
@@ -93,9 +93,9 @@ def test_an_unchanged_file_is_not_parsed_again(
     parses: list[bytes] = []
     real_loads = json.loads
 
-    def counting_loads(data: bytes) -> object:
+    def counting_loads(data: bytes, **hooks: Any) -> object:
         parses.append(data)
-        return real_loads(data)
+        return real_loads(data, **hooks)
 
     monkeypatch.setattr(json, "loads", counting_loads)
     assert src.read().outcome == "unchanged"
@@ -132,16 +132,23 @@ def test_rejected_items_carry_state_and_reason(tmp_path: Path) -> None:
 def test_an_element_holding_nan_or_infinity_is_rejected_alone(tmp_path: Path) -> None:
     # Found in session 6: its payload went to the stage as NaN, which strict parsers refuse.
     path = tmp_path / "ideas.json"
+    # The reason names the number as the file wrote it, in the jsonl source's words (issue 2).
     path.write_text('[{"id": "a", "v": NaN}, {"id": "b", "v": [1, -Infinity]}, {"id": "c", "v": 1e999},'
-                    ' {"id": "d", "v": 1.5}]')  # fmt: skip
+                    ' {"id": "d", "v": 1.5}, {"id": "e", "v": {"w": -1E+400}}, {"id": "f", "v": 1e-999}]')  # fmt: skip
     past = time.time() - 60
     os.utime(path, (past, past))
     items = source(tmp_path).read().items
     states = [(i.state.value, (i.reason or "").split(";")[0]) for i in items]
     assert states == [
-        ("rejected", "element 0: holds nan, which JSON has no number for (NaN, Infinity, or a number too large)"),
-        ("rejected", "element 1: holds -inf, which JSON has no number for (NaN, Infinity, or a number too large)"),
-        ("rejected", "element 2: holds inf, which JSON has no number for (NaN, Infinity, or a number too large)"),
+        ("rejected", "element 0: not valid JSON (NaN is not a JSON number)"),
+        ("rejected", "element 1: not valid JSON (-Infinity is not a JSON number)"),
+        ("rejected", "element 2: number 1e999 is out of range (it reads as infinity, which JSON has no number for)"),
+        ("queued", ""),
+        ("rejected", "element 4: number -1E+400 is out of range (it reads as -infinity, which JSON has no number for)"),
         ("queued", ""),
     ]  # fmt: skip
     assert json.loads(items[3].payload or "") == {"id": "d", "v": 1.5}
+    assert json.loads(items[5].payload or "") == {"id": "f", "v": 0.0}  # (too small is 0)
+    # Elements not read from a file (no text to show) are named as JSON writes them.
+    [item] = new_elements(source(tmp_path).config, [{"id": "g", "v": float("inf")}], set())
+    assert (item.reason or "").startswith("element 0: not valid JSON (Infinity is not")

@@ -361,8 +361,33 @@ def test_nan_and_infinity_are_not_json_and_their_record_is_rejected() -> None:
         with pytest.raises(ValueError) as info:
             parse_record(b'{"id": "a", "v": ' + constant.encode() + b"}", "id")
         assert str(info.value) == f"not valid JSON ({constant} is not a JSON number)"
-    # A number too large for a float is valid JSON: the record's text is kept as it came.
-    assert parse_record(b'{"id": "a", "v": 1e999}', "id") == ('{"id": "a", "v": 1e999}', "a")
+    # A number too large for a float reads as infinity (the json source rejected it; this one
+    # took it: acceptance, issue 2). One too small reads as 0 and is kept, as are big integers.
+    for number in ("1e999", "-1E+400", "1.5e309"):
+        with pytest.raises(ValueError) as info:
+            parse_record(b'{"id": "a", "v": [' + number.encode() + b"]}", "id")
+        sign = "-" if number.startswith("-") else ""
+        assert str(info.value) == (
+            f"number {number} is out of range (it reads as {sign}infinity, which JSON has no"
+            " number for)"
+        )
+    kept = b'{"id": "a", "v": [1e-999, 1e308, ' + b"9" * 400 + b"]}"
+    assert parse_record(kept, "id") == (kept.decode(), "a")
+
+
+def test_a_record_holding_1e999_is_rejected_and_the_lines_after_it_are_read(
+    tmp_path: Path,
+) -> None:
+    log = tmp_path / "log.jsonl"
+    log.write_bytes(b'{"n": 1}\n{"n": 2, "v": 1e999}\n{"n": 3, "v": NaN}\n{"n": 4, "v": 2.5}\n')
+    items = drain(source(tmp_path))
+    assert numbers(items) == [1, 4]
+    assert [i.reason for i in items if i.state is ItemState.REJECTED] == [
+        f"line 2 (byte 9) of {log}: number 1e999 is out of range (it reads as infinity, which"
+        """ JSON has no number for); raw: b'{"n": 2, "v": 1e999}'""",
+        f"line 3 (byte 30) of {log}: not valid JSON (NaN is not a JSON number);"
+        """ raw: b'{"n": 3, "v": NaN}'""",
+    ]
 
 
 def test_an_id_too_long_to_give_a_stage_is_rejected_and_integers_are_their_digits() -> None:

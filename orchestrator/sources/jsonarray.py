@@ -28,7 +28,7 @@ import attrs
 import trio
 from loguru import logger
 
-from orchestrator.sources.jsonl import id_of, json_type, open_regular, show_raw
+from orchestrator.sources.jsonl import id_of, json_type, number_problem, open_regular, show_raw
 from orchestrator.store.records import ItemState, NewItem
 
 if TYPE_CHECKING:
@@ -81,10 +81,7 @@ def new_elements(
             payload = json.dumps(element, ensure_ascii=False, allow_nan=False)
         except ValueError:
             payload = json.dumps(element, ensure_ascii=False)
-            problem = (
-                f"holds {_first_non_finite(element)}, which JSON has no number for "
-                "(NaN, Infinity, or a number too large)"
-            )
+            problem = number_problem(_first_non_finite(element))
         try:
             payload.encode()
         except UnicodeEncodeError:  # a lone surrogate ("\\ud800"): kept as the escape it came as
@@ -115,10 +112,42 @@ def new_elements(
     return items
 
 
+class _Unwritable(float):
+    """A number JSON cannot write (NaN, an infinity), with its ``text`` as the document wrote it."""
+
+    text: str
+
+
+def _unwritable(text: str) -> float:
+    value = _Unwritable(text)
+    value.text = text
+    return value
+
+
+def _float(text: str) -> float:
+    """``json.loads``'s hook for numbers with a fraction or an exponent: ``1e999`` is kept as
+    written for its element's reason (it reads as infinity)."""
+    value = float(text)
+    return _unwritable(text) if math.isinf(value) else value
+
+
+def _parse_document(data: bytes) -> object:
+    """``json.loads``, with NaN, the infinities and numbers past a float's range (``1e999``)
+    read as floats that remember how they were written (their element is rejected with it).
+
+    Raises:
+        ValueError: not JSON, or a number past Python's 4,300 digits.
+        RecursionError: nested too deep.
+    """
+    return json.loads(data, parse_constant=_unwritable, parse_float=_float)
+
+
 def _first_non_finite(value: object) -> str:
-    """How the first number of ``value`` that JSON cannot write looks in Python (for messages)."""
+    """How the first number of ``value`` that JSON cannot write was written (for messages)."""
     if isinstance(value, float) and not math.isfinite(value):
-        return repr(value)
+        if isinstance(value, _Unwritable):
+            return value.text
+        return json.dumps(value)  # (NaN, Infinity or -Infinity: an element not read from JSON)
     children = (
         value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
     )
@@ -216,7 +245,7 @@ class JsonArraySource:
             return ArrayRead("failed", error="the file was replaced while being read")
         error = None
         try:
-            document = json.loads(data)  # NaN and Infinity: their element is rejected
+            document = _parse_document(data)  # NaN, Infinity, 1e999: their element is rejected
         # ValueError: also a number past Python's 4,300 digits; RecursionError: nested too deep.
         except (ValueError, RecursionError) as exc:
             error = f"not valid JSON: {exc}; starts with {show_raw(data[:80], len(data))}"

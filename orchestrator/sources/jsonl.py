@@ -7,10 +7,10 @@ no record is skipped, none is read twice.
 
 - A last line without its newline is still being written: it waits for the newline.
 - A line that is not UTF-8, not JSON (``NaN`` and ``Infinity`` are not) or not a JSON object --
-  or lacks ``id_field`` when one is configured, or whose id is over `MAX_ID_BYTES` -- becomes a
-  ``rejected`` item whose reason gives the line number, the error and the
-  raw bytes (the first 4 KiB, escaped); the lines after it are read as usual. Blank lines are
-  skipped.
+  or holds a number too large for a float (``1e999``), lacks ``id_field`` when one is
+  configured, or has an id over `MAX_ID_BYTES` -- becomes a ``rejected`` item whose reason
+  gives the line number, the error and the raw bytes (the first 4 KiB, escaped); the lines
+  after it are read as usual. Blank lines are skipped.
 - Truncation (the file is shorter than the offset, or the byte before the offset is no longer
   the newline it was) restarts at offset 0, with a warning.
 - Rotation (another file, or none, at the path): the old file is kept open and read to its end
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import stat
 import time
@@ -48,7 +49,9 @@ if TYPE_CHECKING:
     from orchestrator.store.records import Item
     from orchestrator.workers import Engine
 
-__all__ = ["JsonlSource", "Line", "Step", "parse_record", "show_raw", "split_lines"]
+__all__ = [
+    "JsonlSource", "Line", "Step", "number_problem", "parse_record", "show_raw", "split_lines",
+]  # fmt: skip
 
 #: Bytes read per step. A line longer than this is rejected (it is skipped up to its newline).
 READ_SIZE = 4 << 20
@@ -157,15 +160,48 @@ def id_of(record: dict[str, object], field: str) -> str:
     return key
 
 
+#: What Python's json reads (and writes) for NaN and the infinities, which JSON does not have.
+NON_FINITE_CONSTANTS = ("NaN", "Infinity", "-Infinity")
+
+
+def number_problem(text: str) -> str:
+    """Why a record holding the number ``text`` (as written) is rejected: ``NaN`` and
+    ``Infinity`` are not JSON, and a number too large for a float (``1e999``) reads as infinity.
+    Python reads all three, and a stage's strict parser would fail on the payload every attempt
+    (or read another number). Both record sources say it in these words."""
+    if text in NON_FINITE_CONSTANTS:
+        return f"not valid JSON ({text} is not a JSON number)"
+    sign = "-" if text.startswith("-") else ""
+    return (
+        f"number {text} is out of range (it reads as {sign}infinity, which JSON has no number for)"
+    )
+
+
+class _NumberProblem(ValueError):
+    """A number JSON cannot carry, in `number_problem`'s words."""
+
+
 def _not_json(constant: str) -> object:
-    """``json.loads``'s hook for ``NaN``, ``Infinity`` and ``-Infinity``, which Python reads but
-    JSON does not have: a stage's strict parser would fail on the payload every attempt."""
-    raise ValueError(f"{constant} is not a JSON number")
+    """``json.loads``'s hook for ``NaN``, ``Infinity`` and ``-Infinity``."""
+    raise _NumberProblem(number_problem(constant))
+
+
+def _finite(text: str) -> float:
+    """``json.loads``'s hook for numbers with a fraction or an exponent: not one past a float's
+    range (integers have no such limit, and come back written as they were)."""
+    value = float(text)
+    if math.isinf(value):
+        raise _NumberProblem(number_problem(text))
+    return value
 
 
 def strict_json(text: str | bytes) -> object:
-    """``json.loads`` without the NaN and Infinity extensions (ValueError for them)."""
-    return json.loads(text, parse_constant=_not_json)
+    """``json.loads`` without NaN, Infinity or a number that reads as infinity (``1e999``).
+
+    Raises:
+        ValueError: not JSON, or holding one of those (`number_problem` says which).
+    """
+    return json.loads(text, parse_constant=_not_json, parse_float=_finite)
 
 
 def parse_record(raw: bytes, id_field: str | None) -> tuple[str, str | None] | None:
@@ -184,7 +220,9 @@ def parse_record(raw: bytes, id_field: str | None) -> tuple[str, str | None] | N
         raise ValueError(f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     try:
         record = strict_json(text)
-    except ValueError as exc:  # a JSONDecodeError, or NaN or Infinity (`strict_json`)
+    except _NumberProblem as exc:  # NaN, Infinity, 1e999
+        raise ValueError(str(exc)) from None
+    except ValueError as exc:  # a JSONDecodeError
         raise ValueError(f"not valid JSON ({exc})") from None
     except RecursionError:
         raise ValueError("not valid JSON (nested too deeply)") from None
