@@ -102,6 +102,9 @@ STATUS_FILENAME = "status.json"
 # attrs field metadata keys: a field's own cattrs structure hook; a field that is not a TOML key.
 _HOOK = "orchestrator.config.structure"
 _NOT_A_KEY = "orchestrator.config.not_a_key"
+#: The value of a table's key that failed to structure, in the table its validator is given
+#: (so that the key's own checks run); a validator skips it.
+_UNSTRUCTURED: Any = object()
 
 # TOML bare keys; any other key is quoted in an error's path.
 _BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
@@ -230,7 +233,7 @@ def _env(_inst: Any, attribute: attrs.Attribute[Any], value: Mapping[str, str]) 
         if not key or "=" in key or "\0" in key:
             message = f"invalid environment variable name {describe_value(key)}"
             problems.append(((attribute.name, key), message))
-        elif "\0" in text:
+        elif text is not _UNSTRUCTURED and "\0" in text:
             problems.append(((attribute.name, key), "must not contain a NUL character"))
     if problems:
         raise _Invalid(problems)
@@ -244,7 +247,7 @@ def _pools(_inst: Any, attribute: attrs.Attribute[Any], value: Mapping[str, int]
                 f'invalid pool name {describe_value(name)} (use letters, digits, "_", ".", "-")'
             )
             problems.append(((attribute.name, name), message))
-        elif size < 1:
+        elif size is not _UNSTRUCTURED and size < 1:
             problems.append(((attribute.name, name), f"must be >= 1, got {size!r}"))
     if problems:
         raise _Invalid(problems)
@@ -773,9 +776,9 @@ def _positions(value: tuple[Any, ...]) -> tuple[int, ...]:
 
 
 def _survivors(field: attrs.Attribute[Any], value: Any) -> Any:
-    """The items of an array or table field that structure, when some do not; None when none do
-    (an emptiness check would then report what the type errors already say) or the field is
-    neither."""
+    """The items of an array field that structure, when some do not (None when none do: an
+    emptiness check would report what the type errors already say); a table field's every key,
+    those whose value failed given `_UNSTRUCTURED`; None for a field that is neither."""
     type_: Any = field.type
     if _is_array(type_) and isinstance(value, list):
         kept: list[Any] = []
@@ -790,13 +793,15 @@ def _survivors(field: attrs.Attribute[Any], value: Any) -> Any:
         survivors.positions = tuple(positions)
         return survivors if kept else None
     if _is_table(type_) and isinstance(value, Mapping):
+        # Every key is kept, so that a key's own checks (a pool's name) still run: one whose
+        # value failed is given `_UNSTRUCTURED`, which a validator skips.
         table: dict[str, Any] = {}
         for key, item in value.items():
             try:
                 table[key] = _converter.structure(item, get_args(type_)[1])
             except Exception:  # already reported by cattrs
-                continue
-        return table or None
+                table[key] = _UNSTRUCTURED
+        return table
     return None
 
 

@@ -374,6 +374,16 @@ env = { "A=B" = "x", C = 5 }
     ]
 
 
+def test_parse_config_a_type_error_in_a_tables_value_hides_no_error_in_its_key() -> None:
+    text = '[pools]\n"a b" = "x"\n[[stages]]\nname = "a"\ncommand = ["a"]\nenv = { "A=B" = 5 }\n'
+    assert errors_of(text) == [
+        'pools."a b": expected an integer, got "x"',
+        'pools."a b": invalid pool name "a b" (use letters, digits, "_", ".", "-")',
+        'stages[0].env."A=B": expected a string, got 5',
+        'stages[0].env."A=B": invalid environment variable name "A=B"',
+    ]
+
+
 def test_parse_config_an_array_of_nothing_but_type_errors_is_not_also_empty() -> None:
     text = 'stages = [1]\n[[sources]]\nname = "in"\ntype = "directory"\npath = "x"\n'
     assert errors_of(text + "route = [1]\npattern = [2]\n") == [
