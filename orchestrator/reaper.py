@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import attrs
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator
+    from collections.abc import Callable, Iterable, Iterator
 
 __all__ = [
     "Leftover", "ReapReport", "SeenRun", "find_leftovers", "other_pids", "proc_environ", "proc_start_time",
@@ -188,14 +188,29 @@ def _wait_gone(leftovers: list[Leftover], seconds: float) -> list[Leftover]:
     return alive
 
 
-def reap(state_dir: str, recorded: Iterable[tuple[int, int | None]], grace: float) -> ReapReport:
+def reap(
+    state_dir: str, recorded: Iterable[tuple[int, int | None]], grace: float,
+    ended: Callable[[int], bool] | None = None,
+) -> ReapReport:  # fmt: skip
     """Find the leftovers of ``state_dir``; SIGTERM them, wait up to ``grace``, SIGKILL the rest.
 
     After the SIGKILL round, ``/proc`` is searched again: a marked process that ignored SIGTERM
     while its group's leader exited (so its group could no longer be signalled safely) is killed
     by pid.
+
+    Args:
+        ended: only the marked processes of runs this says have ended (by run id), and none
+            without a run id: a live service's sweep for what its ended runs left running.
+            None: every marked process (no run of this state folder is going on).
     """
-    leftovers = find_leftovers(state_dir, recorded)
+
+    def search(recorded: Iterable[tuple[int, int | None]]) -> list[Leftover]:
+        found = find_leftovers(state_dir, recorded)
+        if ended is None:
+            return found
+        return [lo for lo in found if lo.run is not None and ended(lo.run.run)]
+
+    leftovers = search(recorded)
     for lo in leftovers:
         _signal(lo, signal.SIGTERM)
     alive = _wait_gone(leftovers, grace)
@@ -207,9 +222,7 @@ def reap(state_dir: str, recorded: Iterable[tuple[int, int | None]], grace: floa
     stragglers = []
     if leftovers:
         handled = {(lo.pid, lo.start) for lo in leftovers}
-        stragglers = [
-            lo for lo in find_leftovers(state_dir, ()) if (lo.pid, lo.start) not in handled
-        ]
+        stragglers = [lo for lo in search(()) if (lo.pid, lo.start) not in handled]
     for lo in stragglers:
         _signal(attrs.evolve(lo, pgid=None), signal.SIGKILL)
     survivors = _wait_gone(alive + stragglers, KILL_WAIT)

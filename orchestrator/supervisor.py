@@ -13,6 +13,7 @@
        ├─ status                  status.json rewritten every status.interval
        ├─ store-watch             admits items re-queued from outside (`orchestrator requeue`)
        ├─ housekeeping            run logs pruned by age and disk budget (thread), every interval
+       ├─ escape-sweeps           processes ended runs left outside their groups, ended (thread)
        ├─ batch-end               (batch only) drains once sources are exhausted and nothing is left
        └─ workers                 per stage: `concurrency` tasks: item → slots → claim → run → record
           └─ sources              per source: a poller: scan (thread) → settle → ingest → admit
@@ -52,7 +53,7 @@ from orchestrator.errors import LeftoverProcesses, StoreUnavailable
 from orchestrator.housekeeping import highest_run_log_id, serve_housekeeping
 from orchestrator.instance import InstanceLock, acquire_instance_lock
 from orchestrator.pollers import serve_source
-from orchestrator.reaper import reap
+from orchestrator.reaper import ReapReport, reap
 from orchestrator.status import serve_status_file, write_status
 from orchestrator.store.sqlite import (
     BatchCounts,
@@ -273,6 +274,56 @@ async def _sweep_escaped(config: Config) -> None:
         )  # fmt: skip
 
 
+#: How often, at most, a service looks for processes its ended runs left running (and never
+#: more than `ESCAPE_SWEEP_SHARE` of a core: a look reads every process's environment).
+ESCAPE_SWEEP_INTERVAL = 2.0
+ESCAPE_SWEEP_SHARE = 0.01
+
+
+async def serve_escape_sweeps(
+    engine: Engine, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """End the processes ended runs left running outside their process groups, while the
+    service runs (not only at its stop): a ``setsid`` helper that let go of the run's output,
+    from a run that ended well (one killed is swept at its end already, see `run_command`).
+
+    A look comes only after runs have ended since the last one, so an idle service does not
+    read /proc. A run's processes are told by its environment marker (``ORCH_RUN``); a run is
+    ended when its id was handed out and it is no longer running, both read in the loop at
+    once, so a run being spawned is never taken for an ended one.
+    """
+    config = engine.config
+    state_dir = str(config.state_dir)
+    grace = max(s.grace_period for s in config.stages)
+    swept_at = engine.tally.runs  # start-up recovery has just reaped whatever was there
+    task_status.started()
+    while True:
+        runs = engine.tally.runs
+        if runs == swept_at:
+            await trio.sleep(ESCAPE_SWEEP_INTERVAL)
+            continue
+        swept_at = runs
+        newest = engine.store.last_run_id
+        live = frozenset(engine.running)
+
+        def look(newest: int = newest, live: frozenset[int] = live) -> tuple[ReapReport, float]:
+            cpu = time.thread_time()
+            report = reap(state_dir, (), grace, lambda run: run <= newest and run not in live)
+            return report, time.thread_time() - cpu
+
+        report, cpu = await trio.to_thread.run_sync(look)
+        if report.found:
+            runs_named = ", ".join(
+                f"run {r.run} ({r.stage!r}, item {r.item!r})" for r in report.runs
+            )
+            logger.warning(
+                "ended {} process(es) that ended runs had left running in the background, "
+                "outside their process groups: {} ({} needed SIGKILL)",
+                report.found, runs_named or "unknown runs", report.killed,
+            )  # fmt: skip
+        await trio.sleep(max(ESCAPE_SWEEP_INTERVAL, cpu / ESCAPE_SWEEP_SHARE))
+
+
 async def _serve(
     config: Config, store: SqliteStore, instance: str, recovery: Recovery, batch: bool,
     on_start: Callable[[Engine], None] | None, notifier: Notifier | None,
@@ -317,6 +368,7 @@ async def _serve(
             engine.admit(item)
         await root.start(engine.serve_store_watch)
         await root.start(serve_housekeeping, engine)
+        await root.start(serve_escape_sweeps, engine, name="escape-sweeps")
         sources_scope = trio.CancelScope()
 
         async with trio.open_nursery() as workers:

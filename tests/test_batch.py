@@ -287,6 +287,51 @@ def test_a_background_helper_that_left_its_run_does_not_outlive_the_batch(
                 os.kill(helper, signal.SIGKILL)
 
 
+def test_a_service_ends_what_a_run_left_running_once_the_run_is_over_not_before(
+    tmp_path: Path,
+) -> None:
+    # Given: a service whose stage starts a helper in a session of its own, off the run's pipe,
+    # then ends: soon for "short" (once setsid is done), after 5 s for "long" (the helper of a
+    # run still going is that run's business; once the run is over, nothing of it may live on).
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    stage = json.dumps([
+        "sh", "-c", 'setsid sleep 1000 </dev/null >/dev/null 2>&1 & echo $! > "$2/$1.pid"; '
+        'case "$1" in long) sleep 5;; *) sleep 0.3;; esac', "sh", "{name}", str(pids),
+    ])  # fmt: skip
+    service = _service(tmp_path, stage, route="s", grace="concurrency = 2")
+    helpers: list[int] = []
+    try:
+        (tmp_path / "in" / "short").write_text("x")
+        (tmp_path / "in" / "long").write_text("x")
+        short = _wait_for_pid(pids / "short.pid", service)
+        long = _wait_for_pid(pids / "long.pid", service)
+        helpers += [short, long]
+
+        # Then: the short run's helper is ended soon after its run, while the service runs on
+        # and the long run's helper lives as long as its run does.
+        deadline = time.monotonic() + 4
+        while _proc_state(short) not in ("gone", "Z") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _proc_state(short) in ("gone", "Z"), service.log
+        assert _proc_state(long) not in ("gone", "Z"), service.log
+        assert service.proc.poll() is None
+        service.wait_log(r"run ok .*item='in:long'", timeout=15)
+        deadline = time.monotonic() + 10
+        while _proc_state(long) not in ("gone", "Z") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _proc_state(long) in ("gone", "Z"), service.log
+        assert service.proc.poll() is None
+        service.wait_log(r"ended runs had left running in the background.*item 'in:long'")
+        assert "item 'in:short'" in service.log
+    finally:
+        service.stop(20)
+        for pid in helpers:
+            if _proc_state(pid) not in ("gone", "Z"):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
 def _proc_state(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/stat") as f:
