@@ -920,6 +920,9 @@ def _print_stress(report: dict[str, Any]) -> None:
     console.print(f"throughput {report['throughput']} items/s over {report['elapsed_seconds']} s")
     for stage, pct in report["latency"].items():
         console.print(f"  {stage}: run time {pct}")
+    if report.get("user_config"):
+        console.print(f"{report['user_config']} ran as a copy, {report['config']}: no file of "
+                      "its sources, state or log was touched")  # fmt: skip
     if report.get("workdir"):
         kept = "service log and audit" if report["ok"] else "evidence kept"
         console.print(f"{kept} in {report['workdir']}")

@@ -20,16 +20,21 @@ the stage programs' audit log and the store -- never from the service's own coun
 
 Without ``-c`` it builds a synthetic pipeline, extract(1) → convert(1) → store(5) of
 ``python -m orchestrator.fakestage`` programs, in a temporary state folder. With ``-c`` it drives
-the user's pipeline as configured (point it at a staging state folder: the tool writes into the
-config's directory sources and kills the service).
+the user's pipeline through a copy of the config in its own work folder (`_private_copy`): the
+stages and their commands are the user's, but the sources, the state folder, the folders done and
+dead inputs are moved to and the log file are all in the work folder, so that no input, record,
+state or log of the user's is ever written, moved or deleted; the HTTP server is off (a service
+of the user's may hold its port).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import random
+import re
 import shlex
 import shutil
 import signal
@@ -40,6 +45,7 @@ import sys
 import tempfile
 import threading
 import time
+import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -89,11 +95,25 @@ class _Samples:
     """What the sampler thread saw."""
 
     peak: dict[str, int] = attrs.field(factory=dict)
+    #: Per pool: most live process groups of the stages naming it at once.
+    pool_peak: dict[str, int] = attrs.field(factory=dict)
     status_reads: int = 0
     status_bad: list[str] = attrs.field(factory=list)
     samples: int = 0
-    #: Per stage, every limit (``concurrency``) the status file showed.
+    #: Per stage, every limit (``concurrency``) the status file showed; per pool, as ``pool:NAME``.
     limits_seen: dict[str, set[int]] = attrs.field(factory=dict)
+    #: The reloads the status file reported, by (service pid, reload number).
+    reload_records: dict[tuple[int, int], dict[str, Any]] = attrs.field(factory=dict)
+    #: Loop blocks the status file's health reported: by (pid, task, seconds as written), the
+    #: wall-clock (start, end) it ran; ``seconds`` None for one seen only going on.
+    loop_blocks: dict[tuple[int, str, str | None], tuple[float, float]] = attrs.field(factory=dict)
+
+
+#: How the watchdog words a loop block among the health reasons (`Watchdog.health_reasons`).
+_BLOCKED_NOW = re.compile(r"event loop blocked now by task (?P<task>.*)")
+_WAS_BLOCKED = re.compile(
+    r"event loop was blocked for (?P<seconds>[0-9.]+)s by task (?P<task>.*) (?P<ago>[0-9]+)s ago"
+)
 
 
 def _synthetic_config(root: Path, faults: str, *, store_limit: int = 5) -> Path:
@@ -131,6 +151,96 @@ def _synthetic_config(root: Path, faults: str, *, store_limit: int = 5) -> Path:
     return path
 
 
+def _toml_string(text: str) -> str:
+    escaped = "".join(
+        "\\\"" if ch == '"' else "\\\\" if ch == "\\"
+        else f"\\u{ord(ch):04x}" if ord(ch) < 0x20 or ord(ch) == 0x7F else ch
+        for ch in text
+    )  # fmt: skip
+    return f'"{escaped}"'
+
+
+def _toml_value(value: Any) -> str:
+    """``value`` (as `tomllib` gives it) written back as TOML, tables inline."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return repr(value) if math.isfinite(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, str):
+        return _toml_string(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        pairs = (f"{_toml_string(k)} = {_toml_value(v)}" for k, v in value.items())
+        return "{" + ", ".join(pairs) + "}"
+    return str(value.isoformat())  # a date or time
+
+
+def _write_config(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` as a TOML config, whole or not at all (the service may read it at once)."""
+    text = "".join(f"{_toml_string(key)} = {_toml_value(value)}\n" for key, value in data.items())
+    part = path.with_name(path.name + ".part")
+    part.write_text(text, encoding="utf-8")
+    part.replace(path)
+
+
+def _private_copy(user: Path, root: Path) -> tuple[Path, dict[str, Any]]:
+    """Write a copy of the user's config ``user`` that keeps every file it writes in ``root``.
+
+    The stages are the user's (commands, limits, timeouts); relative paths the service would
+    have taken against the config's folder (a stage's ``cwd``, a command's program) are made
+    absolute. Rewritten: ``state_dir`` (``root/state``), ``status.file`` and ``log.file`` (left
+    out: the status goes in the state folder, the log to the service log), each source's
+    ``path`` (``root/inputs/NAME``, a records file keeping its name there), a ``move:`` of
+    ``on_done``/``on_dead`` (``root/moved/NAME/done`` or ``dead``), and ``http.listen``
+    (false). Returns the copy's path and its data (the reloads rewrite the limits).
+    """
+    config = load_config(user)
+    with open(user, "rb") as f:
+        data = tomllib.load(f)
+    data["state_dir"] = str(root / "state")
+    for table in ("status", "log"):
+        if table in data:
+            data[table] = {k: v for k, v in data[table].items() if k != "file"}
+    data["http"] = {**data.get("http", {}), "listen": False}
+    for raw, source in zip(data.get("sources", []), config.sources, strict=True):
+        inputs = root / "inputs" / source.name
+        directory = source.type is SourceType.DIRECTORY
+        raw["path"] = str(inputs if directory else inputs / source.path.name)
+        for key in ("on_done", "on_dead"):
+            if getattr(source, key).action == "move":
+                raw[key] = f"move:{root / 'moved' / source.name / key[3:]}"
+    for raw, stage in zip(data["stages"], config.stages, strict=True):
+        if stage.cwd is not None:
+            raw["cwd"] = str(stage.cwd)
+        program = stage.command[0] if stage.command else ""
+        if "/" in program and "{" not in program and not os.path.isabs(program):
+            raw["command"] = [str(config.base_dir / program), *stage.command[1:]]
+    path = root / f"{user.stem}.stress.toml"
+    _write_config(path, data)
+    return path, data
+
+
+def _draw_limits(data: dict[str, Any], bounds: dict[str, int], draw: random.Random) -> None:
+    """Draw each stage's ``concurrency`` and each pool's size anew in ``data``: between 1 and
+    its configured limit (``bounds``: ``NAME`` or ``pool:NAME``), and different from the last
+    one when it can be."""
+
+    def new(current: int, bound: int) -> int:
+        choices = [n for n in range(1, bound + 1) if n != current]
+        return draw.choice(choices) if choices else current
+
+    for stage in data["stages"]:
+        stage["concurrency"] = new(stage.get("concurrency", 1), bounds[stage["name"]])
+    pools = data.get("pools", {})
+    for name in pools:
+        pools[name] = new(pools[name], bounds[f"pool:{name}"])
+
+
 def _run_processes(state_dir: str) -> Iterator[tuple[int, int, str]]:
     """(pid, pgid, stage) of live processes carrying the state folder's marker."""
     marker = f"{STATE_MARKER}={state_dir}".encode()
@@ -145,13 +255,19 @@ def _run_processes(state_dir: str) -> Iterator[tuple[int, int, str]]:
         yield pid, st[1], stage.decode()
 
 
-def _sample(state_dir: Path, status: Path, samples: _Samples, stop: threading.Event) -> None:
+def _sample(
+    state_dir: Path, status: Path, pools: dict[str, tuple[str, ...]], samples: _Samples,
+    stop: threading.Event,
+) -> None:  # fmt: skip
     while not stop.wait(SAMPLE_INTERVAL):
         groups: dict[str, set[int]] = {}
         for _pid, pgid, stage in _run_processes(str(state_dir)):
             groups.setdefault(stage, set()).add(pgid)
         for stage, pgids in groups.items():
             samples.peak[stage] = max(samples.peak.get(stage, 0), len(pgids))
+        for pool, stages in pools.items():
+            live = len(set().union(*(groups.get(s, set()) for s in stages)))
+            samples.pool_peak[pool] = max(samples.pool_peak.get(pool, 0), live)
         samples.samples += 1
         with contextlib.suppress(FileNotFoundError):
             text = status.read_text()
@@ -161,8 +277,27 @@ def _sample(state_dir: Path, status: Path, samples: _Samples, stop: threading.Ev
             except ValueError as exc:
                 samples.status_bad.append(f"{exc} in {text[:80]!r}")
                 continue
-            for stage, facts in doc.get("stages", {}).items():
-                samples.limits_seen.setdefault(stage, set()).add(facts.get("concurrency"))
+            _note_status(doc, samples)
+
+
+def _note_status(doc: dict[str, Any], samples: _Samples) -> None:
+    """Record the limits, the reload and the loop blocks a status document shows."""
+    for stage, facts in doc.get("stages", {}).items():
+        samples.limits_seen.setdefault(stage, set()).add(facts.get("concurrency"))
+    for pool, facts in (doc.get("pools") or {}).items():
+        samples.limits_seen.setdefault(f"pool:{pool}", set()).add(facts.get("size"))
+    pid = doc.get("pid", 0)
+    reload = doc.get("reload")
+    if isinstance(reload, dict) and reload.get("number") is not None:
+        samples.reload_records[pid, reload["number"]] = reload
+    updated = doc.get("updated_unix") or time.time()
+    for reason in (doc.get("health") or {}).get("reasons", []):
+        if m := _WAS_BLOCKED.fullmatch(reason):
+            end = updated - float(m["ago"])
+            samples.loop_blocks[pid, m["task"], m["seconds"]] = (end - float(m["seconds"]), end)
+        elif m := _BLOCKED_NOW.fullmatch(reason):
+            start, _ = samples.loop_blocks.get((pid, m["task"], None), (updated, updated))
+            samples.loop_blocks[pid, m["task"], None] = (start, updated)
 
 
 def _feed(config: Config, n: int, start: int) -> int:
@@ -253,11 +388,17 @@ def run_stress(
     # mkdtemp, not TemporaryDirectory: the latter's finalizer would delete the evidence kept.
     owned = options.workdir is None and options.config is None
     root = Path(options.workdir or tempfile.mkdtemp(prefix="orchestrator-stress-"))
+    root.mkdir(parents=True, exist_ok=True)
+    data: dict[str, Any] | None = None
     if options.config is None:
         config_path = _synthetic_config(root, options.faults)
     else:
-        config_path = options.config.resolve()
-    report = _run(options, config_path, root, say)
+        user = options.config.resolve()
+        config_path, data = _private_copy(user, root)
+        say(f"{user} runs as a copy, {config_path}: its stages and commands as they are, its "
+            f"sources, state, moved inputs and log in {root}; no file of yours is touched")  # fmt: skip
+    report = _run(options, config_path, data, root, say)
+    report["user_config"] = None if options.config is None else str(options.config.resolve())
     if owned and report["ok"]:
         shutil.rmtree(root, ignore_errors=True)
         report["workdir"] = None
@@ -282,8 +423,9 @@ def _stop_service(proc: subprocess.Popen[bytes]) -> int | None:
 
 
 def _run(
-    options: StressOptions, config_path: Path, root: Path, say: Callable[[str], None]
-) -> dict[str, Any]:
+    options: StressOptions, config_path: Path, data: dict[str, Any] | None, root: Path,
+    say: Callable[[str], None],
+) -> dict[str, Any]:  # fmt: skip
     config = load_config(config_path)
     state_dir = config.state_dir
     status = config.status_path
@@ -293,10 +435,15 @@ def _run(
     if db is None:
         raise ValueError("stress needs the SQLite store; the PostgreSQL store is not available")
     limits = {s.name: s.concurrency for s in config.stages}
+    pool_limits = dict(config.pools)
+    pool_stages = {p: tuple(s.name for s in config.stages if p in s.pools) for p in pool_limits}
     samples = _Samples()
     stop = threading.Event()
-    sampler = threading.Thread(target=_sample, args=(state_dir, status, samples, stop),
+    sampler = threading.Thread(target=_sample,
+                               args=(state_dir, status, pool_stages, samples, stop),
                                daemon=True)  # fmt: skip
+    #: Wall-clock (start, end) of each freeze: the service's loop stood still then, by design.
+    frozen: list[tuple[float, float]] = []
     restarts = kills = freezes = reloads = 0
     draw = random.Random()
     unhealthy: list[str] = []
@@ -308,6 +455,10 @@ def _run(
         **os.environ, "ORCH_FAKE_AUDIT": str(audit), "ORCH_FAKE_LOCK_DIR": str(root / "locks"),
         "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]),
     }  # fmt: skip
+    if options.config is not None and any(s.call for s in config.stages):
+        # A `call` stage's module is imported from the user's config folder, not the copy's.
+        user_dir = str(options.config.resolve().parent)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [user_dir, env.get("PYTHONPATH")]))
 
     def start() -> subprocess.Popen[bytes]:
         with open(service_log, "ab") as err:
@@ -350,14 +501,20 @@ def _run(
                     unhealthy.append(f"restart {restarts} (pid {proc.pid}): no fresh status")
                 next_kill = time.monotonic() + (options.kill_every or 0)
             if now >= next_freeze:
+                began = time.time()
                 proc.send_signal(signal.SIGSTOP)
                 time.sleep(options.freeze_for)
                 proc.send_signal(signal.SIGCONT)
+                frozen.append((began, time.time()))
                 freezes += 1
                 next_freeze = time.monotonic() + (options.freeze_every or 0)
             if now >= next_reload:
-                if options.config is None:  # ours to rewrite; the lock files stay those of 5
+                if data is None:  # the lock files stay those of 5
                     _synthetic_config(root, options.faults, store_limit=draw.randint(1, 5))
+                else:  # the copy: limits drawn anew, never above the user's
+                    _draw_limits(data, {**limits, **{f"pool:{p}": n for p, n in
+                                                     pool_limits.items()}}, draw)  # fmt: skip
+                    _write_config(config_path, data)
                 proc.send_signal(signal.SIGHUP)
                 reloads += 1
                 next_reload = time.monotonic() + (options.reload_every or 0)
@@ -384,15 +541,25 @@ def _run(
     audit_facts = _audit_facts(audit)
     over = {s: (samples.peak.get(s, 0), lim) for s, lim in limits.items()
             if samples.peak.get(s, 0) > lim}  # fmt: skip
+    over_pools = {p: (samples.pool_peak.get(p, 0), lim) for p, lim in pool_limits.items()
+                  if samples.pool_peak.get(p, 0) > lim}  # fmt: skip
     in_flight = sum(n for s, n in store["states"].items()
                     if s in ("queued", "running", "retry_wait"))  # fmt: skip
     terminal = sum(n for s, n in store["states"].items() if s in ("done", "dead", "rejected"))
     invariants = {
         "limits": {
-            "held": not over and not audit_facts["overlaps"],
+            "held": not over and not over_pools and not audit_facts["overlaps"],
             "evidence": f"peak live process groups per stage {samples.peak} (limits {limits}) "
-            f"over {samples.samples} samples of /proc; flock overlaps in the audit log: "
+            + (f"and per pool {samples.pool_peak} (limits {pool_limits}) " if pool_limits else "")
+            + f"over {samples.samples} samples of /proc; flock overlaps in the audit log: "
             f"{len(audit_facts['overlaps'])}",
+        },
+        "processed": {
+            # Nothing done proves nothing: the invariants below hold of an idle service too.
+            "held": fed > 0 and terminal > 0 and bool(store["runs"]),
+            "evidence": f"{terminal} of {fed} generated item(s) reached a terminal state; "
+            f"{len(store['runs'])} run(s) ended"
+            + ("" if fed else "; no input was generated (no directory or jsonl source?)"),
         },
         "accounted": {
             "held": store["total"] == fed and terminal + in_flight == store["total"],
@@ -423,14 +590,15 @@ def _run(
             "evidence": f"exit status after SIGTERM: {exit_code}",
         },
     }
+    invariants["event_loop"] = _loop_verdict(samples, frozen)
     if options.reload_every:
-        seen = {s: sorted(v for v in vals if v is not None)
-                for s, vals in samples.limits_seen.items()}  # fmt: skip
-        invariants["reloads"] = {
-            # Only the synthetic config changes; a user's is reloaded as it is.
-            "held": options.config is not None or len(seen.get("store", [])) > 1,
-            "evidence": f"{reloads} SIGHUP(s); limits the status file showed: {seen}",
-        }
+        invariants["reloads"] = _reload_verdict(
+            samples, reloads,
+            # Each reload draws the synthetic store's limit, or every limit above 1 of a copy.
+            ["store"] if data is None
+            else [k for k, n in {**limits, **{f"pool:{p}": n for p, n in pool_limits.items()}}
+                  .items() if n > 1],
+        )  # fmt: skip
     runs = store["runs"]
     outcomes: dict[str, int] = {}
     for _stage, outcome, *_ in runs:
@@ -459,12 +627,61 @@ def _run(
             if any(r[0] == s and r[3] is not None for r in runs)
         },
         "config": str(config_path),
+        "pools": pool_limits,
         "service_log": str(service_log) if service_log.exists() else None,
         "command": shlex.join(
             [sys.executable, "-m", "orchestrator", "run", "-c", str(config_path)]
         ),
     }
     return report
+
+
+def _loop_verdict(samples: _Samples, frozen: list[tuple[float, float]]) -> dict[str, Any]:
+    """Held unless the service's watchdog reported its event loop blocked outside the freezes.
+
+    The watchdog itself leaves out a stop of the whole process; a block it still reports within
+    a second or two of one of the tool's freezes is put down to the freeze, not counted.
+    """
+    slack = 2.0  # the "N s ago" of the status file is whole seconds; blocks are seen late
+    blocks, during = [], []
+    for (pid, task, seconds), (start, end) in sorted(samples.loop_blocks.items(),
+                                                     key=lambda kv: kv[1]):  # fmt: skip
+        if seconds is None and any(k[:2] == (pid, task) and k[2] is not None
+                                   for k in samples.loop_blocks):  # fmt: skip
+            continue  # seen going on, then seen ended: counted once, ended
+        text = f"{seconds or '?'}s by task {task} (pid {pid})"
+        if any(start < b + slack and end > a - slack for a, b in frozen):
+            during.append(text)
+        else:
+            blocks.append(text)
+    evidence = (f"the service reported its event loop blocked: {'; '.join(blocks)}" if blocks
+                else "the service never reported its event loop blocked")  # fmt: skip
+    if during:
+        evidence += f"; not counted, during the tool's own freezes: {'; '.join(during)}"
+    return {"held": not blocks, "evidence": evidence}
+
+
+def _reload_verdict(samples: _Samples, sent: int, changing: list[str]) -> dict[str, Any]:
+    """Held when every reload the status file reported was applied and, if any was sent, the
+    limits in ``changing`` (stage names, ``pool:NAME``) showed more than one value."""
+    refused = [r for r in samples.reload_records.values() if not r.get("ok")]
+    applied = len(samples.reload_records) - len(refused)
+    seen = {k: sorted(v for v in vals if v is not None)
+            for k, vals in samples.limits_seen.items()}  # fmt: skip
+    unchanged = [k for k in changing if len(seen.get(k, [])) <= 1]
+    evidence = (
+        f"{sent} SIGHUP(s); {applied} reload(s) applied, {len(refused)} refused "
+        f"(as the status file showed); limits it showed: {seen}"
+    )
+    if refused:
+        errors = sorted({e for r in refused for e in r.get("errors", [])})
+        evidence += f"; refused with: {'; '.join(errors[:3]) or 'no error given'}"
+    if sent and unchanged:
+        evidence += f"; never changed: {', '.join(unchanged)}"
+    return {
+        "held": not refused and (not sent or (applied > 0 and not unchanged)),
+        "evidence": evidence,
+    }
 
 
 def _all_terminal(db: Path, fed: int) -> bool:
