@@ -881,6 +881,13 @@ def stress(
         _err("orchestrator stress: it needs the SQLite store; the PostgreSQL store is not "
              "available in this version")  # fmt: skip
         raise typer.Exit(EXIT_USAGE)
+    try:
+        from orchestrator.stress import check_freeze
+
+        check_freeze(options)
+    except ValueError as exc:
+        _err(f"orchestrator stress: {exc}")
+        raise typer.Exit(EXIT_USAGE) from None
 
     def interrupted(signum: int, frame: object) -> None:
         raise KeyboardInterrupt

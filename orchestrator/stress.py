@@ -51,15 +51,16 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from orchestrator.config import SourceType, load_config
+from orchestrator.config import SourceType, WatchdogConfig, load_config
 from orchestrator.reaper import STATE_MARKER, other_pids, proc_environ, proc_stat
+from orchestrator.watchdog import FAULTHANDLER_MARGIN
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
     from orchestrator.config import Config
 
-__all__ = ["DEFAULT_FAULTS", "StressOptions", "run_stress"]
+__all__ = ["DEFAULT_FAULTS", "StressOptions", "check_freeze", "run_stress"]
 
 #: Fault rates of the synthetic pipeline when ``--faults`` is not given: every kind, rarely.
 DEFAULT_FAULTS = (
@@ -385,6 +386,7 @@ def run_stress(
         log: a callable taking a line of progress text (None: quiet).
     """
     say: Callable[[str], None] = log or (lambda _line: None)
+    check_freeze(options)
     # mkdtemp, not TemporaryDirectory: the latter's finalizer would delete the evidence kept.
     owned = options.workdir is None and options.config is None
     root = Path(options.workdir or tempfile.mkdtemp(prefix="orchestrator-stress-"))
@@ -405,6 +407,30 @@ def run_stress(
     else:  # keep the evidence (and a user's config's audit log and service log)
         report["workdir"] = str(root)
     return report
+
+
+def check_freeze(options: StressOptions) -> None:
+    """Refuse a ``--freeze-for`` the service cannot live through.
+
+    The watchdog's last resort, faulthandler, ends the process ``watchdog.loop_stall_timeout``
+    plus `FAULTHANDLER_MARGIN` seconds after the heartbeat last re-armed it; its clock runs on
+    while the process is stopped, so a longer SIGSTOP ends the service (exit 1) the moment it is
+    continued -- a failed verdict that says nothing of the pipeline.
+
+    Raises:
+        ValueError: the freeze is that long.
+    """
+    if not options.freeze_every:
+        return
+    watchdog = load_config(options.config).watchdog if options.config else WatchdogConfig()
+    deadline = watchdog.loop_stall_timeout + FAULTHANDLER_MARGIN
+    if options.freeze_for >= deadline - 1:
+        raise ValueError(
+            f"--freeze-for {options.freeze_for:g}s is too long: a service stopped for "
+            f"{deadline:g}s (watchdog.loop_stall_timeout {watchdog.loop_stall_timeout:g}s + "
+            f"{FAULTHANDLER_MARGIN:g}s) is ended by its faulthandler as soon as it runs again; "
+            f"freeze it for less than {deadline - 1:g}s"
+        )
 
 
 def _stop_service(proc: subprocess.Popen[bytes]) -> int | None:

@@ -299,3 +299,21 @@ def test_the_tools_own_freezes_are_not_taken_for_a_blocked_loop(tmp_path: Path) 
     assert report["freezes"] >= 1
     assert report["ok"], report["invariants"]
     assert report["invariants"]["event_loop"]["held"]
+
+
+def test_a_freeze_the_service_cannot_live_through_is_refused_up_front(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from orchestrator.cli import main
+
+    # Given: a service whose faulthandler ends it 12 s after its heartbeat last ran
+    user = _user_pipeline(tmp_path / "user", FAKE,
+                          extra='[watchdog]\nloop_stall_warn = "1s"\nloop_stall_timeout = "2s"\n')  # fmt: skip
+
+    # When/Then: a 15 s freeze is refused before anything starts, with the reason
+    args = ["stress", "-c", str(user), "--freeze-every", "3s", "--duration", "20s"]
+    assert main([*args, "--freeze-for", "15s"]) == 2
+    err = capsys.readouterr().err
+    assert "--freeze-for 15s is too long" in err
+    assert "freeze it for less than 11s" in err
+    assert not (tmp_path / "user" / "state").exists()
