@@ -68,7 +68,8 @@ EXIT_INTERRUPTED = 130
 #: ``run``/``batch``: the watchdog found the event loop blocked past ``loop_stall_timeout`` and
 #: ended the process to be restarted (``orchestrator.watchdog.EXIT_LOOP_STALLED``; EX_SOFTWARE).
 EXIT_LOOP_STALLED = 70
-#: ``health``: the status file is getting old (older than 2 intervals).
+#: ``health``: the status file is getting old (older than 2 intervals), the service reports
+#: problems, or it is still starting.
 EXIT_WARNING = 1
 #: ``health``: the service is not running, or its status file is older than 4 intervals.
 EXIT_CRITICAL = 2
@@ -772,8 +773,9 @@ def health(
     """Judge the service's health from its status file: age, process, its own problems.
 
     ok: updated within 2 status intervals, and its process alive.
-    warning: older than 2 intervals, or the service reports problems.
-    critical: older than 4, its process gone, the service stopped, or no status file.
+    warning: older than 2 intervals, the service reports problems, or it is still starting.
+    critical: older than 4, its process gone, the service stopped, starting for 15 minutes, or
+    no status file.
 
     Exit 0 ok, 1 warning, 2 critical, 3 unknown (a command line it cannot take).
     With --watch: 0 when Ctrl+C ends it.

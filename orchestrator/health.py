@@ -5,9 +5,12 @@ stops rewriting it, so the file's age tells. The verdict:
 
 ==========  =====  ==================================================================================
 ok          0      updated less than 2 intervals ago, its process alive
-warning     1      updated 2 to 4 intervals ago; or the service itself reports problems
+warning     1      updated 2 to 4 intervals ago; or the service itself reports problems; or it is
+                   still starting (recovering a dead instance's runs, say), for less than
+                   `STARTING_LIMIT`
 critical    2      older than 4 intervals; or its process is gone (or the pid now belongs to a
-                   younger process); or it stopped; or there is no (readable) status file
+                   younger process); or it stopped; or it has been starting for `STARTING_LIMIT`
+                   or longer; or there is no (readable) status file
 ==========  =====  ==================================================================================
 
 `watch` judges again and again and runs a restart command when the verdict is critical, with
@@ -39,6 +42,9 @@ WARNING_AGE = 2
 CRITICAL_AGE = 4
 #: A process that started this long after the service says it started is not the service.
 START_TOLERANCE = 2.0
+#: A service that says ``starting`` for this long is stuck in its start-up: critical. Generous:
+#: ending a dead instance's runs waits their ``grace_period``, and a big store takes a while.
+STARTING_LIMIT = 900.0
 #: How long `watch` waits for the restart command to end (to report its exit status). One still
 #: running after that -- the service itself, run in the foreground -- is left running (reaped
 #: when it ends); its status file is what is judged.
@@ -59,7 +65,8 @@ class Verdict:
     pid: int | None = None
     pid_alive: bool | None = None
     host: str | None = None
-    state: str | None = None  #: the service's own word: running, draining, stopped
+    #: the service's own word: starting, running, draining, stopped
+    state: str | None = None
 
     @property
     def status(self) -> str:
@@ -131,6 +138,19 @@ def judge(path: Path, *, interval: float, now: float | None = None) -> Verdict:
         reasons.append(
             f"status file is {age:.1f}s old (more than {WARNING_AGE} intervals of {interval:g}s)"
         )
+    if state == "starting" and level != CRITICAL:
+        since = _started(doc)
+        took = max(0.0, now - since) if since is not None else 0.0
+        phase = doc.get("phase") or "starting"
+        if took >= STARTING_LIMIT:
+            level = CRITICAL
+            reasons.append(
+                f"still starting (pid {pid}) after {took:.0f}s (more than {STARTING_LIMIT:g}s),"
+                f" stuck at: {phase}"
+            )
+        else:
+            level = max(level, WARNING)
+            reasons.append(f"starting (pid {pid}) for {took:.1f}s: {phase}")
     health = doc.get("health")
     if isinstance(health, dict) and health.get("reasons") and state != "stopped":
         level = max(level, WARNING)

@@ -4,14 +4,21 @@ It is what a person (or ``orchestrator status`` / ``health``) reads to know what
 doing without talking to it: per-stage counts, running runs with their age, who holds and who
 waits for each slot, the last errors. It is written to a temporary file, fsynced and renamed
 over the old one, so a reader always sees a complete JSON document -- never a half-written one.
+
+Its ``state`` is ``starting`` from the moment the service holds its state folder until its
+pipeline runs (``phase`` says what start-up is doing: recovering a dead instance's runs can take
+minutes, rewritten every interval all the same), then ``running``, ``draining`` and, last,
+``stopped``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
 import socket
+import time
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -21,12 +28,21 @@ from orchestrator.store.sqlite import op_counts_by_stage
 
 if TYPE_CHECKING:
     import sqlite3
-    from collections.abc import Callable
+    from collections.abc import AsyncIterator, Callable
     from pathlib import Path
 
+    from orchestrator.config import Config
     from orchestrator.workers import Engine
 
-__all__ = ["op_stage_counts", "serve_status_file", "snapshot", "write_atomically"]
+__all__ = [
+    "StartingStatus",
+    "op_stage_counts",
+    "open_starting_status",
+    "serve_status_file",
+    "snapshot",
+    "starting_snapshot",
+    "write_atomically",
+]
 
 
 def _iso(ts: float) -> str:
@@ -104,6 +120,24 @@ def snapshot(
     }
 
 
+def starting_snapshot(
+    config: Config, *, instance: str, started: float, phase: str
+) -> dict[str, Any]:
+    """The status document of a service still starting: who it is, since when, doing what.
+
+    The sections a running service fills (stages, pools, runs...) are there, empty, so that a
+    reader of the running document reads this one too.
+    """
+    wall = time.time()
+    return {
+        "version": __version__, "pid": os.getpid(), "host": socket.gethostname(),
+        "instance": instance, "started": _iso(started), "updated": _iso(wall),
+        "updated_unix": wall, "interval": config.status.interval, "state": "starting",
+        "phase": phase, "stages": {}, "pools": {}, "running": [], "recent_errors": [],
+        "reload": None, "health": None,
+    }  # fmt: skip
+
+
 def write_atomically(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data``: temp file, fsync, rename (blocking: call from a thread)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -157,3 +191,86 @@ async def serve_status_file(
             await write_status(engine, state=state, health=health)
         except OSError as exc:
             logger.warning("cannot write the status file: {}", exc)
+
+
+class StartingStatus:
+    """The status file of a service that is starting, before its engine exists.
+
+    Rewritten every ``status.interval`` with ``state = "starting"`` and the `phase`, so that
+    ``orchestrator health`` sees a live service starting (not the dead pid the file named
+    before) and a start-up whose event loop hangs goes stale like a running service would.
+
+    Synopsis::
+
+        async with open_starting_status(config, instance=instance, started=t0) as starting:
+            starting.set_phase("recovering the runs a dead instance left open")
+            ...
+            await starting.stop()  # before the running service's own writer starts
+    """
+
+    def __init__(self, config: Config, *, instance: str, started: float, phase: str) -> None:
+        self.config = config
+        self.instance = instance
+        self.started = started
+        #: What start-up is doing now (the status file's ``phase``).
+        self.phase = phase
+        self._wanted = trio.Event()
+        self._scope = trio.CancelScope()
+        self._done = trio.Event()
+        self._failure: str | None = None
+
+    def set_phase(self, phase: str) -> None:
+        """Say what start-up does now; the file is rewritten at once."""
+        self.phase = phase
+        self._wanted.set()
+
+    async def stop(self) -> None:
+        """Stop rewriting the file, and wait for a write going on to end."""
+        self._scope.cancel()
+        await self._done.wait()
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Write the file now and every interval until `stop` (the first write before started)."""
+        from loguru import logger
+
+        interval = self.config.status.interval
+        path = self.config.status_path
+        try:
+            with self._scope:
+                while True:
+                    doc = starting_snapshot(self.config, instance=self.instance,
+                                            started=self.started, phase=self.phase)  # fmt: skip
+                    try:
+                        await trio.to_thread.run_sync(
+                            write_atomically, path, json.dumps(doc, indent=1).encode()
+                        )
+                    except OSError as exc:
+                        failure = f"status file {str(path)!r} cannot be written: {exc}"
+                        if failure != self._failure:
+                            logger.warning("{}; tried again every {:g}s", failure, interval)
+                        self._failure = failure
+                    task_status.started()
+                    task_status = trio.TASK_STATUS_IGNORED
+                    with trio.move_on_after(interval):
+                        await self._wanted.wait()
+                    self._wanted = trio.Event()
+        finally:
+            self._done.set()
+
+
+@contextlib.asynccontextmanager
+async def open_starting_status(
+    config: Config, *, instance: str, started: float, phase: str = "opening the store"
+) -> AsyncIterator[StartingStatus]:
+    """Write the ``starting`` status file now, and keep it fresh until `StartingStatus.stop`.
+
+    Call it only once the state folder's lock is held: a second instance must never overwrite
+    the status file of the one running.
+    """
+    starting = StartingStatus(config, instance=instance, started=started, phase=phase)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(starting.serve, name="status:starting")
+        try:
+            yield starting
+        finally:
+            starting._scope.cancel()

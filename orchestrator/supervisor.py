@@ -3,7 +3,10 @@
 ::
 
     trio.run(serve, config)
-    └─ serve                      opens the store (its committer task), recovers, then:
+    └─ serve                      takes the state folder's lock, then
+       ├─ status:starting         status.json says "starting" (and what start-up does), until
+       │                          the status task below takes over
+       │                          opens the store (its committer task), recovers, then:
        ├─ signals                 SIGTERM/SIGINT → drain; a second SIGINT → stop now;
        │                          SIGHUP → reopen the logs, reload [log] and the limits
        ├─ timers                  items in retry_wait come back to their stage's queue
@@ -18,7 +21,9 @@
        └─ workers                 per stage: `concurrency` tasks: item → slots → claim → run → record
           └─ sources              per source: a poller: scan (thread) → settle → ingest → admit
 
-Start-up order: store → recovery of a dead instance's runs → timers → http → watchdog → status →
+Start-up order: lock → a ``starting`` status file (at once: a watcher that restarts the service
+must not take the dead pid the file named before for this start-up) → store → recovery of a dead
+instance's runs → timers → http → watchdog → status (the ``starting`` writer stops first) →
 pending items admitted → store-watch → housekeeping → workers → sources → ``READY=1`` to
 systemd. HTTP comes before the workers so that the service can be looked at from its first run
 on, and the watchdog before anything that could block the loop. Sources start last so that nothing is ingested before there
@@ -54,7 +59,12 @@ from orchestrator.housekeeping import highest_run_log_id, serve_housekeeping
 from orchestrator.instance import InstanceLock, acquire_instance_lock
 from orchestrator.pollers import serve_source
 from orchestrator.reaper import ReapReport, reap
-from orchestrator.status import serve_status_file, write_status
+from orchestrator.status import (
+    StartingStatus,
+    open_starting_status,
+    serve_status_file,
+    write_status,
+)
 from orchestrator.store.sqlite import (
     BatchCounts,
     Recovery,
@@ -159,10 +169,15 @@ async def serve(
     terminal = await trio.to_thread.run_sync(Terminal)
     notifier = Notifier.from_environ(os.environ)
     try:
-        async with open_sqlite_store(
-            config.db_path, synchronous=config.store.synchronous,
-            busy_timeout=config.store.busy_timeout,
-        ) as store:  # fmt: skip
+        # The starting status only now that the folder is ours: a second instance must not
+        # overwrite the file of the one running.
+        async with (
+            open_starting_status(config, instance=instance, started=started) as starting,
+            open_sqlite_store(
+                config.db_path, synchronous=config.store.synchronous,
+                busy_timeout=config.store.busy_timeout,
+            ) as store,
+        ):  # fmt: skip
             db_file = await trio.to_thread.run_sync(_identity, config.db_path)
             # Signals are taken from here on: one that arrives while recovery ends a dead
             # instance's leftovers waits for it (it used to end us there, the leftovers alive),
@@ -170,10 +185,10 @@ async def serve(
             with trio.open_signal_receiver(*SIGNALS_HANDLED) as signals:
                 async with trio.open_nursery() as guard:
                     guard.start_soon(_watch_state_files, lock, config.db_path, db_file)
-                    recovery = await _recover(config, store, instance)
+                    recovery = await _recover(config, store, instance, starting)
                     result = await _serve(
                         config, store, instance, recovery, batch, on_start, notifier, signals,
-                        config_path, terminal,
+                        config_path, terminal, starting,
                     )  # fmt: skip
                     await _sweep_escaped(config)
                     guard.cancel_scope.cancel()
@@ -232,8 +247,11 @@ async def _watch_state_files(
                 )
 
 
-async def _recover(config: Config, store: SqliteStore, instance: str) -> Recovery:
+async def _recover(
+    config: Config, store: SqliteStore, instance: str, starting: StartingStatus
+) -> Recovery:
     """End a dead instance's leftover processes, then close its runs and re-queue their items."""
+    starting.set_phase("ending the processes a dead instance left running")
     recorded = await store.read(op_open_runs)
     grace = max(s.grace_period for s in config.stages)
     report = await trio.to_thread.run_sync(reap, str(config.state_dir), recorded, grace)
@@ -244,6 +262,7 @@ async def _recover(config: Config, store: SqliteStore, instance: str) -> Recover
         )  # fmt: skip
     if report.survivors:
         raise LeftoverProcesses(report.survivors)
+    starting.set_phase("recovering the runs a dead instance left open")
     host = socket.gethostname()
     await store.call(lambda c: op_register_instance(c, instance, os.getpid(), host))
     recovery = await store.call(lambda c: op_recover(c, config.max_interruptions, report.runs))
@@ -328,8 +347,10 @@ async def _serve(
     config: Config, store: SqliteStore, instance: str, recovery: Recovery, batch: bool,
     on_start: Callable[[Engine], None] | None, notifier: Notifier | None,
     signals: AsyncIterator[int], config_path: Path | None, terminal: Terminal,
+    starting: StartingStatus,
 ) -> ServiceResult:  # fmt: skip
     interrupted = False
+    starting.set_phase("starting the pipeline")
     # Seqs and stages only: the items are read as the engine has room for them.
     pending = await store.read(op_pending_index)
     # Items recovery found poisoned died in this run: a batch reports them.
@@ -345,6 +366,7 @@ async def _serve(
     engine = Engine(
         config, store, instance=instance, executables=executables, batch=batch, calls=calls
     )
+    engine.started_wall = starting.started  # (the status file said so while it started)
     if on_start is not None:
         on_start(engine)
     watchdog = Watchdog(engine, notifier=notifier)
@@ -360,6 +382,7 @@ async def _serve(
             )
             logger.info("http: listening on {}", ", ".join(urls))
         await root.start(watchdog.serve, name="watchdog")
+        await starting.stop()  # one writer at a time: they share the temp file
         await root.start(functools.partial(serve_status_file, engine, health=watchdog.health))
         # Before the store watch's first look: it would take them for items re-queued from
         # outside (found in session 13: the line, when the look came first).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -17,7 +18,7 @@ from conftest import PY
 from servicekit import DEFAULT_PIPELINE, Service, service_config
 
 from orchestrator.cli import EXIT_CRITICAL, EXIT_OK, EXIT_UNKNOWN, EXIT_WARNING, main
-from orchestrator.health import CRITICAL, OK, WARNING, Verdict, judge, watch
+from orchestrator.health import CRITICAL, OK, STARTING_LIMIT, WARNING, Verdict, judge, watch
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -257,5 +258,127 @@ def test_watch_restarts_a_killed_service(tmp_path: Path) -> None:
             os.kill(pid, signal.SIGTERM)
         for pid in restarted_pids:
             deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
+                time.sleep(0.05)
+
+
+# --- a service starting, a status file that cannot be written, a source that is missing ---------
+
+
+def test_judge_starting_is_a_warning_until_the_starting_limit(tmp_path: Path) -> None:
+    # Elsewhere: its pid is not looked at, only what the file says.
+    doc = status_doc(host="elsewhere", state="starting", updated_unix=NOW,
+                     phase="ending the processes a dead instance left running")  # fmt: skip
+    started = NOW - 42.0
+    doc["started"] = dt.datetime.fromtimestamp(started, dt.UTC).isoformat(timespec="seconds")
+    starting = judge(write(tmp_path / "s.json", doc), interval=10, now=NOW)
+    assert starting.level == WARNING
+    assert starting.state == "starting"
+    pid = os.getpid()
+    assert starting.reasons == (
+        f"starting (pid {pid}) for 42.0s: ending the processes a dead instance left running",
+    )
+    assert starting.describe().startswith(f"warning: starting (pid {pid}) for 42.0s")
+
+    # Still rewriting its file, but starting for longer than STARTING_LIMIT: stuck.
+    late = NOW + STARTING_LIMIT
+    doc["updated_unix"] = late
+    stuck = judge(write(tmp_path / "s.json", doc), interval=10, now=late)
+    assert stuck.level == CRITICAL
+    assert stuck.reasons == (
+        f"still starting (pid {pid}) after {STARTING_LIMIT + 42:.0f}s (more than"
+        f" {STARTING_LIMIT:g}s), stuck at: ending the processes a dead instance left running",
+    )
+
+    # A starting file that is not rewritten (its loop hangs) goes stale like any other.
+    stale = judge(write(tmp_path / "s.json", doc), interval=10, now=late + 40)
+    assert stale.level == CRITICAL
+    assert "the service is hung, frozen or dead" in stale.reasons[0]
+
+
+#: A stage that ignores SIGTERM: after its service is killed, the next start's recovery waits
+#: its whole grace period before the SIGKILL.
+STUBBORN_PIPELINE = f"""
+    [[sources]]
+    name = "in"
+    type = "directory"
+    path = "in"
+    settle = "0s"
+    poll_interval = "0.1s"
+    route = ["work"]
+    [[stages]]
+    name = "work"
+    command = ["{PY}", "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"]
+    grace_period = "7s"
+    """
+
+
+def test_watch_does_not_restart_a_service_that_is_still_starting(tmp_path: Path) -> None:
+    # Given: a service whose run ignores SIGTERM, and a watcher (backoff 4 s) whose restart
+    # command starts the service again. (Found by acceptance testers: while the new service
+    # recovered, the file still named the dead pid, and the watcher started it again.)
+    service = Service(tmp_path, service_config(STUBBORN_PIPELINE, interval=0.2))
+    config = service.config_path
+    restarted = tmp_path / "restarted.log"
+    pids: list[int] = []
+    watcher = None
+    try:
+        first = wait_health(config, EXIT_OK, timeout=15)["pid"]
+        (tmp_path / "in" / "a").write_text("")
+        deadline = time.monotonic() + 15
+        while not service.status()["running"]:
+            assert time.monotonic() < deadline, service.log
+            time.sleep(0.05)
+        start = (
+            f"exec {shlex.quote(PY)} -m orchestrator run -c {shlex.quote(str(config))} "
+            f">>{shlex.quote(str(restarted))} 2>&1 &"
+        )
+        watcher = subprocess.Popen(
+            [PY, "-m", "orchestrator", "health", "-c", str(config), "--watch", "--json",
+             "--interval", "0.2", "--backoff", "4", "--restart-cmd", f"sh -c {shlex.quote(start)}"],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+
+        # When: the service dies hard; its run lives on, and the next start must end it,
+        # waiting 7 s of grace_period for a SIGTERM it ignores
+        service.signal(signal.SIGKILL)
+        service.wait()
+
+        # Then: while the new service recovers, the watcher sees it starting (a warning, with
+        # its own pid) and does not restart it again; then it is ok.
+        verdicts = []
+        assert watcher.stdout is not None
+        deadline = time.monotonic() + 40
+        for line in watcher.stdout:
+            verdict = json.loads(line)
+            verdicts.append(verdict)
+            if verdict["pid"] not in (first, None) and verdict["pid"] not in pids:
+                pids.append(verdict["pid"])
+            if verdict["status"] == "ok" and verdict["pid"] != first:
+                break
+            assert time.monotonic() < deadline, (verdicts, restarted.read_text())
+        actions = [v["action"] for v in verdicts if v["action"]]
+        assert len(actions) == 1, (actions, restarted.read_text())
+        starting = [v for v in verdicts if v["state"] == "starting"]
+        assert len(starting) > 10, verdicts  # 7 s of recovery, judged every 0.2 s
+        assert {(v["status"], v["exit"], v["pid"], v["pid_alive"]) for v in starting} == {
+            ("warning", 1, pids[0], True)
+        }
+        assert any("ending the processes a dead instance left running" in v["reasons"][0]
+                   for v in starting)  # fmt: skip
+        assert pids == [verdicts[-1]["pid"]]
+        assert "another instance" not in restarted.read_text()
+    finally:
+        if watcher is not None:
+            watcher.send_signal(signal.SIGINT)
+            watcher.wait(10)
+            assert watcher.stdout is not None
+            watcher.stdout.close()
+        service.stop()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        for pid in pids:
+            deadline = time.monotonic() + 15
             while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
                 time.sleep(0.05)
