@@ -131,7 +131,8 @@ def judge(path: Path, *, interval: float, now: float | None = None) -> Verdict:
         level = CRITICAL
         reasons.append(
             f"status file is {age:.1f}s old (more than {CRITICAL_AGE} intervals of"
-            f" {interval:g}s): the service is hung, frozen or dead"
+            f" {interval:g}s): the service is hung, frozen or dead, or cannot write this file"
+            " (its log and /health say so)"
         )
     elif age >= WARNING_AGE * interval:
         level = max(level, WARNING)

@@ -31,6 +31,7 @@ series                                                     type       labels
 ``orchestrator_healthy`` / ``orchestrator_draining``       gauge
 ``orchestrator_store_commits_total`` / ``_syncs_total``    counter
 ``orchestrator_store_write_failed``                        gauge
+``orchestrator_status_file_write_failed``                  gauge
 ``orchestrator_build_info`` / ``_start_time_seconds``      gauge      version
 =========================================================  =========  =============================
 
@@ -261,6 +262,9 @@ class _EngineCollector:
         yield GaugeMetricFamily("orchestrator_store_write_failed",
                                 "1 when the store's last transaction or fsync failed.",
                                 value=1 if store.last_failure else 0)  # fmt: skip
+        yield GaugeMetricFamily("orchestrator_status_file_write_failed",
+                                "1 when the last write of the status file failed.",
+                                value=1 if engine.status_file_failure else 0)  # fmt: skip
         info = GaugeMetricFamily("orchestrator_build_info", "The running version (always 1).",
                                  labels=["version"])  # fmt: skip
         info.add_metric([__version__], 1)

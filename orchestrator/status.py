@@ -8,7 +8,9 @@ over the old one, so a reader always sees a complete JSON document -- never a ha
 Its ``state`` is ``starting`` from the moment the service holds its state folder until its
 pipeline runs (``phase`` says what start-up is doing: recovering a dead instance's runs can take
 minutes, rewritten every interval all the same), then ``running``, ``draining`` and, last,
-``stopped``.
+``stopped``. A file that cannot be written (a full disk, a read-only folder) is logged once and
+makes the service degraded (`Engine.status_file_failure`, shown by ``/health``) until a write
+succeeds again.
 """
 
 from __future__ import annotations
@@ -143,13 +145,19 @@ def write_atomically(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        # A half-written temp file on a full disk would hold the space the next try needs.
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 async def write_status(
@@ -169,14 +177,17 @@ async def serve_status_file(
 ) -> None:  # fmt: skip
     """Rewrite the status file every ``status.interval`` until cancelled.
 
-    A failed write (a full disk) is logged and tried again at the next tick; it never stops the
-    service.
+    A failed write (a full disk, a read-only folder) never stops the service: it is logged once,
+    kept in ``engine.status_file_failure`` (``/health`` is degraded with it) and tried again at
+    the next tick; the first write that succeeds again clears it and is followed at once by
+    another, so that the file does not carry the failure it recovered from.
     """
     from loguru import logger
 
     task_status.started()
     interval = engine.config.status.interval
     deadline = trio.current_time()
+    path = str(engine.config.status_path)
     while True:
         # Every interval, and at once when asked (`Engine.want_status`: a reload's result).
         with trio.move_on_at(deadline):
@@ -190,7 +201,15 @@ async def serve_status_file(
             state = "draining" if engine.stopping else "running"
             await write_status(engine, state=state, health=health)
         except OSError as exc:
-            logger.warning("cannot write the status file: {}", exc)
+            failure = f"status file {path!r} cannot be written: {exc}"
+            if failure != engine.status_file_failure:  # once, not at every tick
+                logger.warning("{}; tried again every {:g}s", failure, interval)
+            engine.status_file_failure = failure
+        else:
+            if engine.status_file_failure is not None:
+                logger.info("status file {!r} written again", path)
+                engine.status_file_failure = None
+                engine.status_wanted.set()  # what was written still said it could not be
 
 
 class StartingStatus:

@@ -198,6 +198,9 @@ class Watchdog:
         failure = self.engine.store.last_failure
         if failure is not None:
             reasons.append(f"store: {failure}")
+        if self.engine.status_file_failure is not None:
+            # `orchestrator health` reads that file: it sees it go stale, so this says why.
+            reasons.append(self.engine.status_file_failure)
         block = self.last_loop_block
         if self.loop_blocked:
             reasons.append(f"event loop blocked now by task {self.loop_blocked_by!r}")

@@ -239,6 +239,8 @@ class Engine:
         self.reloads: collections.Counter[str] = collections.Counter()
         #: Set to have the status file written now rather than at the next interval.
         self.status_wanted = trio.Event()
+        #: Why the status file could not be written at the last try (None: it was written).
+        self.status_file_failure: str | None = None
 
     # --- admission and dispatch -----------------------------------------------------------
 

@@ -14,7 +14,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from conftest import PY
+from conftest import PY, fill
 from servicekit import DEFAULT_PIPELINE, Service, service_config
 
 from orchestrator.cli import EXIT_CRITICAL, EXIT_OK, EXIT_UNKNOWN, EXIT_WARNING, main
@@ -382,3 +382,53 @@ def test_watch_does_not_restart_a_service_that_is_still_starting(tmp_path: Path)
             deadline = time.monotonic() + 15
             while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
                 time.sleep(0.05)
+
+
+def test_a_status_file_that_cannot_be_written_makes_health_503_until_it_can(
+    tmp_path: Path, disk: Path
+) -> None:
+    # Given: a service whose status file is on a 1 MiB file system
+    status = disk / "status.json"
+    config = service_config(DEFAULT_PIPELINE).replace(
+        "[status]\n", f"[status]\nfile = {str(status)!r}\n"
+    )
+    service = Service(tmp_path, config)
+    try:
+        wait_health(service.config_path, EXIT_OK, timeout=15)
+        assert service.get("/health")[0] == 200
+
+        # When: that file system is full
+        filler = fill(disk)
+
+        # Then: /health is 503 and says why, as the metrics do; `health` finds the file stale.
+        reason = (
+            f"status file {str(status)!r} cannot be written: [Errno 28] No space left on device"
+        )
+        deadline = time.monotonic() + 10
+        while (got := service.get("/health"))[0] != 503:
+            assert time.monotonic() < deadline, got
+            time.sleep(0.1)
+        assert json.loads(got[1]) == {"status": "degraded", "reasons": [reason]}
+        assert "orchestrator_status_file_write_failed 1.0" in service.get("/metrics")[1].decode()
+        doc = wait_health(service.config_path, EXIT_CRITICAL, timeout=5)
+        assert "or cannot write this file" in doc["reasons"][0]
+        time.sleep(1.0)  # several more failed writes (every 0.3 s): logged once
+        assert service.log.count("cannot be written") == 1, service.log
+        # No half-written temp file is left to hold the space.
+        assert sorted(p.name for p in disk.iterdir()) == ["filler", "status.json"]
+
+        # When: there is room again
+        filler.unlink()
+
+        # Then: healthy everywhere again, and the file does not keep the failure it had.
+        wait_health(service.config_path, EXIT_OK, timeout=5)
+        deadline = time.monotonic() + 5
+        while (health := json.loads(status.read_text())["health"])["status"] != "ok":
+            assert time.monotonic() < deadline, health
+            time.sleep(0.05)
+        assert service.get("/health")[0] == 200
+        assert "orchestrator_status_file_write_failed 0.0" in service.get("/metrics")[1].decode()
+        assert service.log.count("written again") == 1, service.log
+    finally:
+        code = service.stop()
+    assert code == 0, service.log
