@@ -32,6 +32,7 @@ series                                                     type       labels
 ``orchestrator_store_commits_total`` / ``_syncs_total``    counter
 ``orchestrator_store_write_failed``                        gauge
 ``orchestrator_status_file_write_failed``                  gauge
+``orchestrator_source_problem``                            gauge      source (1: takes nothing now)
 ``orchestrator_build_info`` / ``_start_time_seconds``      gauge      version
 =========================================================  =========  =============================
 
@@ -265,6 +266,12 @@ class _EngineCollector:
         yield GaugeMetricFamily("orchestrator_status_file_write_failed",
                                 "1 when the last write of the status file failed.",
                                 value=1 if engine.status_file_failure else 0)  # fmt: skip
+        problems = GaugeMetricFamily("orchestrator_source_problem",
+                                     "1 when a source takes nothing now: its folder cannot be "
+                                     "listed, or its poller failed.", labels=["source"])  # fmt: skip
+        for src in engine.config.sources:
+            problems.add_metric([src.name], 1 if src.name in engine.source_problems else 0)
+        yield problems
         info = GaugeMetricFamily("orchestrator_build_info", "The running version (always 1).",
                                  labels=["version"])  # fmt: skip
         info.add_metric([__version__], 1)

@@ -1,7 +1,10 @@
 """Source pollers: each source polled on `trio_util.periodic`, new items ingested and admitted.
 
 File system work happens in worker threads (see `orchestrator.sources`); a poller that fails is
-restarted with backoff and never takes the service down (a store failure does).
+restarted with backoff and never takes the service down (a store failure does). A source that
+takes nothing for a reason -- its folder cannot be listed (missing, a mount gone), its poller
+failed -- is in ``engine.source_problems`` with that reason until a poll reads it well again:
+``/health`` is degraded with it, and the status file shows it per source.
 """
 
 from __future__ import annotations
@@ -82,6 +85,17 @@ def _not_a_folder(path: Path) -> bool:
         return False
 
 
+def _note_problem(engine: Engine, source: SourceConfig, poller: Source) -> None:
+    """Record (or clear) why ``source`` took nothing at its last poll."""
+    if not isinstance(poller, DirectorySource) or poller.root_problem is None:
+        engine.source_problems.pop(source.name, None)
+    else:
+        engine.source_problems[source.name] = (
+            f"source {source.name!r}: cannot list {poller.root!r}: {poller.root_problem};"
+            " nothing is taken until it can be"
+        )
+
+
 async def serve_source(
     engine: Engine, source: SourceConfig, *, once: bool = False,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
@@ -124,6 +138,7 @@ async def serve_source(
                     async for _ in ticks:
                         exhausted = await poller.poll(engine, once=once)
                         engine.last_poll[source.name] = trio.current_time()
+                        _note_problem(engine, source, poller)
                         backoff, failures = POLLER_BACKOFF, 0
                         if once and exhausted:
                             engine.sources_exhausted.value += 1
@@ -142,6 +157,10 @@ async def serve_source(
                     engine.sources_exhausted.value += 1
                     return
                 log.opt(exception=exc).error("source poller failed; restart in {:.0f}s", backoff)
+                engine.source_problems[source.name] = (
+                    f"source {source.name!r}: its poller failed ({type(exc).__name__}: {exc});"
+                    f" restarted in {backoff:.0f}s"
+                )
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, POLLER_BACKOFF_MAX)
     finally:

@@ -119,7 +119,14 @@ def snapshot(
         "recent_errors": list(engine.recent_errors),
         "reload": engine.last_reload,
         "health": health,
-    }
+        "sources": {
+            source.name: {
+                "type": source.type.value, "path": str(source.path),
+                "problem": engine.source_problems.get(source.name),
+            }
+            for source in engine.config.sources
+        },
+    }  # fmt: skip
 
 
 def starting_snapshot(
@@ -136,7 +143,7 @@ def starting_snapshot(
         "instance": instance, "started": _iso(started), "updated": _iso(wall),
         "updated_unix": wall, "interval": config.status.interval, "state": "starting",
         "phase": phase, "stages": {}, "pools": {}, "running": [], "recent_errors": [],
-        "reload": None, "health": None,
+        "reload": None, "health": None, "sources": {},
     }  # fmt: skip
 
 

@@ -201,6 +201,8 @@ class Watchdog:
         if self.engine.status_file_failure is not None:
             # `orchestrator health` reads that file: it sees it go stale, so this says why.
             reasons.append(self.engine.status_file_failure)
+        problems = self.engine.source_problems
+        reasons.extend(problems[s.name] for s in self.engine.config.sources if s.name in problems)
         block = self.last_loop_block
         if self.loop_blocked:
             reasons.append(f"event loop blocked now by task {self.loop_blocked_by!r}")

@@ -7,8 +7,8 @@ device. Handlers only read: the engine's state in the trio thread, the store in 
 =============  ===================================================================================
 ``/health``    200 ``{"status": "ok"}``, or 503 with ``status`` ``degraded`` or ``draining`` and
                the ``reasons``: the store's last write failed, the status file cannot be
-               written, the event loop was blocked, the pipeline stalled, the service is
-               draining
+               written, a source's folder cannot be listed (or its poller failed), the event
+               loop was blocked, the pipeline stalled, the service is draining
 ``/metrics``   Prometheus's text format (`orchestrator.metrics`)
 ``/status``    the status document (as in ``status.json``), built now, plus ``health``
 ``/``          a small page that refreshes itself from ``/status`` (every 2 s, or

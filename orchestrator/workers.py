@@ -241,6 +241,9 @@ class Engine:
         self.status_wanted = trio.Event()
         #: Why the status file could not be written at the last try (None: it was written).
         self.status_file_failure: str | None = None
+        #: Per source: why it takes nothing now (its folder is missing, its poller failed);
+        #: a source that is read well is not in it (``/health``, the status file's ``sources``).
+        self.source_problems: dict[str, str] = {}
 
     # --- admission and dispatch -----------------------------------------------------------
 

@@ -432,3 +432,54 @@ def test_a_status_file_that_cannot_be_written_makes_health_503_until_it_can(
     finally:
         code = service.stop()
     assert code == 0, service.log
+
+
+def test_a_missing_source_folder_is_degraded_in_every_view_and_logged_once(tmp_path: Path) -> None:
+    # Given: a running, healthy service
+    service = Service(tmp_path, service_config(DEFAULT_PIPELINE))
+    folder = tmp_path / "in"
+    try:
+        wait_health(service.config_path, EXIT_OK, timeout=15)
+        assert service.status()["sources"] == {
+            "in": {"type": "directory", "path": str(folder), "problem": None}
+        }
+
+        # When: its source folder goes away (a mount that dropped)
+        folder.rmdir()
+
+        # Then: /health is 503 degraded with the reason, the status file names it for the
+        # source, `health` warns with it (exit 1: not restarted), the log says it once.
+        reason = (
+            f"source 'in': cannot list {str(folder)!r}: No such file or directory; nothing is"
+            " taken until it can be"
+        )
+        doc = wait_health(service.config_path, EXIT_WARNING, timeout=5)
+        assert doc["reasons"] == [reason]
+        status, body, _ = service.get("/health")
+        assert (status, json.loads(body)) == (503, {"status": "degraded", "reasons": [reason]})
+        assert service.status()["sources"]["in"]["problem"] == reason
+        assert 'orchestrator_source_problem{source="in"} 1.0' in service.get("/metrics")[1].decode()
+        time.sleep(1.0)  # ten more polls
+        assert service.log.count(f"cannot list {str(folder)!r}") == 1, service.log
+
+        # When: it comes back
+        folder.mkdir()
+        # Then: healthy again, said once.
+        wait_health(service.config_path, EXIT_OK, timeout=5)
+        assert service.get("/health")[0] == 200
+        assert service.status()["sources"]["in"]["problem"] is None
+        assert service.log.count(f"{str(folder)!r} can be listed again") == 1, service.log
+
+        # When: its poller fails (the folder is a symbolic link to itself: ELOOP)
+        folder.rmdir()
+        folder.symlink_to(folder)
+        # Then: that is degraded too, until a poll reads the folder again.
+        doc = wait_health(service.config_path, EXIT_WARNING, timeout=5)
+        assert doc["reasons"][0].startswith("source 'in': its poller failed (OSError: [Errno 40]")
+        folder.unlink()
+        folder.mkdir()
+        wait_health(service.config_path, EXIT_OK, timeout=10)
+        assert service.get("/health")[0] == 200
+    finally:
+        code = service.stop()
+    assert code == 0, service.log
