@@ -280,7 +280,8 @@ def reload_service(
 
     The service is signalled only when its status file names a live process on this host
     that started when the service did (`orchestrator.health.judge`: a reused pid is never
-    signalled) and it is running, not draining.
+    signalled) and it is running or starting (it takes the signal from before its status file
+    names it, and answers once it runs), not draining.
 
     Returns:
         The exit status (0 reloaded, 1 the config was refused, 3 no service or no answer) and
@@ -292,7 +293,7 @@ def reload_service(
     if not verdict.pid_alive or verdict.pid is None:
         why = "; ".join(verdict.reasons) or f"no live service on this host ({status_path})"
         return 3, {"error": why}
-    if verdict.state != "running":
+    if verdict.state not in ("running", "starting"):
         return 3, {"error": f"the service (pid {verdict.pid}) is {verdict.state}, not running"}
     before = _reload_number(status_path)
     os.kill(verdict.pid, signal.SIGHUP)

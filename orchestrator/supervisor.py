@@ -169,20 +169,22 @@ async def serve(
     terminal = await trio.to_thread.run_sync(Terminal)
     notifier = Notifier.from_environ(os.environ)
     try:
-        # The starting status only now that the folder is ours: a second instance must not
-        # overwrite the file of the one running.
-        async with (
-            open_starting_status(config, instance=instance, started=started) as starting,
-            open_sqlite_store(
-                config.db_path, synchronous=config.store.synchronous,
-                busy_timeout=config.store.busy_timeout,
-            ) as store,
-        ):  # fmt: skip
-            db_file = await trio.to_thread.run_sync(_identity, config.db_path)
-            # Signals are taken from here on: one that arrives while recovery ends a dead
-            # instance's leftovers waits for it (it used to end us there, the leftovers alive),
-            # then drains the service as soon as it starts.
-            with trio.open_signal_receiver(*SIGNALS_HANDLED) as signals:
+        # Signals are taken from here on, before the status file names this service (a SIGHUP
+        # sent then -- `orchestrator reload` -- must not end it by the default action): one
+        # that arrives while the store opens or recovery ends a dead instance's leftovers waits
+        # for it (it used to end us there, the leftovers alive), then drains (or reloads) the
+        # service as soon as it starts.
+        with trio.open_signal_receiver(*SIGNALS_HANDLED) as signals:
+            # The starting status only now that the folder is ours: a second instance must
+            # not overwrite the file of the one running.
+            async with (
+                open_starting_status(config, instance=instance, started=started) as starting,
+                open_sqlite_store(
+                    config.db_path, synchronous=config.store.synchronous,
+                    busy_timeout=config.store.busy_timeout,
+                ) as store,
+            ):  # fmt: skip
+                db_file = await trio.to_thread.run_sync(_identity, config.db_path)
                 async with trio.open_nursery() as guard:
                     guard.start_soon(_watch_state_files, lock, config.db_path, db_file)
                     recovery = await _recover(config, store, instance, starting)
@@ -192,12 +194,12 @@ async def serve(
                     )  # fmt: skip
                     await _sweep_escaped(config)
                     guard.cancel_scope.cancel()
-            if batch:
-                seqs = sorted(result.admitted)
-                rows = await store.read(lambda c: op_batch_rows(c, seqs, started - 1))
-                result = attrs.evolve(result, batch_rows=rows)
-            await store.call(lambda c: op_stop_instance(c, instance))
-            return result
+                if batch:
+                    seqs = sorted(result.admitted)
+                    rows = await store.read(lambda c: op_batch_rows(c, seqs, started - 1))
+                    result = attrs.evolve(result, batch_rows=rows)
+                await store.call(lambda c: op_stop_instance(c, instance))
+                return result
     finally:
         lock.release()
         if notifier is not None:

@@ -313,7 +313,9 @@ STUBBORN_PIPELINE = f"""
     """
 
 
-def test_watch_does_not_restart_a_service_that_is_still_starting(tmp_path: Path) -> None:
+def test_watch_does_not_restart_a_service_that_is_still_starting_and_reload_waits_for_it(
+    tmp_path: Path,
+) -> None:
     # Given: a service whose run ignores SIGTERM, and a watcher (backoff 4 s) whose restart
     # command starts the service again. (Found by acceptance testers: while the new service
     # recovered, the file still named the dead pid, and the watcher started it again.)
@@ -321,7 +323,7 @@ def test_watch_does_not_restart_a_service_that_is_still_starting(tmp_path: Path)
     config = service.config_path
     restarted = tmp_path / "restarted.log"
     pids: list[int] = []
-    watcher = None
+    watcher = reload = None
     try:
         first = wait_health(config, EXIT_OK, timeout=15)["pid"]
         (tmp_path / "in" / "a").write_text("")
@@ -354,6 +356,12 @@ def test_watch_does_not_restart_a_service_that_is_still_starting(tmp_path: Path)
             verdicts.append(verdict)
             if verdict["pid"] not in (first, None) and verdict["pid"] not in pids:
                 pids.append(verdict["pid"])
+            if verdict["state"] == "starting" and reload is None:
+                # (`orchestrator reload` meanwhile: the service takes the SIGHUP, answers later)
+                reload = subprocess.Popen(
+                    [PY, "-m", "orchestrator", "reload", "-c", str(config), "--timeout", "30"],
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                )  # fmt: skip
             if verdict["status"] == "ok" and verdict["pid"] != first:
                 break
             assert time.monotonic() < deadline, (verdicts, restarted.read_text())
@@ -368,7 +376,13 @@ def test_watch_does_not_restart_a_service_that_is_still_starting(tmp_path: Path)
                    for v in starting)  # fmt: skip
         assert pids == [verdicts[-1]["pid"]]
         assert "another instance" not in restarted.read_text()
+        assert reload is not None
+        assert reload.communicate(timeout=30) == ("reloaded: limits unchanged\n", None)
+        assert reload.returncode == 0
     finally:
+        if reload is not None and reload.poll() is None:
+            reload.kill()
+            reload.wait()
         if watcher is not None:
             watcher.send_signal(signal.SIGINT)
             watcher.wait(10)
