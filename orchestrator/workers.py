@@ -723,15 +723,20 @@ class Engine:
         return str(self._work_dir / str(item.seq)) if self._needs_workdir(item) else None
 
     def _needs_workdir(self, item: Item) -> bool:
-        """Items of records (their payload file) and of routes that mention ``{workdir}``."""
+        """Items of records (their payload file) and of routes with a stage that uses one: a
+        Python stage, a command naming ``{workdir}`` or ``ORCH_WORKDIR`` (an inline script), or
+        ``workdir = true``. Others get none: making and removing a folder per item costs a
+        fifth of a trivial stage's rate (their ``ORCH_WORKDIR`` names a folder that does not
+        exist, so a program that uses it anyway fails there, not in ``/``)."""
         if item.payload is not None:
             return True
         needs = self._route_workdir.get(item.route)
         if needs is None:
-            # A Python stage may use its run's workdir: it always gets one.
             needs = any(
                 self.stages[name].call is not None
+                or self.stages[name].workdir
                 or uses_placeholder(self.stages[name].command, "workdir")
+                or any("ORCH_WORKDIR" in arg for arg in self.stages[name].command)
                 for name in item.route if name in self.stages
             )  # fmt: skip
             self._route_workdir[item.route] = needs
@@ -774,6 +779,8 @@ class Engine:
     ) -> Command:  # fmt: skip
         values = self._values(stage, item, attempt, workdir)
         own = {_ENV_NAMES[key]: value for key, value in values.items()}
+        if workdir is None:  # the folder it would be: never an empty value that means "/"
+            own["ORCH_WORKDIR"] = f"{self._work_dir}/{item.seq}"
         own["ORCH_RUN"] = str(run_id)
         env = RunEnvironment(self._stage_env[stage.name], own)
         argv = expand_argv(stage.command, values)

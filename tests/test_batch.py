@@ -958,6 +958,56 @@ def test_done_items_workdirs_are_removed_and_a_dead_items_kept(tmp_path: Path) -
     assert sorted(p.name for p in left[0].iterdir()) == ["out", "payload.json"]
 
 
+def test_a_stage_that_uses_orch_workdir_gets_its_folder_and_one_that_does_not_name_it_fails_safely(
+    tmp_path: Path,
+) -> None:
+    # Given: three folder sources. "inline": a shell script in the command uses $ORCH_WORKDIR;
+    # "script": a script file does, its stage says workdir = true; "unsaid": the same script
+    # file, its stage says nothing (no folder is made: it must not write into "/" instead).
+    script = tmp_path / "stage.sh"
+    script.write_text(
+        '#!/bin/sh\necho "$ORCH_WORKDIR" > "$1.where"\necho x > "$ORCH_WORKDIR/out"\n'
+    )
+    script.chmod(0o755)
+    sources = stages = ""
+    for name, extra in (("inline", ""), ("script", "workdir = true"), ("unsaid", "")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "f").write_text("x")
+        command = (
+            ["sh", "-c", 'echo x > "$ORCH_WORKDIR/out"'] if name == "inline"
+            else [str(script), str(tmp_path / name)]
+        )  # fmt: skip
+        sources += textwrap.dedent(f"""
+            [[sources]]
+            name = "{name}"
+            type = "directory"
+            path = "{name}"
+            route = ["{name}"]
+            settle = "0s"
+            """)
+        stages += textwrap.dedent(f"""
+            [[stages]]
+            name = "{name}"
+            command = {json.dumps(command)}
+            {extra}
+            """)
+    config = tmp_path / "c.toml"
+    config.write_text("[http]\nlisten = false\n" + sources + stages)
+
+    # When
+    proc = orchestrator("batch", "-c", str(config), "--json", "--no-progress", cwd=tmp_path)
+
+    # Then: the first two are done; the third failed on a folder under state/work that does
+    # not exist -- the variable was never empty -- and nothing was written into "/".
+    summary = json.loads(proc.stdout)
+    assert summary["states"] == {"done": 2, "dead": 1}, proc.stderr
+    [failed] = summary["failed_items"]
+    assert failed["id"] == "unsaid:f"
+    where = (tmp_path / "unsaid.where").read_text().strip()
+    assert where.startswith(str(tmp_path / "state" / "work") + "/")
+    assert not os.path.exists("/out")
+
+
 def test_a_payload_cut_short_by_a_full_disk_is_not_left_for_the_next_attempt(disk: Path) -> None:
     # Given: a disk with about 100 KB free, and a record of 300 KB
     from orchestrator.workers import _make_workdir
