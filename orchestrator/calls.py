@@ -91,6 +91,11 @@ def import_call(call: str, base_dir: Path) -> Callable[[StageRun], Awaitable[obj
         raise ValueError(f"cannot import {module_name!r}: {exc}") from None
     except AttributeError:
         raise ValueError(f"{module_name!r} has no {attribute!r}") from None
+    except SystemExit as exc:  # a script's sys.exit() or argparse at import: not ours to obey
+        raise ValueError(
+            f"importing {module_name!r} failed: it called sys.exit({exc.code!r}) at import"
+            " (code that runs as a script belongs under `if __name__ == \"__main__\":`)"
+        ) from None
     except Exception as exc:  # the module's own code failed at import
         raise ValueError(f"importing {module_name!r} failed: {_one_line(exc)}") from None
     if not inspect.iscoroutinefunction(target):
@@ -160,8 +165,9 @@ async def run_call(
         return RunResult(
             outcome=Outcome.TIMEOUT, exit_code=None, signal=None, pid=None, duration=duration,
             tail="", reason=f"returned after {duration:.3g}s, past its timeout of {timeout:g}s "
-            "(a thread or a blocking call cannot be cancelled: use "
-            "trio.to_thread.run_sync(..., abandon_on_cancel=True), or a command stage)",
+            "(a thread or a blocking call cannot be cancelled; its slots were held until it "
+            "returned: work that must stop at its timeout belongs in a command stage, whose "
+            "process is killed)",
         )  # fmt: skip
     return RunResult(
         outcome=Outcome.OK, exit_code=0, signal=None, pid=None, duration=duration, tail="",

@@ -155,6 +155,26 @@ def test_check_imports_each_function_and_reports_every_problem_with_its_path(
     assert not (tmp_path / "state").exists()  # nothing started
 
 
+def test_a_module_that_exits_at_import_is_a_config_error_not_a_silent_success(
+    tmp_path: Path,
+) -> None:
+    # Found by an acceptance tester: `import sys; sys.exit()` in the stage's module made check
+    # and batch --json exit 0 with no output at all.
+    config = _setup(tmp_path, """
+        [[stages]]
+        name = "a"
+        call = "quitter:f"
+        """, files=("x",))  # fmt: skip
+    (tmp_path / "quitter.py").write_text("import sys\nsys.exit()\n")
+    for args in (("check",), ("batch", "--json", "--no-progress")):
+        proc = _orchestrator(*args, "-c", str(config), cwd=tmp_path)
+        assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
+        assert "stages[0].call: importing 'quitter' failed: it called sys.exit(None)" in (
+            proc.stderr
+        ), args
+    assert not (tmp_path / "state").exists()
+
+
 def test_a_route_of_commands_and_a_python_stage_shares_workdirs_and_keeps_its_pool(
     tmp_path: Path,
 ) -> None:
@@ -252,6 +272,10 @@ def test_sys_exit_is_a_failed_run_and_a_thread_past_the_timeout_a_timeout(
     assert run["outcome"] == "timeout"
     assert run["duration"] >= 1.0
     assert "past its timeout of 0.3s" in run["reason"]
+    # It says the slots were held meanwhile, and never to abandon the thread (which would
+    # end the run while the work goes on outside the limit: acceptance, session 15).
+    assert "its slots were held until it returned" in run["reason"]
+    assert "abandon" not in run["reason"]
 
 
 def test_a_function_past_its_timeout_is_cancelled_and_a_shutdown_cancels_it_too(
