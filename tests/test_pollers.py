@@ -340,6 +340,55 @@ async def test_a_reused_name_is_left_alone_with_a_warning_also_after_a_restart(
     assert [row[:2] for row in items_of(config)] == [("in:IMG_0001", "done")]
 
 
+async def test_a_file_listed_just_before_this_service_moved_it_is_not_said_to_be_back(
+    tmp_path: Path, write_config: Callable[[str], Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found resuming an interrupted batch (session 15): the first scan listed files whose
+    # items then ended and were moved to done/ before the scan's answer was checked against
+    # the store -- each was then warned about as a file "back after its item's file was
+    # moved". Here the scan's listing is made stale on purpose: it still holds the moved file.
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("a")
+    config = write_config("""
+        [http]
+        listen = false
+        [[sources]]
+        name = "in"
+        type = "directory"
+        path = "in"
+        route = ["s"]
+        settle = "0s"
+        on_done = "move:done"
+        [[stages]]
+        name = "s"
+        command = ["true"]
+        """)
+    first = await serve(config, batch=True)
+    assert first.tally.done == 1
+    assert (tmp_path / "done" / "a.txt").exists()
+    stale = DirectorySource.scan
+
+    def scan_listing_the_moved_file(self: DirectorySource) -> list:  # type: ignore[type-arg]
+        files = stale(self)
+        moved = os.stat(tmp_path / "done" / "a.txt")
+        return [
+            *files,
+            type(files[0])(
+                rel="a.txt",
+                path=str(tmp_path / "in" / "a.txt"),
+                size=moved.st_size,
+                mtime_ns=moved.st_mtime_ns,
+            ),
+        ]
+
+    (tmp_path / "in" / "b.txt").write_text("b")  # (so that the listing has a FileSeen to copy)
+    monkeypatch.setattr(DirectorySource, "scan", scan_listing_the_moved_file)
+    with captured_logs("WARNING") as lines:
+        again = await serve(config, batch=True)
+    assert again.tally.done == 1  # b.txt
+    assert not [line for line in lines if "is back" in line], lines
+
+
 async def test_a_service_that_moves_every_file_remembers_only_what_the_folder_holds(
     tmp_path: Path, write_config: Callable[[str], Config], monkeypatch: pytest.MonkeyPatch
 ) -> None:

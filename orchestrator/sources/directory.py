@@ -362,6 +362,7 @@ class DirectorySource:
         items = await engine.store.read(lambda c: op_items_by_key(c, self.name, keys))
         stored = {escaped_text(k): f for k, f in keys.items()}
         leftovers = []
+        back: list[tuple[Item, FileSeen]] = []
         for item in items:
             f = stored.get(item.key)
             disposition = self._disposition(item)
@@ -374,7 +375,15 @@ class DirectorySource:
                 continue
             if item.path == f.path and f.mtime_ns <= item.updated_at * 1e9:
                 leftovers.append(item)
-            elif self.config.reingest_changed:
+            else:
+                back.append((item, f))
+        if back:
+            # The scan listed the file before this service moved it away (an item that ended
+            # meanwhile, its path now the moved one): not a file that came back. Only one
+            # still there is (found in session 15 resuming an interrupted batch).
+            back = await trio.to_thread.run_sync(_still_there, back)
+        for _item, f in back:
+            if self.config.reingest_changed:
                 self._log.warning(
                     "{!r} is back, unchanged, after its item's file was moved or deleted; that "
                     "version was taken already, so it is ignored", f.rel,
@@ -478,6 +487,11 @@ class DirectorySource:
         Runs in worker threads beside a scan: each step is one atomic operation."""
         self.known.discard(key)
         self._gone.append(key)
+
+
+def _still_there(found: list[tuple[Item, FileSeen]]) -> list[tuple[Item, FileSeen]]:
+    """Those of ``found`` whose file is still at the path the scan saw (blocking: a thread)."""
+    return [(item, f) for item, f in found if os.path.lexists(f.path)]
 
 
 def free_name(path: str, n: int) -> str:
