@@ -94,7 +94,7 @@ def import_call(call: str, base_dir: Path) -> Callable[[StageRun], Awaitable[obj
     except SystemExit as exc:  # a script's sys.exit() or argparse at import: not ours to obey
         raise ValueError(
             f"importing {module_name!r} failed: it called sys.exit({exc.code!r}) at import"
-            " (code that runs as a script belongs under `if __name__ == \"__main__\":`)"
+            ' (code that runs as a script belongs under `if __name__ == "__main__":`)'
         ) from None
     except Exception as exc:  # the module's own code failed at import
         raise ValueError(f"importing {module_name!r} failed: {_one_line(exc)}") from None

@@ -329,6 +329,7 @@ def _batch_summary(cfg: Config, result: ServiceResult, elapsed: float) -> dict[s
     states = counts.states
     total = sum(states.values())
     done = states.get("done", 0)
+    ended = sum(states.get(s, 0) for s in ("done", "dead", "rejected"))
     ok = done == total and not (
         failed or result.interrupted or result.failed_sources or result.failed_dispositions
     )
@@ -338,7 +339,8 @@ def _batch_summary(cfg: Config, result: ServiceResult, elapsed: float) -> dict[s
         "items": total,
         "states": states,
         "elapsed_seconds": round(elapsed, 3),
-        "items_per_second": round(total / elapsed, 1) if elapsed > 0 else None,
+        # Items that reached their end: an interrupted batch's queued items were not processed.
+        "items_per_second": round(ended / elapsed, 1) if elapsed > 0 and ended else None,
         "stages": stages,
         "failed_items": failed,
         "failed_sources": result.failed_sources,

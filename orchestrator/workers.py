@@ -284,6 +284,9 @@ class Engine:
         elif seq not in self.admitted:
             self.admitted.add(seq)
             self.tally.admitted += 1
+        else:
+            return
+        self.on_change(self.tally)  # a progress bar's total, from the first item on
 
     def _defer(self, seq: int, stage: str | None) -> None:
         self.deferred[seq] = stage

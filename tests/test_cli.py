@@ -7,6 +7,7 @@ import sys
 import textwrap
 from typing import TYPE_CHECKING
 
+import attrs
 import pytest
 
 from orchestrator.cli import EXIT_CONFIG, EXIT_OK, EXIT_USAGE, main
@@ -320,6 +321,14 @@ def test_the_batch_summary_adds_up_the_counts_per_stage(tmp_path: Path) -> None:
     assert summary["failed_items"] == [
         {"id": "in:x", "state": "dead", "stage": "b", "reason": "exit 1"}
     ]
+    # The rate counts the items that reached their end, not those an interrupted batch left
+    # queued (acceptance, session 15: "queued 6 in 2.42s (2.5/s)").
+    left = attrs.evolve(result, batch_rows=attrs.evolve(counts, states={"done": 2, "queued": 6}),
+                        interrupted=True)  # fmt: skip
+    summary = _batch_summary(load_config(config), left, elapsed=2.0)
+    assert (summary["items"], summary["items_per_second"]) == (8, 1.0)
+    stuck = attrs.evolve(left, batch_rows=attrs.evolve(counts, states={"queued": 1}))
+    assert _batch_summary(load_config(config), stuck, elapsed=2.0)["items_per_second"] is None
     assert summary["stages"]["a"] == {
         "runs": 4, "outcomes": {"ok": 4}, "mean_duration": 2.0, "max_duration": 3.5,
         "mean_slot_wait": 0.5,

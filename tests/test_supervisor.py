@@ -223,6 +223,38 @@ async def test_sigterm_drains_then_cancels_and_requeues_without_spending_an_atte
         assert db.execute("SELECT state, attempts FROM items").fetchone() == ("queued", 0)
 
 
+async def test_a_batchs_progress_knows_its_total_before_the_first_item_ends(
+    tmp_path: Path, write_config: Callable[[str], Config]
+) -> None:
+    # The progress bar showed "0/?" until the first item had gone through its whole route
+    # (acceptance, session 15): with a minutes-long first stage, for minutes.
+    (tmp_path / "in").mkdir()
+    for i in range(5):
+        (tmp_path / "in" / f"f{i}").write_text("x")
+    config = write_config(f"""
+        [http]
+        listen = false
+        [[sources]]
+        name = "in"
+        type = "directory"
+        path = "in"
+        route = ["slow"]
+        settle = "0s"
+        [[stages]]
+        name = "slow"
+        command = ["{PY}", "-c", "import time; time.sleep(0.3)"]
+        """)
+    seen: list[tuple[int, int]] = []
+
+    def on_start(engine: Engine) -> None:
+        engine.on_change = lambda tally: seen.append((tally.admitted, tally.finished))
+
+    result = await serve(config, batch=True, on_start=on_start)
+    assert result.tally.done == 5
+    assert (5, 0) in seen  # the total was known while nothing had finished
+    assert seen[-1] == (5, 5)
+
+
 async def test_a_file_that_vanishes_fails_its_item_with_a_clear_reason(
     tmp_path: Path, write_config: Callable[[str], Config]
 ) -> None:
