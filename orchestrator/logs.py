@@ -60,7 +60,8 @@ def printable(text: str) -> str:
 
 
 def _human(record: Record) -> str:
-    record["extra"]["_ctx"] = _context(record).replace("{", "{{").replace("}", "}}")
+    # A field's value is never read as a template (no brace or markup in it is interpreted).
+    record["extra"]["_ctx"] = _context(record)
     message = record["message"]
     if message.isprintable():
         return (

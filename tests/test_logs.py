@@ -215,6 +215,11 @@ def test_terminal_escapes_in_a_line_are_shown_not_obeyed(
     assert "\x07" not in err
     assert "output tail:\nx\\x1b]0;PWNED\\x07\\x1b[31mRED {braces} <red>tag</red>\tend" in err
     assert "item='i\\x1b'" in err
+    # An id's braces and markup are shown as they are (they were doubled: acceptance, session
+    # 15 -- grep found no line with the real id).
+    logger.bind(item="in:{path}.txt <red>x</red>").warning("run failed")
+    assert "[item='in:{path}.txt <red>x</red>']" in capfd.readouterr().err
     logger.complete()
-    [line] = config.log.file.read_text().splitlines()
+    line, braces = config.log.file.read_text().splitlines()
     assert json.loads(line)["message"] == "run failed; output tail:\n" + hostile  # kept whole
+    assert json.loads(braces)["item"] == "in:{path}.txt <red>x</red>"
