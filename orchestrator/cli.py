@@ -310,9 +310,9 @@ def _batch_summary(cfg: Config, result: ServiceResult, elapsed: float) -> dict[s
     failed = []
     for item_id, state, route, index, reason in counts.failed:
         names = json.loads(route)
-        failed.append({"id": item_id, "state": state,
-                       "stage": names[index] if index < len(names) else None,
-                       "reason": reason})  # fmt: skip
+        # A rejected item never reached a stage: its source could not make it.
+        at = names[index] if index < len(names) and state != "rejected" else None
+        failed.append({"id": item_id, "state": state, "stage": at, "reason": reason})
     stages: dict[str, dict[str, Any]] = {}
     for stage in [s.name for s in cfg.stages]:
         groups = {outcome: got for (name, outcome), got in counts.runs.items() if name == stage}

@@ -416,6 +416,7 @@ def test_a_file_name_that_is_not_utf8_is_rejected_and_its_neighbours_run(tmp_pat
     [failed] = summary["failed_items"]
     assert failed["id"] == "in:caf\\xe9.txt"
     assert "not valid UTF-8" in failed["reason"]
+    assert failed["stage"] is None  # it never reached one
     assert sorted(os.listdir(os.fsencode(inbox))) == [b"caf\xe9.txt", b"plain.txt"]
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["items"] == 0
