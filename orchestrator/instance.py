@@ -22,10 +22,12 @@ from orchestrator.errors import StoreLocked, StoreUnavailable
 if TYPE_CHECKING:
     from pathlib import Path
 
-__all__ = ["LOCK_NAME", "InstanceLock", "acquire_instance_lock"]
+__all__ = ["LOCK_NAME", "STORE_FAILED", "InstanceLock", "acquire_instance_lock"]
 
 #: The lock file's name inside ``state_dir``.
 LOCK_NAME = "orchestrator.lock"
+#: What an instance that stops because its store failed notes in the lock file (`note_end`).
+STORE_FAILED = "its store failed"
 
 
 @attrs.define
@@ -34,6 +36,30 @@ class InstanceLock:
 
     path: Path
     fd: int | None
+    #: What the lock file said when this instance took it: the previous holder's line, and how
+    #: that one ended when it could say (`note_end`).
+    previous: str = ""
+    #: The length of this holder's own line in the file.
+    _line_length: int = 0
+
+    @property
+    def previous_store_failed(self) -> bool:
+        """The previous holder stopped because its store failed (a full disk, say): its runs
+        left open were ended by that, not by their items."""
+        return f"ended: {STORE_FAILED}" in self.previous
+
+    def note_end(self, why: str) -> None:
+        """Say in the lock file how this instance ends, for the next one (best effort).
+
+        Written in place right after the holder's line, inside the block the file already has,
+        so that it gets written on a full disk too -- the case it is for.
+        """
+        if self.fd is None:
+            return
+        try:
+            os.pwrite(self.fd, f"ended: {why}\n".encode(), self._line_length)
+        except OSError:
+            pass
 
     def lost(self) -> str | None:
         """Why this lock no longer guards the state folder -- its file was deleted or replaced,
@@ -86,7 +112,9 @@ def acquire_instance_lock(state_dir: Path) -> InstanceLock:
             f"another orchestrator is already running on {str(state_dir)!r} ({holder}); "
             "stop it first, or give this one another state_dir"
         ) from None
+    previous = os.pread(fd, 4096, 0).decode(errors="replace")
     os.ftruncate(fd, 0)
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {started}\n".encode(), 0)
-    return InstanceLock(path, fd)
+    line = f"pid {os.getpid()} on {socket.gethostname()} since {started}\n".encode()
+    os.pwrite(fd, line, 0)
+    return InstanceLock(path, fd, previous, len(line))

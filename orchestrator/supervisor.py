@@ -56,7 +56,7 @@ from loguru import logger
 
 from orchestrator.errors import LeftoverProcesses, StoreUnavailable
 from orchestrator.housekeeping import highest_run_log_id, serve_housekeeping
-from orchestrator.instance import InstanceLock, acquire_instance_lock
+from orchestrator.instance import STORE_FAILED, InstanceLock, acquire_instance_lock
 from orchestrator.pollers import serve_source
 from orchestrator.reaper import ReapReport, reap
 from orchestrator.status import (
@@ -187,7 +187,9 @@ async def serve(
                 db_file = await trio.to_thread.run_sync(_identity, config.db_path)
                 async with trio.open_nursery() as guard:
                     guard.start_soon(_watch_state_files, lock, config.db_path, db_file)
-                    recovery = await _recover(config, store, instance, starting)
+                    recovery = await _recover(
+                        config, store, instance, starting, blame=not lock.previous_store_failed
+                    )
                     result = await _serve(
                         config, store, instance, recovery, batch, on_start, notifier, signals,
                         config_path, terminal, starting,
@@ -200,10 +202,23 @@ async def serve(
                     result = attrs.evolve(result, batch_rows=rows)
                 await store.call(lambda c: op_stop_instance(c, instance))
                 return result
+    except BaseException as exc:
+        if _store_failed(exc):
+            # For the next start: the runs this leaves open were ended by the store's failure
+            # (a full disk), not by their items; they must not count toward poison items.
+            await trio.to_thread.run_sync(lock.note_end, STORE_FAILED)
+        raise
     finally:
         lock.release()
         if notifier is not None:
             notifier.close()
+
+
+def _store_failed(exc: BaseException) -> bool:
+    """Whether ``exc`` (or one in its group) says the store failed."""
+    if isinstance(exc, BaseExceptionGroup):
+        return any(_store_failed(e) for e in exc.exceptions)
+    return isinstance(exc, StoreUnavailable)
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
@@ -250,9 +265,13 @@ async def _watch_state_files(
 
 
 async def _recover(
-    config: Config, store: SqliteStore, instance: str, starting: StartingStatus
+    config: Config, store: SqliteStore, instance: str, starting: StartingStatus, *, blame: bool
 ) -> Recovery:
-    """End a dead instance's leftover processes, then close its runs and re-queue their items."""
+    """End a dead instance's leftover processes, then close its runs and re-queue their items.
+
+    ``blame``: count the interruptions toward poison items (not when the dead instance said
+    it stopped because its store failed: that ended its runs, not their items).
+    """
     starting.set_phase("ending the processes a dead instance left running")
     recorded = await store.read(op_open_runs)
     grace = max(s.grace_period for s in config.stages)
@@ -267,7 +286,9 @@ async def _recover(
     starting.set_phase("recovering the runs a dead instance left open")
     host = socket.gethostname()
     await store.call(lambda c: op_register_instance(c, instance, os.getpid(), host))
-    recovery = await store.call(lambda c: op_recover(c, config.max_interruptions, report.runs))
+    recovery = await store.call(
+        lambda c: op_recover(c, config.max_interruptions, report.runs, blame=blame)
+    )
     logged = await trio.to_thread.run_sync(highest_run_log_id, str(config.state_dir / "runs"))
     await store.reload_run_ids(logged)
     if recovery.interrupted:

@@ -1029,3 +1029,62 @@ def test_a_payload_cut_short_by_a_full_disk_is_not_left_for_the_next_attempt(dis
     _make_workdir(workdir, payload)
     assert (disk / "work" / "7" / "payload.json").read_text() == payload
     assert oct((disk / "work" / "7" / "payload.json").stat().st_mode & 0o777) == "0o600"
+
+
+def test_runs_a_full_disk_ended_are_not_counted_toward_poison_items(
+    disk: Path, tmp_path: Path
+) -> None:
+    # Found by an acceptance tester (session 15): a full state disk made each restart (as
+    # Restart=on-failure does) leave its runs open; the next start counted them as
+    # interruptions, and after three the items were dead as "poison" -- for the disk's fault.
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "x").write_text("x")
+    started = tmp_path / "started"
+    config = tmp_path / "c.toml"
+    config.write_text(textwrap.dedent(f"""
+        state_dir = "{disk / "state"}"
+        max_interruptions = 1
+        [http]
+        listen = false
+        [[sources]]
+        name = "in"
+        type = "directory"
+        path = "in"
+        route = ["s"]
+        settle = "0s"
+        [[stages]]
+        name = "s"
+        command = ["sh", "-c", "echo started > {started}; sleep 1; echo some output"]
+        """))  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "batch", "-c", str(config), "--no-progress"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while not started.exists():
+            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+            time.sleep(0.02)
+        # When: the disk fills up while the run goes on; the batch ends with exit 3
+        filler = fill(disk)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 3, err
+    assert "ended: its store failed" in (disk / "state" / "orchestrator.lock").read_text()
+
+    # Then: with room again, the next batch re-queues the item without counting that against
+    # it (max_interruptions = 1 would have made it dead at once) and it is done.
+    filler.unlink()
+    again = orchestrator("batch", "-c", str(config), "--json", "--no-progress", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["states"] == {"done": 1}
+    with open_db(disk / "state" / "orchestrator.db") as db:
+        [(interruptions,)] = db.execute("SELECT interruptions FROM items").fetchall()
+        reasons = [
+            r[0] for r in db.execute("SELECT reason FROM runs WHERE outcome = 'interrupted'")
+        ]
+    assert interruptions == 0
+    assert reasons == ["the instance running it stopped: its store failed"]

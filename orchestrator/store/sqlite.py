@@ -42,6 +42,7 @@ import trio_util
 from loguru import logger
 
 from orchestrator.errors import ItemNotFound, StoreUnavailable
+from orchestrator.instance import STORE_FAILED
 from orchestrator.reaper import proc_start_time
 from orchestrator.store.records import Item, ItemState, NewItem, RunRecord, Transition
 
@@ -676,8 +677,9 @@ class Recovery:
 
 
 def op_recover(
-    conn: sqlite3.Connection, max_interruptions: int, seen: Iterable[SeenRun] = ()
-) -> Recovery:
+    conn: sqlite3.Connection, max_interruptions: int, seen: Iterable[SeenRun] = (),
+    *, blame: bool = True,
+) -> Recovery:  # fmt: skip
     """Close runs a dead instance left open as ``interrupted``; re-queue or kill their items.
 
     An item interrupted ``max_interruptions`` times is dead as a poison item. A re-queued item
@@ -688,6 +690,8 @@ def op_recover(
         seen: runs whose leftover processes the reaper found, as their environment tells them.
             A run is recorded right after its spawn; one whose record the dead instance did
             not get to write is recorded now (so that it counts as an interruption).
+        blame: count the interruptions (False: the dead instance stopped because its store
+            failed; that ended its runs, so their items are re-queued with nothing counted).
     """
     now = time.time()
     for run in seen:
@@ -710,12 +714,23 @@ def op_recover(
         "SELECT id, item_seq, stage FROM runs WHERE outcome IS NULL ORDER BY id"
     ).fetchall()
     poisoned: list[int] = []
+    why = "the instance running it died"
+    if not blame:
+        why = f"the instance running it stopped: {STORE_FAILED}"
     for run_id, seq, stage in open_runs:
         conn.execute(
             "UPDATE runs SET outcome = 'interrupted', ended_at = ?,"
-            " duration = ? - started_at, reason = 'the instance running it died' WHERE id = ?",
-            (now, now, run_id),
+            " duration = ? - started_at, reason = ? WHERE id = ?",
+            (now, now, why, run_id),
         )
+        if not blame:
+            if conn.execute(
+                "UPDATE items SET state = 'queued', attempts = max(attempts - 1, 0),"
+                " updated_at = ? WHERE seq = ? AND state = 'running' RETURNING seq",
+                (now, seq),
+            ).fetchone():
+                _event(conn, seq, now, "interrupted", stage, "queued", f"run {run_id}; {why}")
+            continue
         row = conn.execute(
             "UPDATE items SET interruptions = interruptions + 1, updated_at = ?"
             " WHERE seq = ? AND state = 'running' RETURNING interruptions",
