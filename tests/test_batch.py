@@ -1063,7 +1063,8 @@ def test_runs_a_full_disk_ended_are_not_counted_toward_poison_items(
     try:
         deadline = time.monotonic() + 20
         while not started.exists():
-            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline
             time.sleep(0.02)
         # When: the disk fills up while the run goes on; the batch ends with exit 3
         filler = fill(disk)
