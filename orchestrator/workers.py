@@ -52,6 +52,11 @@ if TYPE_CHECKING:
 
 __all__ = ["Engine", "resolve_executables"]
 
+#: How long an item whose source folder is gone as a whole waits before its file is checked
+#: again (the folder may be a mount that comes back; `_prepare`).
+FOLDER_WAIT = 1.0
+#: `_prepare`'s word for that (an identity, not a reason shown anywhere).
+_FOLDER_GONE = "\0folder gone"
 #: How many failed dispositions an engine keeps the reasons of (`Engine.failed_dispositions`).
 FAILED_DISPOSITIONS_KEPT = 100
 #: How long a worker may spend recording a run after shutdown cancelled it.
@@ -156,6 +161,8 @@ class Engine:
         self._workers: dict[str, set[int]] = {s.name: set() for s in config.stages}
         self._runs_dir = str(config.state_dir / "runs")
         self._work_dir = config.state_dir / "work"
+        #: Each directory source's folder: a file whose folder is gone as a whole waits.
+        self._folders = {s.name: str(s.path) for s in config.sources if s.type == "directory"}
         base = dict(os.environ)
         # What every run of a stage gets; each run adds its own ORCH_* values (`_command`).
         self._stage_env = {
@@ -428,17 +435,25 @@ class Engine:
             room = depth - len(lane.ready)
             batch = [lane.queued.popleft() for _ in range(min(room, len(lane.queued)))]
             jobs = [
-                (item.seq, item.path, self._workdir(item), item.payload)
+                (item.seq, item.path, self._workdir(item), item.payload,
+                 self._folders.get(item.source))
                 for item in batch
                 if item.path is not None or self._needs_workdir(item)
-            ]
+            ]  # fmt: skip
             problems = await trio.to_thread.run_sync(_prepare, jobs) if jobs else {}
             for item in batch:
                 problem = problems.get(item.seq)
                 if problem is None:
                     lane.ready.append(item)
+                elif problem == _FOLDER_GONE and self._timers is not None:
+                    # Its source's whole folder is gone (a mount that dropped): the file is not
+                    # known to be gone. It waits, as its source does, and is checked again.
+                    self._sleeping += 1
+                    self._make_room()
+                    self._timers.start_soon(self._retry_later, item, FOLDER_WAIT)
                 else:
-                    self._give_up(item, f"{item.stage}: {problem}")
+                    why = "its source folder is gone" if problem == _FOLDER_GONE else problem
+                    self._give_up(item, f"{item.stage}: {why}")
             lane.has_ready.set()
             lane.has_ready = trio.Event()
 
@@ -617,7 +632,9 @@ class Engine:
         if result.outcome is not Outcome.OK and item.path is not None:
             # Files are checked in batches ahead of their runs: one removed after that check
             # may have gone before its run started or during it; the reason does not guess.
-            if not await trio.to_thread.run_sync(os.path.exists, item.path):
+            # (With its whole source folder gone, it is not known to be gone: retried as usual.)
+            folder = self._folders.get(item.source)
+            if await trio.to_thread.run_sync(_gone_for_good, item.path, folder):
                 transition = Transition(
                     state=ItemState.DEAD, stage_index=item.stage_index, attempts=attempt,
                     reason=f"{stage.name}: source file {item.path!r} was gone when its run ended "
@@ -861,18 +878,26 @@ def _is_cancellation(exc: BaseException) -> bool:
     return isinstance(exc, trio.Cancelled)
 
 
-def _prepare(jobs: list[tuple[int, str | None, str | None, str | None]]) -> dict[int, str]:
-    """Ready items for their runs (in a worker thread): ``(seq, path, workdir, payload)`` each.
+def _prepare(
+    jobs: list[tuple[int, str | None, str | None, str | None, str | None]],
+) -> dict[int, str]:
+    """Ready items for their runs (in a worker thread): ``(seq, path, workdir, payload,
+    source folder)`` each.
 
     Checks that the input file is still there and readable, makes the workdir and writes the
-    record's payload file. Returns what is wrong, by seq, for items that cannot run.
+    record's payload file. Returns what is wrong, by seq, for items that cannot run:
+    `_FOLDER_GONE` for a file whose source folder is gone as a whole (it is not known to be
+    gone itself: the folder may come back).
     """
     problems = {}
-    for seq, path, workdir, payload in jobs:
+    for seq, path, workdir, payload, folder in jobs:
         if path is not None:
             problem = _file_problem(path)
             if problem is not None:
-                problems[seq] = f"source file {path!r} {problem} before its run"
+                if problem == "vanished" and folder is not None and not os.path.isdir(folder):
+                    problems[seq] = _FOLDER_GONE
+                else:
+                    problems[seq] = f"source file {path!r} {problem} before its run"
                 continue
         if workdir is not None:
             try:
@@ -922,6 +947,11 @@ def _remove_trees(paths: list[str]) -> None:
             os.rmdir(path)
         except OSError:  # a folder inside, or gone meanwhile: the thorough way (quiet if gone)
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _gone_for_good(path: str, folder: str | None) -> bool:
+    """Whether the file at ``path`` is gone while its source ``folder`` is there (a thread)."""
+    return not os.path.exists(path) and (folder is None or os.path.isdir(folder))
 
 
 def _file_problem(path: str) -> str | None:

@@ -885,6 +885,39 @@ def test_a_service_whose_folder_is_missing_says_so_once_and_takes_it_when_it_com
     assert f"{inbox!r} can be listed again" in service.log
 
 
+def test_items_whose_folder_goes_away_for_a_while_wait_for_it_and_are_not_killed(
+    tmp_path: Path,
+) -> None:
+    # Found by an acceptance tester (session 15): while the source folder was away (a mount
+    # that dropped for a few seconds) every queued item of it was dead, "vanished before its
+    # run", though its file came back with the folder.
+    done = tmp_path / "done.txt"
+    stage = json.dumps(["sh", "-c", f'sleep 0.4; echo "$1" >> {done}', "sh", "{name}"])
+    (tmp_path / "in").mkdir()
+    for i in range(5):
+        (tmp_path / "in" / f"w{i}").write_text("x")
+    service = _service(tmp_path, stage)
+    try:
+        deadline = time.monotonic() + 20
+        while not done.exists():
+            assert time.monotonic() < deadline, service.log
+            time.sleep(0.02)
+        # When: the folder goes away for 2.5 s, its files with it
+        (tmp_path / "in").rename(tmp_path / "away")
+        time.sleep(2.5)
+        (tmp_path / "away").rename(tmp_path / "in")
+        deadline = time.monotonic() + 20
+        while len(done.read_text().split()) < 5:
+            assert time.monotonic() < deadline, service.log
+            time.sleep(0.05)
+    finally:
+        assert service.stop(20) == 0, service.log
+    # Then: every item is done (one may have failed while its file went: it is retried or
+    # dead with the stage's own failure, never "vanished" while its folder was away)
+    assert sorted(done.read_text().split()) == [f"w{i}" for i in range(5)]
+    assert "vanished" not in service.log
+
+
 def test_a_sigterm_during_start_up_recovery_waits_for_it_and_leaves_nothing(
     tmp_path: Path,
 ) -> None:
