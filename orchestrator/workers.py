@@ -185,6 +185,7 @@ class Engine:
         #: Seqs of the items this process admitted, which a batch summarises. A service keeps
         #: none: the set would grow by every item for as long as it runs.
         self.admitted: set[int] | None = set() if batch else None
+        self.batch = batch
         self.stopping = False
         self._interruptible_scopes: set[trio.CancelScope] = set()
         self._timers: trio.Nursery | None = None
@@ -445,9 +446,10 @@ class Engine:
                 problem = problems.get(item.seq)
                 if problem is None:
                     lane.ready.append(item)
-                elif problem == _FOLDER_GONE and self._timers is not None:
+                elif problem == _FOLDER_GONE and not self.batch and self._timers is not None:
                     # Its source's whole folder is gone (a mount that dropped): the file is not
-                    # known to be gone. It waits, as its source does, and is checked again.
+                    # known to be gone. In a service it waits, as its source does, and is
+                    # checked again; a batch, which ends, fails it with that reason.
                     self._sleeping += 1
                     self._make_room()
                     self._timers.start_soon(self._retry_later, item, FOLDER_WAIT)
