@@ -162,6 +162,9 @@ class Reloader:
         engine.last_reload = record
         try:
             new = await trio.to_thread.run_sync(load_config, self.config_path)
+            problem = await self._reopen_logs(new.log)
+            if problem is not None:  # the new [log] file cannot be opened: nothing applies
+                raise ConfigError([f"log.file: {problem}"])
         except ConfigError as exc:
             record["errors"] = exc.errors
             engine.reloads["failed"] += 1
@@ -173,7 +176,6 @@ class Reloader:
                 "\n  ".join(exc.errors),
             )  # fmt: skip
             return
-        await self._reopen_logs(new.log)
         changes = compare_configs(engine.config, new)
         engine.config = attrs.evolve(engine.config, log=new.log)
         engine.set_limits(
@@ -187,11 +189,13 @@ class Reloader:
         log = logger.warning if changes.not_applied else logger.info
         log("SIGHUP: {} reloaded; {}", self.config_path, changes.describe())
 
-    async def _reopen_logs(self, config: LogConfig) -> None:
+    async def _reopen_logs(self, config: LogConfig) -> str | None:
+        """Reopen the log file as ``config`` says; why it cannot be, or None."""
         try:
             reopened = await trio.to_thread.run_sync(reopen_logs, config)
         except (OSError, ValueError) as exc:
             logger.error("SIGHUP: cannot reopen the log file: {}", exc)
-        else:
-            if reopened is not None:
-                logger.info("SIGHUP: log file {} reopened", reopened)
+            return f"cannot open {str(config.file)!r}: {exc}"
+        if reopened is not None:
+            logger.info("SIGHUP: log file {} reopened", reopened)
+        return None

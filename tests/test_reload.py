@@ -477,6 +477,17 @@ def test_the_reload_command_signals_the_service_and_shows_its_answer(tmp_path: P
         assert proc.returncode == 2
         assert "stages[0].concurrency" in proc.stderr
         assert service.log.count("reloaded;") == 2
+        # A valid config whose new log file cannot be opened (its folder is a file) is
+        # refused whole, with the reason, not reported applied (acceptance, session 15).
+        (tmp_path / "not-a-folder").write_text("")
+        bad_log = str(tmp_path / "not-a-folder" / "x.log")
+        config.write_text(slow_status.replace("concurrency = 1", "concurrency = 3")
+                          + f"[log]\nfile = {json.dumps(bad_log)}\n")  # fmt: skip
+        proc = _reload_cli(config)
+        assert proc.returncode == 1, (proc.stdout, proc.stderr)
+        assert f"log.file: cannot open {bad_log!r}" in proc.stderr
+        assert "the service kept its config as it was" in proc.stderr
+        assert service.status()["stages"]["work"]["concurrency"] == 2
         config.write_text(slow_status)
         assert service.stop(20) == 0
     finally:
