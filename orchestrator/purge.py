@@ -124,8 +124,9 @@ def purge(
             conn.execute("BEGIN IMMEDIATE")
             try:
                 gone, n_runs, n_events, log_paths = op_purge_items(
-                    conn, [c.seq for c in going], before=before, states=chosen
-                )
+                    conn, [c.seq for c in going], before=before, states=chosen,
+                    runs_dir=str(config.state_dir / "runs"),
+                )  # fmt: skip
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")

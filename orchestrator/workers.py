@@ -27,6 +27,8 @@ from orchestrator.limits import Holder, Slots
 from orchestrator.pipeline import decide, expand_argv, uses_placeholder
 from orchestrator.reaper import STATE_MARKER
 from orchestrator.runner import (
+    TAIL_BYTES,
+    TAIL_LINES,
     Command,
     Outcome,
     RunEnvironment,
@@ -609,17 +611,22 @@ class Engine:
             except BaseException as exc:
                 if not _is_cancellation(exc):
                     raise
-                result = RunResult(
-                    outcome=Outcome.CANCELLED, exit_code=None, signal=None, pid=running.pid,
-                    duration=0.0, tail="", reason="cancelled by shutdown; process group killed",
-                )  # fmt: skip
                 if not claimed:
                     claim(None)
-                transition = decide(item, stage, result, now=time.time())
                 with trio.move_on_after(RECORD_GRACE, shield=True):
+                    # What it printed until then: its log's end (the runner's tail went with
+                    # its cancellation), so that `show` has it and `purge` finds the log.
+                    kept = None if stage.call is not None else log_path
+                    tail = await trio.to_thread.run_sync(_log_tail, kept) if kept else None
+                    result = RunResult(
+                        outcome=Outcome.CANCELLED, exit_code=None, signal=None,
+                        pid=running.pid, duration=trio.current_time() - running.since,
+                        tail=tail or "", reason="cancelled by shutdown; process group killed",
+                    )  # fmt: skip
+                    transition = decide(item, stage, result, now=time.time())
                     await self.store.finish_run(
                         run_id=run_id, item=item, result=result, transition=transition,
-                        log_path=None,
+                        log_path=kept if tail is not None else None,
                     )  # fmt: skip
                 log.warning("run cancelled by shutdown; item re-queued")
                 raise
@@ -949,6 +956,17 @@ def _remove_trees(paths: list[str]) -> None:
             os.rmdir(path)
         except OSError:  # a folder inside, or gone meanwhile: the thorough way (quiet if gone)
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _log_tail(path: str) -> str | None:
+    """The last lines of a run's log, or None when it has none (blocking: a thread)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - TAIL_BYTES))
+            data = f.read(TAIL_BYTES)
+    except OSError:
+        return None
+    return "\n".join(data.decode(errors="replace").splitlines()[-TAIL_LINES:])
 
 
 def _gone_for_good(path: str, folder: str | None) -> bool:

@@ -232,6 +232,37 @@ def test_purge_goes_by_age_and_state_and_keeps_items_of_unknown_sources(tmp_path
     assert (seq, run) == (newest_seq + 1, newest_run + 1)
 
 
+def test_purge_removes_the_log_of_a_run_that_has_no_recorded_log_path(tmp_path: Path) -> None:
+    # A run a dead instance left open (closed "interrupted" at the next start) has a log file
+    # but no recorded path; purge left such logs behind (acceptance, session 15).
+    config = tmp_path / "orchestrator.toml"
+    config.write_text(textwrap.dedent("""
+        state_dir = "state"
+        [http]
+        listen = false
+        [[sources]]
+        name = "rec"
+        type = "jsonl"
+        path = "records.jsonl"
+        id_field = "id"
+        route = ["s"]
+        [[stages]]
+        name = "s"
+        command = ["echo", "some output"]
+        """))  # fmt: skip
+    (tmp_path / "records.jsonl").write_text('{"id": 1}\n{"id": 2}\n')
+    assert batch(config)["states"] == {"done": 2}
+    db = tmp_path / "state" / "orchestrator.db"
+    with open_db(db) as conn:
+        [(first,)] = conn.execute("SELECT min(id) FROM runs").fetchall()
+        conn.execute("UPDATE runs SET log_path = NULL WHERE id = ?", (first,))
+    log = tmp_path / "state" / "runs" / f"{first}.log"
+    assert log.exists()
+    report = purge(db, load_config(config), older_than=0)
+    assert report.purged == {"done": 1}  # the other is the newest, kept for its number
+    assert not log.exists()
+
+
 def test_purge_command_line_errors(tmp_path: Path) -> None:
     config = tmp_path / "orchestrator.toml"
     config.write_text('[[stages]]\nname = "s"\ncommand = ["true"]\n')

@@ -186,7 +186,8 @@ async def test_sigterm_drains_then_cancels_and_requeues_without_spending_an_atte
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "slow").write_text("x")
     pidfile = tmp_path / "pids"
-    script = f"(trap '' TERM; sleep 300) & echo $! >> {pidfile}; echo $$ >> {pidfile}; sleep 300"
+    script = (f"(trap '' TERM; sleep 300) & echo $! >> {pidfile}; echo $$ >> {pidfile};"
+              " echo working on it; sleep 300")  # fmt: skip
     config = write_config(f"""
         shutdown_grace = "300ms"
         [http]
@@ -221,6 +222,14 @@ async def test_sigterm_drains_then_cancels_and_requeues_without_spending_an_atte
     assert [r[3] for r in runs_of(config.state_dir)] == ["cancelled"]
     with open_db(config.state_dir / "orchestrator.db") as db:
         assert db.execute("SELECT state, attempts FROM items").fetchone() == ("queued", 0)
+        # The run keeps how long it ran, its log and its output's end (it had 0 s, no log and
+        # no tail, and purge then left its log behind: acceptance, session 15).
+        duration, log_path, tail = db.execute(
+            "SELECT duration, log_path, tail FROM runs"
+        ).fetchone()
+    assert duration >= 0.3
+    assert log_path is not None
+    assert tail == "working on it"
 
 
 async def test_a_batchs_progress_knows_its_total_before_the_first_item_ends(

@@ -1481,15 +1481,18 @@ def op_newest(conn: sqlite3.Connection) -> frozenset[int]:
 
 
 def op_purge_items(
-    conn: sqlite3.Connection, seqs: Sequence[int], *, before: float, states: Sequence[str]
-) -> tuple[list[int], int, int, list[str]]:
+    conn: sqlite3.Connection, seqs: Sequence[int], *, before: float, states: Sequence[str],
+    runs_dir: str | None = None,
+) -> tuple[list[int], int, int, list[str]]:  # fmt: skip
     """Delete the items ``seqs`` with their runs and events -- those still in ``states`` and
     unchanged since ``before`` (a requeue in between keeps one), and never the `op_newest`
     ones. Run it inside one write transaction.
 
     Returns:
         The seqs deleted, the numbers of runs and events deleted, and the run log paths of the
-        deleted runs (the caller removes those files once the transaction is committed).
+        deleted runs (the caller removes those files once the transaction is committed): the
+        recorded ones, and with ``runs_dir`` where the others' logs would be (a run a dead
+        instance left open has a log but no recorded path).
     """
     marks = ", ".join("?" * len(states))
     gone: list[int] = []
@@ -1505,9 +1508,13 @@ def op_purge_items(
         ).fetchone()
         if still is None:
             continue
-        logs += [row[0] for row in conn.execute(
-            "SELECT log_path FROM runs WHERE item_seq = ? AND log_path IS NOT NULL", (seq,)
-        )]  # fmt: skip
+        for run_id, log_path in conn.execute(
+            "SELECT id, log_path FROM runs WHERE item_seq = ?", (seq,)
+        ):
+            if log_path is not None:
+                logs.append(log_path)
+            elif runs_dir is not None:
+                logs.append(f"{runs_dir}/{run_id}.log")
         runs += conn.execute("DELETE FROM runs WHERE item_seq = ?", (seq,)).rowcount
         events += conn.execute("DELETE FROM events WHERE item_seq = ?", (seq,)).rowcount
         conn.execute("DELETE FROM items WHERE seq = ?", (seq,))
