@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import attrs
 
 if TYPE_CHECKING:
+    import threading
     from collections.abc import Callable, Iterable, Iterator
 
 __all__ = [
@@ -146,7 +147,11 @@ def find_leftovers(state_dir: str, recorded: Iterable[tuple[int, int | None]]) -
             continue
         # A marked process leading its own group: the group is a run's; signal all of it.
         group = st[1] if st[1] == pid or st[1] in groups else None
-        found.setdefault(pid, Leftover(pid, st[2], group, _seen_run(env)))
+        known = found.get(pid)
+        if known is None:
+            found[pid] = Leftover(pid, st[2], group, _seen_run(env))
+        elif known.run is None and known.start == st[2]:  # a recorded leader: say whose it is
+            found[pid] = attrs.evolve(known, run=_seen_run(env))
     return sorted(found.values(), key=lambda lo: lo.pid)
 
 
@@ -179,6 +184,32 @@ def _signal(lo: Leftover, sig: int) -> None:
         pass
 
 
+def _kill_at_their_deadlines(
+    leftovers: list[Leftover], grace: Callable[[Leftover], float], hurry: threading.Event | None
+) -> list[Leftover]:
+    """Wait for the SIGTERMed ``leftovers`` to go, each up to its own ``grace`` (or until
+    ``hurry`` is set); SIGKILL each one still there at its deadline. Returns those killed."""
+    start = time.monotonic()
+    waiting = [(start + grace(lo), lo) for lo in leftovers]
+    killed = []
+    while waiting:
+        now = time.monotonic()
+        hurried = hurry is not None and hurry.is_set()
+        still = []
+        for deadline, lo in waiting:
+            if not _alive(lo):
+                continue
+            if hurried or now >= deadline:
+                _signal(lo, signal.SIGKILL)
+                killed.append(lo)
+            else:
+                still.append((deadline, lo))
+        waiting = still
+        if waiting:
+            time.sleep(POLL)
+    return killed
+
+
 def _wait_gone(leftovers: list[Leftover], seconds: float) -> list[Leftover]:
     deadline = time.monotonic() + seconds
     alive = [lo for lo in leftovers if _alive(lo)]
@@ -189,8 +220,9 @@ def _wait_gone(leftovers: list[Leftover], seconds: float) -> list[Leftover]:
 
 
 def reap(
-    state_dir: str, recorded: Iterable[tuple[int, int | None]], grace: float,
-    ended: Callable[[int], bool] | None = None,
+    state_dir: str, recorded: Iterable[tuple[int, int | None]],
+    grace: float | Callable[[Leftover], float], ended: Callable[[int], bool] | None = None,
+    hurry: threading.Event | None = None,
 ) -> ReapReport:  # fmt: skip
     """Find the leftovers of ``state_dir``; SIGTERM them, wait up to ``grace``, SIGKILL the rest.
 
@@ -199,6 +231,8 @@ def reap(
     by pid.
 
     Args:
+        grace: seconds, or each leftover's own (its stage's ``grace_period``).
+        hurry: once set, those still alive get SIGKILL at once (a second SIGINT).
         ended: only the marked processes of runs this says have ended (by run id), and none
             without a run id: a live service's sweep for what its ended runs left running.
             None: every marked process (no run of this state folder is going on).
@@ -213,9 +247,9 @@ def reap(
     leftovers = search(recorded)
     for lo in leftovers:
         _signal(lo, signal.SIGTERM)
-    alive = _wait_gone(leftovers, grace)
-    for lo in alive:
-        _signal(lo, signal.SIGKILL)
+    alive = _kill_at_their_deadlines(
+        leftovers, grace if callable(grace) else (lambda _lo: grace), hurry
+    )
     # Only a process we signalled can have left its group since: with none found, no search.
     # A straggler is a process the first search did not find (one found again while it dies
     # of our signals is the same process: same pid and start time, counted once).

@@ -45,6 +45,7 @@ import importlib
 import os
 import signal
 import socket
+import threading
 import time
 import uuid
 from typing import TYPE_CHECKING
@@ -58,7 +59,7 @@ from orchestrator.errors import LeftoverProcesses, StoreUnavailable
 from orchestrator.housekeeping import highest_run_log_id, serve_housekeeping
 from orchestrator.instance import STORE_FAILED, InstanceLock, acquire_instance_lock
 from orchestrator.pollers import serve_source
-from orchestrator.reaper import ReapReport, reap
+from orchestrator.reaper import Leftover, ReapReport, reap
 from orchestrator.status import (
     StartingStatus,
     open_starting_status,
@@ -187,12 +188,16 @@ async def serve(
                 db_file = await trio.to_thread.run_sync(_identity, config.db_path)
                 async with trio.open_nursery() as guard:
                     guard.start_soon(_watch_state_files, lock, config.db_path, db_file)
+                    early = _EarlySignals()
+                    await guard.start(early.serve, signals)
                     recovery = await _recover(
-                        config, store, instance, starting, blame=not lock.previous_store_failed
-                    )
+                        config, store, instance, starting, blame=not lock.previous_store_failed,
+                        hurry=early.hurry,
+                    )  # fmt: skip
+                    await early.stop()
                     result = await _serve(
                         config, store, instance, recovery, batch, on_start, notifier, signals,
-                        config_path, terminal, starting,
+                        config_path, terminal, starting, early.received,
                     )  # fmt: skip
                     await _sweep_escaped(config)
                     guard.cancel_scope.cancel()
@@ -214,11 +219,70 @@ async def serve(
             notifier.close()
 
 
+def _grace_of(config: Config) -> Callable[[Leftover], float]:
+    """Each leftover's ``grace_period``: its stage's, by its environment (the longest of all
+    when it does not say, or names a stage the config no longer has)."""
+    graces = {s.name: s.grace_period for s in config.stages}
+    longest = max(graces.values())
+
+    def grace(leftover: Leftover) -> float:
+        run = leftover.run
+        return graces.get(run.stage, longest) if run is not None else longest
+
+    return grace
+
+
 def _store_failed(exc: BaseException) -> bool:
     """Whether ``exc`` (or one in its group) says the store failed."""
     if isinstance(exc, BaseExceptionGroup):
         return any(_store_failed(e) for e in exc.exceptions)
     return isinstance(exc, StoreUnavailable)
+
+
+@attrs.define
+class _EarlySignals:
+    """The signals that come during start-up recovery, which may wait a dead instance's
+    leftovers' ``grace_period``: each is said at once and acted on once the service runs; a
+    second SIGINT (or SIGQUIT) also has the leftovers killed now rather than at their grace."""
+
+    received: list[int] = attrs.Factory(list)
+    hurry: threading.Event = attrs.Factory(threading.Event)
+    _scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
+    _done: trio.Event = attrs.Factory(trio.Event)
+
+    async def serve(
+        self,
+        signals: AsyncIterator[int],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        try:
+            with self._scope:
+                task_status.started()
+                async for signum in signals:
+                    self.received.append(signum)
+                    name = signal.Signals(signum).name
+                    now = signum == signal.SIGQUIT or (
+                        signum == signal.SIGINT and self.received.count(signal.SIGINT) > 1
+                    )
+                    if now:
+                        self.hurry.set()
+                        logger.warning(
+                            "{}: start-up kills the dead instance's leftovers now (SIGKILL), "
+                            "then the service stops", name,
+                        )  # fmt: skip
+                    elif signum not in SIGNALS_IGNORED:
+                        logger.warning(
+                            "{}: start-up is still ending a dead instance's leftovers; acted on "
+                            "as soon as that is done (a second SIGINT: at once)", name,
+                        )  # fmt: skip
+        finally:
+            self._done.set()
+
+    async def stop(self) -> None:
+        """Stop taking signals here (the service's own handler takes them from now on)."""
+        self._scope.cancel()
+        await self._done.wait()
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
@@ -265,17 +329,20 @@ async def _watch_state_files(
 
 
 async def _recover(
-    config: Config, store: SqliteStore, instance: str, starting: StartingStatus, *, blame: bool
-) -> Recovery:
+    config: Config, store: SqliteStore, instance: str, starting: StartingStatus, *, blame: bool,
+    hurry: threading.Event | None = None,
+) -> Recovery:  # fmt: skip
     """End a dead instance's leftover processes, then close its runs and re-queue their items.
 
     ``blame``: count the interruptions toward poison items (not when the dead instance said
-    it stopped because its store failed: that ended its runs, not their items).
+    it stopped because its store failed: that ended its runs, not their items). ``hurry``: once
+    set, the leftovers get SIGKILL without waiting out their grace (a second SIGINT).
     """
     starting.set_phase("ending the processes a dead instance left running")
     recorded = await store.read(op_open_runs)
-    grace = max(s.grace_period for s in config.stages)
-    report = await trio.to_thread.run_sync(reap, str(config.state_dir), recorded, grace)
+    report = await trio.to_thread.run_sync(
+        functools.partial(reap, str(config.state_dir), recorded, _grace_of(config), hurry=hurry)
+    )
     if report.found:
         logger.warning(
             "ended {} process(es) left running by a dead instance ({} needed SIGKILL)",
@@ -307,8 +374,7 @@ async def _sweep_escaped(config: Config) -> None:
     environment marker still names this state folder, so it is found in /proc like a dead
     instance's leftover. Without this it would outlive the service.
     """
-    grace = max(s.grace_period for s in config.stages)
-    report = await trio.to_thread.run_sync(reap, str(config.state_dir), (), grace)
+    report = await trio.to_thread.run_sync(reap, str(config.state_dir), (), _grace_of(config))
     if report.found:
         logger.warning(
             "ended {} process(es) that runs had left running in the background, outside "
@@ -336,7 +402,7 @@ async def serve_escape_sweeps(
     """
     config = engine.config
     state_dir = str(config.state_dir)
-    grace = max(s.grace_period for s in config.stages)
+    grace = _grace_of(config)
     swept_at = engine.tally.runs  # start-up recovery has just reaped whatever was there
     task_status.started()
     while True:
@@ -370,7 +436,7 @@ async def _serve(
     config: Config, store: SqliteStore, instance: str, recovery: Recovery, batch: bool,
     on_start: Callable[[Engine], None] | None, notifier: Notifier | None,
     signals: AsyncIterator[int], config_path: Path | None, terminal: Terminal,
-    starting: StartingStatus,
+    starting: StartingStatus, early_signals: list[int],
 ) -> ServiceResult:  # fmt: skip
     interrupted = False
     starting.set_phase("starting the pipeline")
@@ -428,42 +494,48 @@ async def _serve(
                     workers.cancel_scope.deadline, trio.current_time() + grace
                 )
 
+            reloader: Reloader | None = None  # (made at the first SIGHUP)
+
+            async def handle(signum: int) -> None:
+                nonlocal interrupted, reloader
+                name = signal.Signals(signum).name
+                if signum == signal.SIGHUP:
+                    if not await trio.to_thread.run_sync(terminal.gone):
+                        if reloader is None:
+                            reloading = await trio.to_thread.run_sync(
+                                importlib.import_module, "orchestrator.reload"
+                            )
+                            reloader = reloading.Reloader(config_path, notifier, terminal)
+                        await reloader.reload(engine, functools.partial(engine.staff, workers))
+                        return
+                    name = "SIGHUP (the terminal closed)"
+                    if terminal.nohup:
+                        logger.warning("{}: ignored, as nohup asked", name)
+                        return
+                if signum in SIGNALS_IGNORED:
+                    logger.warning("{}: ignored (SIGTERM or SIGINT drain and stop)", name)
+                    return
+                if signum == signal.SIGQUIT:
+                    interrupted = True
+                    logger.warning("{}: stopping now; running stages are killed", name)
+                    drain(0)
+                    return
+                if not interrupted:
+                    interrupted = True
+                    logger.warning(
+                        "{}: draining; running stages get {:g}s to finish",
+                        name, config.shutdown_grace,
+                    )  # fmt: skip
+                    drain(config.shutdown_grace)
+                elif signum == signal.SIGINT:
+                    logger.warning("second SIGINT: stopping now")
+                    drain(0)
+
             async def watch_signals() -> None:
-                nonlocal interrupted
-                reloader: Reloader | None = None  # (made at the first SIGHUP)
+                for signum in early_signals:  # those that came during start-up recovery
+                    await handle(signum)
                 async for signum in signals:
-                    name = signal.Signals(signum).name
-                    if signum == signal.SIGHUP:
-                        if not await trio.to_thread.run_sync(terminal.gone):
-                            if reloader is None:
-                                reloading = await trio.to_thread.run_sync(
-                                    importlib.import_module, "orchestrator.reload"
-                                )
-                                reloader = reloading.Reloader(config_path, notifier, terminal)
-                            await reloader.reload(engine, functools.partial(engine.staff, workers))
-                            continue
-                        name = "SIGHUP (the terminal closed)"
-                        if terminal.nohup:
-                            logger.warning("{}: ignored, as nohup asked", name)
-                            continue
-                    if signum in SIGNALS_IGNORED:
-                        logger.warning("{}: ignored (SIGTERM or SIGINT drain and stop)", name)
-                        continue
-                    if signum == signal.SIGQUIT:
-                        interrupted = True
-                        logger.warning("{}: stopping now; running stages are killed", name)
-                        drain(0)
-                        continue
-                    if not interrupted:
-                        interrupted = True
-                        logger.warning(
-                            "{}: draining; running stages get {:g}s to finish",
-                            name, config.shutdown_grace,
-                        )  # fmt: skip
-                        drain(config.shutdown_grace)
-                    elif signum == signal.SIGINT:
-                        logger.warning("second SIGINT: stopping now")
-                        drain(0)
+                    await handle(signum)
 
             async def end_of_batch() -> None:
                 await engine.sources_exhausted.wait_value(len(config.sources))

@@ -959,6 +959,92 @@ def test_a_sigterm_during_start_up_recovery_waits_for_it_and_leaves_nothing(
     assert state in ("gone", "Z", "X"), state
 
 
+def _stubborn_leftover(tmp_path: Path, grace: str) -> tuple[str, Path, int]:
+    """A service config whose stage "stubborn" (its ``grace_period`` ``grace``) ignores SIGTERM,
+    beside a stage "patient" with a 60 s grace; its first service killed with -9 while the run
+    goes on. Returns the config, the file the leftover writes at SIGTERM, and its pid."""
+    (tmp_path / "in").mkdir(exist_ok=True)
+    (tmp_path / "in" / "a.txt").write_text("a")
+    pidfile, got_term = tmp_path / "stage.pid", tmp_path / "got_term"
+    stubborn = (
+        "import os, signal, time; "
+        f"signal.signal(signal.SIGTERM, lambda *_: open({str(got_term)!r}, 'a').write('x')); "
+        f"open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(600)"
+    )
+    config = textwrap.dedent(f"""
+        shutdown_grace = "1s"
+        [http]
+        listen = false
+        [[sources]]
+        name = "in"
+        type = "directory"
+        path = "in"
+        route = ["stubborn"]
+        settle = "0s"
+        [[stages]]
+        name = "stubborn"
+        command = {json.dumps([PY, "-c", stubborn])}
+        grace_period = "{grace}"
+        [[stages]]
+        name = "patient"
+        command = ["true"]
+        grace_period = "60s"
+        """)
+    first = Service(tmp_path, config)
+    leftover = _wait_for_pid(pidfile, first)
+    first.proc.kill()  # kill -9: the stage is left running
+    first.proc.wait()
+    return config, got_term, leftover
+
+
+def test_recovery_gives_each_leftover_its_own_stages_grace_not_the_longest(
+    tmp_path: Path,
+) -> None:
+    # Found by an acceptance tester (session 15): recovery waited the longest grace_period of
+    # all stages (here 60 s) for a leftover whose stage has 1 s.
+    config, got_term, leftover = _stubborn_leftover(tmp_path, "1s")
+    try:
+        second = Service(tmp_path, config)
+        second.wait_log("ended 1 process.es. left running by a dead instance", timeout=20)
+        assert got_term.exists()
+        assert second.stop(20) == 0, second.log
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(leftover, signal.SIGKILL)
+    assert _proc_state(leftover) in ("gone", "Z")
+    stamps = [line[11:23] for line in second.log.splitlines()
+              if "starting:" in line or "left running by a dead instance" in line]  # fmt: skip
+    t0, t1 = (sum(float(x) * m for x, m in zip(s.split(":"), (3600, 60, 1), strict=True))
+              for s in stamps)  # fmt: skip
+    assert 0.9 <= t1 - t0 < 10, stamps
+
+
+def test_a_second_sigint_during_start_up_recovery_kills_the_leftovers_at_once(
+    tmp_path: Path,
+) -> None:
+    # Found by an acceptance tester (session 15): signals during recovery were said nowhere and
+    # acted on only once it had waited out the leftovers' grace; a second SIGINT never stopped.
+    config, got_term, leftover = _stubborn_leftover(tmp_path, "60s")
+    try:
+        second = Service(tmp_path, config)
+        deadline = time.monotonic() + 20
+        while not got_term.exists():  # recovery has begun ending the leftover
+            assert time.monotonic() < deadline, second.log
+            time.sleep(0.02)
+        started = time.monotonic()
+        second.signal(signal.SIGINT)
+        second.wait_log("SIGINT: start-up is still ending a dead instance's leftovers")
+        second.signal(signal.SIGINT)
+        assert second.wait(20) == 0, second.log
+        assert time.monotonic() - started < 15  # not the 60 s grace
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(leftover, signal.SIGKILL)
+    assert _proc_state(leftover) in ("gone", "Z")
+    assert "start-up kills the dead instance's leftovers now (SIGKILL)" in second.log
+    assert "second SIGINT: stopping now" in second.log
+
+
 def test_done_items_workdirs_are_removed_and_a_dead_items_kept(tmp_path: Path) -> None:
     # Given: 300 records, each run writing into its workdir; one record fails for good
     records = [{"id": i} for i in range(300)] + [{"id": "bad"}]
