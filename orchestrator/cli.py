@@ -117,6 +117,24 @@ def _load(path: Path, *, failure: int = EXIT_CONFIG, import_calls: bool = False)
         raise typer.Exit(failure) from None
 
 
+def _load_for_reading(path: Path, *, failure: int = EXIT_CONFIG) -> Config:
+    """`_load` for the commands that only read the state: a config with errors elsewhere is a
+    warning, not the end, as long as it says where the state is (`load_for_reading`)."""
+    from orchestrator.config import load_for_reading
+
+    try:
+        cfg, errors = load_for_reading(path)
+    except ConfigError as exc:
+        _report(path, exc.errors)
+        raise typer.Exit(failure) from None
+    if errors:
+        _err(
+            f"{path}: warning: {len(errors)} error{'s' if len(errors) != 1 else ''} (see "
+            f"`orchestrator check -c {path}`); reading the state at {cfg.state_dir} anyway"
+        )
+    return cfg
+
+
 def _report(path: Path, errors: list[str]) -> None:
     _err(f"{path}: {len(errors)} error{'s' if len(errors) != 1 else ''}:")
     for error in errors:
@@ -477,7 +495,7 @@ def items(
     if state is not None and state not in ITEM_STATES:
         _err(f"unknown state {state!r}; valid states: {', '.join(ITEM_STATES)}")
         raise typer.Exit(EXIT_USAGE)
-    cfg = _load(config)
+    cfg = _load_for_reading(config)
     names = [s.name for s in cfg.stages]
     with _reader(cfg) as conn:
         rows = items_data(conn, state=state, stage=stage, limit=limit)
@@ -506,7 +524,7 @@ def show(
     """
     from orchestrator.operator import render_show, show_data
 
-    cfg = _load(config)
+    cfg = _load_for_reading(config)
     with _reader(cfg) as conn:
         try:
             data = show_data(conn, item)
@@ -664,7 +682,7 @@ def status(
     """
     from orchestrator.operator import render_status, status_data
 
-    cfg = _load(config)
+    cfg = _load_for_reading(config)
     with _reader(cfg) as conn:
         data = status_data(conn, cfg, time.time())
         if not watch:
@@ -797,7 +815,7 @@ def health(
     if restart_cmd is not None and not argv:
         _err("--restart-cmd is empty")
         raise typer.Exit(EXIT_UNKNOWN)
-    cfg = _load(config, failure=EXIT_UNKNOWN)
+    cfg = _load_for_reading(config, failure=EXIT_UNKNOWN)
 
     def verdict() -> checks.Verdict:
         return checks.judge(cfg.status_path, interval=cfg.status.interval)

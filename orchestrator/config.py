@@ -1134,6 +1134,44 @@ def load_config(path: str | os.PathLike[str], *, import_calls: bool = False) -> 
         raise ConfigError(exc.errors, path=config_path) from None
 
 
+#: The keys of a config that the commands reading a service's state need (`load_for_reading`).
+READING_KEYS = ("state_dir", "state", "status", "store")
+
+
+def load_for_reading(path: str | os.PathLike[str]) -> tuple[Config, list[str]]:
+    """The config at ``path`` for a command that only reads the state (``items``, ``show``,
+    ``status``, ``health``), and the errors it has.
+
+    A config with errors elsewhere -- an edit half done beside a running service, which keeps
+    the config it started with -- still says where the state is: then the config returned is
+    made of its `READING_KEYS` and its stages' names only, and its errors are returned to be
+    shown as a warning.
+
+    Raises:
+        ConfigError: as `load_config`, when the file cannot be read, is not TOML, or the keys
+            that say where the state is have errors themselves.
+    """
+    try:
+        return load_config(path), []
+    except ConfigError as exc:
+        failure = exc
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        raise failure from None
+    names = [
+        s["name"] for s in data.get("stages", ()) if isinstance(s, dict) and isinstance(s.get("name"), str)
+    ] if isinstance(data.get("stages"), list) else []  # fmt: skip
+    reduced = {key: data[key] for key in READING_KEYS if key in data}
+    reduced["stages"] = [{"name": n, "command": ["true"]} for n in dict.fromkeys(names)] or [
+        {"name": "stage", "command": ["true"]}
+    ]
+    try:
+        return parse_config(reduced, base_dir=Path(path).parent), failure.errors
+    except ConfigError:
+        raise failure from None
+
+
 def _syntax_error(exc: tomllib.TOMLDecodeError) -> str:
     text = str(exc)
     match = _SYNTAX_ERROR_RE.fullmatch(text)

@@ -24,7 +24,16 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from orchestrator.cli import EXIT_FAILED, EXIT_OK, EXIT_STORE, EXIT_UNKNOWN, EXIT_USAGE, main
+from orchestrator.cli import (
+    EXIT_CONFIG,
+    EXIT_CRITICAL,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_STORE,
+    EXIT_UNKNOWN,
+    EXIT_USAGE,
+    main,
+)
 from orchestrator.instance import acquire_instance_lock
 from orchestrator.runner import Outcome, RunResult
 from orchestrator.store import ItemState, NewItem, Transition, connect
@@ -138,6 +147,33 @@ def orchestrator(*args: str, cwd: Path, timeout: float = 30) -> subprocess.Compl
 
 
 # --- items -----------------------------------------------------------------------------------
+
+
+def test_reading_commands_work_while_the_config_on_disk_has_errors(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Found by an acceptance tester (session 15): with the config half edited (the running
+    # service keeps the one it started with), items, show, status and health exited 2 or 3 --
+    # exactly when an operator wants to look.
+    config.write_text(config.read_text().replace('name = "extract"',
+                                                 'name = "extract"\nconcurrency = "many"'))  # fmt: skip
+    assert main(["check", "-c", str(config)]) == EXIT_CONFIG
+    capsys.readouterr()
+    listed = cli_json(capsys, "items", "-c", str(config), "--json")
+    assert WEIRD in [item["id"] for item in listed]
+    assert cli_json(capsys, "show", WEIRD, "-c", str(config), "--json")["item"]["id"] == WEIRD
+    status = cli_json(capsys, "status", "-c", str(config), "--json")
+    assert "extract" in status["stages"]
+    main(["items", "-c", str(config)])
+    err = capsys.readouterr().err
+    assert "warning: 1 error (see `orchestrator check" in err
+    assert "reading the state at" in err
+    # health judges the status file (none here: critical, not "unknown")
+    assert main(["health", "-c", str(config)]) == EXIT_CRITICAL
+    # A config whose state keys themselves are wrong still stops them, with its errors.
+    config.write_text(config.read_text().replace('state_dir = "state"', "state_dir = 5"))
+    assert main(["items", "-c", str(config)]) == EXIT_CONFIG
+    assert "state_dir" in capsys.readouterr().err
 
 
 def test_items_json_lists_every_item_with_its_current_stage(
