@@ -924,6 +924,8 @@ def _make_workdir(workdir: str, payload: str | None) -> None:
     except FileExistsError:
         pass
     except FileNotFoundError:
+        # makedirs gives its mode to the last folder only: state_dir/work is made first.
+        os.makedirs(os.path.dirname(workdir), mode=0o700, exist_ok=True)
         os.makedirs(workdir, mode=0o700, exist_ok=True)
     if payload is None:
         return

@@ -1148,6 +1148,9 @@ def test_a_payload_cut_short_by_a_full_disk_is_not_left_for_the_next_attempt(dis
     _make_workdir(workdir, payload)
     assert (disk / "work" / "7" / "payload.json").read_text() == payload
     assert oct((disk / "work" / "7" / "payload.json").stat().st_mode & 0o777) == "0o600"
+    # The folders are private too, state_dir/work included (it was 0755: acceptance, session 15)
+    assert oct((disk / "work").stat().st_mode & 0o777) == "0o700"
+    assert oct((disk / "work" / "7").stat().st_mode & 0o777) == "0o700"
 
 
 def test_runs_a_full_disk_ended_are_not_counted_toward_poison_items(
