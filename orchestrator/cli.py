@@ -716,15 +716,24 @@ def _watch(conn: sqlite3.Connection, cfg: Config, interval: float, first: Any) -
                     style="dim")  # fmt: skip
         return Group(head, body)
 
-    with Live(frame(first), console=_console(), auto_refresh=False) as live:
+    def next_body() -> Any:
+        time.sleep(interval)
+        try:
+            return render_status(status_data(conn, cfg, time.time()))
+        except sqlite3.Error as exc:
+            # A busy or briefly unreadable store must not end the watch: show it and retry.
+            return Text(f"cannot read the store: {exc}", style="red")
+
+    console = _console()
+    if not console.is_terminal:  # into a pipe or a file: one frame after the other
+        body = first
         while True:
-            time.sleep(interval)
-            try:
-                body = render_status(status_data(conn, cfg, time.time()))
-            except sqlite3.Error as exc:
-                # A busy or briefly unreadable store must not end the watch: show it and retry.
-                body = Text(f"cannot read the store: {exc}", style="red")
-            live.update(frame(body), refresh=True)
+            console.print(frame(body))
+            console.file.flush()
+            body = next_body()
+    with Live(frame(first), console=console, auto_refresh=False) as live:
+        while True:
+            live.update(frame(next_body()), refresh=True)
 
 
 @app.command()

@@ -685,6 +685,26 @@ def test_status_watch_refreshes_on_a_terminal_and_exits_0_on_sigint(config: Path
         os.close(master)
 
 
+def test_status_watch_into_a_pipe_prints_frame_after_frame(config: Path) -> None:
+    # Into a pipe (status --watch | tee) rich's live view drew one frame and then nothing
+    # (acceptance, session 15): frames now follow each other.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "status", "-c", str(config), "--watch",
+         "--interval", "0.1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=config.parent, text=True,
+    )  # fmt: skip
+    try:
+        time.sleep(1.5)  # start-up, then about ten frames
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+    assert proc.returncode == EXIT_OK
+    assert out.count("Ctrl+C to quit") >= 3, out
+
+
 def test_status_watch_json_prints_one_document_per_line_until_sigint(config: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "orchestrator", "status", "-c", str(config), "--watch",
