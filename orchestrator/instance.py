@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import socket
 import time
 from typing import TYPE_CHECKING
@@ -22,12 +23,15 @@ from orchestrator.errors import StoreLocked, StoreUnavailable
 if TYPE_CHECKING:
     from pathlib import Path
 
-__all__ = ["LOCK_NAME", "STORE_FAILED", "InstanceLock", "acquire_instance_lock"]
+__all__ = ["LOCK_NAME", "LOOP_BLOCKED_BY", "STORE_FAILED", "InstanceLock", "acquire_instance_lock"]
 
 #: The lock file's name inside ``state_dir``.
 LOCK_NAME = "orchestrator.lock"
 #: What an instance that stops because its store failed notes in the lock file (`note_end`).
 STORE_FAILED = "its store failed"
+#: What the watchdog notes when a run blocked the event loop and it ended the process.
+LOOP_BLOCKED_BY = "its event loop was blocked by run"
+_BLOCKED_BY_RE = re.compile(rf"ended: {LOOP_BLOCKED_BY} (\d+)")
 
 
 @attrs.define
@@ -43,10 +47,15 @@ class InstanceLock:
     _line_length: int = 0
 
     @property
-    def previous_store_failed(self) -> bool:
-        """The previous holder stopped because its store failed (a full disk, say): its runs
-        left open were ended by that, not by their items."""
-        return f"ended: {STORE_FAILED}" in self.previous
+    def previous_blamed(self) -> frozenset[int] | None:
+        """The runs the previous holder's end is to be blamed on, as it said (`note_end`):
+        none when its store failed (a full disk: its open runs were ended by that, not by
+        their items), the run that blocked its event loop, or None (it did not say: it was
+        killed, all its open runs count)."""
+        if f"ended: {STORE_FAILED}" in self.previous:
+            return frozenset()
+        match = _BLOCKED_BY_RE.search(self.previous)
+        return frozenset([int(match.group(1))]) if match else None
 
     def note_end(self, why: str) -> None:
         """Say in the lock file how this instance ends, for the next one (best effort).

@@ -191,13 +191,13 @@ async def serve(
                     early = _EarlySignals()
                     await guard.start(early.serve, signals)
                     recovery = await _recover(
-                        config, store, instance, starting, blame=not lock.previous_store_failed,
+                        config, store, instance, starting, blamed=lock.previous_blamed,
                         hurry=early.hurry,
                     )  # fmt: skip
                     await early.stop()
                     result = await _serve(
                         config, store, instance, recovery, batch, on_start, notifier, signals,
-                        config_path, terminal, starting, early.received,
+                        config_path, terminal, starting, early.received, lock.note_end,
                     )  # fmt: skip
                     await _sweep_escaped(config)
                     guard.cancel_scope.cancel()
@@ -329,13 +329,14 @@ async def _watch_state_files(
 
 
 async def _recover(
-    config: Config, store: SqliteStore, instance: str, starting: StartingStatus, *, blame: bool,
-    hurry: threading.Event | None = None,
+    config: Config, store: SqliteStore, instance: str, starting: StartingStatus, *,
+    blamed: frozenset[int] | None, hurry: threading.Event | None = None,
 ) -> Recovery:  # fmt: skip
     """End a dead instance's leftover processes, then close its runs and re-queue their items.
 
-    ``blame``: count the interruptions toward poison items (not when the dead instance said
-    it stopped because its store failed: that ended its runs, not their items). ``hurry``: once
+    ``blamed``: the runs whose interruption counts toward a poison item, as the dead instance
+    said how it ended (none when its store failed, the one that blocked its loop), or None for
+    all of them (it was killed). ``hurry``: once
     set, the leftovers get SIGKILL without waiting out their grace (a second SIGINT).
     """
     starting.set_phase("ending the processes a dead instance left running")
@@ -354,7 +355,7 @@ async def _recover(
     host = socket.gethostname()
     await store.call(lambda c: op_register_instance(c, instance, os.getpid(), host))
     recovery = await store.call(
-        lambda c: op_recover(c, config.max_interruptions, report.runs, blame=blame)
+        lambda c: op_recover(c, config.max_interruptions, report.runs, blamed=blamed)
     )
     logged = await trio.to_thread.run_sync(highest_run_log_id, str(config.state_dir / "runs"))
     await store.reload_run_ids(logged)
@@ -436,7 +437,7 @@ async def _serve(
     config: Config, store: SqliteStore, instance: str, recovery: Recovery, batch: bool,
     on_start: Callable[[Engine], None] | None, notifier: Notifier | None,
     signals: AsyncIterator[int], config_path: Path | None, terminal: Terminal,
-    starting: StartingStatus, early_signals: list[int],
+    starting: StartingStatus, early_signals: list[int], note_end: Callable[[str], object],
 ) -> ServiceResult:  # fmt: skip
     interrupted = False
     starting.set_phase("starting the pipeline")
@@ -459,6 +460,7 @@ async def _serve(
     if on_start is not None:
         on_start(engine)
     watchdog = Watchdog(engine, notifier=notifier)
+    watchdog.note_end = note_end
     async with trio.open_nursery() as root:
         await root.start(engine.serve_timers)
         # A batch job serves no HTTP: it would contend with a service for the port.

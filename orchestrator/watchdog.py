@@ -44,6 +44,8 @@ import trio
 import trio_util
 from loguru import logger
 
+from orchestrator.instance import LOOP_BLOCKED_BY
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
     from types import FrameType
@@ -167,6 +169,9 @@ class Watchdog:
         self.loop_stalls = 0
         #: The loop is blocked now (set by the thread; cleared by the heartbeat).
         self.loop_blocked_by: str | None = None
+        self._blocking_task_object: trio.lowlevel.Task | None = None
+        #: Told how the process ends when the thread ends it (the instance lock's `note_end`).
+        self.note_end: Callable[[str], object] | None = None
         self.loop_blocked = False
         self._blocked_beat = 0.0
         self.last_loop_block: LoopBlock | None = None
@@ -421,8 +426,9 @@ class Watchdog:
             if warned_for != beat:
                 warned_for = beat
                 self.loop_stalls += 1
-                name, stack = self._blocking_task()
+                name, stack, task = self._blocking_task()
                 self.loop_blocked_by = name
+                self._blocking_task_object = task
                 self._blocked_beat = beat
                 self.loop_blocked = True
                 # From another thread: if the blocked loop holds a log sink's lock (a write to a
@@ -436,10 +442,10 @@ class Watchdog:
                 self._die(age)
                 return
 
-    def _blocking_task(self) -> tuple[str | None, str]:
+    def _blocking_task(self) -> tuple[str | None, str, trio.lowlevel.Task | None]:
         frame = sys._current_frames().get(self._main_thread)
         if frame is None:
-            return None, "(the main thread is gone)"
+            return None, "(the main thread is gone)", None
         chain = list(_outward(frame))
         where = {id(f): i for i, f in enumerate(chain)}
         for _attempt in range(3):
@@ -448,11 +454,11 @@ class Watchdog:
                     task_frame = task.coro.cr_frame
                     if task_frame is not None and id(task_frame) in where:
                         mine = chain[: where[id(task_frame)] + 1]
-                        return task.name, _format_frames(mine)
+                        return task.name, _format_frames(mine), task
                 break
             except RuntimeError:  # the tree changed while we walked it; try again
                 continue
-        return None, _format_frames(chain)
+        return None, _format_frames(chain), None
 
     def _die(self, age: float) -> None:
         def report() -> None:
@@ -474,6 +480,14 @@ class Watchdog:
         reporter = threading.Thread(target=report, name="orchestrator-exit-report", daemon=True)
         reporter.start()
         reporter.join(EXIT_LOG_GRACE)
+        culprit = [r.run for r in list(self.engine.running.values())
+                   if r.task is not None and r.task is self._blocking_task_object]  # fmt: skip
+        if self.note_end is not None:
+            # For the next start: the runs this leaves open were ended by the one that blocked
+            # the loop; only that one counts toward a poison item.
+            self.note_end(
+                f"{LOOP_BLOCKED_BY} {culprit[0]}" if culprit else "its event loop was blocked"
+            )
         for run in list(self.engine.running.values()):
             if run.pid is not None:
                 with contextlib.suppress(OSError):

@@ -127,6 +127,8 @@ class RunningRun:
     attempt: int
     pid: int | None = None
     since: float = attrs.field(factory=trio.current_time)
+    #: The worker task it runs in (the watchdog names the run that blocks the event loop).
+    task: trio.lowlevel.Task | None = attrs.field(factory=trio.lowlevel.current_task)
 
 
 @attrs.define

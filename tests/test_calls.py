@@ -353,3 +353,65 @@ def test_a_function_that_blocks_the_loop_is_named_by_the_watchdog(tmp_path: Path
     # The worker task running it is named, with the function's line in its stack.
     assert re.search(r"event loop blocked for [\d.]+s by task 'worker:py:0'; its stack:\n"
                      r"(.*\n)*.*time\.sleep\(1\.2\)", proc.stderr), proc.stderr  # fmt: skip
+
+
+def test_only_the_run_that_blocked_the_event_loop_counts_toward_a_poison_item(
+    tmp_path: Path,
+) -> None:
+    # Found by an acceptance tester (session 15): a Python stage that blocks the event loop
+    # past loop_stall_timeout ends the service (exit 70); every run going on then was counted
+    # as interrupted, so an innocent item beside it ended dead as a "poison item" too.
+    (tmp_path / "blocker.py").write_text(textwrap.dedent("""
+        import time
+        import trio
+
+        async def act(run):
+            if run.name == "block":
+                await trio.sleep(0.5)  # the innocent run is going on by then
+                time.sleep(15)         # blocks the event loop
+            else:
+                await trio.sleep(3)
+        """))
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    for name in ("block", "innocent"):
+        (inbox / name).write_text("")
+    config = tmp_path / "orchestrator.toml"
+    config.write_text(textwrap.dedent("""
+        state_dir = "state"
+        max_interruptions = 1
+        [http]
+        listen = false
+        [watchdog]
+        loop_stall_warn = "0.5s"
+        loop_stall_timeout = "1.5s"
+        [[sources]]
+        name = "in"
+        type = "directory"
+        path = "in"
+        settle = "0s"
+        route = ["act"]
+        [[stages]]
+        name = "act"
+        call = "blocker:act"
+        concurrency = 2
+        """))  # fmt: skip
+    first = _orchestrator("batch", "-c", str(config), "--json", "--no-progress", cwd=tmp_path)
+    assert first.returncode == 70, first.stderr
+    lock = (tmp_path / "state" / "orchestrator.lock").read_text()
+    assert "ended: its event loop was blocked by run" in lock
+
+    # When: the next batch recovers (max_interruptions = 1: one counted interruption is death)
+    config.write_text(config.read_text().replace('"1.5s"', '"30s"'))
+    again = _orchestrator("batch", "-c", str(config), "--json", "--no-progress", cwd=tmp_path)
+
+    # Then: the blocker is dead as a poison item; the innocent item ran again and is done
+    summary = json.loads(again.stdout)
+    assert summary["states"] == {"dead": 1, "done": 1}, again.stderr
+    [dead] = summary["failed_items"]
+    assert dead["id"] == "in:block"
+    assert "poison item: interrupted 1 times" in dead["reason"]
+    innocent = _show(config, "in:innocent")
+    assert innocent["item"]["interruptions"] == 0
+    reasons = [r["reason"] for r in innocent["runs"] if r["outcome"] == "interrupted"]
+    assert reasons and "its event loop was blocked by run" in reasons[0]

@@ -42,12 +42,20 @@ import trio_util
 from loguru import logger
 
 from orchestrator.errors import ItemNotFound, StoreUnavailable
-from orchestrator.instance import STORE_FAILED
+from orchestrator.instance import LOOP_BLOCKED_BY, STORE_FAILED
 from orchestrator.reaper import proc_start_time
 from orchestrator.store.records import Item, ItemState, NewItem, RunRecord, Transition
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence, Set
+    from collections.abc import (
+        AsyncIterator,
+        Callable,
+        Collection,
+        Iterable,
+        Mapping,
+        Sequence,
+        Set,
+    )
     from pathlib import Path
 
     from orchestrator.reaper import SeenRun
@@ -678,7 +686,7 @@ class Recovery:
 
 def op_recover(
     conn: sqlite3.Connection, max_interruptions: int, seen: Iterable[SeenRun] = (),
-    *, blame: bool = True,
+    *, blamed: Collection[int] | None = None,
 ) -> Recovery:  # fmt: skip
     """Close runs a dead instance left open as ``interrupted``; re-queue or kill their items.
 
@@ -690,8 +698,9 @@ def op_recover(
         seen: runs whose leftover processes the reaper found, as their environment tells them.
             A run is recorded right after its spawn; one whose record the dead instance did
             not get to write is recorded now (so that it counts as an interruption).
-        blame: count the interruptions (False: the dead instance stopped because its store
-            failed; that ended its runs, so their items are re-queued with nothing counted).
+        blamed: the runs whose interruption counts (None: all). The others' items are
+            re-queued with nothing counted: the dead instance said it ended because its store
+            failed (none blamed) or because one run blocked its event loop (that one).
     """
     now = time.time()
     for run in seen:
@@ -714,10 +723,14 @@ def op_recover(
         "SELECT id, item_seq, stage FROM runs WHERE outcome IS NULL ORDER BY id"
     ).fetchall()
     poisoned: list[int] = []
-    why = "the instance running it died"
-    if not blame:
-        why = f"the instance running it stopped: {STORE_FAILED}"
     for run_id, seq, stage in open_runs:
+        blame = blamed is None or run_id in blamed
+        why = "the instance running it died"
+        if blamed is not None:
+            why = "the instance running it stopped: " + (
+                "this run blocked its event loop" if blame else
+                f"{STORE_FAILED}" if not blamed else f"{LOOP_BLOCKED_BY} {min(blamed)}"
+            )  # fmt: skip
         conn.execute(
             "UPDATE runs SET outcome = 'interrupted', ended_at = ?,"
             " duration = ? - started_at, reason = ? WHERE id = ?",
