@@ -827,7 +827,10 @@ def health(
     cfg = _load_for_reading(config, failure=EXIT_UNKNOWN)
 
     def verdict() -> checks.Verdict:
-        return checks.judge(cfg.status_path, interval=cfg.status.interval)
+        return checks.judge(
+            cfg.status_path, interval=cfg.status.interval,
+            starting_limit=checks.starting_limit(cfg),
+        )  # fmt: skip
 
     shown: list[str] = []
 

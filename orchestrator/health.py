@@ -33,7 +33,9 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
     from pathlib import Path
 
-__all__ = ["CRITICAL", "OK", "WARNING", "Verdict", "judge", "watch"]
+    from orchestrator.config import Config
+
+__all__ = ["CRITICAL", "OK", "WARNING", "Verdict", "judge", "starting_limit", "watch"]
 
 OK, WARNING, CRITICAL = 0, 1, 2
 LEVEL_NAMES = {OK: "ok", WARNING: "warning", CRITICAL: "critical"}
@@ -91,7 +93,10 @@ class Verdict:
         return f"{self.status}: " + "; ".join(self.reasons)
 
 
-def judge(path: Path, *, interval: float, now: float | None = None) -> Verdict:
+def judge(
+    path: Path, *, interval: float, now: float | None = None,
+    starting_limit: float = STARTING_LIMIT,
+) -> Verdict:  # fmt: skip
     """Judge the status file at ``path`` (blocking reads: not for the event loop).
 
     Args:
@@ -143,10 +148,10 @@ def judge(path: Path, *, interval: float, now: float | None = None) -> Verdict:
         since = _started(doc)
         took = max(0.0, now - since) if since is not None else 0.0
         phase = doc.get("phase") or "starting"
-        if took >= STARTING_LIMIT:
+        if took >= starting_limit:
             level = CRITICAL
             reasons.append(
-                f"still starting (pid {pid}) after {took:.0f}s (more than {STARTING_LIMIT:g}s),"
+                f"still starting (pid {pid}) after {took:.0f}s (more than {starting_limit:g}s),"
                 f" stuck at: {phase}"
             )
         else:
@@ -190,6 +195,12 @@ def _alive(pid: int, started: float | None) -> tuple[bool, str]:
     if started is not None and process_start > started + START_TOLERANCE:
         return False, f"its process (pid {pid}) is gone; that pid now belongs to another process"
     return True, ""
+
+
+def starting_limit(config: Config) -> float:
+    """How long a service of ``config`` may say ``starting``: `STARTING_LIMIT`, or longer when
+    ending a dead instance's leftovers may take longer (twice the longest ``grace_period``)."""
+    return max(STARTING_LIMIT, 2 * max(s.grace_period for s in config.stages) + 60)
 
 
 def watch(

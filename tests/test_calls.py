@@ -361,7 +361,8 @@ def test_only_the_run_that_blocked_the_event_loop_counts_toward_a_poison_item(
     # Found by an acceptance tester (session 15): a Python stage that blocks the event loop
     # past loop_stall_timeout ends the service (exit 70); every run going on then was counted
     # as interrupted, so an innocent item beside it ended dead as a "poison item" too.
-    (tmp_path / "blocker.py").write_text(textwrap.dedent("""
+    (tmp_path / "blocker.py").write_text(
+        textwrap.dedent("""
         import time
         import trio
 
@@ -371,7 +372,8 @@ def test_only_the_run_that_blocked_the_event_loop_counts_toward_a_poison_item(
                 time.sleep(15)         # blocks the event loop
             else:
                 await trio.sleep(3)
-        """))
+        """)
+    )
     inbox = tmp_path / "in"
     inbox.mkdir()
     for name in ("block", "innocent"):
@@ -414,4 +416,5 @@ def test_only_the_run_that_blocked_the_event_loop_counts_toward_a_poison_item(
     innocent = _show(config, "in:innocent")
     assert innocent["item"]["interruptions"] == 0
     reasons = [r["reason"] for r in innocent["runs"] if r["outcome"] == "interrupted"]
-    assert reasons and "its event loop was blocked by run" in reasons[0]
+    assert reasons
+    assert "its event loop was blocked by run" in reasons[0]

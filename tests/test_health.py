@@ -18,7 +18,17 @@ from conftest import PY, fill
 from servicekit import DEFAULT_PIPELINE, Service, service_config
 
 from orchestrator.cli import EXIT_CRITICAL, EXIT_OK, EXIT_UNKNOWN, EXIT_WARNING, main
-from orchestrator.health import CRITICAL, OK, STARTING_LIMIT, WARNING, Verdict, judge, watch
+from orchestrator.config import parse_config
+from orchestrator.health import (
+    CRITICAL,
+    OK,
+    STARTING_LIMIT,
+    WARNING,
+    Verdict,
+    judge,
+    starting_limit,
+    watch,
+)
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -289,6 +299,16 @@ def test_judge_starting_is_a_warning_until_the_starting_limit(tmp_path: Path) ->
         f"still starting (pid {pid}) after {STARTING_LIMIT + 42:.0f}s (more than"
         f" {STARTING_LIMIT:g}s), stuck at: ending the processes a dead instance left running",
     )
+
+    # A config whose leftovers may take longer to end (a grace_period of 20 minutes) is given
+    # the time: twice the longest grace and a minute.
+    patient = judge(write(tmp_path / "s.json", doc), interval=10, now=late, starting_limit=2460)
+    assert patient.level == WARNING
+    cfg = parse_config({"stages": [{"name": "s", "command": ["true"], "grace_period": "20m"}]},
+                       base_dir=tmp_path)  # fmt: skip
+    assert starting_limit(cfg) == 2460
+    cfg = parse_config({"stages": [{"name": "s", "command": ["true"]}]}, base_dir=tmp_path)
+    assert starting_limit(cfg) == STARTING_LIMIT
 
     # A starting file that is not rewritten (its loop hangs) goes stale like any other.
     stale = judge(write(tmp_path / "s.json", doc), interval=10, now=late + 40)
