@@ -249,14 +249,22 @@ def _logging_setup() -> Callable[..., None]:
     """
     if "loguru" in sys.modules or "LOGURU_AUTOINIT" in os.environ:
         from orchestrator.logs import configure_logging
+    else:
+        os.environ["LOGURU_AUTOINIT"] = "0"
+        try:
+            from orchestrator.logs import configure_logging
+        finally:
+            del os.environ["LOGURU_AUTOINIT"]
 
-        return configure_logging
-    os.environ["LOGURU_AUTOINIT"] = "0"
-    try:
-        from orchestrator.logs import configure_logging
-    finally:
-        del os.environ["LOGURU_AUTOINIT"]
-    return configure_logging
+    def configure(config: Any, **kwargs: Any) -> None:
+        try:
+            configure_logging(config, **kwargs)
+        except OSError as exc:  # the log file cannot be opened: a config problem, exit 2
+            where = exc.filename if exc.filename is not None else config.file
+            _err(f"log.file: cannot open {str(where)!r}: {exc.strerror or exc}")
+            raise typer.Exit(EXIT_CONFIG) from None
+
+    return configure
 
 
 def _serve(

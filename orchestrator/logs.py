@@ -156,6 +156,17 @@ _sinks: dict[str, Any] = {}
 
 def _add_sinks(config: LogConfig | None, *, console: dict[str, Any] | None = None) -> None:
     """Add the sinks ``config`` asks for; keep ``console``'s console sink if it is the same."""
+    if config is not None and config.file is not None:
+        config.file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Opened now, not at the first line (the sink opens it lazily): a folder, a read-only
+        # file system or an immutable file is an error here, before any sink changes, not a
+        # traceback per line later.
+        fd = os.open(config.file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            with contextlib.suppress(OSError):  # older versions made it with the umask's mode
+                os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
     level = config.level if config is not None else "INFO"
     as_json = config is not None and config.json
     has_file = config is not None and config.file is not None
@@ -170,9 +181,6 @@ def _add_sinks(config: LogConfig | None, *, console: dict[str, Any] | None = Non
         )  # fmt: skip
     path = file_id = None
     if config is not None and config.file is not None:
-        config.file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with contextlib.suppress(OSError):  # older versions made it with the umask's mode
-            os.chmod(config.file, 0o600)
         compression = None if config.compression is None else _Compress(config.compression)
         path = str(config.file)
         file_id = logger.add(

@@ -7,7 +7,9 @@ import gzip
 import json
 import logging
 import lzma
+import subprocess
 import sys
+import textwrap
 import zipfile
 from typing import TYPE_CHECKING
 
@@ -223,3 +225,36 @@ def test_terminal_escapes_in_a_line_are_shown_not_obeyed(
     line, braces = config.log.file.read_text().splitlines()
     assert json.loads(line)["message"] == "run failed; output tail:\n" + hostile  # kept whole
     assert json.loads(braces)["item"] == "in:{path}.txt <red>x</red>"
+
+
+def test_a_log_file_that_cannot_be_opened_stops_the_start_with_the_reason(
+    tmp_path: Path,
+) -> None:
+    # A folder given as the log file: a traceback at start (and a reload took it, then wrote
+    # a traceback per line); now a config error with the path, exit 2, the folder untouched.
+    (tmp_path / "logs").mkdir(mode=0o755)
+    (tmp_path / "in").mkdir()
+    config = tmp_path / "c.toml"
+    config.write_text(textwrap.dedent("""
+        [http]
+        listen = false
+        [log]
+        file = "logs"
+        [[sources]]
+        name = "in"
+        type = "directory"
+        path = "in"
+        route = ["s"]
+        [[stages]]
+        name = "s"
+        command = ["true"]
+        """))  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "batch", "-c", str(config), "--no-progress"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert (
+        proc.stderr.strip() == f"log.file: cannot open {str(tmp_path / 'logs')!r}: Is a directory"
+    )
+    assert oct((tmp_path / "logs").stat().st_mode & 0o777) == "0o755"

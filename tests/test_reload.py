@@ -488,6 +488,17 @@ def test_the_reload_command_signals_the_service_and_shows_its_answer(tmp_path: P
         assert f"log.file: cannot open {bad_log!r}" in proc.stderr
         assert "the service kept its config as it was" in proc.stderr
         assert service.status()["stages"]["work"]["concurrency"] == 2
+        # A folder given as the log file: refused the same (it was accepted, every line then
+        # a traceback, and the folder made 0600), the folder untouched.
+        folder = tmp_path / "a-folder"
+        folder.mkdir(mode=0o755)
+        config.write_text(slow_status.replace("concurrency = 1", "concurrency = 3")
+                          + f"[log]\nfile = {json.dumps(str(folder))}\n")  # fmt: skip
+        proc = _reload_cli(config)
+        assert proc.returncode == 1, (proc.stdout, proc.stderr)
+        assert "Is a directory" in proc.stderr
+        assert oct(folder.stat().st_mode & 0o777) == "0o755"
+        assert "Logging error" not in service.log
         config.write_text(slow_status)
         assert service.stop(20) == 0
     finally:
