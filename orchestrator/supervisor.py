@@ -219,6 +219,15 @@ async def serve(
             notifier.close()
 
 
+def _kill_runs_now(engine: Engine) -> None:
+    """SIGKILL the process group of every run going on: "stop now" does not wait out their
+    ``grace_period`` (the cancelled runs' own TERM → grace → KILL then finds them gone)."""
+    for run in list(engine.running.values()):
+        if run.pid is not None:
+            with contextlib.suppress(OSError):
+                os.killpg(run.pid, signal.SIGKILL)
+
+
 def _grace_of(config: Config) -> Callable[[Leftover], float]:
     """Each leftover's ``grace_period``: its stage's, by its environment (the longest of all
     when it does not say, or names a stage the config no longer has)."""
@@ -521,6 +530,7 @@ async def _serve(
                     interrupted = True
                     logger.warning("{}: stopping now; running stages are killed", name)
                     drain(0)
+                    _kill_runs_now(engine)
                     return
                 if not interrupted:
                     interrupted = True
@@ -532,6 +542,7 @@ async def _serve(
                 elif signum == signal.SIGINT:
                     logger.warning("second SIGINT: stopping now")
                     drain(0)
+                    _kill_runs_now(engine)
 
             async def watch_signals() -> None:
                 for signum in early_signals:  # those that came during start-up recovery
