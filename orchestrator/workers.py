@@ -645,11 +645,26 @@ class Engine:
             # may have gone before its run started or during it; the reason does not guess.
             # (With its whole source folder gone, it is not known to be gone: retried as usual.)
             folder = self._folders.get(item.source)
-            if await trio.to_thread.run_sync(_gone_for_good, item.path, folder):
+            gone = await trio.to_thread.run_sync(_file_gone, item.path, folder)
+            if gone == "file":
                 transition = Transition(
                     state=ItemState.DEAD, stage_index=item.stage_index, attempts=attempt,
                     reason=f"{stage.name}: source file {item.path!r} was gone when its run ended "
                     f"({result.reason})",
+                )  # fmt: skip
+            elif gone == "folder" and not self.batch:
+                # Its whole source folder went away (a mount that dropped) under a run that
+                # was ready before anyone knew: the run does not count; it waits for the folder.
+                transition = Transition(
+                    state=ItemState.RETRY_WAIT, stage_index=item.stage_index,
+                    attempts=max(attempt - 1, 0), not_before=time.time() + FOLDER_WAIT,
+                    reason=f"{stage.name}: its source folder is gone; waiting for it "
+                    f"({result.reason})",
+                )  # fmt: skip
+            elif gone == "folder":
+                transition = Transition(
+                    state=ItemState.DEAD, stage_index=item.stage_index, attempts=attempt,
+                    reason=f"{stage.name}: its source folder is gone ({result.reason})",
                 )  # fmt: skip
         logged_path = log_path if result.output_bytes else None
 
@@ -973,9 +988,12 @@ def _log_tail(path: str) -> str | None:
     return "\n".join(data.decode(errors="replace").splitlines()[-TAIL_LINES:])
 
 
-def _gone_for_good(path: str, folder: str | None) -> bool:
-    """Whether the file at ``path`` is gone while its source ``folder`` is there (a thread)."""
-    return not os.path.exists(path) and (folder is None or os.path.isdir(folder))
+def _file_gone(path: str, folder: str | None) -> str | None:
+    """``"file"`` when the file at ``path`` is gone while its source ``folder`` is there,
+    ``"folder"`` when the folder is gone as a whole, None when the file is there (a thread)."""
+    if os.path.exists(path):
+        return None
+    return "file" if folder is None or os.path.isdir(folder) else "folder"
 
 
 def _file_problem(path: str) -> str | None:

@@ -892,11 +892,14 @@ def test_items_whose_folder_goes_away_for_a_while_wait_for_it_and_are_not_killed
     # that dropped for a few seconds) every queued item of it was dead, "vanished before its
     # run", though its file came back with the folder.
     done = tmp_path / "done.txt"
-    stage = json.dumps(["sh", "-c", f'sleep 0.4; echo "$1" >> {done}', "sh", "{name}"])
+    stage = json.dumps(["sh", "-c", f'sleep 0.4; cat -- "$2" > /dev/null && echo "$1" >> {done}',
+                        "sh", "{name}", "{path}"])  # fmt: skip
     (tmp_path / "in").mkdir()
-    for i in range(5):
+    for i in range(6):
         (tmp_path / "in" / f"w{i}").write_text("x")
-    service = _service(tmp_path, stage)
+    # Two at a time: runs ready (their files checked) or going on when the folder goes fail on
+    # it; they must wait for it as well, not count.
+    service = _service(tmp_path, stage, grace="concurrency = 2")
     try:
         deadline = time.monotonic() + 20
         while not done.exists():
@@ -907,15 +910,23 @@ def test_items_whose_folder_goes_away_for_a_while_wait_for_it_and_are_not_killed
         time.sleep(2.5)
         (tmp_path / "away").rename(tmp_path / "in")
         deadline = time.monotonic() + 20
-        while len(done.read_text().split()) < 5:
+        while len(done.read_text().split()) < 6:
             assert time.monotonic() < deadline, service.log
             time.sleep(0.05)
     finally:
         assert service.stop(20) == 0, service.log
-    # Then: every item is done (one may have failed while its file went: it is retried or
-    # dead with the stage's own failure, never "vanished" while its folder was away)
-    assert sorted(done.read_text().split()) == [f"w{i}" for i in range(5)]
+    # Then: every item is done, none dead, none "vanished" while its folder was away
+    assert sorted(done.read_text().split()) == [f"w{i}" for i in range(6)]
     assert "vanished" not in service.log
+    with open_db(tmp_path / "state" / "orchestrator.db") as db:
+        assert db.execute("SELECT state, count(*) FROM items GROUP BY state").fetchall() == [
+            ("done", 6)
+        ]
+        failed = db.execute("SELECT count(*) FROM runs WHERE outcome = 'failed'").fetchone()[0]
+        attempts = db.execute("SELECT max(attempt) FROM runs").fetchone()[0]
+    # Runs did fail on the missing folder (two at a time, ready ahead), and used no attempt.
+    assert failed >= 1
+    assert attempts == 1
 
 
 def test_a_sigterm_during_start_up_recovery_waits_for_it_and_leaves_nothing(
