@@ -117,6 +117,14 @@ async def serve_source(
         task_status.started()
         if once and not await trio.to_thread.run_sync(os.path.lexists, source.path):
             # A service waits for it to appear; a batch would end with nothing, and no word.
+            if isinstance(poller, DirectorySource):
+                # A folder that is not there is a typo or a mount that dropped: not a success.
+                why = f"{str(source.path)!r} does not exist"
+                log.error("the batch gives this source up: {}", why)
+                engine.failed_sources[source.name] = why
+                engine.sources_exhausted.value += 1
+                return
+            # A record file may not be written yet: nothing to take today.
             log.warning("{} does not exist: this source has nothing to take", str(source.path))
         elif (
             once

@@ -593,9 +593,12 @@ def test_a_batch_whose_source_path_does_not_exist_says_so(tmp_path: Path) -> Non
         """)
     )
     proc = orchestrator("batch", "-c", str(config), "--json", "--no-progress", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["items"] == 0
-    assert f"{tmp_path / 'inbxo'} does not exist: this source has nothing to take" in proc.stderr
+    # A folder that is not there is a typo or a mount that dropped: exit 1, with the reason
+    # (it was exit 0 with a warning: a cron job reported success; acceptance, session 15).
+    assert proc.returncode == 1, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["items"] == 0
+    assert summary["failed_sources"] == {"in": f"{str(tmp_path / 'inbxo')!r} does not exist"}
 
 
 def test_a_workdir_that_cannot_be_made_kills_the_item_with_the_reason(tmp_path: Path) -> None:
