@@ -1136,6 +1136,9 @@ def load_config(path: str | os.PathLike[str], *, import_calls: bool = False) -> 
 
 #: The keys of a config that the commands reading a service's state need (`load_for_reading`).
 READING_KEYS = ("state_dir", "state", "status", "store")
+_READING_KEY_RE = re.compile(
+    r"^\s*(state_dir\s*=|state\s*=|\[\s*status\s*\]|\[\s*store\s*\]|status\.|store\.)", re.M
+)
 
 
 def load_for_reading(path: str | os.PathLike[str]) -> tuple[Config, list[str]]:
@@ -1156,8 +1159,11 @@ def load_for_reading(path: str | os.PathLike[str]) -> tuple[Config, list[str]]:
     except ConfigError as exc:
         failure = exc
     try:
-        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        raise failure from None
+    data = _parse_what_parses(text)
+    if data is None:
         raise failure from None
     names = [
         s["name"] for s in data.get("stages", ()) if isinstance(s, dict) and isinstance(s.get("name"), str)
@@ -1170,6 +1176,26 @@ def load_for_reading(path: str | os.PathLike[str]) -> tuple[Config, list[str]]:
         return parse_config(reduced, base_dir=Path(path).parent), failure.errors
     except ConfigError:
         raise failure from None
+
+
+def _parse_what_parses(text: str) -> dict[str, Any] | None:
+    """``text`` as TOML; or, when it is an edit half done (an unfinished line), the longest
+    beginning of it that parses, unless a key saying where the state is comes after that
+    (not guessed); or None."""
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        error = exc
+    lines = text.splitlines()
+    match = _SYNTAX_ERROR_RE.fullmatch(str(error))
+    # From the line the error names (or the end: an array left open is found only there).
+    for n in range(int(match["line"]) - 1 if match else len(lines) - 1, -1, -1):
+        try:
+            data = tomllib.loads("\n".join(lines[:n]))
+        except tomllib.TOMLDecodeError:
+            continue
+        return None if _READING_KEY_RE.search("\n".join(lines[n:])) else data
+    return None
 
 
 def _syntax_error(exc: tomllib.TOMLDecodeError) -> str:

@@ -170,8 +170,17 @@ def test_reading_commands_work_while_the_config_on_disk_has_errors(
     assert "reading the state at" in err
     # health judges the status file (none here: critical, not "unknown")
     assert main(["health", "-c", str(config)]) == EXIT_CRITICAL
+    # An unfinished line (not TOML yet) below the state's keys: read what is above it.
+    good = config.read_text()
+    config.write_text(good + '[[stages]]\nname = "new"\ncommand = ["./x",\n')
+    assert main(["items", "-c", str(config)]) == EXIT_OK
+    assert "warning: 1 error" in capsys.readouterr().err
+    # ... but not when a key that says where the state is comes after it: not guessed.
+    config.write_text(good.replace('state_dir = "state"', "") + 'x = [\nstate_dir = "state"\n')
+    assert main(["items", "-c", str(config)]) == EXIT_CONFIG
+    capsys.readouterr()
     # A config whose state keys themselves are wrong still stops them, with its errors.
-    config.write_text(config.read_text().replace('state_dir = "state"', "state_dir = 5"))
+    config.write_text(good.replace('state_dir = "state"', "state_dir = 5"))
     assert main(["items", "-c", str(config)]) == EXIT_CONFIG
     assert "state_dir" in capsys.readouterr().err
 
