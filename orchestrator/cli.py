@@ -764,7 +764,12 @@ def reload(
     from orchestrator.operator import reload_service
 
     cfg = _load(config)
-    code, answer = reload_service(cfg.status_path, interval=cfg.status.interval, timeout=timeout)
+    from orchestrator.health import starting_limit
+
+    code, answer = reload_service(
+        cfg.status_path, interval=cfg.status.interval, timeout=timeout,
+        starting_limit=starting_limit(cfg),
+    )  # fmt: skip
     if as_json:
         print(json.dumps(answer, indent=2))
     elif code == EXIT_OK:

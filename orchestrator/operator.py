@@ -274,7 +274,7 @@ RELOAD_POLL = 0.05
 
 
 def reload_service(
-    status_path: Path, *, interval: float, timeout: float
+    status_path: Path, *, interval: float, timeout: float, starting_limit: float = 900.0
 ) -> tuple[int, dict[str, Any]]:
     """SIGHUP the service whose status file is ``status_path``; wait for its answer there.
 
@@ -282,6 +282,9 @@ def reload_service(
     that started when the service did (`orchestrator.health.judge`: a reused pid is never
     signalled) and it is running or starting (it takes the signal from before its status file
     names it, and answers once it runs), not draining.
+
+    ``timeout`` counts from when the service runs: while it says ``starting`` (recovering a
+    dead instance's runs, up to ``starting_limit``), the answer is waited for.
 
     Returns:
         The exit status (0 reloaded, 1 the config was refused, 3 no service or no answer) and
@@ -292,27 +295,41 @@ def reload_service(
     verdict = judge(status_path, interval=interval)
     if not verdict.pid_alive or verdict.pid is None:
         why = "; ".join(verdict.reasons) or f"no live service on this host ({status_path})"
+        if not status_path.exists():
+            why += (" (a changed state_dir or [status] file takes a restart: a running service"
+                    " still writes where its config said when it started; signal it yourself:"
+                    " kill -HUP PID)")  # fmt: skip
         return 3, {"error": why}
     if verdict.state not in ("running", "starting"):
         return 3, {"error": f"the service (pid {verdict.pid}) is {verdict.state}, not running"}
     before = _reload_number(status_path)
     os.kill(verdict.pid, signal.SIGHUP)
-    deadline = time.monotonic() + timeout
+    start = time.monotonic()
+    deadline = start + timeout
     while time.monotonic() < deadline:
         time.sleep(RELOAD_POLL)
-        record = _reload_record(status_path)
-        if record is not None and record.get("number", 0) > before:
+        doc = _status_doc(status_path)
+        record = doc.get("reload") if doc is not None else None
+        if isinstance(record, dict) and record.get("number", 0) > before:
             return (0 if record.get("ok") else 1), record
+        if doc is not None and doc.get("state") == "starting" and doc.get("pid") == verdict.pid:
+            # It answers once it runs: the time counts from then (within starting_limit).
+            deadline = min(max(deadline, time.monotonic() + timeout), start + starting_limit)
     return 3, {"error": f"no answer from the service (pid {verdict.pid}) within {timeout:g}s "
                         "(its log says why)"}  # fmt: skip
 
 
-def _reload_record(status_path: Path) -> dict[str, Any] | None:
+def _status_doc(status_path: Path) -> dict[str, Any] | None:
     try:
         doc = json.loads(status_path.read_bytes())
     except (OSError, ValueError):
         return None  # (being replaced: the next look sees it)
-    record = doc.get("reload") if isinstance(doc, dict) else None
+    return doc if isinstance(doc, dict) else None
+
+
+def _reload_record(status_path: Path) -> dict[str, Any] | None:
+    doc = _status_doc(status_path)
+    record = doc.get("reload") if doc is not None else None
     return record if isinstance(record, dict) else None
 
 

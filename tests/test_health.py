@@ -377,9 +377,10 @@ def test_watch_does_not_restart_a_service_that_is_still_starting_and_reload_wait
             if verdict["pid"] not in (first, None) and verdict["pid"] not in pids:
                 pids.append(verdict["pid"])
             if verdict["state"] == "starting" and reload is None:
-                # (`orchestrator reload` meanwhile: the service takes the SIGHUP, answers later)
+                # (`orchestrator reload` meanwhile: the service takes the SIGHUP, answers later;
+                # its --timeout counts from when the service runs, not from the SIGHUP)
                 reload = subprocess.Popen(
-                    [PY, "-m", "orchestrator", "reload", "-c", str(config), "--timeout", "30"],
+                    [PY, "-m", "orchestrator", "reload", "-c", str(config), "--timeout", "2"],
                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                 )  # fmt: skip
             if verdict["status"] == "ok" and verdict["pid"] != first:

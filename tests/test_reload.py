@@ -458,6 +458,7 @@ def test_the_reload_command_signals_the_service_and_shows_its_answer(tmp_path: P
     proc = _reload_cli(config)
     assert proc.returncode == 3
     assert "no status file" in proc.stderr
+    assert "a changed state_dir or [status] file takes a restart" in proc.stderr
     service = Service(tmp_path, slow_status)
     try:
         _wait_for(lambda: (tmp_path / "state" / "status.json").exists(), 15, service.log)
