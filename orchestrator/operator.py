@@ -223,7 +223,8 @@ def read_status_file(path: Path, now: float) -> dict[str, Any] | None:
     return {
         "path": str(path), "pid": pid, "host": host, "alive": alive,
         "version": doc.get("version"), "instance": doc.get("instance"),
-        "state": doc.get("state"), "started": doc.get("started"), "updated": doc.get("updated"),
+        "state": doc.get("state"), "phase": doc.get("phase"), "started": doc.get("started"),
+        "updated": doc.get("updated"),
         "age": None if age is None else round(age, 3), "interval": interval, "stale": stale,
         "stages": table("stages"), "pools": table("pools"),
         "reload": doc.get("reload") if isinstance(doc.get("reload"), dict) else None,
@@ -563,6 +564,8 @@ def _service_line(service: dict[str, Any] | None) -> Text:
         line.append("(gone)", style="red")
     if service.get("state"):
         line.append(f", {clean(str(service['state']))}")
+        if service["state"] == "starting" and service.get("phase"):
+            line.append(f" ({clean(str(service['phase']))})")
     line.append(f", status file updated {_age(service.get('age'))} ago")
     if service.get("stale"):
         line.append(" (stale)", style="red")

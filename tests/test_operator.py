@@ -603,6 +603,13 @@ def test_status_shows_slots_holders_and_waiters_from_the_status_file(
     assert "1/1" in gpu
     assert " 3 " in gpu
     assert repr(WEIRD) in gpu
+    # A service still starting says what its start-up is doing.
+    doc.update(state="starting", phase="ending the processes a dead instance left running")
+    (config.parent / "state" / "status.json").write_text(json.dumps(doc))
+    service = cli_json(capsys, "status", "-c", str(config), "--json")["service"]
+    assert service["phase"] == "ending the processes a dead instance left running"
+    assert main(["status", "-c", str(config)]) == EXIT_OK
+    assert "starting (ending the processes a dead instance left running)" in capsys.readouterr().out
 
 
 def test_status_reports_a_dead_service_and_an_unreadable_file(
