@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 __all__ = [
     "PLACEHOLDERS",
     "backoff_delay",
+    "code_argument",
     "decide",
     "expand_argv",
     "placeholder_lookalikes",
@@ -35,13 +36,58 @@ PLACEHOLDERS = ("path", "name", "item", "stage", "attempt", "workdir", "payload"
 _PLACEHOLDER = re.compile(r"\{(" + "|".join(PLACEHOLDERS) + r")\}")
 
 
-def expand_argv(template: tuple[str, ...], values: Mapping[str, str]) -> tuple[str, ...]:
+def expand_argv(
+    template: tuple[str, ...], values: Mapping[str, str], *, verbatim: int | None = None
+) -> tuple[str, ...]:
     """Substitute placeholders inside each argument; every argument stays exactly one argument.
 
     Substitution is a single pass, so a value that itself contains ``{item}`` is never expanded
-    again, and no shell ever sees the result.
+    again. The argument at index ``verbatim`` (`code_argument`: the script of ``sh -c``) is
+    passed as written: a value put into code would run as code.
     """
-    return tuple(_PLACEHOLDER.sub(lambda m: values[m.group(1)], arg) for arg in template)
+    return tuple(
+        arg if index == verbatim else _PLACEHOLDER.sub(lambda m: values[m.group(1)], arg)
+        for index, arg in enumerate(template)
+    )
+
+
+#: Programs that take code to run as an argument, and the option letter that says so.
+_CODE_OPTION = {
+    **dict.fromkeys(("sh", "bash", "dash", "zsh", "ksh", "mksh", "ash", "busybox"), "c"),
+    **dict.fromkeys(("perl", "ruby", "node", "nodejs"), "e"),
+    "python": "c",
+}
+_PYTHON_NAME = re.compile(r"python[0-9.]*")
+
+
+def code_argument(template: tuple[str, ...]) -> int | None:
+    """The index of the argument of ``template`` that is code (``sh -c SCRIPT``, ``bash -ec
+    SCRIPT``, ``python3 -c CODE``, ``perl -e CODE``), or None.
+
+    Placeholders are not substituted there (`expand_argv`): ``sh -c 'echo ${name}'`` must not
+    turn a file called ``$(touch PWNED)`` into a command. The values reach the code as
+    arguments after it (``"$1"``, ``sys.argv[1]``) or as ``ORCH_*`` variables.
+    """
+    if not template:
+        return None
+    program = template[0].rsplit("/", 1)[-1]
+    if _PYTHON_NAME.fullmatch(program):
+        program = "python"
+    letter = _CODE_OPTION.get(program)
+    if letter is None:
+        return None
+    index = 2 if program == "busybox" and len(template) > 1 and template[1] == "sh" else 1
+    while index < len(template) - 1:
+        arg = template[index]
+        if arg in ("-o", "+o", "-O", "+O"):  # a shell option and its name: `bash -o pipefail`
+            index += 2
+            continue
+        if arg == "--" or not arg.startswith(("-", "+")):
+            return None  # options end here: the rest are a script's file and its arguments
+        if arg[0] == "-" and arg[1:].isalpha() and arg.endswith(letter):
+            return index + 1
+        index += 1
+    return None
 
 
 _BRACED = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +23,7 @@ def _disposition(d: Disposition) -> str:
 def config_warnings(config: Config) -> list[str]:
     """What is valid but most likely a mistake, each with its path (``check``, and the log of
     ``run`` and ``batch`` at start)."""
-    from orchestrator.pipeline import placeholder_lookalikes
+    from orchestrator.pipeline import PLACEHOLDERS, code_argument, placeholder_lookalikes
 
     out = []
     if config.db_path is None:
@@ -31,6 +32,18 @@ def config_warnings(config: Config) -> list[str]:
             'stress refuse this config (use state = "sqlite")'
         )
     for i, stage in enumerate(config.stages):
+        code = code_argument(stage.command)
+        if code is not None:
+            # (``${name}`` is the shell's own: only a bare ``{name}`` meant a placeholder)
+            named = [p for p in PLACEHOLDERS
+                     if re.search(r"(?<!\$)\{" + p + r"\}", stage.command[code])]  # fmt: skip
+            if named:
+                out.append(
+                    f"stages[{i}].command[{code}]: {{{named[0]}}} is not substituted inside "
+                    f"the code of {stage.command[0]!r} (a file name there would run as code); "
+                    'pass the value as an argument after it ("$1", sys.argv[1]) or read '
+                    f"ORCH_{named[0].upper()}"
+                )
         for index, word, meant in placeholder_lookalikes(stage.command):
             out.append(
                 f"stages[{i}].command[{index}]: {word} is not a placeholder (did you mean"

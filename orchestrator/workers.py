@@ -24,7 +24,7 @@ import trio_util
 from loguru import logger
 
 from orchestrator.limits import Holder, Slots
-from orchestrator.pipeline import decide, expand_argv, uses_placeholder
+from orchestrator.pipeline import code_argument, decide, expand_argv, uses_placeholder
 from orchestrator.reaper import STATE_MARKER
 from orchestrator.runner import (
     TAIL_BYTES,
@@ -165,6 +165,8 @@ class Engine:
         self._workers: dict[str, set[int]] = {s.name: set() for s in config.stages}
         self._runs_dir = str(config.state_dir / "runs")
         self._work_dir = config.state_dir / "work"
+        #: Each stage's argument that is code (``sh -c SCRIPT``): passed as written.
+        self._code_argument = {s.name: code_argument(s.command) for s in config.stages}
         #: Each directory source's folder: a file whose folder is gone as a whole waits.
         self._folders = {s.name: str(s.path) for s in config.sources if s.type == "directory"}
         base = dict(os.environ)
@@ -829,7 +831,7 @@ class Engine:
             own["ORCH_WORKDIR"] = f"{self._work_dir}/{item.seq}"
         own["ORCH_RUN"] = str(run_id)
         env = RunEnvironment(self._stage_env[stage.name], own)
-        argv = expand_argv(stage.command, values)
+        argv = expand_argv(stage.command, values, verbatim=self._code_argument[stage.name])
         executable = self._executables.get(stage.name)
         faults = self.config.faults
         if faults.enabled and (not faults.stages or stage.name in faults.stages):

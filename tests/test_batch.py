@@ -248,6 +248,52 @@ def test_a_file_that_cannot_be_moved_on_done_fails_the_batch_with_the_reason(
     assert "in:x.txt: cannot move" in said
 
 
+def test_shell_variables_in_an_sh_c_script_are_not_placeholders_and_run_nothing(
+    tmp_path: Path,
+) -> None:
+    # Found by an acceptance tester (session 15): "${name}" in the script was filled in as the
+    # placeholder {name}, so a file called "(touch PWNED).txt" made it "$(touch PWNED).txt".
+    (tmp_path / "in").mkdir()
+    for name in ("(touch PWNED).txt", "$(touch PWNED).txt"):
+        (tmp_path / "in" / name).write_text("x")
+    out = tmp_path / "out.txt"
+    config = tmp_path / "c.toml"
+    script = f'for name in "$@"; do echo "got ${{name}}" >> {out}; done'
+    config.write_text(textwrap.dedent(f"""
+        [http]
+        listen = false
+        [[sources]]
+        name = "in"
+        type = "directory"
+        path = "in"
+        route = ["s"]
+        settle = "0s"
+        [[stages]]
+        name = "s"
+        command = {json.dumps(["sh", "-c", script, "sh", "{name}"])}
+        [[stages]]
+        name = "careless"
+        command = ["sh", "-c", "cat {{path}}"]
+        """))  # fmt: skip
+
+    check = orchestrator("check", "-c", str(config), cwd=tmp_path)
+    proc = orchestrator("batch", "-c", str(config), "--json", "--no-progress", cwd=tmp_path)
+
+    # Then: the names reached the script as data; nothing ran; check warns about the bare
+    # {path} in the other stage's script (not substituted there), not about ${name}.
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(out.read_text().splitlines()) == [
+        "got $(touch PWNED).txt",
+        "got (touch PWNED).txt",
+    ]
+    assert not list(tmp_path.rglob("PWNED"))
+    assert (
+        "stages[1].command[2]: {path} is not substituted inside the code of 'sh'"
+        in check.stdout + check.stderr
+    )
+    assert "stages[0]" not in check.stdout + check.stderr
+
+
 def test_a_background_helper_that_left_its_run_does_not_outlive_the_batch(
     tmp_path: Path,
 ) -> None:

@@ -5,6 +5,7 @@ import pytest
 from orchestrator.config import StageConfig
 from orchestrator.pipeline import (
     backoff_delay,
+    code_argument,
     decide,
     expand_argv,
     placeholder_lookalikes,
@@ -35,6 +36,36 @@ def test_expand_argv_keeps_each_argument_whole_and_expands_once() -> None:
     assert argv == ("cmd", "/in/a b; $(x)", "--name={item}", "/w/out", "{unknown}")
     assert uses_placeholder(("a", "x{payload}"), "payload")
     assert not uses_placeholder(("a",), "payload")
+
+
+@pytest.mark.parametrize(
+    ("command", "code"),
+    [
+        (("sh", "-c", "echo ${name}", "sh", "{path}"), 2),
+        (("/bin/bash", "-o", "pipefail", "-ec", "x"), 4),
+        (("bash", "+e", "-c", "x"), 3),
+        (("busybox", "sh", "-c", "x"), 3),
+        (("python3.11", "-u", "-c", "print(1)", "{path}"), 3),
+        (("perl", "-e", "print 1"), 2),
+        (("sh", "stage.sh", "-c", "{path}"), None),  # a script file: its own arguments
+        (("tool", "-c", "{workdir}/tool.conf"), None),  # another program's -c is not code
+        (("sh", "-c"), None),
+    ],
+)
+def test_the_code_of_sh_c_and_its_kind_is_passed_as_written(
+    command: tuple[str, ...], code: int | None
+) -> None:
+    # Found by an acceptance tester (session 15): "${name}" in an sh -c script was taken for the
+    # placeholder {name}, so a file called "(touch PWNED).txt" ran as shell code.
+    assert code_argument(command) == code
+    values = dict.fromkeys(("path", "name", "item", "stage", "attempt", "workdir", "payload"),
+                           "$(touch PWNED)")  # fmt: skip
+    argv = expand_argv(command, values, verbatim=code)
+    for index, (arg, out) in enumerate(zip(command, argv, strict=True)):
+        if index == code:
+            assert out == arg  # code as written
+        elif "{path}" in arg or "{workdir}" in arg:
+            assert "$(touch PWNED)" in out  # data: substituted, one argument
 
 
 def test_backoff_caps_grow_exponentially_up_to_max() -> None:
