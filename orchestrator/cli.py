@@ -150,13 +150,19 @@ def _load_runnable(path: Path) -> Config:
 @app.command()
 def check(config: ConfigOption = Path("orchestrator.toml"), as_json: JsonOption = False) -> None:
     """Validate the config and print the plan: sources → routes → stages, limits, timeouts."""
+    from orchestrator.config import load_config
     from orchestrator.plan import plan_dict, print_plan
 
+    if as_json:  # a program reads the errors too, with their paths, on stdout
+        try:
+            cfg = load_config(config, import_calls=True)
+        except ConfigError as exc:
+            print(json.dumps({"ok": False, "config": str(config), "errors": exc.errors}, indent=2))
+            raise typer.Exit(EXIT_CONFIG) from None
+        print(json.dumps({"ok": True, **plan_dict(cfg)}, indent=2))
+        return
     cfg = _load_runnable(config)
-    if as_json:
-        print(json.dumps(plan_dict(cfg), indent=2))
-    else:
-        print_plan(cfg, config)
+    print_plan(cfg, config)
 
 
 @app.command()

@@ -87,6 +87,19 @@ def test_check_json_plan(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert plan["stages"][0]["timeout"] == 1800
     assert plan["pools"] == {"gpu": {"size": 1, "stages": ["extract"]}}
     assert plan["http"] == "127.0.0.1:8787"
+    assert plan["ok"] is True
+    # An invalid config: --json says so on stdout, every error with its path (a program
+    # validating configs got nothing there: acceptance, session 15), exit 2.
+    config.write_text(
+        config.read_text().replace('timeout = "30m"', 'timeout = "soon"\nretries = -1')
+    )
+    assert main(["check", "-c", str(config), "--json"]) == EXIT_CONFIG
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["ok"] is False
+    assert answer["errors"] == [
+        'stages[0].timeout: expected a duration like "30s", got "soon"',
+        "stages[0].retries: must be >= 0, got -1",
+    ]
 
 
 LEAN_BATCH = """
