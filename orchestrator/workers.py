@@ -625,7 +625,8 @@ class Engine:
                     result = RunResult(
                         outcome=Outcome.CANCELLED, exit_code=None, signal=None,
                         pid=running.pid, duration=trio.current_time() - running.since,
-                        tail=tail or "", reason="cancelled by shutdown; process group killed",
+                        tail=tail or "",
+                        reason="cancelled by shutdown" + ("; process group killed" if kept else ""),
                     )  # fmt: skip
                     transition = decide(item, stage, result, now=time.time())
                     await self.store.finish_run(

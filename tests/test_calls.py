@@ -323,7 +323,10 @@ def test_a_function_past_its_timeout_is_cancelled_and_a_shutdown_cancels_it_too(
         service.stop()
     assert "run cancelled by shutdown; item re-queued" in service.log
     assert (tmp_path / "ended").read_text() == "in:slow\nin:second\n"
-    assert _show(config, "in:second")["item"]["state"] == "queued"
+    second = _show(config, "in:second")
+    assert second["item"]["state"] == "queued"
+    # No process was there to kill (the reason said "process group killed": acceptance)
+    assert [r["reason"] for r in second["runs"]] == ["cancelled by shutdown"]
 
 
 def test_the_worked_example_counts_every_file(tmp_path: Path) -> None:
