@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 from typing import TYPE_CHECKING, Any
@@ -11,7 +12,7 @@ from orchestrator.durations import format_duration, format_size
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from orchestrator.config import Config, Disposition
+    from orchestrator.config import Config, Disposition, SourceConfig
 
 __all__ = ["config_warnings", "plan_dict", "print_plan"]
 
@@ -32,6 +33,11 @@ def config_warnings(config: Config) -> list[str]:
             'stress refuse this config (use state = "sqlite")'
         )
     for i, stage in enumerate(config.stages):
+        if stage.cwd is not None and not os.path.isdir(stage.cwd):
+            out.append(
+                f"stages[{i}].cwd: {str(stage.cwd)!r} is not a folder (yet); every run of this "
+                "stage fails until it is"
+            )
         code = code_argument(stage.command)
         if code is not None:
             # (``${name}`` is the shell's own: only a bare ``{name}`` meant a placeholder)
@@ -70,21 +76,7 @@ def plan_dict(config: Config) -> dict[str, Any]:
             "run_logs_max_size": config.housekeeping.run_logs_max_size,
             "items_max_age": config.housekeeping.items_max_age,
         },
-        "sources": [
-            {
-                "name": s.name,
-                "type": s.type.value,
-                "path": str(s.path),
-                "pattern": list(s.pattern),
-                "recursive": s.recursive,
-                "settle": s.settle,
-                "poll_interval": s.poll_interval,
-                "route": list(s.route),
-                "on_done": _disposition(s.on_done),
-                "on_dead": _disposition(s.on_dead),
-            }
-            for s in config.sources
-        ],
+        "sources": [_source_dict(s) for s in config.sources],
         "stages": [
             {
                 "name": s.name,
@@ -99,6 +91,10 @@ def plan_dict(config: Config) -> dict[str, Any]:
                 "backoff": s.backoff,
                 "backoff_max": s.backoff_max,
                 "fatal_exit_codes": list(s.fatal_exit_codes),
+                "env": dict(s.env),
+                "cwd": None if s.cwd is None else str(s.cwd),
+                "output_limit": s.output_limit,
+                "workdir": s.workdir,
             }
             for s in config.stages
         ],
@@ -108,6 +104,20 @@ def plan_dict(config: Config) -> dict[str, Any]:
         },
         "warnings": config_warnings(config),
     }
+
+
+def _source_dict(s: SourceConfig) -> dict[str, Any]:
+    """A source's keys that apply to its type (a record source has no pattern or settle)."""
+    out: dict[str, Any] = {"name": s.name, "type": s.type.value, "path": str(s.path)}
+    if s.type == "directory":
+        out.update(
+            pattern=list(s.pattern), recursive=s.recursive, settle=s.settle,
+            on_done=_disposition(s.on_done), on_dead=_disposition(s.on_dead),
+        )  # fmt: skip
+    else:
+        out["id_field"] = s.id_field
+    out.update(poll_interval=s.poll_interval, route=list(s.route))
+    return out
 
 
 def print_plan(config: Config, path: Path) -> None:
@@ -135,9 +145,13 @@ def print_plan(config: Config, path: Path) -> None:
     if not config.sources:
         console.print("sources: none (items only arrive through the store)")
     for s in config.sources:
+        if s.type == "directory":
+            how = f"pattern {', '.join(s.pattern)}  settle {d(s.settle)}"
+        else:
+            how = f"id_field {s.id_field}" if s.id_field else "ids: file and offset"
         console.print(
-            f"source [bold]{s.name}[/] ({s.type.value}) {s.path}  pattern "
-            f"{', '.join(s.pattern)}  settle {d(s.settle)}  poll {d(s.poll_interval)}"
+            f"source [bold]{s.name}[/] ({s.type.value}) {escape(str(s.path))}  {escape(how)}  "
+            f"poll {d(s.poll_interval)}"
         )
         console.print("  route: " + " → ".join(s.route))
     console.print()
@@ -153,7 +167,11 @@ def print_plan(config: Config, path: Path) -> None:
     console.print(table)
     for st in config.stages:
         what = f"call {st.call} (Python, in the service)" if st.call else shlex.join(st.command)
-        console.print(f"{st.name}: {escape(what)}", soft_wrap=True)
+        extra = [f"cwd {st.cwd}" if st.cwd is not None else "",
+                 f"env {', '.join(st.env)}" if st.env else "",
+                 "workdir made" if st.workdir else ""]  # fmt: skip
+        more = "  (" + "; ".join(e for e in extra if e) + ")" if any(extra) else ""
+        console.print(f"{st.name}: {escape(what + more)}", soft_wrap=True)
     if config.pools:
         users = plan_dict(config)["pools"]
         for name, info in users.items():

@@ -251,6 +251,47 @@ def test_check_and_batch_warn_about_a_misspelt_placeholder(
     assert f"config: {warning}" in proc.stderr
 
 
+def test_check_shows_each_source_and_stage_as_it_runs_and_warns_about_a_missing_cwd(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Acceptance (session 15): a record source was shown with a pattern and a settle it cannot
+    # have, and without its id_field; a stage's cwd, env and workdir were not shown, and a cwd
+    # that does not exist was found only by the first run.
+    config = tmp_path / "c.toml"
+    config.write_text(textwrap.dedent("""
+        [[sources]]
+        name = "rec"
+        type = "jsonl"
+        path = "r.jsonl"
+        id_field = "id"
+        route = ["s"]
+        [[stages]]
+        name = "s"
+        command = ["true"]
+        cwd = "nowhere"
+        env = { MODE = "x" }
+        workdir = true
+        """))  # fmt: skip
+    assert main(["check", "-c", str(config), "--json"]) == EXIT_OK
+    plan = json.loads(capsys.readouterr().out)
+    [source] = plan["sources"]
+    assert source["id_field"] == "id"
+    assert "pattern" not in source
+    assert "settle" not in source
+    [stage] = plan["stages"]
+    assert (stage["cwd"], stage["env"], stage["workdir"]) == (str(tmp_path / "nowhere"),
+                                                             {"MODE": "x"}, True)  # fmt: skip
+    assert plan["warnings"] == [
+        f"stages[0].cwd: {str(tmp_path / 'nowhere')!r} is not a folder (yet); every run of "
+        "this stage fails until it is"
+    ]
+    assert main(["check", "-c", str(config)]) == EXIT_OK
+    said = " ".join(capsys.readouterr().out.split())
+    assert "id_field id" in said
+    assert "pattern" not in said
+    assert "env MODE" in said
+
+
 def test_the_quick_exit_loses_no_output(tmp_path: Path) -> None:
     """`entry` ends the process without tearing down the interpreter: the log file (written by
     loguru's queue thread), stdout and the exit code are all still there."""
