@@ -157,14 +157,19 @@ async def serve_source(
                 failures += 1
                 if once and failures >= BATCH_GIVE_UP:
                     why = f"{type(exc).__name__}: {exc}"
-                    log.opt(exception=exc).error(
+                    log.opt(exception=None if isinstance(exc, OSError) else exc).error(
                         "source failed {} times in a row; the batch gives it up: {}",
                         failures, why,
                     )  # fmt: skip
                     engine.failed_sources[source.name] = why
                     engine.sources_exhausted.value += 1
                     return
-                log.opt(exception=exc).error("source poller failed; restart in {:.0f}s", backoff)
+                if isinstance(exc, OSError):  # the file system said no: the reason, no traceback
+                    log.error("source poller failed: {}; restart in {:.0f}s", exc, backoff)
+                else:  # a bug: where it happened
+                    log.opt(exception=exc).error(
+                        "source poller failed; restart in {:.0f}s", backoff
+                    )
                 engine.source_problems[source.name] = (
                     f"source {source.name!r}: its poller failed ({type(exc).__name__}: {exc});"
                     f" restarted in {backoff:.0f}s"
