@@ -518,6 +518,34 @@ def test_a_source_that_keeps_failing_ends_the_batch_with_its_error(
     assert "Traceback" not in proc.stderr
 
 
+def test_elements_that_repeat_an_id_in_a_json_array_are_said(tmp_path: Path) -> None:
+    # Acceptance (session 15): {"id": 5} and {"id": "5"} (one id) gave "ingested 2 element(s)"
+    # and nothing about the third element, which the jsonl source does say.
+    (tmp_path / "a.json").write_text(json.dumps([{"id": 5}, {"id": "5"}, {"id": "x"},
+                                                 {"id": "x", "v": 2}, {"id": "y"}]))  # fmt: skip
+    config = tmp_path / "c.toml"
+    config.write_text(textwrap.dedent("""
+        [http]
+        listen = false
+        [[sources]]
+        name = "a"
+        type = "json"
+        path = "a.json"
+        id_field = "id"
+        route = ["s"]
+        [[stages]]
+        name = "s"
+        command = ["true"]
+        """))  # fmt: skip
+    proc = orchestrator("batch", "-c", str(config), "--json", "--no-progress", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["states"] == {"done": 3}
+    assert (
+        "2 element(s) repeat the id of an element before them in the array ('5', 'x'); only the"
+        " first of each is taken"
+    ) in proc.stderr
+
+
 def _directory_batch_config(tmp_path: Path, path: str, settle: str) -> Path:
     config = tmp_path / "c.toml"
     config.write_text(textwrap.dedent(f"""

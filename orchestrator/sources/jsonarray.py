@@ -58,15 +58,18 @@ class ArrayRead:
     elements: int = 0
     #: The keys of every element the document holds (parsed only).
     keys: set[str] = attrs.Factory(set)
+    #: Keys an element repeats of an element before it in the array (only the first is taken).
+    duplicates: list[str] = attrs.Factory(list)
 
 
 def new_elements(
     config: SourceConfig, elements: list[object], known: set[str],
-    seen: set[str] | None = None,
+    seen: set[str] | None = None, duplicates: list[str] | None = None,
 ) -> list[NewItem]:  # fmt: skip
     """Items for the elements of the array whose key is not in ``known`` (pure).
 
-    Every element's key is added to ``seen`` when it is given.
+    Every element's key is added to ``seen`` when it is given; a key an element repeats of one
+    before it, to ``duplicates``.
     """
     assert config.id_field is not None
     route = tuple(config.route)
@@ -99,6 +102,8 @@ def new_elements(
             key = f"#{digest}"
             reason = f"element {index}: {exc}; element: {_show(payload)}"
         if key in seen:
+            if duplicates is not None:
+                duplicates.append(key)
             continue
         seen.add(key)
         if key in known:
@@ -180,6 +185,8 @@ class JsonArraySource:
         self._last_error: str | None = None
         #: Polls in a row whose content did not parse.
         self.failures = 0
+        #: Repeated ids already warned about (`poll`).
+        self._duplicates_said: set[str] = set()
         self._log = logger.bind(source=self.name)
 
     # --- the poller's side (trio) -----------------------------------------------------------
@@ -215,6 +222,15 @@ class JsonArraySource:
                 self._log.bind(item=item.id).warning("element rejected: {}", item.reason)
             for item in added:
                 engine.admit(item)
+        said = [k for k in dict.fromkeys(found.duplicates) if k not in self._duplicates_said]
+        if said:  # once per id, not at each read of the same file
+            self._duplicates_said.update(said)
+            shown = ", ".join(repr(k) for k in said[:5])
+            self._log.warning(
+                "{} element(s) repeat the id of an element before them in the array ({}{}); "
+                "only the first of each is taken", len(said), shown,
+                ", ..." if len(said) > 5 else "",
+            )  # fmt: skip
         if found.outcome == "parsed":  # only once what it found is in the store
             self.known = found.keys
         return True
@@ -262,5 +278,6 @@ class JsonArraySource:
         self._parsed, self._last_error = True, None
         assert isinstance(document, list)
         keys: set[str] = set()
-        items = new_elements(self.config, document, self.known, keys)
-        return ArrayRead("parsed", items, elements=len(document), keys=keys)
+        duplicates: list[str] = []
+        items = new_elements(self.config, document, self.known, keys, duplicates)
+        return ArrayRead("parsed", items, elements=len(document), keys=keys, duplicates=duplicates)
