@@ -87,13 +87,15 @@ def _not_a_folder(path: Path) -> bool:
 
 def _note_problem(engine: Engine, source: SourceConfig, poller: Source) -> None:
     """Record (or clear) why ``source`` took nothing at its last poll."""
-    if not isinstance(poller, DirectorySource) or poller.root_problem is None:
-        engine.source_problems.pop(source.name, None)
-    else:
+    if isinstance(poller, DirectorySource) and poller.root_problem is not None:
         engine.source_problems[source.name] = (
             f"source {source.name!r}: cannot list {poller.root!r}: {poller.root_problem};"
             " nothing is taken until it can be"
         )
+    elif (problem := getattr(poller, "parse_problem", None)) is not None:  # a json source
+        engine.source_problems[source.name] = f"source {source.name!r}: {problem}"
+    else:
+        engine.source_problems.pop(source.name, None)
 
 
 async def serve_source(

@@ -518,3 +518,39 @@ def test_a_missing_source_folder_is_degraded_in_every_view_and_logged_once(tmp_p
     finally:
         code = service.stop()
     assert code == 0, service.log
+
+
+def test_a_json_source_that_does_not_parse_is_degraded_until_it_does(tmp_path: Path) -> None:
+    # Acceptance (session 15): a json source whose file never parses (an object, not an array)
+    # said so once in the log and nowhere an operator monitors.
+    (tmp_path / "a.json").write_text('{"not": "an array"}')
+    service = Service(tmp_path, service_config("""
+        [[sources]]
+        name = "arr"
+        type = "json"
+        path = "a.json"
+        id_field = "id"
+        poll_interval = "100ms"
+        route = ["work"]
+        [[stages]]
+        name = "work"
+        command = ["true"]
+        """))  # fmt: skip
+    try:
+        deadline = time.monotonic() + 15
+        while True:  # (first it says "starting", then the source's problem)
+            doc = wait_health(service.config_path, EXIT_WARNING, timeout=15)
+            if any("did not parse" in r for r in doc["reasons"]):
+                break
+            assert time.monotonic() < deadline, doc
+            time.sleep(0.1)
+        [reason] = doc["reasons"]
+        assert reason.startswith(f"source 'arr': {str(tmp_path / 'a.json')!r} did not parse at ")
+        assert "not a JSON array but an object" in reason
+        assert service.get("/health")[0] == 503
+        (tmp_path / "a.json").write_text('[{"id": 1}]')
+        wait_health(service.config_path, EXIT_OK, timeout=10)
+        assert service.get("/health")[0] == 200
+    finally:
+        code = service.stop()
+    assert code == 0, service.log

@@ -189,6 +189,16 @@ class JsonArraySource:
         self._duplicates_said: set[str] = set()
         self._log = logger.bind(source=self.name)
 
+    @property
+    def parse_problem(self) -> str | None:
+        """Why nothing is taken now, once the file failed to parse long enough to be said."""
+        if self.failures < FAILURES_BEFORE_WARNING:
+            return None
+        return (
+            f"{self.path!r} did not parse at {self.failures} polls in a row"
+            f" ({self._last_error}); nothing is taken until it does"
+        )
+
     # --- the poller's side (trio) -----------------------------------------------------------
 
     async def load(self, engine: Engine) -> None:
