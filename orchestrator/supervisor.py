@@ -224,6 +224,7 @@ def _kill_runs_now(engine: Engine) -> None:
     ``grace_period`` (the cancelled runs' own TERM → grace → KILL then finds them gone)."""
     for run in list(engine.running.values()):
         if run.pid is not None:
+            engine.stopped_now.add(run.run)
             with contextlib.suppress(OSError):
                 os.killpg(run.pid, signal.SIGKILL)
 

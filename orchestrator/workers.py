@@ -243,6 +243,8 @@ class Engine:
         #: many, and the first `FAILED_DISPOSITIONS_KEPT` as ``(item id, why)`` (a batch's
         #: summary lists them and exits 1).
         self.failed_dispositions = 0
+        #: Runs a "stop now" SIGKILLed (`supervisor._kill_runs_now`): cancelled, not failed.
+        self.stopped_now: set[int] = set()
         self.failed_disposition_samples: list[tuple[str, str]] = []
         #: Runs whose result is queued in the store but not yet durable (their items are not
         #: handed on until it is).
@@ -641,14 +643,20 @@ class Engine:
         if not claimed:  # it could not be started: its run is recorded all the same
             claim(None)
         lane.mean_run += (result.duration - lane.mean_run) * 0.2
+        if run_id in self.stopped_now:  # our own SIGKILL ("stop now"): not the stage's failure
+            result = attrs.evolve(
+                result, outcome=Outcome.CANCELLED,
+                reason="cancelled by a stop now (second SIGINT, SIGQUIT); process group killed",
+            )  # fmt: skip
 
         transition = decide(item, stage, result, now=time.time())
-        if result.outcome is not Outcome.OK and item.path is not None:
+        if result.outcome not in (Outcome.OK, Outcome.CANCELLED) and item.path is not None:
             # Files are checked in batches ahead of their runs: one removed after that check
             # may have gone before its run started or during it; the reason does not guess.
             # (With its whole source folder gone, it is not known to be gone: retried as usual.)
             folder = self._folders.get(item.source)
-            gone = await trio.to_thread.run_sync(_file_gone, item.path, folder)
+            with trio.CancelScope(shield=True):  # a stop meanwhile must not lose the result
+                gone = await trio.to_thread.run_sync(_file_gone, item.path, folder)
             if gone == "file":
                 transition = Transition(
                     state=ItemState.DEAD, stage_index=item.stage_index, attempts=attempt,

@@ -348,7 +348,11 @@ async def test_a_second_sigint_stops_at_once_and_still_kills_the_tree(
     assert result is not None
     assert result.interrupted
     assert pids_alive([int(pidfile.read_text())]) == []
+    # Recorded as cancelled, whichever came first -- the cancellation or the leader's death by
+    # our SIGKILL (CI once saw the run left unrecorded) -- and the attempt given back.
     assert [r[3] for r in runs_of(config.state_dir)] == ["cancelled"]
+    with open_db(config.state_dir / "orchestrator.db") as db:
+        assert db.execute("SELECT state, attempts FROM items").fetchone() == ("queued", 0)
 
 
 async def test_a_service_keeps_no_record_per_item_it_took(
