@@ -275,8 +275,9 @@ RELOAD_POLL = 0.05
 
 
 def reload_service(
-    status_path: Path, *, interval: float, timeout: float, starting_limit: float = 900.0
-) -> tuple[int, dict[str, Any]]:
+    status_path: Path, *, interval: float, timeout: float,
+    starting_limit: float | None = None,
+) -> tuple[int, dict[str, Any]]:  # fmt: skip
     """SIGHUP the service whose status file is ``status_path``; wait for its answer there.
 
     The service is signalled only when its status file names a live process on this host
@@ -291,8 +292,10 @@ def reload_service(
         The exit status (0 reloaded, 1 the config was refused, 3 no service or no answer) and
         the service's ``reload`` record (or ``{"error": why}``).
     """
-    from orchestrator.health import judge
+    from orchestrator.health import STARTING_LIMIT, judge
 
+    if starting_limit is None:
+        starting_limit = STARTING_LIMIT
     verdict = judge(status_path, interval=interval)
     if not verdict.pid_alive or verdict.pid is None:
         why = "; ".join(verdict.reasons) or f"no live service on this host ({status_path})"

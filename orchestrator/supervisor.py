@@ -133,10 +133,10 @@ class ServiceResult:
     #: How many ended items' files could not be moved or deleted, and the first of them as
     #: ``(item id, why)`` (`Engine.failed_dispositions`).
     failed_dispositions: int = 0
+    failed_disposition_samples: tuple[tuple[str, str], ...] = ()
     #: Items left queued at stages the config does not have (`Engine.parked`), and the stages.
     parked: int = 0
     parked_stages: tuple[str, ...] = ()
-    failed_disposition_samples: tuple[tuple[str, str], ...] = ()
 
 
 async def serve(
@@ -217,16 +217,6 @@ async def serve(
         lock.release()
         if notifier is not None:
             notifier.close()
-
-
-def _kill_runs_now(engine: Engine) -> None:
-    """SIGKILL the process group of every run going on: "stop now" does not wait out their
-    ``grace_period`` (the cancelled runs' own TERM → grace → KILL then finds them gone)."""
-    for run in list(engine.running.values()):
-        if run.pid is not None:
-            engine.stopped_now.add(run.run)
-            with contextlib.suppress(OSError):
-                os.killpg(run.pid, signal.SIGKILL)
 
 
 def _grace_of(config: Config) -> Callable[[Leftover], float]:
@@ -346,8 +336,8 @@ async def _recover(
 
     ``blamed``: the runs whose interruption counts toward a poison item, as the dead instance
     said how it ended (none when its store failed, the one that blocked its loop), or None for
-    all of them (it was killed). ``hurry``: once
-    set, the leftovers get SIGKILL without waiting out their grace (a second SIGINT).
+    all of them (it was killed). ``hurry``: once set, the leftovers get SIGKILL without waiting
+    out their grace (a second SIGINT).
     """
     starting.set_phase("ending the processes a dead instance left running")
     recorded = await store.read(op_open_runs)
@@ -531,7 +521,7 @@ async def _serve(
                     interrupted = True
                     logger.warning("{}: stopping now; running stages are killed", name)
                     drain(0)
-                    _kill_runs_now(engine)
+                    engine.kill_runs_now()
                     return
                 if not interrupted:
                     interrupted = True
@@ -543,7 +533,7 @@ async def _serve(
                 elif signum == signal.SIGINT:
                     logger.warning("second SIGINT: stopping now")
                     drain(0)
-                    _kill_runs_now(engine)
+                    engine.kill_runs_now()
 
             async def watch_signals() -> None:
                 for signum in early_signals:  # those that came during start-up recovery

@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import faulthandler
 import os
-import signal
 import sys
 import threading
 import time
@@ -488,10 +487,7 @@ class Watchdog:
             self.note_end(
                 f"{LOOP_BLOCKED_BY} {culprit[0]}" if culprit else "its event loop was blocked"
             )
-        for run in list(self.engine.running.values()):
-            if run.pid is not None:
-                with contextlib.suppress(OSError):
-                    os.killpg(run.pid, signal.SIGKILL)
+        self.engine.kill_runs_now()
         self._exit(EXIT_LOOP_STALLED)
 
 

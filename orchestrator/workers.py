@@ -14,6 +14,7 @@ import functools
 import itertools
 import os
 import shutil
+import signal
 import sys
 import time
 from typing import TYPE_CHECKING, Any
@@ -243,9 +244,9 @@ class Engine:
         #: many, and the first `FAILED_DISPOSITIONS_KEPT` as ``(item id, why)`` (a batch's
         #: summary lists them and exits 1).
         self.failed_dispositions = 0
-        #: Runs a "stop now" SIGKILLed (`supervisor._kill_runs_now`): cancelled, not failed.
-        self.stopped_now: set[int] = set()
         self.failed_disposition_samples: list[tuple[str, str]] = []
+        #: Runs `kill_runs_now` SIGKILLed ("stop now"): recorded cancelled, not failed.
+        self.stopped_now: set[int] = set()
         #: Runs whose result is queued in the store but not yet durable (their items are not
         #: handed on until it is).
         self.unsettled = trio_util.AsyncValue(0)
@@ -692,6 +693,16 @@ class Engine:
             Finish(run_id, item, result, transition, logged_path),
             power_safe=True, on_done=finished,
         )  # fmt: skip
+
+    def kill_runs_now(self) -> None:
+        """SIGKILL the process group of every run going on ("stop now": no ``grace_period``;
+        the cancelled runs' own TERM → grace → KILL then finds them gone). Safe from another
+        thread (the watchdog's, on a blocked loop)."""
+        for run in list(self.running.values()):
+            if run.pid is not None:
+                self.stopped_now.add(run.run)
+                with contextlib.suppress(OSError):
+                    os.killpg(run.pid, signal.SIGKILL)
 
     def disposition_failed(self, item_id: str, why: str) -> None:
         """An ended item's file could not be moved or deleted (a source's terminal hook)."""

@@ -725,33 +725,20 @@ def op_recover(
     poisoned: list[int] = []
     for run_id, seq, stage in open_runs:
         blame = blamed is None or run_id in blamed
-        why = "the instance running it died"
-        if blamed is not None:
-            why = "the instance running it stopped: " + (
-                "this run blocked its event loop" if blame else
-                f"{STORE_FAILED}" if not blamed else f"{LOOP_BLOCKED_BY} {min(blamed)}"
-            )  # fmt: skip
+        why = _interrupted_why(run_id, blamed)
         conn.execute(
             "UPDATE runs SET outcome = 'interrupted', ended_at = ?,"
             " duration = ? - started_at, reason = ? WHERE id = ?",
             (now, now, why, run_id),
         )
-        if not blame:
-            if conn.execute(
-                "UPDATE items SET state = 'queued', attempts = max(attempts - 1, 0),"
-                " updated_at = ? WHERE seq = ? AND state = 'running' RETURNING seq",
-                (now, seq),
-            ).fetchone():
-                _event(conn, seq, now, "interrupted", stage, "queued", f"run {run_id}; {why}")
-            continue
         row = conn.execute(
-            "UPDATE items SET interruptions = interruptions + 1, updated_at = ?"
+            "UPDATE items SET interruptions = interruptions + ?, updated_at = ?"
             " WHERE seq = ? AND state = 'running' RETURNING interruptions",
-            (now, seq),
+            (int(blame), now, seq),
         ).fetchone()
         if row is None:
             continue
-        if row[0] >= max_interruptions:
+        if blame and row[0] >= max_interruptions:
             reason = f"poison item: interrupted {row[0]} times at stage {stage!r}"
             conn.execute("UPDATE items SET state = 'dead', reason = ? WHERE seq = ?", (reason, seq))
             _event(conn, seq, now, "interrupted", stage, "dead", reason)
@@ -761,13 +748,25 @@ def op_recover(
                 "UPDATE items SET state = 'queued', attempts = max(attempts - 1, 0) WHERE seq = ?",
                 (seq,),
             )
-            _event(conn, seq, now, "interrupted", stage, "queued", f"run {run_id}")
+            detail = f"run {run_id}" if blame else f"run {run_id}; {why}"
+            _event(conn, seq, now, "interrupted", stage, "queued", detail)
     # An item left 'running' without an open run (cannot happen through these functions, but a
     # hand-edited store must not wedge an item forever) goes back to its queue.
     conn.execute("UPDATE items SET state = 'queued' WHERE state = 'running'")
     return Recovery(
         interrupted=len(open_runs), poisoned=len(poisoned), poisoned_seqs=tuple(poisoned)
     )
+
+
+def _interrupted_why(run_id: int, blamed: Collection[int] | None) -> str:
+    """The reason an interrupted run is closed with, as its instance said how it ended."""
+    if blamed is None:
+        return "the instance running it died"
+    if run_id in blamed:
+        return "the instance running it stopped: this run blocked its event loop"
+    if not blamed:
+        return f"the instance running it stopped: {STORE_FAILED}"
+    return f"the instance running it stopped: {LOOP_BLOCKED_BY} {min(blamed)}"
 
 
 def op_items_by_seq(conn: sqlite3.Connection, seqs: Iterable[int]) -> list[Item]:
