@@ -31,6 +31,9 @@ class Holder:
     #: The attempt the run will be, for the slot lines (None: not a run's).
     attempt: int | None = None
     since: float = attrs.field(factory=trio.current_time)
+    #: The limit it waits for now, as (kind, name): ``("stage", stage)`` or ``("pool", pool)``;
+    #: None while it waits for none (it holds its slots, or has not asked yet).
+    waiting_for: tuple[str, str] | None = None
 
     def log(self, **extra: object) -> Any:
         """A logger bound to who this is."""
@@ -79,7 +82,11 @@ class Slots:
                         "waiting for slot ({} {}: {}/{} busy, {} waiting)", kind, name,
                         stats.borrowed_tokens, stats.total_tokens, stats.tasks_waiting,
                     )  # fmt: skip
-                    await limiter.acquire_on_behalf_of(holder)
+                    holder.waiting_for = (kind, name)
+                    try:
+                        await limiter.acquire_on_behalf_of(holder)
+                    finally:
+                        holder.waiting_for = None
                 taken.append(limiter)
         except BaseException:
             for limiter in reversed(taken):

@@ -458,9 +458,14 @@ def render_items(rows: list[dict[str, Any]]) -> RenderableType:
     for r in rows:
         table.add_row(
             Text(show_id(r["id"])), Text(show_id(r["source"])), r["state"], _opt(r["stage"]),
-            str(r["attempts"]), _when(r["updated_at"], short=True), _opt(r["reason"]),
+            _attempts(r), _when(r["updated_at"], short=True), _opt(r["reason"]),
         )  # fmt: skip
     return table
+
+
+def _attempts(item: dict[str, Any]) -> str:
+    """An item's attempts at the stage it is at; "-" once it has none (done, or rejected)."""
+    return "-" if item["stage"] is None else str(item["attempts"])
 
 
 def _run_block(run: dict[str, Any]) -> RenderableType:
@@ -510,7 +515,7 @@ def render_show(data: dict[str, Any]) -> RenderableType:
         ("source", Text(f"{show_id(item['source'])}  key {show_id(item['key'])}")),
         ("path", _opt(None if item["path"] is None else show_id(item["path"]))),
         ("route", Text(" → ".join(item["route"]) or "-")),
-        ("attempts", Text(f"{item['attempts']}  interruptions {item['interruptions']}")),
+        ("attempts", Text(f"{_attempts(item)}  interruptions {item['interruptions']}")),
         ("reason", _opt(item["reason"])),
         ("created", Text(_when(item["created_at"]))),
         ("updated", Text(_when(item["updated_at"]))),
@@ -538,6 +543,8 @@ def render_show(data: dict[str, Any]) -> RenderableType:
 def _slots(info: dict[str, Any] | None, total_key: str) -> tuple[str, str, Text]:
     if not info:
         return "-", "-", Text("-")
+    if info.get("in_config") is False:  # items left at a stage the config no longer has
+        return "not in config", "-", Text("-")
     busy, total = info.get("busy"), info.get(total_key)
     holders = info.get("holders")
     names = ", ".join(show_id(str(h)) for h in holders) if isinstance(holders, list) else ""

@@ -56,17 +56,23 @@ def op_stage_counts(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
     return op_counts_by_stage(conn, rejected_apart=False)[0]
 
 
+_COUNTED = ("queued", "running", "retry_wait", "done", "dead", "rejected")
+
+
 def snapshot(
     engine: Engine, counts: dict[str, dict[str, int]], *, state: str,
     health: dict[str, Any] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """The status document (pure: everything comes from the engine and the arguments)."""
     now = trio.current_time()
-    waiters: dict[str, list[dict[str, Any]]] = {}
+    # Who waits for which limit: a run holding its stage's slot while it waits for a pool is
+    # among the pool's waiters, not the stage's (whose `waiting` counts only its own line).
+    waiters: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for holder, since in engine.slot_waiters.items():
-        waiters.setdefault(holder.stage, []).append(
-            {"item": holder.item, "waited": round(now - since, 3)}
-        )
+        if holder.waiting_for is not None:
+            waiters.setdefault(holder.waiting_for, []).append(
+                {"item": holder.item, "stage": holder.stage, "waited": round(now - since, 3)}
+            )
     wall = dt.datetime.now(dt.UTC).timestamp()
     limits = {(s.kind, s.name): s for s in engine.slots.statistics()}
     stages: dict[str, Any] = {}
@@ -74,24 +80,32 @@ def snapshot(
         per = counts.get(stage.name, {})
         lim = limits["stage", stage.name]
         stages[stage.name] = {
-            "queued": per.get("queued", 0),
-            "running": per.get("running", 0),
-            "retry_wait": per.get("retry_wait", 0),
-            "done": per.get("done", 0),
-            "dead": per.get("dead", 0),
-            "rejected": per.get("rejected", 0),
+            **{key: per.get(key, 0) for key in _COUNTED},
             "failed_runs": engine.failed_runs.get(stage.name, 0),
             "concurrency": lim.total,
             "busy": lim.busy,
             "waiting": lim.waiting,
             "holders": list(lim.holders),
-            "waiters": waiters.get(stage.name, []),
+            "waiters": waiters.get(("stage", stage.name), []),
+            "in_config": True,
         }
+    # Items still at a stage the config no longer has (renamed or removed: they wait for
+    # `requeue --to`) are counted too, under that stage, which has no slots.
+    for name in sorted(set(counts) - set(stages)):
+        per = counts[name]
+        stages[name] = {
+            **{key: per.get(key, 0) for key in _COUNTED},
+            "failed_runs": engine.failed_runs.get(name, 0), "concurrency": None, "busy": 0,
+            "waiting": 0, "holders": [], "waiters": [], "in_config": False,
+        }  # fmt: skip
     pools = {
-        name: {"size": s.total, "busy": s.busy, "waiting": s.waiting, "holders": list(s.holders)}
+        name: {
+            "size": s.total, "busy": s.busy, "waiting": s.waiting, "holders": list(s.holders),
+            "waiters": waiters.get(("pool", name), []),
+        }
         for (kind, name), s in limits.items()
         if kind == "pool"
-    }
+    }  # fmt: skip
     running = [
         {
             "run": r.run,

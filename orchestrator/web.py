@@ -291,7 +291,8 @@ function render(s) {
   const n = ["", "num", "num", "num", "num", "num", "num", "num", "wrap"];
   fill("stages", Object.entries(s.stages).map(([name, st]) => [
     name, st.queued, st.running, st.retry_wait, st.done, st.dead,
-    st.busy + "/" + st.concurrency, st.waiting, st.holders.join(", ")]), n);
+    st.in_config === false ? "not in config" : st.busy + "/" + st.concurrency, st.waiting,
+    st.holders.join(", ")]), n);
   fill("pools", Object.entries(s.pools).map(([name, p]) => [
     name, p.busy + "/" + p.size, p.waiting, p.holders.join(", ")]), ["", "num", "num", "wrap"]);
   fill("running", s.running.map(r => [r.item, r.stage, r.attempt, secs(r.age), r.pid ?? ""]),

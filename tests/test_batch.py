@@ -929,6 +929,13 @@ def test_a_running_service_takes_parked_items_requeue_moves_to_a_stage_it_has(
     service = _service(tmp_path, json.dumps(["sh", "-c", f'echo "$ORCH_ITEM" >> {record}']),
                        route="new")  # fmt: skip
     service.wait_log("which is not in the config")
+    # The status file counts them, under the stage they wait at, which has no slots.
+    deadline = time.monotonic() + 20
+    while "old" not in (stages := service.status()["stages"]):
+        assert time.monotonic() < deadline, stages
+        time.sleep(0.1)
+    assert (stages["old"]["queued"], stages["old"]["in_config"]) == (3, False)
+    assert (stages["new"]["concurrency"], stages["new"]["in_config"]) == (1, True)
     # When: an operator moves them to "new" while it runs.
     moved = orchestrator("requeue", "--stage", "old", "--to", "new", "-c",
                          str(service.config_path), cwd=tmp_path)  # fmt: skip

@@ -10,6 +10,7 @@ import fcntl
 import json
 import os
 import pty
+import re
 import select
 import signal
 import sqlite3
@@ -760,3 +761,21 @@ def test_absurd_numbers_on_the_command_line_are_usage_errors(
     err = capsys.readouterr().err
     assert "Invalid value for" in err
     assert "Traceback" not in err
+
+
+def test_a_done_item_shows_no_attempt_count_at_a_stage_it_is_not_at(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Found in session 15: done items showed "0" attempts (attempts count at the current stage,
+    # and a done item has none) next to dead ones showing theirs.
+    assert main(["items", "-c", str(config)]) == EXIT_OK
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()
+            if line.startswith("in:")}  # fmt: skip
+    assert rows["in:a.txt"][2:5] == ["done", "-", "-"]
+    assert rows["in:b.txt"][2:5] == ["dead", "extract", "1"]
+    assert main(["show", "in:a.txt", "-c", str(config)]) == EXIT_OK
+    assert re.search(r"attempts\s+-  interruptions 0", capsys.readouterr().out)
+    # --json keeps the store's figure.
+    assert (
+        cli_json(capsys, "show", "in:a.txt", "-c", str(config), "--json")["item"]["attempts"] == 0
+    )

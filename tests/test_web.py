@@ -240,3 +240,59 @@ def test_a_service_whose_store_disk_fills_up_exits_3_with_one_line(
     assert "Traceback" not in err
     assert err.splitlines()[-1].startswith("orchestrator: cannot write the store")
     assert "database or disk is full" in err.splitlines()[-1]
+
+
+WAITERS_PIPELINE = """
+    [pools]
+    gpu = 1
+    [[sources]]
+    name = "in"
+    type = "directory"
+    path = "in"
+    settle = "0s"
+    poll_interval = "0.1s"
+    route = ["a"]
+    [[stages]]
+    name = "a"
+    command = ["sleep", "30"]
+    concurrency = 2
+    pools = ["gpu"]
+    """
+
+
+def test_status_lists_each_waiter_under_the_limit_it_waits_for(tmp_path: Path) -> None:
+    # Found in session 15: a run holding its stage's slot while it waited for a pool was listed
+    # among the stage's waiters, whose `waiting` said 0; the pool had no waiters at all.
+    config = service_config(WAITERS_PIPELINE).replace('shutdown_grace = "5s"',
+                                                      'shutdown_grace = "0.5s"')  # fmt: skip
+    service = Service(tmp_path, config)
+    try:
+        url = service.url
+        # Given: two items for stage a, which has room for 2 but there is one gpu
+        for name in ("a1", "a2"):
+            (tmp_path / "in" / name).touch()
+        deadline = time.monotonic() + 15
+        while True:
+            doc = json.loads(http_get(url + "/status")[1])
+            if doc["running"] and doc["pools"]["gpu"]["waiting"] == 1:
+                break
+            assert time.monotonic() < deadline, doc
+            time.sleep(0.1)
+        # Then: the second holds a slot of a and waits for the gpu: it is the pool's waiter,
+        a, gpu = doc["stages"]["a"], doc["pools"]["gpu"]
+        [pool_waiter] = gpu["waiters"]
+        assert pool_waiter["stage"] == "a"
+        assert {pool_waiter["item"], *gpu["holders"]} == {"in:a1", "in:a2"}
+        assert pool_waiter["waited"] >= 0
+        # not the stage's, which waits for nobody.
+        assert (a["busy"], a["waiting"], a["waiters"]) == (2, 0, [])
+
+        # The status file (rewritten every 0.3 s) says the same.
+        def file_waiters() -> list[str]:
+            return [w["item"] for w in service.status()["pools"]["gpu"].get("waiters", [])]
+
+        while file_waiters() != [pool_waiter["item"]]:
+            assert time.monotonic() < deadline, service.status()
+            time.sleep(0.1)
+    finally:
+        assert service.stop() == 0
