@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from orchestrator import __version__
-from orchestrator.store.sqlite import op_counts_by_stage
+from orchestrator.store.sqlite import op_counts_by_stage, op_recent_failures
 
 if TYPE_CHECKING:
     import sqlite3
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "StartingStatus",
+    "op_recent_errors",
     "op_stage_counts",
     "open_starting_status",
     "serve_status_file",
@@ -54,6 +55,16 @@ def _iso(ts: float) -> str:
 def op_stage_counts(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
     """Items per stage and state; done items count under the last stage of their route."""
     return op_counts_by_stage(conn, rejected_apart=False)[0]
+
+
+def op_recent_errors(conn: sqlite3.Connection, limit: int) -> list[dict[str, Any]]:
+    """The last ``limit`` failed runs as the status file lists them, oldest first: what a
+    restarted service shows until runs of its own fail (``next`` is not recorded: null)."""
+    return [
+        {"at": run.ended_at, "item": item_id, "stage": run.stage, "attempt": run.attempt,
+         "outcome": run.outcome, "reason": run.reason, "next": None}
+        for item_id, run in reversed(op_recent_failures(conn, limit))
+    ]  # fmt: skip
 
 
 _COUNTED = ("queued", "running", "retry_wait", "done", "dead", "rejected")

@@ -62,6 +62,7 @@ from orchestrator.pollers import serve_source
 from orchestrator.reaper import Leftover, ReapReport, reap
 from orchestrator.status import (
     StartingStatus,
+    op_recent_errors,
     open_starting_status,
     serve_status_file,
     write_status,
@@ -81,7 +82,7 @@ from orchestrator.store.sqlite import (
 from orchestrator.systemd import Notifier
 from orchestrator.terminal import Terminal
 from orchestrator.watchdog import Watchdog
-from orchestrator.workers import RECORD_GRACE, Engine, Tally, resolve_executables
+from orchestrator.workers import RECENT_ERRORS, RECORD_GRACE, Engine, Tally, resolve_executables
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
@@ -457,6 +458,10 @@ async def _serve(
         config, store, instance=instance, executables=executables, batch=batch, calls=calls
     )
     engine.started_wall = starting.started  # (the status file said so while it started)
+    if not batch:  # the last failures shown survive a restart: the store has them
+        engine.recent_errors.extend(
+            await store.read(functools.partial(op_recent_errors, limit=RECENT_ERRORS))
+        )
     if on_start is not None:
         on_start(engine)
     watchdog = Watchdog(engine, notifier=notifier)

@@ -296,3 +296,45 @@ def test_status_lists_each_waiter_under_the_limit_it_waits_for(tmp_path: Path) -
             time.sleep(0.1)
     finally:
         assert service.stop() == 0
+
+
+def test_the_last_failures_are_still_shown_after_a_restart(tmp_path: Path) -> None:
+    # Found in session 15: `recent_errors` (status file, /status, the page's failures) was
+    # empty after every restart, though the store had the failures.
+    config = service_config("""
+        [[sources]]
+        name = "in"
+        type = "directory"
+        path = "in"
+        settle = "0s"
+        poll_interval = "0.1s"
+        route = ["work"]
+        [[stages]]
+        name = "work"
+        command = ["sh", "-c", "echo broken >&2; exit 3"]
+        retries = 0
+        """)  # fmt: skip
+    service = Service(tmp_path, config)
+    try:
+        url = service.url
+        (tmp_path / "in" / "bad").touch()
+        deadline = time.monotonic() + 15
+        while not (errors := json.loads(http_get(url + "/status")[1])["recent_errors"]):
+            assert time.monotonic() < deadline, service.log
+            time.sleep(0.1)
+        [before] = errors
+        assert (before["item"], before["outcome"], before["next"]) == ("in:bad", "failed", "dead")
+    finally:
+        assert service.stop() == 0
+    # When: the service starts again
+    service = Service(tmp_path, config)
+    try:
+        [after] = json.loads(http_get(service.url + "/status")[1])["recent_errors"]
+        # Then: the failure is still there, as it was (what came next is not recorded).
+        assert {k: after[k] for k in ("item", "stage", "attempt", "outcome", "reason")} == {
+            k: before[k] for k in ("item", "stage", "attempt", "outcome", "reason")
+        }
+        assert after["at"] == pytest.approx(before["at"], abs=1.0)
+        assert after["next"] is None
+    finally:
+        assert service.stop() == 0
