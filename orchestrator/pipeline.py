@@ -33,7 +33,9 @@ __all__ = [
 #: ``ORCH_<NAME>`` environment variable.
 PLACEHOLDERS = ("path", "name", "item", "stage", "attempt", "workdir", "payload")
 
-_PLACEHOLDER = re.compile(r"\{(" + "|".join(PLACEHOLDERS) + r")\}")
+_NAMES = "|".join(PLACEHOLDERS)
+#: A placeholder, or one written with doubled braces: ``{{path}}`` is the text ``{path}``.
+_PLACEHOLDER = re.compile(r"\{\{(" + _NAMES + r")\}\}|\{(" + _NAMES + r")\}")
 
 
 def expand_argv(
@@ -42,11 +44,18 @@ def expand_argv(
     """Substitute placeholders inside each argument; every argument stays exactly one argument.
 
     Substitution is a single pass, so a value that itself contains ``{item}`` is never expanded
-    again. The argument at index ``verbatim`` (`code_argument`: the script of ``sh -c``) is
-    passed as written: a value put into code would run as code.
+    again. A placeholder in doubled braces is passed as the placeholder's text: ``{{path}}``
+    becomes ``{path}`` (for a program with templates of its own). The argument at index
+    ``verbatim`` (`code_argument`: the script of ``sh -c``) is passed as written: a value put
+    into code would run as code.
     """
+
+    def fill(match: re.Match[str]) -> str:
+        literal, name = match.groups()
+        return "{" + literal + "}" if literal is not None else values[name]
+
     return tuple(
-        arg if index == verbatim else _PLACEHOLDER.sub(lambda m: values[m.group(1)], arg)
+        arg if index == verbatim or "{" not in arg else _PLACEHOLDER.sub(fill, arg)
         for index, arg in enumerate(template)
     )
 
@@ -115,9 +124,8 @@ def placeholder_lookalikes(template: tuple[str, ...]) -> list[tuple[int, str, st
 
 
 def uses_placeholder(template: tuple[str, ...], name: str) -> bool:
-    """Whether any argument of ``template`` mentions ``{name}``."""
-    needle = "{" + name + "}"
-    return any(needle in arg for arg in template)
+    """Whether any argument of ``template`` mentions ``{name}`` (not ``{{name}}``, its text)."""
+    return any(match.group(2) == name for arg in template for match in _PLACEHOLDER.finditer(arg))
 
 
 def backoff_delay(

@@ -1309,3 +1309,27 @@ def test_runs_a_full_disk_ended_are_not_counted_toward_poison_items(
         ]
     assert interruptions == 0
     assert reasons == ["the instance running it stopped: its store failed"]
+
+
+def test_a_placeholder_in_doubled_braces_reaches_the_command_as_its_text(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a b.txt").write_text("x")
+    out = tmp_path / "out"
+    config = tmp_path / "c.toml"
+    command = ["sh", "-c", 'printf "%s|" "$@" > "$0"', str(out), "{{name}}", "{name}", "{x}"]
+    config.write_text(textwrap.dedent(f"""
+        [http]
+        listen = false
+        [[sources]]
+        name = "in"
+        type = "directory"
+        path = "in"
+        route = ["s"]
+        settle = "0s"
+        [[stages]]
+        name = "s"
+        command = {json.dumps(command)}
+        """))  # fmt: skip
+    proc = orchestrator("batch", "-c", str(config), "--json", "--no-progress", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_text() == "{name}|a b.txt|{x}|"

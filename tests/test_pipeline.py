@@ -38,6 +38,17 @@ def test_expand_argv_keeps_each_argument_whole_and_expands_once() -> None:
     assert not uses_placeholder(("a",), "payload")
 
 
+def test_a_placeholder_in_doubled_braces_is_passed_as_its_text() -> None:
+    # For a program with templates of its own (`hyperfine -L name … 'x {name}'`): before, a
+    # literal {name} could not be written at all.
+    values = {"path": "/in/a", "name": "a", "item": "I", "stage": "s", "attempt": "1",
+              "workdir": "/w", "payload": ""}  # fmt: skip
+    argv = expand_argv(("cmd", "{{name}}", "{{path}}={path}", "{{x}}", "{{ {path} }}"), values)
+    assert argv == ("cmd", "{name}", "{path}=/in/a", "{{x}}", "{{ /in/a }}")
+    assert not uses_placeholder(("a", "{{workdir}}"), "workdir")
+    assert uses_placeholder(("a", "{{workdir}}/{workdir}"), "workdir")
+
+
 @pytest.mark.parametrize(
     ("command", "code"),
     [
