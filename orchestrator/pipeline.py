@@ -23,6 +23,7 @@ __all__ = [
     "PLACEHOLDERS",
     "backoff_delay",
     "code_argument",
+    "find_code",
     "decide",
     "expand_argv",
     "placeholder_lookalikes",
@@ -62,30 +63,55 @@ def expand_argv(
 
 #: Programs that take code to run as an argument, and the option letter that says so.
 _CODE_OPTION = {
-    **dict.fromkeys(("sh", "bash", "dash", "zsh", "ksh", "mksh", "ash", "busybox"), "c"),
+    **dict.fromkeys(("sh", "bash", "dash", "zsh", "ksh", "mksh", "ash"), "c"),
     **dict.fromkeys(("perl", "ruby", "node", "nodejs"), "e"),
     "python": "c",
 }
 _PYTHON_NAME = re.compile(r"python[0-9.]*")
+_AWK = frozenset(("awk", "gawk", "mawk", "nawk"))
+#: Programs that run their ``-c`` argument with a shell: ``flock LOCK -c CMD``, ``su -c CMD``.
+_SHELL_COMMAND_OPTION = frozenset(("flock", "su", "runuser"))
 
 
 def code_argument(template: tuple[str, ...]) -> int | None:
-    """The index of the argument of ``template`` that is code (``sh -c SCRIPT``, ``bash -ec
-    SCRIPT``, ``python3 -c CODE``, ``perl -e CODE``), or None.
+    """The index of the argument of ``template`` that is code, or None: the script of ``sh -c
+    SCRIPT`` (``bash -ec``, ``busybox sh -c``), the code of ``python3 -c``, ``perl -e``,
+    ``ruby -e``, ``node -e``, an awk program, the command of ``flock LOCK -c`` and ``su -c``.
 
     Placeholders are not substituted there (`expand_argv`): ``sh -c 'echo ${name}'`` must not
     turn a file called ``$(touch PWNED)`` into a command. The values reach the code as
-    arguments after it (``"$1"``, ``sys.argv[1]``) or as ``ORCH_*`` variables.
+    arguments after it (``"$1"``, ``sys.argv[1]``, ``awk -v``) or as ``ORCH_*`` variables.
+
+    The program is looked for at every position, not only the first: wrappers put it further
+    on (``timeout 10 sh -c``, ``flock LOCK env sh -c``, ``nice``, ``xargs``). A word that only
+    looks like a program somewhere else costs a substitution not made, and `config_warnings`
+    says so.
     """
-    if not template:
-        return None
-    program = template[0].rsplit("/", 1)[-1]
-    if _PYTHON_NAME.fullmatch(program):
-        program = "python"
-    letter = _CODE_OPTION.get(program)
-    if letter is None:
-        return None
-    index = 2 if program == "busybox" and len(template) > 1 and template[1] == "sh" else 1
+    found = find_code(template)
+    return None if found is None else found[0]
+
+
+def find_code(template: tuple[str, ...]) -> tuple[int, str] | None:
+    """``(index, program)`` of the code argument of ``template`` (`code_argument`), or None."""
+    for start, word in enumerate(template):
+        program = word.rsplit("/", 1)[-1]
+        if _PYTHON_NAME.fullmatch(program):
+            program = "python"
+        index: int | None = None
+        if program in _CODE_OPTION:
+            index = _code_after_option(template, start + 1, _CODE_OPTION[program])
+        elif program in _AWK:
+            index = _awk_program(template, start + 1)
+        elif program in _SHELL_COMMAND_OPTION:
+            index = next((i + 1 for i in range(start + 1, len(template) - 1)
+                          if template[i] in ("-c", "--command")), None)  # fmt: skip
+        if index is not None:
+            return index, program
+    return None
+
+
+def _code_after_option(template: tuple[str, ...], index: int, letter: str) -> int | None:
+    """The argument after ``-<letter>`` (``-c``, ``-ec``) among the options from ``index``."""
     while index < len(template) - 1:
         arg = template[index]
         if arg in ("-o", "+o", "-O", "+O"):  # a shell option and its name: `bash -o pipefail`
@@ -96,6 +122,26 @@ def code_argument(template: tuple[str, ...]) -> int | None:
         if arg[0] == "-" and arg[1:].isalpha() and arg.endswith(letter):
             return index + 1
         index += 1
+    return None
+
+
+def _awk_program(template: tuple[str, ...], index: int) -> int | None:
+    """The program argument of awk, its options from ``index`` (None: it reads ``-f FILE``)."""
+    while index < len(template):
+        arg = template[index]
+        if arg == "--":
+            return index + 1 if index + 1 < len(template) else None
+        if arg in ("-f", "--file") or arg.startswith(("--file=", "-f")):
+            return None
+        if arg in ("-e", "--source"):  # gawk: program text in an option
+            return index + 1 if index + 1 < len(template) else None
+        if arg in ("-F", "-v", "--assign", "--field-separator"):
+            index += 2
+            continue
+        if arg.startswith("-") and arg != "-":
+            index += 1
+            continue
+        return index
     return None
 
 

@@ -24,7 +24,7 @@ def _disposition(d: Disposition) -> str:
 def config_warnings(config: Config) -> list[str]:
     """What is valid but most likely a mistake, each with its path (``check``, and the log of
     ``run`` and ``batch`` at start)."""
-    from orchestrator.pipeline import PLACEHOLDERS, code_argument, placeholder_lookalikes
+    from orchestrator.pipeline import PLACEHOLDERS, find_code, placeholder_lookalikes
 
     out = []
     if config.db_path is None:
@@ -38,16 +38,17 @@ def config_warnings(config: Config) -> list[str]:
                 f"stages[{i}].cwd: {str(stage.cwd)!r} is not a folder (yet); every run of this "
                 "stage fails until it is"
             )
-        code = code_argument(stage.command)
-        if code is not None:
+        found = find_code(stage.command)
+        if found is not None:
+            code, program = found
             # (``${name}`` is the shell's own: only a bare ``{name}`` meant a placeholder)
             named = [p for p in PLACEHOLDERS
                      if re.search(r"(?<!\$)\{" + p + r"\}", stage.command[code])]  # fmt: skip
             if named:
                 out.append(
                     f"stages[{i}].command[{code}]: {{{named[0]}}} is not substituted inside "
-                    f"the code of {stage.command[0]!r} (a file name there would run as code); "
-                    'pass the value as an argument after it ("$1", sys.argv[1]) or read '
+                    f"the code of {program!r} (a file name there would run as code); pass the"
+                    ' value as an argument after it ("$1", sys.argv[1], awk -v) or read '
                     f"ORCH_{named[0].upper()}"
                 )
         for index, word, meant in placeholder_lookalikes(stage.command):

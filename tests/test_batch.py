@@ -1333,3 +1333,38 @@ def test_a_placeholder_in_doubled_braces_reaches_the_command_as_its_text(tmp_pat
     proc = orchestrator("batch", "-c", str(config), "--json", "--no-progress", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert out.read_text() == "{name}|a b.txt|{x}|"
+
+
+def test_code_behind_a_wrapper_and_awk_programs_are_not_filled_in(tmp_path: Path) -> None:
+    # Found by an acceptance tester (session 16): only a command's first word was looked at, so
+    # `timeout 10 sh -c '… {name}'` (or flock … sh -c) and awk programs got the name filled
+    # in, and a file name ran as code; check said nothing.
+    (tmp_path / "in").mkdir()
+    for name in ("$(touch PWNED).txt", '"; system("touch PWNED"); print "'):
+        (tmp_path / "in" / name).write_text("x")
+    config = tmp_path / "c.toml"
+    config.write_text(textwrap.dedent(f"""
+        [http]
+        listen = false
+        [[sources]]
+        name = "in"
+        type = "directory"
+        path = "in"
+        route = ["wrapped", "awk"]
+        settle = "0s"
+        [[stages]]
+        name = "wrapped"
+        command = {json.dumps(["timeout", "10", "sh", "-c", "echo {name} > /dev/null"])}
+        [[stages]]
+        name = "awk"
+        command = {json.dumps(["awk", 'BEGIN {{ print "{name}" > "/dev/null" }}'])}
+        """))  # fmt: skip
+
+    check = orchestrator("check", "-c", str(config), cwd=tmp_path)
+    proc = orchestrator("batch", "-c", str(config), "--json", "--no-progress", cwd=tmp_path)
+
+    assert proc.returncode == 0, proc.stderr
+    assert not list(tmp_path.rglob("PWNED"))
+    said = check.stdout + check.stderr
+    assert "stages[0].command[4]: {name} is not substituted inside the code of 'sh'" in said
+    assert "stages[1].command[1]: {name} is not substituted inside the code of 'awk'" in said

@@ -61,6 +61,16 @@ def test_a_placeholder_in_doubled_braces_is_passed_as_its_text() -> None:
         (("sh", "stage.sh", "-c", "{path}"), None),  # a script file: its own arguments
         (("tool", "-c", "{workdir}/tool.conf"), None),  # another program's -c is not code
         (("sh", "-c"), None),
+        # Found by an acceptance tester (session 16): behind a wrapper, the script was filled in.
+        (("timeout", "10", "sh", "-c", "echo {item}"), 4),
+        (("flock", "-n", "/run/x.lock", "env", "A=1", "bash", "-ec", "x"), 7),
+        (("nice", "-n", "5", "python3", "-c", "x"), 5),
+        (("flock", "/run/x.lock", "-c", "convert {path}"), 3),
+        (("su", "app", "-c", "x"), 3),
+        (("awk", 'BEGIN { print "{item}" }'), 1),
+        (("gawk", "-F", ":", "-v", "n={name}", "{print n}", "{path}"), 5),
+        (("awk", "-f", "prog.awk", "{path}"), None),
+        (("timeout", "10", "convert", "{path}", "out.png"), None),
     ],
 )
 def test_the_code_of_sh_c_and_its_kind_is_passed_as_written(
