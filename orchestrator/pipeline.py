@@ -61,22 +61,33 @@ def expand_argv(
     )
 
 
-#: Programs that take code to run as an argument, and the option letter that says so.
-_CODE_OPTION = {
-    **dict.fromkeys(("sh", "bash", "dash", "zsh", "ksh", "mksh", "ash"), "c"),
-    **dict.fromkeys(("perl", "ruby", "node", "nodejs"), "e"),
-    "python": "c",
+#: Shells: a short option group holding ``c`` (``-c``, ``-ec``, ``-ce``, ``-xc``) makes the first
+#: operand the script.
+_SHELLS = frozenset(("sh", "bash", "dash", "zsh", "ksh", "mksh", "ash", "fish"))
+#: Interpreters: (letters that end a short option group before the code, long options before
+#: the code, options that take a value, options after which the rest is not code).
+_INTERPRETERS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
+    "python": ("c", (), ("-W", "-X"), ("-m",)),
+    "perl": ("eE", (), (), ()),
+    "ruby": ("e", (), (), ()),
+    "node": ("ep", ("--eval", "--print"), ("-r", "--require"), ()),
+    "php": ("r", (), (), ()),
+    "lua": ("e", (), (), ()),
+    "Rscript": ("e", (), (), ()),
 }
-_PYTHON_NAME = re.compile(r"python[0-9.]*")
+_PYTHON_NAME = re.compile(r"(?:python|pypy)[0-9.]*")
 _AWK = frozenset(("awk", "gawk", "mawk", "nawk"))
-#: Programs that run their ``-c`` argument with a shell: ``flock LOCK -c CMD``, ``su -c CMD``.
-_SHELL_COMMAND_OPTION = frozenset(("flock", "su", "runuser"))
+#: Programs that run their ``-c`` argument with a shell: ``flock LOCK -c CMD``, ``su -c CMD``,
+#: ``script -qc CMD``.
+_SHELL_COMMAND_OPTION = frozenset(("flock", "su", "runuser", "script"))
+_SHELL_OPTION_VALUE = frozenset(("-o", "+o", "-O", "+O"))
 
 
 def code_argument(template: tuple[str, ...]) -> int | None:
     """The index of the argument of ``template`` that is code, or None: the script of ``sh -c
-    SCRIPT`` (``bash -ec``, ``busybox sh -c``), the code of ``python3 -c``, ``perl -e``,
-    ``ruby -e``, ``node -e``, an awk program, the command of ``flock LOCK -c`` and ``su -c``.
+    SCRIPT`` (``bash -ec``, ``sh -ce``, ``busybox sh -c``), the code of ``python3 -c``,
+    ``perl -e``, ``ruby -e``, ``node -e``/``-p``, ``php -r``, an awk program, the command of
+    ``flock LOCK -c`` and ``su -c``.
 
     Placeholders are not substituted there (`expand_argv`): ``sh -c 'echo ${name}'`` must not
     turn a file called ``$(touch PWNED)`` into a command. The values reach the code as
@@ -98,28 +109,58 @@ def find_code(template: tuple[str, ...]) -> tuple[int, str] | None:
         if _PYTHON_NAME.fullmatch(program):
             program = "python"
         index: int | None = None
-        if program in _CODE_OPTION:
-            index = _code_after_option(template, start + 1, _CODE_OPTION[program])
+        if program in _SHELLS:
+            index = _shell_script(template, start + 1)
+        elif program in _INTERPRETERS:
+            index = _interpreter_code(template, start + 1, *_INTERPRETERS[program])
         elif program in _AWK:
             index = _awk_program(template, start + 1)
         elif program in _SHELL_COMMAND_OPTION:
             index = next((i + 1 for i in range(start + 1, len(template) - 1)
-                          if template[i] in ("-c", "--command")), None)  # fmt: skip
+                          if template[i] == "--command" or _short_group(template[i], "c")),
+                         None)  # fmt: skip
         if index is not None:
             return index, program
     return None
 
 
-def _code_after_option(template: tuple[str, ...], index: int, letter: str) -> int | None:
-    """The argument after ``-<letter>`` (``-c``, ``-ec``) among the options from ``index``."""
-    while index < len(template) - 1:
+def _short_group(arg: str, letters: str) -> bool:
+    """Whether ``arg`` is a group of short options (``-ec``) holding one of ``letters``."""
+    return len(arg) > 1 and arg[0] == "-" and arg[1:].isalpha() and any(c in arg for c in letters)
+
+
+def _shell_script(template: tuple[str, ...], index: int) -> int | None:
+    """The script of a shell whose options start at ``index``: the first operand after them
+    when a group holds ``c``."""
+    has_c = False
+    while index < len(template):
         arg = template[index]
-        if arg in ("-o", "+o", "-O", "+O"):  # a shell option and its name: `bash -o pipefail`
+        if arg in _SHELL_OPTION_VALUE:  # an option and its name: `bash -o pipefail`
             index += 2
             continue
-        if arg == "--" or not arg.startswith(("-", "+")):
+        if arg == "--":
+            index += 1
+            break
+        if not arg.startswith(("-", "+")) or arg in ("-", "+"):
+            break  # the first operand: the script with -c, else a script's file
+        has_c = has_c or _short_group(arg, "c")
+        index += 1
+    return index if has_c and index < len(template) else None
+
+
+def _interpreter_code(
+    template: tuple[str, ...], index: int, letters: str, long: tuple[str, ...],
+    with_value: tuple[str, ...], ending: tuple[str, ...],
+) -> int | None:  # fmt: skip
+    """The code after an interpreter's ``-c``/``-e`` (``-Sc``, ``-le``, ``--eval``)."""
+    while index < len(template) - 1:
+        arg = template[index]
+        if arg in with_value:
+            index += 2
+            continue
+        if arg == "--" or arg in ending or not arg.startswith("-") or arg == "-":
             return None  # options end here: the rest are a script's file and its arguments
-        if arg[0] == "-" and arg[1:].isalpha() and arg.endswith(letter):
+        if arg in long or (arg[1:].isalpha() and arg[-1] in letters):
             return index + 1
         index += 1
     return None
