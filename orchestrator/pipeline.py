@@ -23,9 +23,9 @@ __all__ = [
     "PLACEHOLDERS",
     "backoff_delay",
     "code_argument",
-    "find_code",
     "decide",
     "expand_argv",
+    "find_code",
     "placeholder_lookalikes",
     "uses_placeholder",
 ]

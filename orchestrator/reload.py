@@ -114,6 +114,9 @@ def compare_configs(old: Config, new: Config) -> LimitChanges:
             not_applied.append(f"sources[{index}] (new source {source.name!r})")
         else:
             _diff(before_source, source, f"sources[{index}]", not_applied)
+            route = f"sources[{index}].route"
+            if route in not_applied:  # an item's route is fixed when it is ingested
+                not_applied[not_applied.index(route)] = f"{route} (for items ingested after it)"
     not_applied += [f"sources: {name!r} removed" for name in old_sources]
     return LimitChanges(stages=stages, pools=pools, not_applied=tuple(not_applied))
 

@@ -170,6 +170,8 @@ class Engine:
         self._code_argument = {s.name: code_argument(s.command) for s in config.stages}
         #: Each directory source's folder: a file whose folder is gone as a whole waits.
         self._folders = {s.name: str(s.path) for s in config.sources if s.type == "directory"}
+        self._source_names = frozenset(s.name for s in config.sources)
+        self._gone_sources_said: set[str] = set()
         base = dict(os.environ)
         # What every run of a stage gets; each run adds its own ORCH_* values (`_command`).
         self._stage_env = {
@@ -320,24 +322,30 @@ class Engine:
             self._count_terminal(item.state)
             return
         if item.stage not in self.stages:
-            # The config changed since it was queued; it waits (queued) for a config that
-            # has its stage again, rather than crash the service. Said once per stage: the
-            # store watch finds such items again at every look (found in session 6: a line per
-            # item per second, for ever).
-            if item.seq not in self.parked:
-                self.parked.add(item.seq)
-                stage = item.stage or ""
-                if stage not in self.parked_stages:
-                    self.parked_stages.add(stage)
-                    logger.bind(item=item.id).warning(
-                        "items queued for stage {!r}, which is not in the config, are left "
-                        "queued (a config with that stage again takes them)", stage,
-                    )  # fmt: skip
+            self._park(item)
             return
         self.parked.discard(item.seq)  # moved to a stage we have (``requeue --to``)
         self.active.add(item.seq)
         self.outstanding.value += 1
         self._dispatch(item)
+
+    def _park(self, item: Item) -> None:
+        """``item`` is queued at a stage the config does not have (it changed since the item
+        was ingested): it waits, queued, for a config that has its stage again (or for
+        ``requeue --to``) rather than crash the service. Said once per stage: the store watch
+        finds such items again at every look (found in session 6: a line per item per second,
+        for ever)."""
+        if item.seq in self.parked:
+            return
+        self.parked.add(item.seq)
+        stage = item.stage or ""
+        if stage not in self.parked_stages:
+            self.parked_stages.add(stage)
+            logger.bind(item=item.id).warning(
+                "items queued for stage {!r}, which is not in the config, are left queued (a"
+                " config with that stage again takes them, or `orchestrator requeue --stage"
+                " {} --to STAGE` moves them)", stage, stage,
+            )  # fmt: skip
 
     def _dispatch(self, item: Item) -> None:
         if item.state is ItemState.RETRY_WAIT and item.not_before is not None:
@@ -481,6 +489,13 @@ class Engine:
             if op.error is not None:
                 self._fail(op.error)
             else:
+                # No run failed, but it is a failure to show (found by an acceptance tester,
+                # session 16: an item dead this way was in no list of failures).
+                self.recent_errors.append({
+                    "at": time.time(), "item": item.id, "stage": item.stage,
+                    "attempt": item.attempts, "outcome": "not run", "reason": reason,
+                    "next": ItemState.DEAD.value,
+                })  # fmt: skip
                 self._settle(item, transition, log)
 
         self.unsettled.value += 1
@@ -704,6 +719,18 @@ class Engine:
                 with contextlib.suppress(OSError):
                     os.killpg(run.pid, signal.SIGKILL)
 
+    def _source_gone(self, item: Item) -> None:
+        """A file's item ended, and its source is no longer in the config: no ``on_done`` or
+        ``on_dead`` of it applies to the file, which stays where it is. Said once per source
+        (found by an acceptance tester, session 16: it was silent)."""
+        if item.source in self._gone_sources_said:
+            return
+        self._gone_sources_said.add(item.source)
+        logger.bind(source=item.source, item=item.id).warning(
+            "items of source {!r}, which is not in the config, ended: their files are left in"
+            " place (no on_done or on_dead applies to them)", item.source,
+        )  # fmt: skip
+
     def disposition_failed(self, item_id: str, why: str) -> None:
         """An ended item's file could not be moved or deleted (a source's terminal hook)."""
         self.failed_dispositions += 1
@@ -746,6 +773,8 @@ class Engine:
             self._count_terminal(transition.state)
             if transition.state is ItemState.DEAD:
                 log.error("item dead: {}", transition.reason)
+            if item.source not in self._source_names and item.path is not None:
+                self._source_gone(item)
             if item.source in self.on_terminal and self._timers is not None:
                 ended = self._ended.get(item.source)
                 if ended is None:  # no call going on for this source: start one
@@ -753,6 +782,15 @@ class Engine:
                     self._timers.start_soon(self._hand_over_ended, item.source)
                 ended.append(moved)
             self._make_room()
+        elif moved.stage not in self.stages:
+            # Its route (fixed when it was ingested) goes on to a stage the config no longer
+            # has. Found by an acceptance tester (session 16): it went to the missing stage's
+            # queue, a KeyError that ended the service, at every restart one item further.
+            self.active.discard(item.seq)
+            self.outstanding.value -= 1
+            self._park(moved)
+            self._make_room()
+            self.on_change(self.tally)
         else:
             if transition.state is ItemState.RETRY_WAIT:
                 self.tally.retries += 1

@@ -1368,3 +1368,38 @@ def test_code_behind_a_wrapper_and_awk_programs_are_not_filled_in(tmp_path: Path
     said = check.stdout + check.stderr
     assert "stages[0].command[4]: {name} is not substituted inside the code of 'sh'" in said
     assert "stages[1].command[1]: {name} is not substituted inside the code of 'awk'" in said
+
+
+def test_items_whose_route_goes_on_to_a_removed_stage_wait_there_and_nothing_crashes(
+    tmp_path: Path,
+) -> None:
+    # Found by an acceptance tester (session 16): an item finishing "s" whose route (fixed at
+    # ingest) goes on to "gone", a stage the config no longer has, crashed the service and the
+    # batch (KeyError), one item further at every restart; its source "old" is not in the
+    # config either, and the file it leaves was not said.
+    from orchestrator.store import NewItem
+
+    (tmp_path / "in").mkdir()
+    for i in range(3):
+        (tmp_path / f"f{i}").write_text("x")
+    left_queued(tmp_path / "state", [
+        NewItem(id=f"old:{i}", source="old", key=str(i), route=("s", "gone"),
+                path=str(tmp_path / f"f{i}"))
+        for i in range(3)
+    ])  # fmt: skip
+    config = _directory_batch_config(tmp_path, "in", "0s")
+
+    proc = orchestrator("batch", "-c", str(config), "--json", "--no-progress", cwd=tmp_path)
+
+    assert "Traceback" not in proc.stderr
+    assert proc.returncode == 1, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["parked"] == {"count": 3, "stages": ["gone"]}
+    assert summary["stages"]["s"]["runs"] == 3
+    assert proc.stderr.count("which is not in the config, are left queued") == 1
+    # A second batch finds them waiting there still, and runs nothing again.
+    again = orchestrator("batch", "-c", str(config), "--json", "--no-progress", cwd=tmp_path)
+    assert again.returncode == 1, again.stderr
+    assert json.loads(again.stdout)["parked"]["count"] == 3
+    shown = orchestrator("show", "old:0", "-c", str(config), "--json", cwd=tmp_path)
+    assert [run["stage"] for run in json.loads(shown.stdout)["runs"]] == ["s"]

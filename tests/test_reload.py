@@ -82,7 +82,7 @@ def test_compare_sees_limits_apart_from_the_keys_that_take_a_restart() -> None:
     changes = compare_configs(old, parse_config(reshaped, base_dir="/x"))
     assert set(changes.not_applied) == {
         "stages[1] (new stage 'c')", "stages: 'a' removed", "pools.net (new pool)",
-        "pools.disk (removed)", "sources[0].route",
+        "pools.disk (removed)", "sources[0].route (for items ingested after it)",
     }  # fmt: skip
     # The same stages in another order: a restart.
     swapped = _with({})

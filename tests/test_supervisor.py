@@ -8,7 +8,7 @@ import json
 import os
 import signal
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
@@ -291,10 +291,18 @@ async def test_a_file_that_vanishes_fails_its_item_with_a_clear_reason(
         """)
 
     # When
-    result = await serve(config, batch=True)
+    engines: list[Any] = []
+    result = await serve(config, batch=True, on_start=engines.append)
 
     # Then: both are dead, not retried, each with what happened to its file.
     assert result.tally.dead == 2
+    # Both are among the last failures (the status file's), the one that never ran too.
+    [engine] = engines
+    failures = {e["item"]: e for e in engine.recent_errors}
+    assert (failures["in:gone-before"]["outcome"], failures["in:gone-before"]["stage"]) == (
+        "not run", "second",
+    )  # fmt: skip
+    assert failures["in:gone-during"]["outcome"] == "failed"
     with open_db(config.state_dir / "orchestrator.db") as db:
         reasons = dict(db.execute("SELECT id, reason FROM items").fetchall())
         runs = db.execute("SELECT count(*) FROM runs").fetchone()[0]
