@@ -717,6 +717,13 @@ async def run_command(cmd: Command, *, on_spawn: Callable[[int], None] | None = 
                 await watch.until_leader_exits(rearm)
             timed_out = watched.cancelled_caught
         if timed_out:
+            # A leader that exited by itself before we could act was not timed out: the loop
+            # was late, not the run (found by an acceptance tester, session 16: a service
+            # stopped with SIGSTOP for longer than a timeout recorded the runs that had ended
+            # well meanwhile as "timeout", and ran them again or made their items dead).
+            watch.poll()
+            timed_out = not watch.leader_exited
+        if timed_out:
             outcome = Outcome.TIMEOUT if clock() >= timeout_at else Outcome.STALLED
             with trio.CancelScope(shield=True):
                 await kill_tree()

@@ -554,3 +554,32 @@ def test_a_json_source_that_does_not_parse_is_degraded_until_it_does(tmp_path: P
     finally:
         code = service.stop()
     assert code == 0, service.log
+
+
+def test_the_status_file_is_never_written_through_a_planted_symlink(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found by an acceptance tester (session 16): the temp file's name was predictable
+    # (".status.json.<pid>.tmp") and opened with O_TRUNC through symlinks: another user able to
+    # write a shared status folder could make the service overwrite any file it can write.
+    import secrets
+
+    from orchestrator.status import write_atomically
+
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    status = tmp_path / "status.json"
+    write_atomically(status, b"{}")
+    names = set()
+    for _ in range(3):
+        write_atomically(status, b"{}")
+        names |= {p.name for p in tmp_path.iterdir()}
+    assert names == {"victim", "status.json"}  # no temp file left behind
+    # Given: the name the next temp file gets, planted as a symlink to the victim
+    monkeypatch.setattr(secrets, "token_hex", lambda n: "planted")
+    (tmp_path / ".status.json.planted.tmp").symlink_to(victim)
+    # When / Then: the write fails instead of following it; the victim is untouched.
+    with pytest.raises(FileExistsError):
+        write_atomically(status, b'{"new": 1}')
+    assert victim.read_text() == "precious"
+    assert status.read_bytes() == b"{}"

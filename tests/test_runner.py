@@ -1182,3 +1182,16 @@ async def test_a_nul_byte_in_an_argument_or_the_environment_fails_the_run(
     assert "null byte" in result.reason
     assert open_fds() == fds
     assert our_zombies() == []
+
+
+@pytest.mark.parametrize("limit", ["timeout", "stall_timeout"])
+async def test_a_run_that_ended_while_the_loop_was_held_up_is_not_timed_out(limit: str) -> None:
+    # Found by an acceptance tester (session 16): with the service stopped (SIGSTOP) past a
+    # run's timeout, a run that had exited 0 meanwhile was recorded "timeout" on SIGCONT, and
+    # run again. Here the loop is held up right after the spawn, as a frozen service is.
+    def held_up(pid: int) -> None:
+        time.sleep(0.6)  # the loop stands still; `true` exits meanwhile
+
+    result = await run_command(cmd(("true",), **{limit: 0.2}), on_spawn=held_up)
+
+    assert (result.outcome, result.exit_code, result.signals_sent) == (Outcome.OK, 0, ())
