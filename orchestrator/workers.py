@@ -994,8 +994,12 @@ def _prepare(
 
 
 def _make_workdir(workdir: str, payload: str | None) -> None:
-    """Make ``workdir`` (and ``state_dir/work`` the first time) with the record's payload file,
-    unless they are there already (a retry, or a run after a restart)."""
+    """Make ``workdir`` (and ``state_dir/work`` the first time) unless it is there already (a
+    retry, or a run after a restart), and write the record's payload file afresh.
+
+    Afresh before every run: the file is the record, whatever an earlier run did to it (found
+    by an acceptance tester, session 16: a run that rewrote it in place and failed half-way
+    left its retry, and the stages after it, a broken record)."""
     try:
         os.mkdir(workdir, 0o700)
     except FileExistsError:
@@ -1007,16 +1011,15 @@ def _make_workdir(workdir: str, payload: str | None) -> None:
     if payload is None:
         return
     target = os.path.join(workdir, "payload.json")
-    try:
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    except FileExistsError:
-        return
+    tmp = target + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         with open(fd, "w", encoding="utf-8") as f:
             f.write(payload)
-    except BaseException:  # a full disk: no half payload for the next attempt to take as whole
+        os.replace(tmp, target)  # whole or not at all: never a half payload on a full disk
+    except BaseException:
         with contextlib.suppress(OSError):
-            os.unlink(target)
+            os.unlink(tmp)
         raise
 
 

@@ -1403,3 +1403,37 @@ def test_items_whose_route_goes_on_to_a_removed_stage_wait_there_and_nothing_cra
     assert json.loads(again.stdout)["parked"]["count"] == 3
     shown = orchestrator("show", "old:0", "-c", str(config), "--json", cwd=tmp_path)
     assert [run["stage"] for run in json.loads(shown.stdout)["runs"]] == ["s"]
+
+
+def test_every_run_of_a_record_gets_the_record_whatever_an_earlier_run_did_to_its_file(
+    tmp_path: Path,
+) -> None:
+    # Found by an acceptance tester (session 16): a run that rewrote payload.json in place and
+    # failed half-way left its retry, and the stages after it, a broken record.
+    (tmp_path / "r.jsonl").write_text('{"id": "r1", "v": 1}\n')
+    seen = tmp_path / "seen"
+    enrich = (f'cat "$ORCH_PAYLOAD" >> {seen}; echo >> {seen}; '
+              'if [ "$ORCH_ATTEMPT" = 1 ]; then printf \'{{"id": "r1", "v":\' > "$ORCH_PAYLOAD";'
+              " exit 1; fi")  # fmt: skip
+    config = tmp_path / "c.toml"
+    config.write_text(textwrap.dedent(f"""
+        [http]
+        listen = false
+        [[sources]]
+        name = "r"
+        type = "jsonl"
+        path = "r.jsonl"
+        id_field = "id"
+        route = ["enrich", "load"]
+        [[stages]]
+        name = "enrich"
+        command = {json.dumps(["sh", "-c", enrich])}
+        retries = 1
+        backoff = "10ms"
+        [[stages]]
+        name = "load"
+        command = {json.dumps(["sh", "-c", f'cat "$ORCH_PAYLOAD" >> {seen}'])}
+        """))  # fmt: skip
+    proc = orchestrator("batch", "-c", str(config), "--json", "--no-progress", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert seen.read_text().splitlines() == ['{"id": "r1", "v": 1}'] * 3
