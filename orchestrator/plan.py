@@ -8,13 +8,15 @@ import shlex
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.durations import format_duration, format_size
+from orchestrator.errors import StoreUnavailable
+from orchestrator.instance import check_state_dir
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from orchestrator.config import Config, Disposition, SourceConfig
 
-__all__ = ["config_warnings", "plan_dict", "print_plan"]
+__all__ = ["config_warnings", "plan_dict", "print_plan", "state_warnings"]
 
 
 def _disposition(d: Disposition) -> str:
@@ -57,6 +59,17 @@ def config_warnings(config: Config) -> list[str]:
                 f" {meant}?); it is passed to the command as written"
             )
     return out
+
+
+def state_warnings(config: Config) -> list[str]:
+    """What `check_state_dir` says about the state folder when it is there (``check``; ``run``
+    and ``batch`` refuse or log it themselves when they take the folder)."""
+    try:
+        return [f"state_dir: {w}" for w in check_state_dir(config.state_dir)]
+    except FileNotFoundError:
+        return []  # made private (0700) at the first start
+    except StoreUnavailable as exc:
+        return [f"state_dir: {exc}; run, batch, stress and purge refuse it"]
 
 
 def plan_dict(config: Config) -> dict[str, Any]:
@@ -103,7 +116,7 @@ def plan_dict(config: Config) -> dict[str, Any]:
             name: {"size": size, "stages": users.get(name, [])}
             for name, size in config.pools.items()
         },
-        "warnings": config_warnings(config),
+        "warnings": config_warnings(config) + state_warnings(config),
     }
 
 
@@ -130,7 +143,7 @@ def print_plan(config: Config, path: Path) -> None:
     console = Console(highlight=False)
     d = format_duration
     console.print(f"[bold]{path}[/]: ok")
-    for warning in config_warnings(config):
+    for warning in config_warnings(config) + state_warnings(config):
         console.print(f"[yellow]warning[/]: {escape(warning)}", soft_wrap=True)
     where = config.state_dir if config.state == "sqlite" else config.state
     console.print(f"state: {where} ({config.state}, synchronous={config.store.synchronous}); "

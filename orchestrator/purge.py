@@ -43,6 +43,7 @@ import attrs
 
 from orchestrator.config import SourceType
 from orchestrator.errors import StoreUnavailable
+from orchestrator.instance import check_state_dir
 from orchestrator.store.records import TERMINAL_STATES, ItemState
 from orchestrator.store.sqlite import connect, op_newest, op_purge_candidates, op_purge_items
 
@@ -91,13 +92,19 @@ def purge(
 
     Raises:
         ValueError: a state in ``states`` is not terminal.
-        StoreUnavailable: no store at ``path``, or it could not be written.
+        StoreUnavailable: no store at ``path``, or it could not be written, or (not a
+            ``dry_run``) the state folder is not safe to remove files in (`check_state_dir`).
     """
     terminal = [s.value for s in ItemState if s in TERMINAL_STATES]
     chosen = sorted(terminal if states is None else set(states))
     wrong = [s for s in chosen if s not in terminal]
     if wrong:
         raise ValueError(f"not a terminal state: {', '.join(wrong)} (use {', '.join(terminal)})")
+    if not dry_run:
+        # It removes run logs and workdirs: not through another user's links (the service
+        # checks the folder at start; this runs beside it, maybe as another user).
+        with contextlib.suppress(FileNotFoundError):  # no folder: `connect` says there is no store
+            check_state_dir(config.state_dir)
     before = (time.time() if now is None else now) - older_than
     purged: dict[str, int] = {}
     runs = events = logs = workdirs = 0
