@@ -229,6 +229,8 @@ def _remove_file(path: str) -> bool:
 
 
 def _remove_tree(path: Path) -> bool:
+    if os.path.islink(path):  # never followed: the link goes, not what it points to
+        return _remove_file(str(path))
     if not os.path.isdir(path):
         return False
     shutil.rmtree(path, ignore_errors=True)

@@ -275,8 +275,11 @@ class _Output:
             if self.log_fd is None:
                 assert self.log_path is not None
                 os.makedirs(os.path.dirname(self.log_path) or ".", mode=0o700, exist_ok=True)
+                # Never through a link (ELOOP: the run goes on without its log).
                 self.log_fd = os.open(
-                    self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600
+                    self.log_path,
+                    os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW,
+                    0o600,
                 )
             view = memoryview(data)
             while view:

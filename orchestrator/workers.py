@@ -1003,7 +1003,10 @@ def _make_workdir(workdir: str, payload: str | None) -> None:
     try:
         os.mkdir(workdir, 0o700)
     except FileExistsError:
-        pass
+        # A link there (made by a stage program) is not followed: the payload would go
+        # wherever it points, and the run work there.
+        if os.path.islink(workdir) or not os.path.isdir(workdir):
+            raise NotADirectoryError("it is a link or a file, not a folder") from None
     except FileNotFoundError:
         # makedirs gives its mode to the last folder only: state_dir/work is made first.
         os.makedirs(os.path.dirname(workdir), mode=0o700, exist_ok=True)
@@ -1027,17 +1030,27 @@ def _remove_trees(paths: list[str]) -> None:
     """Remove these folders and what they hold, as far as possible (in a worker thread).
 
     Most workdirs hold a few files and no folder: those go with a listing, an unlink each and
-    an rmdir; `shutil.rmtree` (several times the work) takes the rest."""
+    an rmdir; `shutil.rmtree` (several times the work) takes the rest. A link is never
+    followed: a workdir that is one goes as a link (`check_state_dir` sees that ``work``
+    itself is a real folder of ours)."""
     for path in paths:
         try:
-            with os.scandir(path) as entries:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:  # gone meanwhile, or not a folder: a link or file goes, as itself
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            continue
+        try:
+            with os.scandir(fd) as entries:
                 for entry in entries:
                     if entry.is_dir(follow_symlinks=False):
-                        raise IsADirectoryError(entry.path)
-                    os.unlink(entry.path)
+                        raise IsADirectoryError(entry.name)
+                    os.unlink(entry.name, dir_fd=fd)
             os.rmdir(path)
         except OSError:  # a folder inside, or gone meanwhile: the thorough way (quiet if gone)
             shutil.rmtree(path, ignore_errors=True)
+        finally:
+            os.close(fd)
 
 
 def _log_tail(path: str) -> str | None:

@@ -248,5 +248,33 @@ def test_a_group_may_write_in_the_folder_only_when_it_is_our_private_group(
         check_state_dir(st)
 
 
+def test_removing_or_making_a_workdir_and_writing_a_run_log_never_follow_a_link(
+    tmp_path: Path,
+) -> None:
+    # Given: another folder's files, and links to them where a workdir and a run log go
+    from orchestrator.runner import _Output
+    from orchestrator.workers import _make_workdir, _remove_trees
+
+    target = precious(tmp_path)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "1").symlink_to(target / "1")
+    (work / "2").symlink_to(target / "1")
+    (tmp_path / "3.log").symlink_to(target / "1" / "keep.txt")
+
+    # When: a done item's workdir is removed, a retry's made, a run's log written
+    _remove_trees([str(work / "1")])
+    with pytest.raises(NotADirectoryError):
+        _make_workdir(str(work / "2"), '{"id": 2}')
+    output = _Output(-1, str(tmp_path / "3.log"), 1024)
+    output._write(b"run output\n")
+
+    # Then: the link went, not what it points to; no payload and no log went through one
+    assert not os.path.lexists(work / "1")
+    assert sorted(os.listdir(target / "1")) == ["keep.txt"]
+    assert (target / "1" / "keep.txt").read_text() == "precious"
+    assert output.log_error is not None
+
+
 def _me() -> str:
     return pwd.getpwuid(os.geteuid()).pw_name
