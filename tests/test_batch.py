@@ -679,12 +679,13 @@ def test_a_batch_whose_source_path_does_not_exist_says_so(tmp_path: Path) -> Non
 
 
 def test_a_workdir_that_cannot_be_made_kills_the_item_with_the_reason(tmp_path: Path) -> None:
-    # Given: a stage that uses {workdir}, and the state's work folder blocked by a file (as a
-    # full disk would block it).
+    # Given: a stage that uses {workdir}, and the item's workdir blocked by a file (as a full
+    # disk would block it).
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "x.txt").write_text("x")
-    (tmp_path / "state").mkdir(mode=0o700)
-    (tmp_path / "state" / "work").write_text("not a folder")
+    (tmp_path / "state" / "work").mkdir(mode=0o700, parents=True)
+    (tmp_path / "state").chmod(0o700)
+    (tmp_path / "state" / "work" / "1").write_text("not a folder")
     config = tmp_path / "c.toml"
     config.write_text(
         textwrap.dedent("""
