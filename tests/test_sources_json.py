@@ -5,17 +5,17 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+import pytest
 
 from orchestrator.config import parse_config
-from orchestrator.sources import JsonArraySource
-from orchestrator.sources.jsonarray import new_elements
+from orchestrator.sources import JsonArraySource, jsonarray
+from orchestrator.sources.jsonarray import Element, new_elements, split_array
 from orchestrator.store.records import ItemState
 
 if TYPE_CHECKING:
     from pathlib import Path
-
-    import pytest
 
 
 def source(tmp_path: Path) -> JsonArraySource:
@@ -29,17 +29,25 @@ def source(tmp_path: Path) -> JsonArraySource:
 
 def write_old(path: Path, document: object) -> None:
     """Write as the writer would, with an mtime in the past (not 'just modified')."""
-    path.write_text(json.dumps(document))
+    write_old_bytes(path, json.dumps(document).encode())
+
+
+def write_old_bytes(path: Path, data: bytes) -> None:
+    path.write_bytes(data)
     past = time.time() - 60
     os.utime(path, (past, past))
 
 
+def elements_of(values: list[object]) -> list[Element]:
+    return split_array(json.dumps(values))
+
+
 def test_new_elements_by_id_and_rejections_once(tmp_path: Path) -> None:
     config = source(tmp_path).config
-    elements: list[object] = [
+    elements = elements_of([
         {"id": "a", "text": "first"}, {"text": "no id"}, "just a string", {"id": "a", "x": 2},
         {"id": 5},
-    ]  # fmt: skip
+    ])  # fmt: skip
     items = new_elements(config, elements, known={"5"})
     assert [(i.key, i.state.value) for i in items] == [
         ("a", "queued"), (items[1].key, "rejected"), (items[2].key, "rejected"),
@@ -55,16 +63,18 @@ def test_new_elements_by_id_and_rejections_once(tmp_path: Path) -> None:
 
 def test_an_element_with_a_lone_surrogate_keeps_it_escaped_in_its_payload(tmp_path: Path) -> None:
     # Found in session 6: the payload held the surrogate itself, which the store cannot hold,
-    # so a valid element was rejected (and the reason blamed its id).
-    config = source(tmp_path).config
-    element = {"id": "s", "v": "\ud800", "w": "café"}
-    [item] = new_elements(config, [element], known=set())
-    assert item.state.value == "queued"
-    assert item.payload is not None
-    item.payload.encode()  # valid UTF-8 text
-    assert json.loads(item.payload) == element
-    [plain] = new_elements(config, [{"id": "t", "w": "café"}], known=set())
-    assert plain.payload == '{"id": "t", "w": "café"}'  # UTF-8 stays readable when it can
+    # so a valid element was rejected (and the reason blamed its id). Python's JSON reads one
+    # from the file's bytes (b"\xed\xa0\x80") as well as from its escape.
+    path = tmp_path / "ideas.json"
+    write_old_bytes(path, b'[{"id": "s", "v": "\xed\xa0\x80", "w": "caf\xc3\xa9"},'
+                          b' {"id": "e", "v": "\\ud800"}, {"id": "t", "w": "caf\xc3\xa9"}]')  # fmt: skip
+    items = source(tmp_path).read().items
+    assert [i.state.value for i in items] == ["queued", "queued", "queued"]
+    payloads = [i.payload or "" for i in items]
+    assert payloads[0] == '{"id": "s", "v": "\\ud800", "w": "café"}'  # valid UTF-8 text
+    assert json.loads(payloads[0]) == {"id": "s", "v": "\ud800", "w": "café"}
+    assert payloads[1] == '{"id": "e", "v": "\\ud800"}'
+    assert payloads[2] == '{"id": "t", "w": "café"}'  # UTF-8 stays readable when it can
 
 
 def test_a_rewrite_with_one_new_element_adds_exactly_one(tmp_path: Path) -> None:
@@ -90,14 +100,14 @@ def test_an_unchanged_file_is_not_parsed_again(
     write_old(path, [{"id": 1}])
     src = source(tmp_path)
     assert src.read().outcome == "parsed"
-    parses: list[bytes] = []
-    real_loads = json.loads
+    parses: list[str] = []
+    real_split = split_array
 
-    def counting_loads(data: bytes, **hooks: Any) -> object:
-        parses.append(data)
-        return real_loads(data, **hooks)
+    def counting_split(text: str) -> list[Element]:
+        parses.append(text)
+        return real_split(text)
 
-    monkeypatch.setattr(json, "loads", counting_loads)
+    monkeypatch.setattr(jsonarray, "split_array", counting_split)
     assert src.read().outcome == "unchanged"
     assert parses == []
     # Rewritten in place (same inode), same size, new mtime: parsed again.
@@ -147,8 +157,40 @@ def test_an_element_holding_nan_or_infinity_is_rejected_alone(tmp_path: Path) ->
         ("rejected", "element 4: number -1E+400 is out of range (it reads as -infinity, which JSON has no number for)"),
         ("queued", ""),
     ]  # fmt: skip
-    assert json.loads(items[3].payload or "") == {"id": "d", "v": 1.5}
-    assert json.loads(items[5].payload or "") == {"id": "f", "v": 0.0}  # (too small is 0)
-    # Elements not read from a file (no text to show) are named as JSON writes them.
-    [item] = new_elements(source(tmp_path).config, [{"id": "g", "v": float("inf")}], set())
-    assert (item.reason or "").startswith("element 0: not valid JSON (Infinity is not")
+    assert items[3].payload == '{"id": "d", "v": 1.5}'
+    assert items[5].payload == '{"id": "f", "v": 1e-999}'  # (too small is 0: JSON has no limit)
+    # The reason shows the element as the file wrote it.
+    assert (items[2].reason or "").endswith('; element: {"id": "c", "v": 1e999}')
+
+
+def test_an_element_reaches_its_stage_exactly_as_the_file_wrote_it(tmp_path: Path) -> None:
+    # Found by an acceptance tester (session 16): each element was parsed and written again, so
+    # 12345678901234567.89 reached the stage as 1.2345678901234568e+16, 9007199254740993.0 as
+    # 9007199254740992.0 and 1e5 as 100000.0 (the jsonl source passes its lines byte for byte).
+    # Given: a compact element, and a pretty-printed one, in a file with a byte-order mark and
+    # CRLF line ends.
+    compact = (
+        '{"id":"o1","amount":12345678901234567.89,"exact":9007199254740993.0,"e":1e5,"p":1.10}'
+    )
+    pretty = '{\r\n    "b": "caf\\u00e9 \\"q\\"",\r\n    "id": 2,\r\n    "a": [1E+2, -0.0]\r\n  }'
+    path = tmp_path / "ideas.json"
+    write_old_bytes(path, f"\ufeff[\r\n  {compact},\r\n  {pretty}\r\n]\r\n".encode())
+    # When: the source reads it.
+    items = source(tmp_path).read().items
+    # Then: each payload is the element's own text, numbers, spacing and key order included.
+    assert [(i.key, i.state.value) for i in items] == [("o1", "queued"), ("2", "queued")]
+    assert items[0].payload == compact
+    assert items[1].payload == pretty
+
+
+def test_split_array_reads_and_refuses_what_json_loads_does() -> None:
+    good = ["[]", " [ ] ", '[{"a": 1} , 2,"x" ,null]', "\n[\t[1, [2]],\r\n{}]\n"]
+    for text in good:
+        assert [e.value for e in split_array(text)] == json.loads(text)
+    bad = ["", "[", "[1", "[1,]", "[1 2]", "[1] x", "[] []", "[,1]", '[{"a" 1}]', "]", "x"]
+    for text in bad:
+        with pytest.raises(json.JSONDecodeError) as refused:
+            json.loads(text)
+        with pytest.raises(json.JSONDecodeError) as split:
+            split_array(text)
+        assert str(split.value) == str(refused.value)

@@ -1,12 +1,15 @@
 """The json source: a file holding one JSON array that its writer rewrites, element by element.
 
 Each element is an object with an ``id_field``; an element whose id the source has not taken
-before becomes an item (its payload the element), and a known id is never taken again: the
-store refuses a duplicate key. In memory the source keeps the keys of the document it read last
+before becomes an item, and a known id is never taken again: the store refuses a duplicate key.
+Its payload is the element's text exactly as the file holds it (`split_array`), as the jsonl
+source passes its lines: numbers are not read into Python floats and written again. In memory the source keeps the keys of the document it read last
 (`JsonArraySource.known`), so an element it saw before costs no question to the store; a writer
 that keeps only its latest elements in the file does not make the set grow with its history.
-An element that is not an object, or has no usable id, becomes a ``rejected`` item (keyed by a
-hash of its content, so it is rejected once, not at every poll).
+An element that is not an object, has no usable id, or holds a number a stage could not parse
+(NaN, ``1e999``) becomes a ``rejected`` item
+(keyed by a hash of its content, so it is rejected once, not at every poll); the others are
+taken as usual.
 
 The writer may rewrite the file atomically (rename) or in place. Content that does not parse --
 the writer is in the middle of it -- is tried again at the next poll, and a warning is logged
@@ -21,6 +24,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 from typing import TYPE_CHECKING
 
@@ -35,7 +39,7 @@ if TYPE_CHECKING:
     from orchestrator.config import SourceConfig
     from orchestrator.workers import Engine
 
-__all__ = ["ArrayRead", "JsonArraySource", "new_elements"]
+__all__ = ["ArrayRead", "Element", "JsonArraySource", "NotAnArray", "new_elements", "split_array"]
 
 #: Polls in a row that found unparsable content before a warning (a writer mid-rewrite is
 #: normal); in batch mode, the source gives up after that many.
@@ -45,6 +49,12 @@ FAILURES_BEFORE_WARNING = 5
 FRESH = 1.0
 #: Characters of a rejected element kept in its reason.
 ELEMENT_SHOWN = 4096
+#: JSON's whitespace, around each element and separator of the array.
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+#: A line break and the whitespace after it: in a valid element, only ever between tokens.
+_LINE_BREAK = re.compile(r"[\r\n][ \t\r\n]*")
+#: Half a surrogate pair: JSON reads one from a string, but UTF-8 cannot hold it.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @attrs.frozen
@@ -62,8 +72,85 @@ class ArrayRead:
     duplicates: list[str] = attrs.Factory(list)
 
 
+@attrs.frozen
+class Element:
+    """One element of the array, as read."""
+
+    #: The element parsed.
+    value: object
+    #: Its text exactly as the document wrote it: the payload its item gets.
+    text: str
+    #: Why a stage could not parse it (a number JSON or Python cannot carry), or None.
+    problem: str | None = None
+
+
+class NotAnArray(ValueError):
+    """The document is JSON, but not an array."""
+
+
+def split_array(text: str) -> list[Element]:
+    """The elements of the JSON array ``text``, each with its own text (pure).
+
+    An element is read on its own, so its payload can be what the file holds, character for
+    character: no number is written again from a Python float (``12345678901234567.89`` and
+    ``1e5`` stay as they are).
+
+    Raises:
+        NotAnArray: JSON, but not an array.
+        ValueError: not JSON (a ``JSONDecodeError``, at its place in the whole document), or a
+            number past Python's 4,300 digits.
+        RecursionError: nested too deep.
+    """
+    unwritable: list[str] = []  # numbers JSON cannot write, as written, in the element read
+
+    def constant(name: str) -> float:  # NaN, Infinity, -Infinity
+        unwritable.append(name)
+        return float(name)
+
+    def real(number: str) -> float:  # 1e999 reads as infinity
+        value = float(number)
+        if math.isinf(value):
+            unwritable.append(number)
+        return value
+
+    decoder = json.JSONDecoder(parse_constant=constant, parse_float=real)
+    index = _skip(text, 0)
+    if not text.startswith("[", index):
+        document, end = decoder.raw_decode(text, index)
+        if _skip(text, end) != len(text):
+            raise json.JSONDecodeError("Extra data", text, _skip(text, end))
+        raise NotAnArray(f"not a JSON array but {json_type(document)}")
+    elements: list[Element] = []
+    index = _skip(text, index + 1)
+    if text.startswith("]", index):
+        end = index + 1
+    else:
+        while True:
+            unwritable.clear()
+            value, end = decoder.raw_decode(text, index)
+            problem = number_problem(unwritable[0]) if unwritable else None
+            elements.append(Element(value, text[index:end], problem))
+            index = _skip(text, end)
+            if text.startswith(",", index):
+                index = _skip(text, index + 1)
+            elif text.startswith("]", index):
+                end = index + 1
+                break
+            else:
+                raise json.JSONDecodeError("Expecting ',' delimiter", text, index)
+    if _skip(text, end) != len(text):
+        raise json.JSONDecodeError("Extra data", text, _skip(text, end))
+    return elements
+
+
+def _skip(text: str, index: int) -> int:
+    match = _WHITESPACE.match(text, index)
+    assert match is not None  # (it matches the empty string)
+    return match.end()
+
+
 def new_elements(
-    config: SourceConfig, elements: list[object], known: set[str],
+    config: SourceConfig, elements: list[Element], known: set[str],
     seen: set[str] | None = None, duplicates: list[str] | None = None,
 ) -> list[NewItem]:  # fmt: skip
     """Items for the elements of the array whose key is not in ``known`` (pure).
@@ -77,27 +164,20 @@ def new_elements(
     items: list[NewItem] = []
     for index, element in enumerate(elements):
         reason = None
-        problem = None
+        payload = element.text
+        if _SURROGATE.search(payload):
+            # Half a surrogate pair, read from bytes such as b"\xed\xa0\x80" (only inside a
+            # string): the store holds UTF-8 text, so it is kept as the escape JSON reads the same.
+            payload = _SURROGATE.sub(lambda m: f"\\u{ord(m[0]):04x}", payload)
         try:
-            # No NaN or Infinity in a payload: a stage's strict parser would fail on it every
-            # attempt. (Python reads them, and 1e999 as infinity.)
-            payload = json.dumps(element, ensure_ascii=False, allow_nan=False)
-        except ValueError:
-            payload = json.dumps(element, ensure_ascii=False)
-            problem = number_problem(_first_non_finite(element))
-        try:
-            payload.encode()
-        except UnicodeEncodeError:  # a lone surrogate ("\\ud800"): kept as the escape it came as
-            payload = json.dumps(element)
-        try:
-            if problem is not None:
-                raise ValueError(problem)
-            if not isinstance(element, dict):
-                raise ValueError(f"not a JSON object but {json_type(element)}")
-            key = id_of(element, config.id_field)
+            if element.problem is not None:
+                raise ValueError(element.problem)
+            if not isinstance(element.value, dict):
+                raise ValueError(f"not a JSON object but {json_type(element.value)}")
+            key = id_of(element.value, config.id_field)
         except ValueError as exc:
             digest = hashlib.sha256(
-                json.dumps(element, sort_keys=True, separators=(",", ":")).encode()
+                json.dumps(element.value, sort_keys=True, separators=(",", ":")).encode()
             ).hexdigest()[:16]
             key = f"#{digest}"
             reason = f"element {index}: {exc}; element: {_show(payload)}"
@@ -117,53 +197,10 @@ def new_elements(
     return items
 
 
-class _Unwritable(float):
-    """A number JSON cannot write (NaN, an infinity), with its ``text`` as the document wrote it."""
-
-    text: str
-
-
-def _unwritable(text: str) -> float:
-    value = _Unwritable(text)
-    value.text = text
-    return value
-
-
-def _float(text: str) -> float:
-    """``json.loads``'s hook for numbers with a fraction or an exponent: ``1e999`` is kept as
-    written for its element's reason (it reads as infinity)."""
-    value = float(text)
-    return _unwritable(text) if math.isinf(value) else value
-
-
-def _parse_document(data: bytes) -> object:
-    """``json.loads``, with NaN, the infinities and numbers past a float's range (``1e999``)
-    read as floats that remember how they were written (their element is rejected with it).
-
-    Raises:
-        ValueError: not JSON, or a number past Python's 4,300 digits.
-        RecursionError: nested too deep.
-    """
-    return json.loads(data, parse_constant=_unwritable, parse_float=_float)
-
-
-def _first_non_finite(value: object) -> str:
-    """How the first number of ``value`` that JSON cannot write was written (for messages)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        if isinstance(value, _Unwritable):
-            return value.text
-        return json.dumps(value)  # (NaN, Infinity or -Infinity: an element not read from JSON)
-    children = (
-        value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
-    )
-    for child in children:
-        found = _first_non_finite(child)
-        if found:
-            return found
-    return ""
-
-
 def _show(text: str) -> str:
+    """An element's text for its reason: on one line (a line break and the indentation after
+    it, only ever between tokens, become one space), at most `ELEMENT_SHOWN` characters."""
+    text = _LINE_BREAK.sub(" ", text)
     if len(text) <= ELEMENT_SHOWN:
         return text
     return f"{text[:ELEMENT_SHOWN]}... (first {ELEMENT_SHOWN} of {len(text)} characters)"
@@ -270,14 +307,18 @@ class JsonArraySource:
             self._signature = None
             return ArrayRead("failed", error="the file was replaced while being read")
         error = None
+        elements: list[Element] = []
         try:
-            document = _parse_document(data)  # NaN, Infinity, 1e999: their element is rejected
-        # ValueError: also a number past Python's 4,300 digits; RecursionError: nested too deep.
+            # As json.loads reads bytes: UTF-8 (a byte-order mark skipped), -16 or -32, and
+            # surrogates written as bytes let through (`new_elements` escapes them).
+            text = data.decode(json.detect_encoding(data), "surrogatepass")
+            elements = split_array(text)  # NaN, Infinity, 1e999: their element is rejected
+        except NotAnArray as exc:
+            error = str(exc)
+        # ValueError: also bytes that are not UTF-8, or a number past Python's 4,300 digits;
+        # RecursionError: nested too deep.
         except (ValueError, RecursionError) as exc:
             error = f"not valid JSON: {exc}; starts with {show_raw(data[:80], len(data))}"
-        else:
-            if not isinstance(document, list):
-                error = f"not a JSON array but {json_type(document)}"
         # The signature of what was read: the stat before the read, so a write during the read
         # makes the next poll read again -- as does a file modified just now, whose next rewrite
         # might not change its mtime.
@@ -286,8 +327,7 @@ class JsonArraySource:
             self._parsed, self._last_error = False, error
             return ArrayRead("failed", error=error)
         self._parsed, self._last_error = True, None
-        assert isinstance(document, list)
         keys: set[str] = set()
         duplicates: list[str] = []
-        items = new_elements(self.config, document, self.known, keys, duplicates)
-        return ArrayRead("parsed", items, elements=len(document), keys=keys, duplicates=duplicates)
+        items = new_elements(self.config, elements, self.known, keys, duplicates)
+        return ArrayRead("parsed", items, elements=len(elements), keys=keys, duplicates=duplicates)
