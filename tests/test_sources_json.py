@@ -183,6 +183,47 @@ def test_an_element_reaches_its_stage_exactly_as_the_file_wrote_it(tmp_path: Pat
     assert items[1].payload == pretty
 
 
+def test_an_element_with_an_integer_too_long_for_python_is_rejected_alone(tmp_path: Path) -> None:
+    # Found by an acceptance tester (session 16): an integer of more than 4,300 digits (valid
+    # JSON, but more than Python converts) failed the whole file: no element of it was taken,
+    # and a service never took anything from it again.
+    # Given: such an integer in the second of three elements (and a negative one in the fourth).
+    path = tmp_path / "ideas.json"
+    big = "9" * 5000
+    text = f'[{{"id": "good1"}}, {{"id": "big", "n": [1, {big}]}}, {{"id": "good2"}}, {{"id": -{big}}}]'
+    write_old_bytes(path, text.encode())
+    src = source(tmp_path)
+    # When: the source reads it.
+    found = src.read()
+    # Then: the others are taken, and it is rejected alone, its index and the digits said.
+    assert found.outcome == "parsed"
+    states = [(i.key, i.state.value) for i in found.items]
+    assert states == [
+        ("good1", "queued"), (found.items[1].key, "rejected"), ("good2", "queued"),
+        (found.items[3].key, "rejected"),
+    ]  # fmt: skip
+    reason = found.items[1].reason or ""
+    assert reason.startswith(
+        "element 1: number 99999999999999999999... has 5000 digits, more than the 4300 Python"
+        ' reads in an integer (a stage in Python could not parse its payload); element: {"id":'
+    )
+    assert (found.items[3].reason or "").startswith("element 3: number -9999")
+    # Rejected once: the next read of the same elements finds nothing new.
+    src.known = found.keys
+    write_old_bytes(path, text.encode() + b"\n")
+    assert src.read().items == []
+
+
+def test_a_file_cut_short_after_a_long_integer_is_still_mid_write(tmp_path: Path) -> None:
+    path = tmp_path / "ideas.json"
+    write_old_bytes(path, b'[{"id": "good1"}, {"id": "big", "n": ' + b"9" * 5000 + b", ")
+    found = source(tmp_path).read()
+    assert found.outcome == "failed"
+    assert (found.error or "").startswith(
+        "not valid JSON: Expecting property name enclosed in double quotes: line 1 column 5040"
+    )
+
+
 def test_split_array_reads_and_refuses_what_json_loads_does() -> None:
     good = ["[]", " [ ] ", '[{"a": 1} , 2,"x" ,null]', "\n[\t[1, [2]],\r\n{}]\n"]
     for text in good:

@@ -7,7 +7,7 @@ source passes its lines: numbers are not read into Python floats and written aga
 (`JsonArraySource.known`), so an element it saw before costs no question to the store; a writer
 that keeps only its latest elements in the file does not make the set grow with its history.
 An element that is not an object, has no usable id, or holds a number a stage could not parse
-(NaN, ``1e999``) becomes a ``rejected`` item
+(NaN, ``1e999``, an integer of more digits than Python converts) becomes a ``rejected`` item
 (keyed by a hash of its content, so it is rejected once, not at every poll); the others are
 taken as usual.
 
@@ -25,6 +25,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 from typing import TYPE_CHECKING
 
@@ -76,7 +77,7 @@ class ArrayRead:
 class Element:
     """One element of the array, as read."""
 
-    #: The element parsed.
+    #: The element parsed (a too-long integer in it is kept as its digits: see ``problem``).
     value: object
     #: Its text exactly as the document wrote it: the payload its item gets.
     text: str
@@ -93,12 +94,12 @@ def split_array(text: str) -> list[Element]:
 
     An element is read on its own, so its payload can be what the file holds, character for
     character: no number is written again from a Python float (``12345678901234567.89`` and
-    ``1e5`` stay as they are).
+    ``1e5`` stay as they are), and an element Python cannot read -- an integer of more digits
+    than it converts -- is kept with its ``problem`` instead of failing the document.
 
     Raises:
         NotAnArray: JSON, but not an array.
-        ValueError: not JSON (a ``JSONDecodeError``, at its place in the whole document), or a
-            number past Python's 4,300 digits.
+        ValueError: not JSON (a ``JSONDecodeError``, at its place in the whole document).
         RecursionError: nested too deep.
     """
     unwritable: list[str] = []  # numbers JSON cannot write, as written, in the element read
@@ -127,8 +128,15 @@ def split_array(text: str) -> list[Element]:
     else:
         while True:
             unwritable.clear()
-            value, end = decoder.raw_decode(text, index)
-            problem = number_problem(unwritable[0]) if unwritable else None
+            problem: str | None = None
+            try:
+                value, end = decoder.raw_decode(text, index)
+            except json.JSONDecodeError:
+                raise
+            except ValueError:  # an integer past Python's 4,300 digits: this element alone
+                value, end, problem = _long_integer(text, index)
+            if unwritable:
+                problem = number_problem(unwritable[0])
             elements.append(Element(value, text[index:end], problem))
             index = _skip(text, end)
             if text.startswith(",", index):
@@ -147,6 +155,33 @@ def _skip(text: str, index: int) -> int:
     match = _WHITESPACE.match(text, index)
     assert match is not None  # (it matches the empty string)
     return match.end()
+
+
+def _long_integer(text: str, index: int) -> tuple[object, int, str]:
+    """The element at ``index`` read with its too-long integers kept as their digits, and why
+    it is rejected.
+
+    Raises:
+        ValueError: it is not JSON after all (a ``JSONDecodeError``: the writer is mid-write).
+    """
+    long: list[str] = []
+
+    def integer(digits: str) -> object:
+        try:
+            return int(digits)
+        except ValueError:
+            long.append(digits)
+            return digits
+
+    value, end = json.JSONDecoder(parse_int=integer).raw_decode(text, index)
+    assert long, "a JSON element fails with a plain ValueError only over a too-long integer"
+    digits = long[0].lstrip("-")
+    problem = (
+        f"number {long[0][:20]}... has {len(digits)} digits, more than the"
+        f" {sys.get_int_max_str_digits()} Python reads in an integer (a stage in Python could not"
+        " parse its payload)"
+    )
+    return value, end, problem
 
 
 def new_elements(
@@ -312,11 +347,10 @@ class JsonArraySource:
             # As json.loads reads bytes: UTF-8 (a byte-order mark skipped), -16 or -32, and
             # surrogates written as bytes let through (`new_elements` escapes them).
             text = data.decode(json.detect_encoding(data), "surrogatepass")
-            elements = split_array(text)  # NaN, Infinity, 1e999: their element is rejected
+            elements = split_array(text)  # NaN, Infinity, 1e999, 5,000 digits: element rejected
         except NotAnArray as exc:
             error = str(exc)
-        # ValueError: also bytes that are not UTF-8, or a number past Python's 4,300 digits;
-        # RecursionError: nested too deep.
+        # ValueError: also bytes that are not UTF-8; RecursionError: nested too deep.
         except (ValueError, RecursionError) as exc:
             error = f"not valid JSON: {exc}; starts with {show_raw(data[:80], len(data))}"
         # The signature of what was read: the stat before the read, so a write during the read
