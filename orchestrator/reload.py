@@ -58,16 +58,22 @@ class LimitChanges:
     pools: dict[str, tuple[int, int]]
     #: Keys (as paths, like ``stages[0].timeout``) that changed but take a restart.
     not_applied: tuple[str, ...]
+    #: ``[log]`` keys that changed, as ``log.level INFO → DEBUG`` (applied at once).
+    log: tuple[str, ...] = ()
 
     def applied(self) -> list[str]:
-        """The limits changed, as ``stages[extract].concurrency 1 → 2`` and ``pools.gpu 1 → 2``."""
+        """What changed and applies now, as ``stages[extract].concurrency 1 → 2``,
+        ``pools.gpu 1 → 2`` and ``log.level INFO → DEBUG``."""
         applied = [f"stages[{name}].concurrency {a} → {b}" for name, (a, b) in self.stages.items()]
-        return applied + [f"pools.{name} {a} → {b}" for name, (a, b) in self.pools.items()]
+        applied += [f"pools.{name} {a} → {b}" for name, (a, b) in self.pools.items()]
+        return applied + list(self.log)
 
     def describe(self) -> str:
         """One line for the log: what was applied and what was not."""
-        applied = self.applied()
-        text = "limits: " + (", ".join(applied) if applied else "unchanged")
+        limits = self.applied()[: len(self.applied()) - len(self.log)]
+        text = "limits: " + (", ".join(limits) if limits else "unchanged")
+        if self.log:
+            text += "; " + ", ".join(self.log)
         if self.not_applied:
             text += "; changed but not applied until a restart: " + ", ".join(self.not_applied)
         return text
@@ -118,7 +124,17 @@ def compare_configs(old: Config, new: Config) -> LimitChanges:
             if route in not_applied:  # an item's route is fixed when it is ingested
                 not_applied[not_applied.index(route)] = f"{route} (for items ingested after it)"
     not_applied += [f"sources: {name!r} removed" for name in old_sources]
-    return LimitChanges(stages=stages, pools=pools, not_applied=tuple(not_applied))
+    log = tuple(
+        f"log.{field.name} {_shown(getattr(old.log, field.name))} →"
+        f" {_shown(getattr(new.log, field.name))}"
+        for field in attrs.fields(type(old.log))
+        if getattr(old.log, field.name) != getattr(new.log, field.name)
+    )
+    return LimitChanges(stages=stages, pools=pools, not_applied=tuple(not_applied), log=log)
+
+
+def _shown(value: object) -> str:
+    return "none" if value is None else str(value)
 
 
 def _diff(old: Any, new: Any, path: str, out: list[str]) -> None:

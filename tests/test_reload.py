@@ -74,7 +74,13 @@ def test_compare_sees_limits_apart_from_the_keys_that_take_a_restart() -> None:
     assert set(changes.not_applied) == {  # ([log] is applied: reopen_logs)
         "stages[1].timeout", "stages[1].command", "sources[0].pattern",
     }  # fmt: skip
-    assert changes.describe().startswith("limits: stages[b].concurrency 2 → 5; changed but not")
+    # [log] is applied at once, and said (found by an acceptance tester, session 16: a reload
+    # that turned DEBUG on printed "limits unchanged").
+    assert changes.log == ("log.level INFO → DEBUG",)
+    assert changes.applied() == ["stages[b].concurrency 2 → 5", "log.level INFO → DEBUG"]
+    assert changes.describe().startswith(
+        "limits: stages[b].concurrency 2 → 5; log.level INFO → DEBUG; changed but not"
+    )
 
     reshaped = _with({"pools": {"gpu": 1, "net": 1}})
     reshaped["stages"] = [BASE["stages"][1], {"name": "c", "command": ["true"]}]  # type: ignore[index]
