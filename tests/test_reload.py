@@ -436,7 +436,7 @@ def test_sighup_applies_a_new_log_level_and_a_new_log_file(tmp_path: Path) -> No
         )
         service.config_path.write_text(text)
         service.signal(signal.SIGHUP)
-        service.wait_log(r"reloaded; limits: unchanged\n")
+        service.wait_log(r"reloaded; limits: unchanged; log.level INFO → DEBUG, log.file ")
         (inbox / "b").write_text("0")
         debug = tmp_path / "logs" / "debug.log"
         # Then: the next run's DEBUG lines are in the new file (and on the console), not the old
