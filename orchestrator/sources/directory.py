@@ -54,7 +54,7 @@ from orchestrator.sources.ops import (
     op_source_has_items,
 )
 from orchestrator.store.records import TERMINAL_STATES, ItemState, NewItem
-from orchestrator.store.sqlite import escaped_text
+from orchestrator.store.sqlite import escaped_key
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
@@ -326,7 +326,7 @@ class DirectorySource:
                 stored = {i.key for i in added}
                 await self._taken_already(
                     engine, [f for f, n in zip(chunk, new, strict=True)
-                             if escaped_text(n.key) not in stored],
+                             if escaped_key(n.key) not in stored],
                 )  # fmt: skip
         if total:
             self._log.info("ingested {} item(s)", total)
@@ -339,7 +339,7 @@ class DirectorySource:
         """``files`` without those the store has taken already (which go to `_taken_already`)."""
         if not files:
             return files
-        stored = {escaped_text(self.key_of(f)): f for f in files}
+        stored = {escaped_key(self.key_of(f)): f for f in files}
         held = await engine.store.read(lambda c: op_keys_held(c, self.name, stored))
         if not held:
             return files
@@ -360,7 +360,7 @@ class DirectorySource:
         if not self.disposes:
             return
         items = await engine.store.read(lambda c: op_items_by_key(c, self.name, keys))
-        stored = {escaped_text(k): f for k, f in keys.items()}
+        stored = {escaped_key(k): f for k, f in keys.items()}
         leftovers = []
         back: list[tuple[Item, FileSeen]] = []
         for item in items:

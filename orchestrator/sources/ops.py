@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import attrs
 
-from orchestrator.store.sqlite import escaped_text, op_ingest, op_items_by_seq
+from orchestrator.store.sqlite import escaped_key, op_ingest, op_items_by_seq
 
 if TYPE_CHECKING:
     import sqlite3
@@ -111,8 +111,8 @@ def _taken(conn: sqlite3.Connection, source: str, key: str, item_id: str) -> boo
 
 
 def _key_chunks(keys: Iterable[str]) -> Iterator[list[str]]:
-    """``keys`` as the store holds them (see `escaped_text`), KEYS_PER_QUERY at a time."""
-    wanted = [escaped_text(k) for k in keys]
+    """``keys`` as the store holds them (see `escaped_key`), KEYS_PER_QUERY at a time."""
+    wanted = [escaped_key(k) for k in keys]
     for start in range(0, len(wanted), KEYS_PER_QUERY):
         yield wanted[start : start + KEYS_PER_QUERY]
 

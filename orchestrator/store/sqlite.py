@@ -316,18 +316,38 @@ def escaped_text(text: str) -> str:
     return raw.decode("utf-8", "backslashreplace")
 
 
+#: Starts a key that was escaped (`escaped_key`). No file name or path holds NUL, nor does a
+#: record id a source takes, so an escaped name never equals a real one that is written with
+#: backslashes (found by an acceptance tester, session 16: ``bad\\xff.txt``, literally, was
+#: taken for the escaped name of a file called ``bad`` + byte 0xFF + ``.txt``, and skipped).
+ESCAPED_MARK = "\x00"
+
+
+def escaped_key(text: str) -> str:
+    """``text`` as the store keeps it as a key: itself when it is valid UTF-8 (nearly always),
+    else `ESCAPED_MARK` and its `escaped_text`."""
+    escaped = escaped_text(text)
+    return text if escaped == text else ESCAPED_MARK + escaped
+
+
 def _not_text(new: NewItem) -> NewItem:
     """A found item with a name or id that is not valid UTF-8 (a file name in another encoding,
     a record's ``"\\ud800"``): rejected, its names escaped, the reason saying which."""
-    key = escaped_text(new.key)
+    key = escaped_key(new.key)
+    shown = escaped_text(new.key)
     if new.path is not None:
-        reason = f'the file name "{key}" is not valid UTF-8; rename the file to have it taken'
+        reason = f'the file name "{shown}" is not valid UTF-8; rename the file to have it taken'
     elif escaped_text(new.id) == new.id and key == new.key:  # the names are fine: the payload
         reason = "the record holds text that is not valid UTF-8; it cannot be stored"
     else:
-        reason = f'the record\'s id "{key}" is not valid UTF-8 text; it cannot be stored'
+        reason = f'the record\'s id "{shown}" is not valid UTF-8 text; it cannot be stored'
+    # An id is its source's name and the key: the mark goes before the key's part.
+    if new.key and new.id.endswith(new.key):
+        item_id = new.id[: -len(new.key)] + key
+    else:
+        item_id = escaped_key(new.id)
     return attrs.evolve(
-        new, id=escaped_text(new.id), key=key, path=None,
+        new, id=item_id, key=key, path=None,
         payload=None if new.payload is None else escaped_text(new.payload),
         state=ItemState.REJECTED, reason=reason,
     )  # fmt: skip
