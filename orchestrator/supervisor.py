@@ -60,6 +60,7 @@ from orchestrator.housekeeping import highest_run_log_id, serve_housekeeping
 from orchestrator.instance import STORE_FAILED, InstanceLock, acquire_instance_lock
 from orchestrator.pollers import serve_source
 from orchestrator.reaper import Leftover, ReapReport, reap
+from orchestrator.runner import become_subreaper, reap_orphans
 from orchestrator.status import (
     StartingStatus,
     op_recent_errors,
@@ -170,6 +171,7 @@ async def serve(
     lock = await trio.to_thread.run_sync(acquire_instance_lock, config.state_dir)
     terminal = await trio.to_thread.run_sync(Terminal)
     notifier = Notifier.from_environ(os.environ)
+    become_subreaper()  # what runs leave behind outside their groups is ours to see and reap
     try:
         # Signals are taken from here on, before the status file names this service (a SIGHUP
         # sent then -- `orchestrator reload` -- must not end it by the default action): one
@@ -215,9 +217,26 @@ async def serve(
             await trio.to_thread.run_sync(lock.note_end, STORE_FAILED)
         raise
     finally:
+        await _let_orphans_go()
         lock.release()
         if notifier is not None:
             notifier.close()
+
+
+async def _let_orphans_go() -> None:
+    """Reap what runs left behind and has exited (the stop's sweep has just killed the rest:
+    they go within moments), then stop being their subreaper: a process that embeds the
+    service (tests) must not collect zombies of ours."""
+    with trio.CancelScope(shield=True):
+        for _ in range(int(ORPHANS_WAIT / 0.01)):  # (a child's exit is no trio event)
+            if not reap_orphans():
+                break
+            await trio.sleep(0.01)
+    become_subreaper(False)
+
+
+#: How long a stopping service waits for the processes its last sweep killed to exit.
+ORPHANS_WAIT = 1.0
 
 
 def _grace_of(config: Config) -> Callable[[Leftover], float]:
@@ -408,6 +427,7 @@ async def serve_escape_sweeps(
     swept_at = engine.tally.runs  # start-up recovery has just reaped whatever was there
     task_status.started()
     while True:
+        reap_orphans()  # what runs left behind and has exited since (we are its subreaper)
         runs = engine.tally.runs
         if runs == swept_at:
             await trio.sleep(ESCAPE_SWEEP_INTERVAL)

@@ -749,6 +749,11 @@ class Engine:
                 self._timers.start_soon(self._remove_workdirs)
             self._doomed_workdirs.append(workdir)
         self.tally.runs += 1
+        if result.escaped:
+            log.warning(
+                "ended {} process(es) the run had left running in the background, outside its"
+                " process group, before its slot went to the next run", result.escaped,
+            )  # fmt: skip
         for observe in self.on_run_end:
             observe(stage.name, result, slot_wait, transition)
         if result.outcome is Outcome.OK:
@@ -908,6 +913,8 @@ class Engine:
             grace_period=stage.grace_period, log_path=log_path,
             output_limit=stage.output_limit,
             marker=(f"ORCH_RUN={run_id}", f"{STATE_MARKER}={self.config.state_dir}"),
+            # One at a time (a stage of 1, a pool): its slot waits for helpers the run left.
+            sweep_escaped=self._lanes[stage.name].concurrency == 1 or bool(stage.pools),
         )  # fmt: skip
 
     async def serve_store_watch(

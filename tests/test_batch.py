@@ -15,8 +15,10 @@ import time
 from typing import TYPE_CHECKING
 
 import pytest
-from conftest import PROGRAMS, PY, fill, left_queued, open_db
+from conftest import PROGRAMS, PY, fill, left_queued, open_db, processes_with_env
 from servicekit import Service
+
+from orchestrator.reaper import STATE_MARKER
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -1445,3 +1447,45 @@ def test_every_run_of_a_record_gets_the_record_whatever_an_earlier_run_did_to_it
     proc = orchestrator("batch", "-c", str(config), "--json", "--no-progress", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert seen.read_text().splitlines() == ['{"id": "r1", "v": 1}'] * 3
+
+
+def test_a_helper_a_run_left_outside_its_group_never_overlaps_the_next_run_of_a_stage_of_1(
+    tmp_path: Path,
+) -> None:
+    # Found by an acceptance tester (session 16): a stage of concurrency 1 whose tool leaves a
+    # helper in a session of its own (output closed, so no pipe to notice it by), holding the
+    # tool's lock: the next run started beside it, until the service's sweep a second or two
+    # later. The lock is the OS's word on "one at a time".
+    lock, fails = tmp_path / "lock", tmp_path / "fails"
+    script = tmp_path / "excl.sh"
+    script.write_text(textwrap.dedent(f"""\
+        #!/bin/sh
+        exec 9>>{lock}
+        if ! flock -n 9; then echo "OVERLAP run=$ORCH_RUN" >> {fails}; exit 0; fi
+        setsid -f sh -c 'exec >/dev/null 2>&1; sleep 30'
+        sleep 0.1
+        """))  # fmt: skip
+    script.chmod(0o755)
+    (tmp_path / "in").mkdir()
+    for i in range(4):
+        (tmp_path / "in" / f"{i}.txt").write_text("x")
+    config = tmp_path / "c.toml"
+    config.write_text(textwrap.dedent(f"""
+        [http]
+        listen = false
+        [[sources]]
+        name = "in"
+        type = "directory"
+        path = "in"
+        route = ["x"]
+        settle = "0s"
+        [[stages]]
+        name = "x"
+        command = ["{script}"]
+        concurrency = 1
+        """))  # fmt: skip
+    proc = orchestrator("batch", "-c", str(config), "--json", "--no-progress", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["states"] == {"done": 4}
+    assert not fails.exists(), fails.read_text()
+    assert processes_with_env(f"{STATE_MARKER}={tmp_path / 'state'}") == []
