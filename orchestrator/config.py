@@ -36,8 +36,10 @@ from __future__ import annotations
 
 import difflib
 import enum
+import errno
 import os
 import re
+import stat
 import tomllib
 import types
 from collections.abc import Callable, Mapping
@@ -1116,8 +1118,7 @@ def load_config(path: str | os.PathLike[str], *, import_calls: bool = False) -> 
     """
     config_path = Path(path)
     try:
-        with config_path.open("rb") as file:
-            data = tomllib.load(file)
+        data = tomllib.loads(_read_config(config_path).decode())
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise ConfigError(
@@ -1132,6 +1133,32 @@ def load_config(path: str | os.PathLike[str], *, import_calls: bool = False) -> 
         return parse_config(data, base_dir=config_path.parent, import_calls=import_calls)
     except ConfigError as exc:
         raise ConfigError(exc.errors, path=config_path) from None
+
+
+#: What a config path that is not a regular file (nor a folder) names, for its error.
+_FILE_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket"}
+
+
+def _read_config(path: Path) -> bytes:
+    """The bytes of the config file at ``path``, which must be a regular file.
+
+    Opened without waiting: a plain ``open`` of a named pipe waits for a writer, for ever --
+    every command hung there, ``health`` (which watchdogs run) too (found by an acceptance
+    tester, session 16).
+
+    Raises:
+        OSError: the file cannot be read, or is not a regular file (a FIFO, a device, a
+            socket); a folder is `IsADirectoryError`, as ``open`` says it.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    with open(fd, "rb") as file:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+        if not stat.S_ISREG(mode):
+            kind = _FILE_KINDS.get(stat.S_IFMT(mode), "a device")
+            raise OSError(errno.EINVAL, f"not a regular file ({kind})")
+        return file.read()
 
 
 #: The keys of a config that the commands reading a service's state need (`load_for_reading`).
@@ -1159,7 +1186,7 @@ def load_for_reading(path: str | os.PathLike[str]) -> tuple[Config, list[str]]:
     except ConfigError as exc:
         failure = exc
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = _read_config(Path(path)).decode()
     except (OSError, UnicodeDecodeError):
         raise failure from None
     data = _parse_what_parses(text)

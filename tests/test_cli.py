@@ -5,12 +5,13 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 from typing import TYPE_CHECKING
 
 import attrs
 import pytest
 
-from orchestrator.cli import EXIT_CONFIG, EXIT_OK, EXIT_USAGE, main
+from orchestrator.cli import EXIT_CONFIG, EXIT_OK, EXIT_UNKNOWN, EXIT_USAGE, main
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -404,3 +405,38 @@ def test_a_postgresql_state_is_a_warning_for_check_and_refused_by_stress(
     assert "the PostgreSQL store is not available in this version" in capsys.readouterr().out
     assert main(["stress", "-c", str(config), "--items", "1", "--duration", "1s"]) == EXIT_USAGE
     assert "it needs the SQLite store" in capsys.readouterr().err
+
+
+def test_every_command_refuses_a_config_that_is_a_fifo_at_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Found by an acceptance tester (session 16): `-c` naming a FIFO with no writer hung
+    # every command in open(), for ever -- `health` too, which watchdogs run.
+    # Given: the config path is a FIFO nobody writes to (a writer comes after 5 s, should a
+    # command wait: it then reads an empty config and the test fails instead of hanging).
+    fifo = tmp_path / "orchestrator.toml"
+    os.mkfifo(fifo)
+
+    def writer() -> None:
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:  # no reader waiting: nothing to unblock
+            pass
+
+    unblock = threading.Timer(5.0, writer)
+    unblock.start()
+    try:
+        # When: each command that reads a config is given it.
+        for command, code in [
+            (["check"], EXIT_CONFIG), (["check", "--json"], EXIT_CONFIG), (["run"], EXIT_CONFIG),
+            (["batch"], EXIT_CONFIG), (["items"], EXIT_CONFIG), (["show", "x"], EXIT_CONFIG),
+            (["status"], EXIT_CONFIG), (["requeue", "x"], EXIT_CONFIG),
+            (["reload"], EXIT_CONFIG), (["health"], EXIT_UNKNOWN),
+        ]:  # fmt: skip
+            # Then: it says what is wrong, with the exit of a config it cannot read.
+            assert main([*command, "-c", str(fifo)]) == code, command
+            captured = capsys.readouterr()
+            assert "cannot read config: not a regular file (a FIFO)" in captured.err + captured.out
+    finally:
+        unblock.cancel()
+        unblock.join()
