@@ -559,6 +559,8 @@ async def _serve(
                     logger.warning("second SIGINT: stopping now")
                     drain(0)
                     engine.kill_runs_now()
+                else:  # a second SIGTERM (GNU timeout sends two): it was taken without a word
+                    logger.warning("{}: already stopping (a second SIGINT stops at once)", name)
 
             async def watch_signals() -> None:
                 for signum in early_signals:  # those that came during start-up recovery

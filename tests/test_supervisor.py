@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 from conftest import PY, left_queued, open_db, pids_alive, processes_with_env
+from servicekit import captured_logs, wait_logged
 
 from orchestrator import workers
 from orchestrator.store import NewItem
@@ -481,3 +482,46 @@ async def test_items_waiting_out_a_retry_delay_do_not_hold_fresh_ones_back(
     started = {item: at for item, _, at, _ in runs_of(config.state_dir)}
     assert all(started[f"in:{i}"] < wake for i in range(5)), (started, wake)
     assert all(started[f"old:{i}"] >= wake for i in range(3)), (started, wake)
+
+
+async def test_a_second_sigterm_while_draining_is_logged_and_the_drain_goes_on(
+    tmp_path: Path, write_config: Callable[[str], Config]
+) -> None:
+    # Found by an acceptance tester (session 16): a second SIGTERM (GNU timeout sends two)
+    # was taken without a word.
+    # Given: a service running a stage that takes a moment, with time to finish it.
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a").write_text("x")
+    started = tmp_path / "started"
+    config = write_config(f"""
+        shutdown_grace = "30s"
+        [http]
+        listen = false
+        [[sources]]
+        name = "in"
+        type = "directory"
+        path = "in"
+        route = ["slow"]
+        settle = "0s"
+        poll_interval = "50ms"
+        [[stages]]
+        name = "slow"
+        command = ["sh", "-c", "touch {started}; sleep 0.5"]
+        """)
+    # When: SIGTERM twice while the run goes on.
+    with captured_logs("WARNING") as lines, trio.fail_after(20):
+        async with serving(config) as served:
+            while not started.exists():
+                await trio.sleep(0.02)
+            os.kill(os.getpid(), signal.SIGTERM)
+            await wait_logged(lines, "SIGTERM: draining")
+            os.kill(os.getpid(), signal.SIGTERM)
+            await wait_logged(lines, "SIGTERM: already stopping", timeout=5)
+
+    # Then: the second is said, and changes nothing: the run finished, not stopped at once.
+    assert served.result is not None
+    assert served.result.interrupted
+    assert [r[3] for r in runs_of(config.state_dir)] == ["ok"]
+    assert [line for line in lines if "already stopping" in line] == [
+        "WARNING SIGTERM: already stopping (a second SIGINT stops at once) {}"
+    ]
