@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from orchestrator.cli import entry
+from orchestrator.launcher import launch
 
-entry()
+launch()

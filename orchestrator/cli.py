@@ -168,8 +168,12 @@ def check(config: ConfigOption = Path("orchestrator.toml"), as_json: JsonOption 
 @app.command()
 def run(config: ConfigOption = Path("orchestrator.toml")) -> None:
     """Run the service until SIGTERM or SIGINT, then drain and exit 0."""
+    from orchestrator.launcher import EDGES
+
     _start_up_without_gc()
     configure_logging = _logging_setup()
+    # From here on a SIGHUP asks for the config to be read again, once the service runs.
+    hangups = EDGES.config_read()
     cfg = _load_runnable(config)
     configure_logging(cfg.log)
     _warn_about(cfg)
@@ -179,6 +183,8 @@ def run(config: ConfigOption = Path("orchestrator.toml")) -> None:
         "orchestrator {} starting: pid {}, config {}, state {}",
         __version__, os.getpid(), str(config), str(cfg.state_dir),
     )  # fmt: skip
+    if hangups:
+        logger.warning("SIGHUP before the config was read: nothing to reload")
     result = _serve(cfg, batch=False, config_path=config)
     t = result.tally
     logger.info(
@@ -278,8 +284,27 @@ def _serve(
 ) -> ServiceResult:
     import trio
 
-    from orchestrator.supervisor import serve
+    from orchestrator.launcher import EDGES
+    from orchestrator.supervisor import SIGNALS_HANDLED, serve
 
+    def service(on_start: Callable[[Any], None] | None = None) -> ServiceResult:
+        """`serve` in ``trio.run``, its signals held by `EDGES` before it takes them and after."""
+
+        def started(engine: Any) -> None:
+            EDGES.started()
+            if on_start is not None:
+                on_start(engine)
+
+        async def serving() -> ServiceResult:
+            EDGES.take()
+            try:
+                return await serve(cfg, batch=batch, on_start=started, config_path=config_path)
+            finally:
+                EDGES.leave()
+
+        return trio.run(serving)
+
+    EDGES.note(SIGNALS_HANDLED)  # before trio.run, which has a SIGINT handler of its own
     # Every run allocates many short-lived objects: collect young garbage every 10,000
     # allocations rather than 700 (about 10 % of a trivial stage's cost), and leave what
     # start-up built out of every collection. (`main` kept the collector off until here.)
@@ -288,7 +313,7 @@ def _serve(
     gc.enable()
     try:
         if not progress:
-            return trio.run(lambda: serve(cfg, batch=batch, config_path=config_path))
+            return service()
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
         with Progress(
@@ -303,9 +328,7 @@ def _serve(
 
                 engine.on_change = update
 
-            return trio.run(
-                lambda: serve(cfg, batch=batch, on_start=on_start, config_path=config_path)
-            )
+            return service(on_start)
     except* StoreError as group:
         for message in dict.fromkeys(str(exc) for exc in _leaves(group)):  # each once
             _err(f"orchestrator: {message}")
@@ -314,6 +337,17 @@ def _serve(
         for failure in _leaves(failures):
             _err(f"orchestrator: {failure}")
         raise typer.Exit(EXIT_FAILED) from None
+    finally:
+        _log_late(EDGES.take_late())
+
+
+def _log_late(signals: list[int]) -> None:
+    """Log the signals that came once the service had let them go (`EdgeSignals.late`)."""
+    if signals:
+        from loguru import logger
+
+        for signum in signals:
+            logger.warning("{}: already stopping", signal.Signals(signum).name)
 
 
 #: The longest ``--interval`` of the watching commands (a day).
@@ -1045,11 +1079,15 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if collecting:
             gc.enable()
+        from orchestrator.launcher import EDGES
+
+        EDGES.give_back()  # (not when `launch` runs the process: they stay until it exits)
     return EXIT_OK
 
 
 def entry() -> NoReturn:
-    """The ``orchestrator`` command (and ``python -m orchestrator``): `main`, then a quick exit.
+    """The ``orchestrator`` command (after `orchestrator.launcher.launch`): `main`, then a quick
+    exit.
 
     Once `main` is back, everything the process had to do is done, and what the interpreter
     would do next is tear down every module and object one by one: 10-15 ms after a batch of

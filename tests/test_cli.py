@@ -1,15 +1,19 @@
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 from typing import TYPE_CHECKING
 
 import attrs
 import pytest
+from servicekit import DEFAULT_PIPELINE, Service, service_config
 
 from orchestrator.cli import EXIT_CONFIG, EXIT_OK, EXIT_UNKNOWN, EXIT_USAGE, main
 
@@ -440,3 +444,90 @@ def test_every_command_refuses_a_config_that_is_a_fifo_at_once(
     finally:
         unblock.cancel()
         unblock.join()
+
+
+def _until_running(proc: subprocess.Popen[bytes], folder: Path) -> None:
+    """Wait until the service in ``folder`` runs: its status file says so (it takes its
+    signals by then)."""
+    deadline = time.monotonic() + 15
+    while True:
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads((folder / "state" / "status.json").read_text())["state"] == "running":
+                return
+        assert proc.poll() is None, (folder / "service.log").read_text()
+        assert time.monotonic() < deadline, (folder / "service.log").read_text()
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("again", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP],
+                         ids=["sigterm", "sigint", "sighup"])  # fmt: skip
+def test_signals_that_keep_coming_after_sigterm_leave_a_clean_drain_clean(
+    tmp_path: Path, again: signal.Signals
+) -> None:
+    # Found by an acceptance tester (session 16): a second SIGTERM in a short drain's last
+    # moments (GNU timeout sends two) ended the service by the signal, exit 143, no "stopped"
+    # line: trio hands the signals it has not read back to the default action when it stops
+    # taking them. (A second SIGINT while it drains still stops at once: test_supervisor.py.)
+    # Given: a service running, with nothing to do (its drain is short).
+    service = Service(tmp_path, service_config(DEFAULT_PIPELINE, listen="false"))
+    try:
+        _until_running(service.proc, tmp_path)
+        # When: SIGTERM, then the signal again and again until the process is gone.
+        service.signal(signal.SIGTERM)
+        while service.proc.poll() is None:  # (not yet reaped: the pid is still its own)
+            service.signal(again)
+            time.sleep(0.002)
+        # Then: it drained and stopped as after one, the extra signals said.
+        assert service.wait() == EXIT_OK, service.log
+    finally:
+        service.stop()
+    assert "orchestrator stopped:" in service.log
+    assert f"{again.name}: already stopping" in service.log
+
+
+def test_run_takes_a_sighup_during_its_start_up(tmp_path: Path) -> None:
+    # Found by an acceptance tester (session 16): a SIGHUP in `run`'s first half second, while
+    # Python imports, ended it by the default action (exit 129, nothing logged).
+    # Given: `orchestrator run`, started as its console script starts it, that gets a SIGHUP
+    # while it imports the command line (before it reads its config) and one after.
+    (tmp_path / "in").mkdir()
+    config = tmp_path / "orchestrator.toml"
+    config.write_text(service_config(DEFAULT_PIPELINE, listen="false"))
+    code = textwrap.dedent(f"""
+        import os, signal, sys
+
+        class HangUpWhileImporting:
+            def find_spec(self, name, path=None, target=None):
+                if name in ("orchestrator.cli", "orchestrator.supervisor"):
+                    os.kill(os.getpid(), signal.SIGHUP)
+
+        sys.meta_path.insert(0, HangUpWhileImporting())
+        sys.argv = ["orchestrator", "run", "-c", {str(config)!r}]
+        from orchestrator.launcher import launch
+
+        launch()
+        """)
+    log = tmp_path / "service.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, stdout=out,
+                                stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        # When: it runs.
+        _until_running(proc, tmp_path)
+        # Then: the first is said (the config it read is the new one); the second is a reload
+        # once the service runs; it goes on until SIGTERM, and drains as ever.
+        deadline = time.monotonic() + 10
+        while "reloaded; limits: unchanged" not in log.read_text():
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.02)
+        assert proc.poll() is None, log.read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == EXIT_OK, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert text.count("SIGHUP before the config was read: nothing to reload") == 1
+    assert text.count("reloaded; limits: unchanged") == 1
+    assert "orchestrator stopped:" in text
