@@ -34,6 +34,7 @@ from rich.table import Table
 from rich.text import Text
 
 from orchestrator.errors import StoreUnavailable
+from orchestrator.health import read_status_bytes
 from orchestrator.logs import printable as clean
 from orchestrator.store.records import ItemState
 from orchestrator.store.sqlite import (
@@ -189,7 +190,7 @@ def read_status_file(path: Path, now: float) -> dict[str, Any] | None:
     ``{"path": …, "error": …}``.
     """
     try:
-        raw = path.read_bytes()
+        raw = read_status_bytes(path)
     except FileNotFoundError:
         return None
     except OSError as exc:
@@ -325,7 +326,7 @@ def reload_service(
 
 def _status_doc(status_path: Path) -> dict[str, Any] | None:
     try:
-        doc = json.loads(status_path.read_bytes())
+        doc = json.loads(read_status_bytes(status_path))
     except (OSError, ValueError):
         return None  # (being replaced: the next look sees it)
     return doc if isinstance(doc, dict) else None

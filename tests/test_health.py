@@ -10,6 +10,7 @@ import shlex
 import signal
 import socket
 import subprocess
+import sys
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -583,3 +584,20 @@ def test_the_status_file_is_never_written_through_a_planted_symlink(
         write_atomically(status, b'{"new": 1}')
     assert victim.read_text() == "precious"
     assert status.read_bytes() == b"{}"
+
+
+def test_health_and_status_do_not_hang_on_a_status_file_that_is_a_fifo(tmp_path: Path) -> None:
+    # Found by a fix helper (session 16): `health` (run by watchdogs) opened the status file
+    # with a plain open(), which waits for ever on a FIFO with no writer.
+    config = tmp_path / "c.toml"
+    config.write_text('[status]\nfile = "status.fifo"\n[[stages]]\nname = "x"\ncommand = ["true"]\n')
+    batch = [sys.executable, "-m", "orchestrator", "batch", "-c", str(config), "--json"]
+    assert subprocess.run(batch, capture_output=True, timeout=60, check=False).returncode == 0
+    (tmp_path / "status.fifo").unlink()  # (the batch's status file)
+    os.mkfifo(tmp_path / "status.fifo")
+    for command in ("health", "status"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "orchestrator", command, "-c", str(config)],
+            capture_output=True, text=True, timeout=20, check=False,
+        )  # fmt: skip
+        assert "not a regular file" in proc.stdout + proc.stderr, (command, proc)
