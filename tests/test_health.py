@@ -590,7 +590,9 @@ def test_health_and_status_do_not_hang_on_a_status_file_that_is_a_fifo(tmp_path:
     # Found by a fix helper (session 16): `health` (run by watchdogs) opened the status file
     # with a plain open(), which waits for ever on a FIFO with no writer.
     config = tmp_path / "c.toml"
-    config.write_text('[status]\nfile = "status.fifo"\n[[stages]]\nname = "x"\ncommand = ["true"]\n')
+    config.write_text(
+        '[status]\nfile = "status.fifo"\n[[stages]]\nname = "x"\ncommand = ["true"]\n'
+    )
     batch = [sys.executable, "-m", "orchestrator", "batch", "-c", str(config), "--json"]
     assert subprocess.run(batch, capture_output=True, timeout=60, check=False).returncode == 0
     (tmp_path / "status.fifo").unlink()  # (the batch's status file)
