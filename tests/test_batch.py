@@ -388,10 +388,11 @@ def _proc_state(pid: int) -> str:
         return "gone"
 
 
-def test_a_record_with_a_nul_byte_kills_its_item_not_the_batch(tmp_path: Path) -> None:
+def test_a_record_with_a_nul_byte_is_rejected_not_the_batch(tmp_path: Path) -> None:
     # Given: a JSONL record whose id holds a NUL (valid JSON), passed to the stage as {item} and
     # ORCH_ITEM: no program can be given that argument. Found in session 6: the spawn's
-    # ValueError ended the whole batch.
+    # ValueError ended the whole batch; then (session 16) the item died at its every attempt,
+    # and a requeue failed the same way: it is rejected as it is read.
     (tmp_path / "recs.jsonl").write_text('{"id": "a\\u0000b"}\n{"id": "fine"}\n')
     out = tmp_path / "ran.txt"
     config = tmp_path / "c.toml"
@@ -416,14 +417,13 @@ def test_a_record_with_a_nul_byte_kills_its_item_not_the_batch(tmp_path: Path) -
     # When
     proc = orchestrator("batch", "-c", str(config), "--json", "--no-progress", cwd=tmp_path)
 
-    # Then: the other item done, this one dead with why; the stage ran only for the other.
+    # Then: the other item done, this one rejected with why; the stage ran only for the other.
     assert proc.returncode == 1, proc.stderr
     summary = json.loads(proc.stdout)
-    assert summary["states"] == {"dead": 1, "done": 1}
+    assert summary["states"] == {"done": 1, "rejected": 1}
     [failed] = summary["failed_items"]
-    assert failed["id"] == "recs:a\0b"
-    assert "null byte" in failed["reason"]
-    assert "after 2 attempts" in failed["reason"]
+    assert failed["id"] == f"recs:{(tmp_path / 'recs.jsonl').stat().st_ino}:0"
+    assert "'id' holds a NUL character" in failed["reason"]
     assert out.read_text() == "recs:fine\n"
 
 

@@ -406,3 +406,19 @@ def test_an_id_too_long_to_give_a_stage_is_rejected_and_integers_are_their_digit
     # 1 and "1" are one id (documented): the second record is the first one's duplicate.
     assert parse_record(b'{"id": 1}', "id") == ('{"id": 1}', "1")
     assert parse_record(b'{"id": "1"}', "id") == ('{"id": "1"}', "1")
+
+
+def test_an_id_holding_nul_or_a_lone_surrogate_is_rejected_with_its_line(tmp_path: Path) -> None:
+    # Found by an acceptance tester (session 16): an id with "\u0000" was taken and then could
+    # never run (no argument can hold NUL); one with a lone surrogate was rejected by the store
+    # without the line it came from.
+    log = tmp_path / "log.jsonl"
+    log.write_bytes(b'{"id": "a\\u0000b"}\n{"id": "c\\ud800"}\n{"id": "fine"}\n')
+    items = drain(source(tmp_path, id_field="id"))
+    assert [i.key for i in items if i.state is ItemState.QUEUED] == ["fine"]
+    assert [i.reason for i in items if i.state is ItemState.REJECTED] == [
+        f"line 1 (byte 0) of {log}: 'id' holds a NUL character (\\u0000), which no program can"
+        """ be given in its arguments or environment; raw: b'{"id": "a\\\\u0000b"}'""",
+        f"line 2 (byte 19) of {log}: 'id' holds '\\ud800', a lone UTF-16 surrogate, which is"
+        """ not valid UTF-8 text (the store cannot hold it); raw: b'{"id": "c\\\\ud800"}'""",
+    ]

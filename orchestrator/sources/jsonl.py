@@ -8,9 +8,9 @@ no record is skipped, none is read twice.
 - A last line without its newline is still being written: it waits for the newline.
 - A line that is not UTF-8, not JSON (``NaN`` and ``Infinity`` are not) or not a JSON object --
   or holds a number too large for a float (``1e999``), lacks ``id_field`` when one is
-  configured, or has an id over `MAX_ID_BYTES` -- becomes a ``rejected`` item whose reason
-  gives the line number, the error and the raw bytes (the first 4 KiB, escaped); the lines
-  after it are read as usual. Blank lines are skipped.
+  configured, or has an id over `MAX_ID_BYTES` or holding NUL or a lone surrogate -- becomes a
+  ``rejected`` item whose reason gives the line number, the error and the raw bytes (the first
+  4 KiB, escaped); the lines after it are read as usual. Blank lines are skipped.
 - Truncation (the file is shorter than the offset, or the byte before the offset is no longer
   the newline it was) restarts at offset 0, with a warning.
 - Rotation (another file, or none, at the path): the old file is kept open and read to its end
@@ -140,7 +140,8 @@ def id_of(record: dict[str, object], field: str) -> str:
     (so ``1`` and ``"1"`` are the same id, taken once).
 
     Raises:
-        ValueError: the field is missing, empty, too long, or not a string or an integer.
+        ValueError: the field is missing, empty, too long, not a string or an integer, or holds
+            what a stage cannot be given (NUL) or the store cannot hold (a lone surrogate).
     """
     if field not in record:
         raise ValueError(f"no {field!r} field")
@@ -150,13 +151,29 @@ def id_of(record: dict[str, object], field: str) -> str:
     key = str(value)
     if not key:
         raise ValueError(f"{field!r} is empty")
-    if len(key) > MAX_ID_BYTES // 4:  # (4 bytes a character at most: shorter ids fit)
-        size = len(key.encode(errors="surrogatepass"))
-        if size > MAX_ID_BYTES:
+    # Found by an acceptance tester (session 16): an id holding "\u0000" was taken, then every
+    # run failed ("embedded null byte": no argument or environment entry can hold NUL) and a
+    # requeue failed the same way; one holding a lone surrogate ("\ud800") was rejected by the
+    # store, without the line it came from. Both are refused here, with the line.
+    if "\0" in key:
+        raise ValueError(
+            f"{field!r} holds a NUL character (\\u0000), which no program can be given in its"
+            " arguments or environment"
+        )
+    size = len(key)
+    if not key.isascii():
+        try:
+            size = len(key.encode())
+        except UnicodeEncodeError as exc:
             raise ValueError(
-                f"{field!r} is {size} bytes long; a stage can be given an id of at most"
-                f" {MAX_ID_BYTES} bytes"
-            )
+                f"{field!r} holds {key[exc.start]!r}, a lone UTF-16 surrogate, which is not"
+                " valid UTF-8 text (the store cannot hold it)"
+            ) from None
+    if size > MAX_ID_BYTES:
+        raise ValueError(
+            f"{field!r} is {size} bytes long; a stage can be given an id of at most"
+            f" {MAX_ID_BYTES} bytes"
+        )
     return key
 
 
