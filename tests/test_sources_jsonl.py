@@ -12,7 +12,13 @@ import pytest
 from orchestrator.config import parse_config
 from orchestrator.sources import JsonlSource, Position
 from orchestrator.sources import jsonl as jsonl_module
-from orchestrator.sources.jsonl import MAX_ID_BYTES, parse_record, show_raw, split_lines
+from orchestrator.sources.jsonl import (
+    MAX_ID_BYTES,
+    MAX_LINE,
+    parse_record,
+    show_raw,
+    split_lines,
+)
 from orchestrator.sources.ops import op_ingest_records, op_source_position
 from orchestrator.store.records import ItemState, NewItem
 from orchestrator.store.sqlite import connect
@@ -147,7 +153,7 @@ def test_malformed_lines_become_rejected_items_and_reading_goes_on(tmp_path: Pat
 def test_a_line_longer_than_a_read_is_rejected_with_its_head(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(jsonl_module, "READ_SIZE", 64)
+    monkeypatch.setattr(jsonl_module, "MAX_LINE", 64)
     log = tmp_path / "log.jsonl"
     log.write_bytes(b'{"n": 1}\n' + b"x" * 200)
     src = source(tmp_path)
@@ -422,3 +428,20 @@ def test_an_id_holding_nul_or_a_lone_surrogate_is_rejected_with_its_line(tmp_pat
         f"line 2 (byte 19) of {log}: 'id' holds '\\ud800', a lone UTF-16 surrogate, which is"
         """ not valid UTF-8 text (the store cannot hold it); raw: b'{"id": "c\\\\ud800"}'""",
     ]
+
+
+def test_a_line_of_exactly_4_mib_is_taken_and_a_longer_one_rejected(tmp_path: Path) -> None:
+    # Found by an acceptance tester (session 16): a line of exactly 4 MiB was rejected as
+    # "longer than 4194304 bytes (4194304 bytes)"; the README says longer than 4 MiB.
+    log = tmp_path / "log.jsonl"
+    head = b'{"n": 1, "v": "'
+    exact = head + b"x" * (MAX_LINE - len(head) - 2) + b'"}'
+    assert len(exact) == MAX_LINE == 4 << 20
+    log.write_bytes(exact + b"\n" + exact[:-2] + b'x"}\n' + b'{"n": 3}\n')
+    items = drain(source(tmp_path))
+    assert [json.loads(i.payload or "")["n"] for i in items if i.payload] == [1, 3]
+    [long] = [i for i in items if i.state is ItemState.REJECTED]
+    assert long.reason is not None
+    assert long.reason.startswith(
+        f"line 2 (byte {MAX_LINE + 1}) of {log}: longer than 4 MiB ({MAX_LINE + 1} bytes); raw:"
+    )

@@ -8,9 +8,10 @@ no record is skipped, none is read twice.
 - A last line without its newline is still being written: it waits for the newline.
 - A line that is not UTF-8, not JSON (``NaN`` and ``Infinity`` are not) or not a JSON object --
   or holds a number too large for a float (``1e999``), lacks ``id_field`` when one is
-  configured, or has an id over `MAX_ID_BYTES` or holding NUL or a lone surrogate -- becomes a
-  ``rejected`` item whose reason gives the line number, the error and the raw bytes (the first
-  4 KiB, escaped); the lines after it are read as usual. Blank lines are skipped.
+  configured, or has an id over `MAX_ID_BYTES` or holding NUL or a lone surrogate, or is longer
+  than `MAX_LINE` -- becomes a ``rejected`` item whose reason gives the line number, the error
+  and the raw bytes (the first 4 KiB, escaped); the lines after it are read as usual. Blank
+  lines are skipped.
 - Truncation (the file is shorter than the offset, or the byte before the offset is no longer
   the newline it was) restarts at offset 0, with a warning.
 - Rotation (another file, or none, at the path): the old file is kept open and read to its end
@@ -23,7 +24,7 @@ An item's id is ``source:<id_field value>`` when ``id_field`` is configured (a r
 was taken already is skipped), else ``source:<inode>:<offset>``. The record is the item's payload,
 which each stage gets as a JSON file (``{payload}``).
 
-Reading happens in a worker thread, at most `READ_SIZE` bytes and `STEP_RECORDS` lines per
+Reading happens in a worker thread, at most `MAX_LINE` + 1 bytes and `STEP_RECORDS` lines per
 transaction; a poll takes as many such steps as it needs to reach the end of the file.
 """
 
@@ -53,8 +54,10 @@ __all__ = [
     "JsonlSource", "Line", "Step", "number_problem", "parse_record", "show_raw", "split_lines",
 ]  # fmt: skip
 
-#: Bytes read per step. A line longer than this is rejected (it is skipped up to its newline).
-READ_SIZE = 4 << 20
+#: The longest line, in bytes without its newline (4 MiB); a longer one is rejected (it is
+#: skipped up to its newline). A step reads at most one byte more: a line of exactly this
+#: length and its newline.
+MAX_LINE = 4 << 20
 #: Lines per step: one transaction, so a large backlog is ingested in bounded pieces.
 STEP_RECORDS = 2000
 #: Bytes of a rejected line kept in its reason.
@@ -259,7 +262,7 @@ class _Open:
 
 @attrs.frozen
 class _Skip:
-    """A line longer than `READ_SIZE`, being skipped up to its newline."""
+    """A line longer than `MAX_LINE`, being skipped up to its newline."""
 
     offset: int
     number: int
@@ -398,17 +401,18 @@ class JsonlSource:
         if self._skip is not None:
             return self._read_skipping(f, size, final=quiet)
         start = self.offset
-        data = os.pread(f.fd, min(READ_SIZE, size - start), start) if size > start else b""
+        data = os.pread(f.fd, min(MAX_LINE + 1, size - start), start) if size > start else b""
+        if len(data) > MAX_LINE and b"\n" not in data:
+            # One line longer than MAX_LINE: reject it once its newline shows up (or, in a
+            # rotated-away file, its end).
+            skip = _Skip(start, self.lines + 1, data[:RAW_SHOWN], start + len(data))
+            return Step(offset=start, lines=self.lines, more=True, at_end=False, skip=skip)
         to_end = start + len(data) >= size
         lines, used = split_lines(data, start, self.lines, limit=STEP_RECORDS,
                                   final=quiet and to_end)  # fmt: skip
         records = [r for r in (self._record(f, line) for line in lines) if r is not None]
         end = start + used
         number = lines[-1].number if lines else self.lines
-        if not lines and len(data) == READ_SIZE:
-            # One line longer than a whole read: reject it once its newline shows up.
-            skip = _Skip(start, self.lines + 1, data[:RAW_SHOWN], start + len(data))
-            return Step(offset=start, lines=self.lines, more=True, at_end=False, skip=skip)
         if quiet and end >= size:
             return self._finish(f, records, end, number)
         more = end < size and (len(lines) == STEP_RECORDS or not to_end)
@@ -421,7 +425,7 @@ class JsonlSource:
     def _read_skipping(self, f: _Open, size: int, *, final: bool) -> Step:
         skip = self._skip
         assert skip is not None
-        data = os.pread(f.fd, min(READ_SIZE, size - skip.scanned), skip.scanned)
+        data = os.pread(f.fd, min(MAX_LINE + 1, size - skip.scanned), skip.scanned)
         newline = data.find(b"\n")
         if newline < 0 and not (final and skip.scanned + len(data) >= size):
             scanned = skip.scanned + len(data)
@@ -431,7 +435,7 @@ class JsonlSource:
             )  # fmt: skip
         end = skip.scanned + (newline + 1 if newline >= 0 else len(data))
         length = end - skip.offset - (1 if newline >= 0 else 0)
-        error = f"longer than {READ_SIZE} bytes ({length} bytes)"
+        error = f"longer than {_size(MAX_LINE)} ({length} bytes)"
         line = Line(skip.offset, skip.number, skip.head)
         record = self._rejected(f, line, error, length)
         tail = data[: end - skip.scanned][-TAIL:]
@@ -583,6 +587,11 @@ class JsonlSource:
         except OSError:
             return None
         return None
+
+
+def _size(n: int) -> str:
+    """A byte count as the README gives it (``4 MiB``)."""
+    return f"{n >> 20} MiB" if n and n % (1 << 20) == 0 else f"{n} bytes"
 
 
 class NotARegularFile(OSError):
