@@ -22,9 +22,14 @@ from orchestrator.sources.jsonl import (
 from orchestrator.sources.ops import op_ingest_records, op_source_position
 from orchestrator.store.records import ItemState, NewItem
 from orchestrator.store.sqlite import connect
+from orchestrator.supervisor import serve
 
 if TYPE_CHECKING:
+    import sqlite3
+    from collections.abc import Callable
     from pathlib import Path
+
+    from orchestrator.config import Config
 
 
 def source(tmp_path: Path, position: Position | None = None, **keys: object) -> JsonlSource:
@@ -445,3 +450,187 @@ def test_a_line_of_exactly_4_mib_is_taken_and_a_longer_one_rejected(tmp_path: Pa
     assert long.reason.startswith(
         f"line 2 (byte {MAX_LINE + 1}) of {log}: longer than 4 MiB ({MAX_LINE + 1} bytes); raw:"
     )
+
+
+# --- rotations the source did not see, files rewritten in place ----------------------------
+
+
+def drain_into(conn: sqlite3.Connection, src: JsonlSource, *, hurry: bool = True) -> list[str]:
+    """Read and ingest as a poll does, into a real store: the ids of the items added."""
+    added: list[str] = []
+    while True:
+        step = src.read(hurry)
+        if step.records or step.position is not None:
+            conn.execute("BEGIN")
+            added += [i.id for i in op_ingest_records(conn, src.name, step.records, step.position,
+                                                      again=step.again)]  # fmt: skip
+            conn.execute("COMMIT")
+        src.apply(step)
+        if not step.more:
+            return added
+
+
+def rotate(log: Path, to: str, *records: object) -> None:
+    """Rename ``log`` to ``to`` beside it and start a new one holding ``records``."""
+    os.rename(log, log.with_name(to))
+    append(log, *records)
+
+
+def test_two_rotations_between_two_reads_read_the_file_in_the_middle(tmp_path: Path) -> None:
+    # Found by an acceptance tester (session 16): the file rotated in and out again between two
+    # reads was never read, with no word (the source went from the file it had read to the one
+    # at the path).
+    # Given: a writer holding the file open, read to its end.
+    log = tmp_path / "log.jsonl"
+    writer = open(log, "ab", buffering=0)
+    try:
+        writer.write(b'{"n": 1}\n')
+        src = source(tmp_path)
+        assert numbers(drain(src)) == [1]
+
+        # When: before the next poll, the file is rotated twice (the writer appends to the
+        # first one still), an old rotated file and others beside it untouched for an hour.
+        old = tmp_path / "log.jsonl.7"
+        append(old, {"n": -1})
+        for name in ("log.jsonl.7", "log.jsonl.gz", "other.jsonl"):
+            (tmp_path / name).touch()
+            os.utime(tmp_path / name, (time.time() - 3600, time.time() - 3600))
+        rotate(log, "log.jsonl.1", {"n": 10}, {"n": 11})
+        writer.write(b'{"n": 2}\n')
+        rotate(log, "log.jsonl-20260102", {"n": 20})
+        time.sleep(0.06)  # quiet for half a poll
+        first = drain(src)
+        time.sleep(0.06)
+        second = drain(src)
+        time.sleep(0.06)
+        third = drain(src)
+    finally:
+        writer.close()
+
+    # Then: every record once, file after file; the old files are left alone.
+    assert numbers(first + second + third) == [2, 10, 11, 20]
+    assert src.stored == Position(log.stat().st_dev, log.stat().st_ino, 10)
+
+
+async def test_a_batch_after_two_rotations_takes_every_file_and_one_after_a_loss_exits_1(
+    tmp_path: Path, write_config: Callable[[str], Config]
+) -> None:
+    # Given: a batch has read the log; two rotations follow before the next batch (the
+    # acceptance tester's reproduction: tue-1 and tue-2 were never taken).
+    config = write_config("""
+        [http]
+        listen = false
+        [[sources]]
+        name = "log"
+        type = "jsonl"
+        path = "app.jsonl"
+        id_field = "id"
+        route = ["s"]
+        [[stages]]
+        name = "s"
+        command = ["true"]
+        """)  # fmt: skip
+    log = tmp_path / "app.jsonl"
+    append(log, {"id": "mon-1"})
+    assert (await serve(config, batch=True)).tally.done == 1
+    append(log, {"id": "mon-2"})
+    rotate(log, "app.jsonl.1", {"id": "tue-1"}, {"id": "tue-2"})
+    rotate(log, "app.jsonl.2", {"id": "wed-1"})
+
+    # When
+    result = await serve(config, batch=True)
+
+    # Then: all four new records done, and the batch is a success.
+    assert result.tally.done == 4
+    assert result.failed_sources == {}
+
+    # When: the file it read is rotated out of the folder before the next batch.
+    append(log, {"id": "wed-2"})
+    (tmp_path / "archive").mkdir()
+    os.rename(log, tmp_path / "archive" / "app.jsonl")
+    append(log, {"id": "thu-1"})
+    result = await serve(config, batch=True)
+
+    # Then: the new file is read, and the batch says records may be lost (exit 1).
+    assert result.tally.done == 1
+    assert list(result.failed_sources) == ["log"]
+    assert "is no longer at" in result.failed_sources["log"]
+
+
+def test_a_file_read_again_after_a_restart_gives_no_record_twice(tmp_path: Path) -> None:
+    # Given: a source without id_field (records keyed by inode and offset) that followed two
+    # rotations, then stopped.
+    log = tmp_path / "log.jsonl"
+    append(log, {"n": 1}, raw=b"broken\n")
+    conn = connect(tmp_path / "store.db")
+    try:
+        src = source(tmp_path)
+        assert len(drain_into(conn, src)) == 2
+        rotate(log, "log.jsonl.1", {"n": 2})
+        rotate(log, "log.jsonl.2", {"n": 3})
+        assert len(drain_into(conn, src)) == 2
+        src.close()
+        # When: two more rotations while stopped, within the second the files read were last
+        # written (so those look modified since it last saw its file, and are read again).
+        rotate(log, "log.jsonl.3", {"n": 4})
+        rotate(log, "log.jsonl.4", {"n": 5})
+        again = source(tmp_path, op_source_position(conn, "log"))
+        added = drain_into(conn, again)
+        again.close()
+        # Then: only the two new records are added: the ones read again are known.
+        inode = {n: (tmp_path / f"log.jsonl.{n}").stat().st_ino for n in (3, 4)}
+        assert added == [f"log:{inode[4]}:0", f"log:{log.stat().st_ino}:0"]
+        [count] = conn.execute("SELECT count(*) FROM items").fetchone()
+        assert count == 6
+    finally:
+        conn.close()
+
+
+def test_ingest_again_skips_a_positional_record_only_when_it_is_the_same(tmp_path: Path) -> None:
+    conn = connect(tmp_path / "store.db")
+    try:
+
+        def new(key: str, payload: str | None) -> tuple[NewItem, bool]:
+            state = ItemState.QUEUED if payload is not None else ItemState.REJECTED
+            item = NewItem(id=f"log:{key}", source="log", key=key, route=("s",), payload=payload,
+                           state=state)  # fmt: skip
+            return item, True
+
+        conn.execute("BEGIN")
+        op_ingest_records(conn, "log", [new("7:0", '{"n": 1}'), new("7:9", None)])
+        added = op_ingest_records(
+            conn, "log", [new("7:0", '{"n": 1}'), new("7:9", None), new("7:0", '{"n": 2}')],
+            again=True,
+        )  # fmt: skip
+        conn.execute("COMMIT")
+        # The same payload (or none, rejected) at the same place: the same record. Another one
+        # there (the file's inode reused): a new record.
+        assert [i.key for i in added] == ["7:0~2"]
+    finally:
+        conn.close()
+
+
+def test_a_file_rewritten_with_lines_ending_alike_is_read_from_its_start(tmp_path: Path) -> None:
+    # Found by an acceptance tester (session 16): truncated and written again in place, with
+    # records whose last 64 bytes are the same (a long shared field), the new records before
+    # the old offset were never read.
+    log = tmp_path / "ev.jsonl"
+    shared = ', "source": "sensor-network-eu-west-1", "schema": "v2", "region": "eu-west-1"}\n'
+    log.write_bytes(b"".join(f'{{"id": "a{n}"{shared}'.encode() for n in (1, 2, 3)))
+    src = source(tmp_path, path="ev.jsonl", id_field="id")
+    assert [i.key for i in drain(src)] == ["a1", "a2", "a3"]
+    assert src.stored is not None
+    assert src.stored.head == log.read_bytes()[:256]
+
+    with open(log, "r+b") as f:  # same inode, same length per line
+        f.truncate(0)
+        f.write(b"".join(f'{{"id": "b{n}"{shared}'.encode() for n in (1, 2, 3, 4)))
+    assert [i.key for i in drain(src)] == ["b1", "b2", "b3", "b4"]
+
+    # And after a restart, by the head stored with the position.
+    stored = src.stored
+    src.close()
+    log.write_bytes(b"".join(f'{{"id": "c{n}"{shared}'.encode() for n in (1, 2, 3, 4, 5)))
+    assert [i.key for i in drain(source(tmp_path, stored, path="ev.jsonl", id_field="id"))] == [
+        "c1", "c2", "c3", "c4", "c5",
+    ]  # fmt: skip

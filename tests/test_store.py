@@ -17,6 +17,7 @@ import trio
 from orchestrator.errors import StoreUnavailable
 from orchestrator.reaper import SeenRun, proc_start_time
 from orchestrator.runner import Outcome, RunResult
+from orchestrator.sources.ops import Position, op_source_position
 from orchestrator.store import ItemState, NewItem, Transition, connect, open_sqlite_store
 from orchestrator.store import sqlite as store_module
 from orchestrator.store.sqlite import (
@@ -570,6 +571,33 @@ def test_a_version_1_store_is_migrated(tmp_path: Path) -> None:
     db.close()
     # When: this version opens it.
     conn = connect(tmp_path / "o.db")
-    # Then: the column exists, the row is kept, and the version says 2.
-    assert conn.execute("SELECT offset, tail FROM source_offsets").fetchone() == (30, None)
-    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("2",)
+    # Then: the columns exist, the row is kept, and the version is this one's.
+    row = conn.execute("SELECT offset, tail, head, seen FROM source_offsets").fetchone()
+    assert row == (30, None, None, 0)
+    version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    assert version == (str(SCHEMA_VERSION),)
+
+
+def test_a_version_2_store_is_migrated_and_its_positions_seen_when_last_stored(
+    tmp_path: Path,
+) -> None:
+    # Given: a store as version 2 wrote it (source_offsets without head and seen).
+    db = sqlite3.connect(tmp_path / "o.db")
+    db.executescript(
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+        "INSERT INTO meta VALUES ('schema_version', '2');"
+        "CREATE TABLE source_offsets (source TEXT PRIMARY KEY, device INTEGER, inode INTEGER,"
+        " offset INTEGER NOT NULL, tail BLOB, updated_at REAL NOT NULL);"
+        "INSERT INTO source_offsets VALUES ('log', 1, 2, 30, x'0a', 1700000000.5);"
+    )
+    db.commit()
+    db.close()
+    # When: this version opens it.
+    conn = connect(tmp_path / "o.db")
+    # Then: the position is read with no head, seen when it was last stored (the latest time
+    # the source is known to have read its file).
+    position = op_source_position(conn, "log")
+    assert position == Position(1, 2, 30)
+    assert position is not None
+    assert (position.tail, position.head, position.seen) == (b"\n", b"", 1700000000.5)
+    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("3",)

@@ -45,21 +45,32 @@ class Position:
     #: The last bytes before ``offset`` (up to 64): after a restart they tell whether the file
     #: at (device, inode) is still the one read -- a file recreated with a reused inode is not.
     tail: bytes = attrs.field(default=b"", eq=False)
+    #: The file's first bytes (up to 256, and not past ``offset``): a file truncated and
+    #: written again from its start holds other ones, even when its bytes before ``offset``
+    #: happen to be the same.
+    head: bytes = attrs.field(default=b"", eq=False)
+    #: When (``time.time()``) the source last saw the file it follows at its path (None: never).
+    #: A file rotated away from the path after that, and not read yet, was modified since.
+    seen: float | None = attrs.field(default=None, eq=False)
 
 
 def op_source_position(conn: sqlite3.Connection, source: str) -> Position | None:
     """The stored position of ``source``, or None when it has none yet."""
     row = conn.execute(
-        "SELECT device, inode, offset, tail FROM source_offsets WHERE source = ?", (source,)
+        "SELECT device, inode, offset, tail, head, seen FROM source_offsets WHERE source = ?",
+        (source,),
     ).fetchone()
     if row is None or row[0] is None or row[1] is None:
         return None
-    return Position(int(row[0]), int(row[1]), int(row[2]), bytes(row[3] or b""))
+    return Position(
+        int(row[0]), int(row[1]), int(row[2]), bytes(row[3] or b""), bytes(row[4] or b""),
+        None if row[5] is None else float(row[5]),
+    )  # fmt: skip
 
 
 def op_ingest_records(
     conn: sqlite3.Connection, source: str, records: Sequence[tuple[NewItem, bool]],
-    position: Position | None = None,
+    position: Position | None = None, *, again: bool = False,
 ) -> list[Item]:  # fmt: skip
     """Insert a source's new items and, in the same transaction, store its new position.
 
@@ -71,43 +82,61 @@ def op_ingest_records(
             suffix instead of being dropped. Other items are keyed by their content's id and a
             known key is skipped.
         position: stored as the source's position when given.
+        again: the records were read from the start of a file the source may have read before
+            (one rotated away before the source got to it, which a restart can come upon once
+            more): a positional key held by a record with the same payload (or, rejected, none)
+            is that record, and it is skipped rather than taken twice.
 
     Returns:
         The items actually inserted.
     """
     claimed: set[str] = set()  # keys given in this call (not inserted yet)
-    items = [
-        _unique(conn, source, new, claimed) if positional else new for new, positional in records
-    ]
+    items: list[NewItem] = []
+    for new, positional in records:
+        item = _unique(conn, source, new, claimed, again=again) if positional else new
+        if item is not None:
+            items.append(item)
     added = op_ingest(conn, items)
     if position is not None:
         conn.execute(
-            "INSERT INTO source_offsets (source, device, inode, offset, tail, updated_at)"
-            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (source) DO UPDATE SET"
+            "INSERT INTO source_offsets (source, device, inode, offset, tail, head, seen,"
+            " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (source) DO UPDATE SET"
             " device = excluded.device, inode = excluded.inode, offset = excluded.offset,"
-            " tail = excluded.tail, updated_at = excluded.updated_at",
+            " tail = excluded.tail, head = excluded.head, seen = excluded.seen,"
+            " updated_at = excluded.updated_at",
             (source, position.device, position.inode, position.offset, position.tail,
-             time.time()),
+             position.head, position.seen, time.time()),
         )  # fmt: skip
     return added
 
 
-def _unique(conn: sqlite3.Connection, source: str, new: NewItem, claimed: set[str]) -> NewItem:
+def _unique(
+    conn: sqlite3.Connection, source: str, new: NewItem, claimed: set[str], *, again: bool
+) -> NewItem | None:
     n = 1
     key, item_id = new.key, new.id
-    while key in claimed or _taken(conn, source, key, item_id):
+    while True:
+        if key not in claimed:
+            held = _holder(conn, source, key, item_id)
+            if held is None:
+                break
+            if again and held[0] == new.payload:
+                return None
         n += 1
         key, item_id = f"{new.key}~{n}", f"{new.id}~{n}"
     claimed.add(key)
     return new if n == 1 else attrs.evolve(new, key=key, id=item_id)
 
 
-def _taken(conn: sqlite3.Connection, source: str, key: str, item_id: str) -> bool:
+def _holder(
+    conn: sqlite3.Connection, source: str, key: str, item_id: str
+) -> tuple[str | None] | None:
+    """The payload of the item that holds ``key`` (or ``item_id``), in a 1-tuple; None: free."""
     row = conn.execute(
-        "SELECT 1 FROM items WHERE (source = ? AND key = ?) OR id = ? LIMIT 1",
+        "SELECT payload FROM items WHERE (source = ? AND key = ?) OR id = ? LIMIT 1",
         (source, key, item_id),
     ).fetchone()
-    return row is not None
+    return None if row is None else (row[0],)
 
 
 def _key_chunks(keys: Iterable[str]) -> Iterator[list[str]]:

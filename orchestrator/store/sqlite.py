@@ -80,7 +80,7 @@ WAL_TARGET_BYTES = 4 * 1024 * 1024
 WAL_FRAME_HEADER = 24
 #: Bumped whenever the schema changes; a newer file than this code refuses to open, an older
 #: one is migrated when opened for writing (see `_migrate`).
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -145,7 +145,9 @@ CREATE TABLE IF NOT EXISTS source_offsets (
     inode      INTEGER,
     offset     INTEGER NOT NULL,
     tail       BLOB,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    head       BLOB,
+    seen       REAL
 );
 CREATE TABLE IF NOT EXISTS instances (
     id         TEXT PRIMARY KEY,
@@ -232,11 +234,19 @@ def connect(
 def _migrate(conn: sqlite3.Connection) -> None:
     """Bring a store written by an older version up to SCHEMA_VERSION (idempotent)."""
     version = int(conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
+    columns = {r[1] for r in conn.execute("PRAGMA table_info(source_offsets)")}
     if version < 2:  # 2: source_offsets.tail
-        columns = {r[1] for r in conn.execute("PRAGMA table_info(source_offsets)")}
         if "tail" not in columns:
             conn.execute("ALTER TABLE source_offsets ADD COLUMN tail BLOB")
         conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    if version < 3:  # 3: source_offsets.head and .seen
+        if "head" not in columns:
+            conn.execute("ALTER TABLE source_offsets ADD COLUMN head BLOB")
+        if "seen" not in columns:
+            conn.execute("ALTER TABLE source_offsets ADD COLUMN seen REAL")
+            # The last commit is the latest time the source is known to have read its file.
+            conn.execute("UPDATE source_offsets SET seen = updated_at")
+        conn.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
 
 
 # --- operations: plain functions of a connection, run inside a transaction by the caller -----
