@@ -422,7 +422,7 @@ def test_a_record_with_a_nul_byte_is_rejected_not_the_batch(tmp_path: Path) -> N
     summary = json.loads(proc.stdout)
     assert summary["states"] == {"done": 1, "rejected": 1}
     [failed] = summary["failed_items"]
-    assert failed["id"] == f"recs:{(tmp_path / 'recs.jsonl').stat().st_ino}:0"
+    assert failed["id"] == f"recs:\x00{(tmp_path / 'recs.jsonl').stat().st_ino}:0"
     assert "'id' holds a NUL character" in failed["reason"]
     assert out.read_text() == "recs:fine\n"
 
@@ -1489,3 +1489,30 @@ def test_a_helper_a_run_left_outside_its_group_never_overlaps_the_next_run_of_a_
     assert json.loads(proc.stdout)["states"] == {"done": 4}
     assert not fails.exists(), fails.read_text()
     assert processes_with_env(f"{STATE_MARKER}={tmp_path / 'state'}") == []
+
+
+def test_a_record_whose_id_spells_a_rejected_lines_place_is_taken(tmp_path: Path) -> None:
+    # Found by an acceptance tester (session 16): a line without a usable id is keyed by its
+    # place ("<inode>:<byte>"); a later record whose id was that text was skipped as taken.
+    records = tmp_path / "r.jsonl"
+    records.write_text('{"no_id": 1}\n')
+    records.write_text(
+        records.read_text() + json.dumps({"id": f"{records.stat().st_ino}:0"}) + "\n"
+    )
+    config = tmp_path / "c.toml"
+    config.write_text(textwrap.dedent("""
+        [http]
+        listen = false
+        [[sources]]
+        name = "r"
+        type = "jsonl"
+        path = "r.jsonl"
+        id_field = "id"
+        route = ["s"]
+        [[stages]]
+        name = "s"
+        command = ["true"]
+        """))  # fmt: skip
+    proc = orchestrator("batch", "-c", str(config), "--json", "--no-progress", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr  # (the rejected line)
+    assert json.loads(proc.stdout)["states"] == {"done": 1, "rejected": 1}
