@@ -522,6 +522,8 @@ async def test_a_second_sigterm_while_draining_is_logged_and_the_drain_goes_on(
     assert served.result is not None
     assert served.result.interrupted
     assert [r[3] for r in runs_of(config.state_dir)] == ["ok"]
-    assert [line for line in lines if "already stopping" in line] == [
-        "WARNING SIGTERM: already stopping (a second SIGINT stops at once) {}"
+    # (The bound context after the message depends on what ran before in this process.)
+    said = [line for line in lines if "already stopping" in line]
+    assert [line.partition(" {")[0] for line in said] == [
+        "WARNING SIGTERM: already stopping (a second SIGINT stops at once)"
     ]
