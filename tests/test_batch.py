@@ -1516,3 +1516,26 @@ def test_a_record_whose_id_spells_a_rejected_lines_place_is_taken(tmp_path: Path
     proc = orchestrator("batch", "-c", str(config), "--json", "--no-progress", cwd=tmp_path)
     assert proc.returncode == 1, proc.stderr  # (the rejected line)
     assert json.loads(proc.stdout)["states"] == {"done": 1, "rejected": 1}
+
+
+def test_a_record_skipped_for_a_repeated_id_is_named(tmp_path: Path) -> None:
+    # Found by an acceptance tester (session 16): "skipped 1 record(s) whose id was taken
+    # already" said neither which, so a correction sent under a known id vanished unexplained.
+    (tmp_path / "r.jsonl").write_text('{"id": 1, "q": 5}\n{"id": "1", "q": 500}\n')
+    config = tmp_path / "c.toml"
+    config.write_text(textwrap.dedent("""
+        [http]
+        listen = false
+        [[sources]]
+        name = "r"
+        type = "jsonl"
+        path = "r.jsonl"
+        id_field = "id"
+        route = ["s"]
+        [[stages]]
+        name = "s"
+        command = ["true"]
+        """))  # fmt: skip
+    proc = orchestrator("batch", "-c", str(config), "--no-progress", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped 1 record(s) whose id was taken already ('1')" in proc.stderr

@@ -34,6 +34,7 @@ transaction; a poll takes as many such steps as it needs to reach the end of the
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import json
@@ -387,7 +388,18 @@ class JsonlSource:
             self._log.info("ingested {} record(s)", len(good))
         skipped = len(step.records) - len(added)
         if skipped:
-            self._log.info("skipped {} record(s) whose id was taken already", skipped)
+            # Which: a correction sent under a known id is ignored, and someone will ask why.
+            left = collections.Counter(i.key for i in added)
+            ids = []
+            for new, _ in step.records:
+                if left[new.key]:
+                    left[new.key] -= 1
+                elif len(ids) < 3:
+                    ids.append(new.key)
+            self._log.info(
+                "skipped {} record(s) whose id was taken already ({}{})", skipped,
+                ", ".join(repr(i) for i in ids), ", …" if skipped > len(ids) else "",
+            )  # fmt: skip
 
     def close(self) -> None:
         """Let go of the open file."""
