@@ -390,7 +390,7 @@ class JsonlSource:
         if skipped:
             # Which: a correction sent under a known id is ignored, and someone will ask why.
             left = collections.Counter(i.key for i in added)
-            ids = []
+            ids: list[str] = []
             for new, _ in step.records:
                 if left[new.key]:
                     left[new.key] -= 1
