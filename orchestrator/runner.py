@@ -34,7 +34,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -446,8 +446,9 @@ def become_subreaper(on: bool = True) -> bool:
 
 def reap_orphans() -> list[int]:
     """Reap the children of ours that runs left behind and that have exited; return those
-    still alive. Cheap (one read of our own /proc entry): call it from the loop's thread, the
-    one that spawns and reaps the runs' leaders, so that none of them is taken for one."""
+    still alive. Cheap (one read of our own /proc entry, and one per such child): call it from
+    the loop's thread, the one that spawns and reaps the runs' leaders, so that none of them
+    is taken for one. Children in our own process group are not runs' and are left alone."""
     if not _subreaper:
         return []
     try:
@@ -458,9 +459,19 @@ def reap_orphans() -> list[int]:
         listed = os.read(fd, 1 << 20).split()
     finally:
         os.close(fd)
+    from orchestrator.reaper import proc_stat
+
     alive = []
+    ours = os.getpgrp()
     for pid in map(int, listed):
         if pid in _LEADERS:
+            continue
+        stat = proc_stat(pid)
+        if stat is None or stat[1] == ours:
+            # In our own process group: not a run's (each run has a group of its own) but a
+            # child this process started -- a Python stage's `subprocess.Popen`, whose status
+            # is its own to take (found by an acceptance tester, session 16: reaped here, it
+            # read as exit 0).
             continue
         try:
             done, _ = os.waitpid(pid, os.WNOHANG)
@@ -471,10 +482,31 @@ def reap_orphans() -> list[int]:
     return alive
 
 
-def end_escaped(marker: tuple[str, ...], leader: int) -> list[int]:
+def end_escaped(marker: tuple[str, ...], leader: int, candidates: Sequence[int] = ()) -> list[int]:
     """SIGKILL the processes of a run (by ``marker``) that are still alive once its group is
-    gone, and wait until they are (at most `KILL_WAIT`). Blocking: from a worker thread."""
+    gone, and wait until they are (at most `KILL_WAIT`). Blocking: from a worker thread.
+
+    ``candidates`` (children of ours that runs left, `reap_orphans`) are looked at closely: one
+    caught in the middle of an exec shows no environment for a moment, and is read again
+    (found by an acceptance tester, session 16: `setsid flock LOCK sleep` starting as its run
+    ended was missed, and held the lock through the next runs).
+    """
+    from orchestrator.reaper import proc_environ
+
     killed = kill_marked(marker, newer_than=leader)
+    wanted = {m.encode() for m in marker}
+    for pid in candidates:
+        if pid in killed:
+            continue
+        for _ in range(EXEC_READ_TRIES):
+            env = proc_environ(pid)
+            if env is None or env != [b""]:
+                break
+            time.sleep(EXEC_READ_PAUSE)  # mid-exec: no environment to read yet
+        if env is not None and wanted <= set(env):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
     deadline = time.monotonic() + KILL_WAIT
     for pid in killed:
         try:
@@ -488,6 +520,32 @@ def end_escaped(marker: tuple[str, ...], leader: int) -> list[int]:
         finally:
             os.close(pidfd)
     return killed
+
+
+#: How often, and how far apart, `end_escaped` reads the environment of a process in the
+#: middle of an exec (it shows none for a moment).
+EXEC_READ_TRIES = 20
+EXEC_READ_PAUSE = 0.002
+#: At most so many looks at a run's end for what it left (`_end_escaped`): each kill can
+#: leave a child of the killed one to be found at the next.
+ESCAPE_ROUNDS = 10
+
+
+async def _end_escaped(marker: tuple[str, ...], leader: int) -> list[int]:
+    """End what a run left outside its group before the run ends (`Command.sweep_escaped`):
+    look, kill, wait, and look again until a look finds nothing of the run's."""
+    ended: list[int] = []
+    with trio.CancelScope(shield=True):
+        for _ in range(ESCAPE_ROUNDS):
+            candidates = reap_orphans()
+            if _subreaper and not candidates:
+                break  # (the rule: nothing left behind, one read of our /proc entry)
+            killed = await trio.to_thread.run_sync(end_escaped, marker, leader, candidates)
+            if not killed:
+                break
+            ended += killed
+        reap_orphans()  # those just killed
+    return ended
 
 
 def _close_quietly(fd: int) -> None:
@@ -818,13 +876,12 @@ async def run_command(cmd: Command, *, on_spawn: Callable[[int], None] | None = 
         reaped = await reap()
         if timed_out:
             await sweep_marked()
-        elif cmd.sweep_escaped and cmd.marker and (reap_orphans() or not _subreaper):
+        elif cmd.sweep_escaped and cmd.marker:
             # Found by an acceptance tester (session 16): a `setsid` helper of a run of a
             # concurrency-1 stage held the tool's lock while the next run started. Such a
             # helper, its parent gone, is our child now (`become_subreaper`): when we have
             # none but the runs' leaders (the rule), there is nothing to look for.
-            with trio.CancelScope(shield=True):
-                escaped = await trio.to_thread.run_sync(end_escaped, cmd.marker, pid)
+            escaped = await _end_escaped(cmd.marker, pid)
         if not output.eof:  # what is left in the pipe is there already: the group is gone
             watch.poll()
         if not output.eof:

@@ -15,6 +15,7 @@ import gc
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -1195,3 +1196,23 @@ async def test_a_run_that_ended_while_the_loop_was_held_up_is_not_timed_out(limi
     result = await run_command(cmd(("true",), **{limit: 0.2}), on_spawn=held_up)
 
     assert (result.outcome, result.exit_code, result.signals_sent) == (Outcome.OK, 0, ())
+
+
+def test_reap_orphans_leaves_the_children_this_process_started_alone() -> None:
+    # Found by an acceptance tester (session 16): a Python stage's `subprocess.Popen` child,
+    # polled, was reaped as a run's orphan, and its exit 7 read as 0.
+    from orchestrator.runner import become_subreaper, reap_orphans
+
+    assert become_subreaper()
+    try:
+        own = subprocess.Popen(["sh", "-c", "exit 7"])  # our process group: ours to take
+        # A run's leftover: a process of another group whose parent is gone (reparented here).
+        subprocess.run(["sh", "-c", "setsid sh -c 'exit 3' & sleep 0.1"], check=True)
+        time.sleep(0.3)
+        assert reap_orphans() == []  # the leftover reaped, nothing alive
+        children = f"/proc/self/task/{os.getpid()}/children"
+        with open(children) as f:
+            assert f.read().split() == [str(own.pid)]  # (no zombie of the leftover)
+        assert own.wait(timeout=5) == 7  # and the exit status of our own child still there
+    finally:
+        become_subreaper(False)
