@@ -36,7 +36,10 @@ PLACEHOLDERS = ("path", "name", "item", "stage", "attempt", "workdir", "payload"
 
 _NAMES = "|".join(PLACEHOLDERS)
 #: A placeholder, or one written with doubled braces: ``{{path}}`` is the text ``{path}``.
-_PLACEHOLDER = re.compile(r"\{\{(" + _NAMES + r")\}\}|\{(" + _NAMES + r")\}")
+#: In tripled braces, the value in braces: ``{{{name}}}`` is ``{`` + the value + ``}``.
+_PLACEHOLDER = re.compile(
+    r"\{\{\{(" + _NAMES + r")\}\}\}|\{\{(" + _NAMES + r")\}\}|\{(" + _NAMES + r")\}"
+)
 
 
 def expand_argv(
@@ -52,7 +55,9 @@ def expand_argv(
     """
 
     def fill(match: re.Match[str]) -> str:
-        literal, name = match.groups()
+        braced, literal, name = match.groups()
+        if braced is not None:
+            return "{" + values[braced] + "}"
         return "{" + literal + "}" if literal is not None else values[name]
 
     return tuple(
@@ -77,9 +82,6 @@ _INTERPRETERS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...], tuple[str,
 }
 _PYTHON_NAME = re.compile(r"(?:python|pypy)[0-9.]*")
 _AWK = frozenset(("awk", "gawk", "mawk", "nawk"))
-#: Programs that run their ``-c`` argument with a shell: ``flock LOCK -c CMD``, ``su -c CMD``,
-#: ``script -qc CMD``.
-_SHELL_COMMAND_OPTION = frozenset(("flock", "su", "runuser", "script"))
 _SHELL_OPTION_VALUE = frozenset(("-o", "+o", "-O", "+O"))
 
 
@@ -93,34 +95,136 @@ def code_argument(template: tuple[str, ...]) -> int | None:
     turn a file called ``$(touch PWNED)`` into a command. The values reach the code as
     arguments after it (``"$1"``, ``sys.argv[1]``, ``awk -v``) or as ``ORCH_*`` variables.
 
-    The program is looked for at every position, not only the first: wrappers put it further
-    on (``timeout 10 sh -c``, ``flock LOCK env sh -c``, ``nice``, ``xargs``). A word that only
-    looks like a program somewhere else costs a substitution not made, and `config_warnings`
-    says so.
+    The program is the command's first word or, behind a known wrapper (``timeout 10 sh -c``,
+    ``flock LOCK env sh -c``, ``nice``, ``xargs``, ``find -exec``), the command it runs
+    (`find_code`).
     """
     found = find_code(template)
     return None if found is None else found[0]
 
 
 def find_code(template: tuple[str, ...]) -> tuple[int, str] | None:
-    """``(index, program)`` of the code argument of ``template`` (`code_argument`), or None."""
-    for start, word in enumerate(template):
-        program = word.rsplit("/", 1)[-1]
+    """``(index, program)`` of the code argument of ``template`` (`code_argument`), or None.
+
+    The program is the command's first word, or the command a known wrapper runs (``timeout
+    10 sh -c``, ``flock LOCK env A=1 bash -ec``, ``nice``, ``xargs``, ``find -exec``): a
+    wrapper's own options and operands are skipped by its syntax, so a word that merely names
+    a program further on (``grep -c awk {path}``, ``flock LOCK gzip -c {path}``) is data, as it
+    was before wrappers were looked into (found by an acceptance tester, session 16).
+    """
+    index = 0
+    while index < len(template):
+        program = template[index].rsplit("/", 1)[-1]
         if _PYTHON_NAME.fullmatch(program):
             program = "python"
-        index: int | None = None
+        found: int | None = None
         if program in _SHELLS:
-            index = _shell_script(template, start + 1)
+            found = _shell_script(template, index + 1)
         elif program in _INTERPRETERS:
-            index = _interpreter_code(template, start + 1, *_INTERPRETERS[program])
+            found = _interpreter_code(template, index + 1, *_INTERPRETERS[program])
         elif program in _AWK:
-            index = _awk_program(template, start + 1)
-        elif program in _SHELL_COMMAND_OPTION:
-            index = next((i + 1 for i in range(start + 1, len(template) - 1)
-                          if template[i] == "--command" or _short_group(template[i], "c")),
-                         None)  # fmt: skip
-        if index is not None:
-            return index, program
+            found = _awk_program(template, index + 1)
+        elif program in ("su", "runuser"):  # `su [-] [USER] -c CMD`: a -c anywhere is the shell's
+            found = next((i + 1 for i in range(index + 1, len(template) - 1)
+                          if template[i] in ("-c", "--command")), None)  # fmt: skip
+        elif program == "script":  # `script [options] [file]`: -c among its options
+            found = _option_value(template, index + 1, ("-c", "--command"), "c")
+        elif program == "flock":  # `flock [options] LOCK -c CMD` or `flock [options] LOCK CMD…`
+            after_lock = _after_options(template, index + 1, _FLOCK_VALUES) + 1
+            if template[after_lock : after_lock + 1] not in (("-c",), ("--command",)):
+                index = after_lock
+                continue
+            found = after_lock + 1
+        elif program == "find":  # the command after -exec (-execdir, -ok, -okdir)
+            index = next((i + 1 for i in range(index + 1, len(template))
+                          if template[i] in ("-exec", "-execdir", "-ok", "-okdir")),
+                         len(template))  # fmt: skip
+            continue
+        elif program in _WRAPPERS:
+            values, operands = _WRAPPERS[program]
+            index = _after_options(template, index + 1, values, assignments=program == "env")
+            index += operands
+            continue
+        if found is None or found >= len(template):
+            return None
+        return found, program
+    return None
+
+
+#: Programs that run a command given after their own options and operands: the options that
+#: take a value, and how many operands come before the command.
+_WRAPPERS: dict[str, tuple[frozenset[str], int]] = {
+    "timeout": (frozenset(("-s", "--signal", "-k", "--kill-after")), 1),
+    "nice": (frozenset(("-n", "--adjustment")), 0),
+    "env": (frozenset(("-u", "--unset", "-C", "--chdir")), 0),
+    "stdbuf": (frozenset(("-i", "-o", "-e", "--input", "--output", "--error")), 0),
+    "ionice": (frozenset(("-c", "-n", "-p", "-P", "-u", "--class", "--classdata")), 0),
+    "setsid": (frozenset(), 0),
+    "nohup": (frozenset(), 0),
+    "chrt": (frozenset(("-T", "-P", "-D")), 1),
+    "taskset": (frozenset(), 1),
+    "sudo": (frozenset(("-u", "-g", "-C", "-D", "-h", "-p", "-r", "-t", "-U")), 0),
+    "doas": (frozenset(("-u", "-C")), 0),
+    "xargs": (
+        frozenset(
+            (
+                "-a",
+                "-d",
+                "-E",
+                "-I",
+                "-L",
+                "-n",
+                "-P",
+                "-s",
+                "--arg-file",
+                "--delimiter",
+                "--max-args",
+                "--max-procs",
+                "--max-chars",
+            )
+        ),
+        0,
+    ),
+    "time": (frozenset(("-f", "-o", "--format", "--output")), 0),
+    "busybox": (frozenset(), 0),
+    "exec": (frozenset(("-a",)), 0),
+    "unbuffer": (frozenset(), 0),
+}
+_FLOCK_VALUES = frozenset(("-w", "--timeout", "-E", "--conflict-exit-code"))
+
+
+def _after_options(
+    template: tuple[str, ...], index: int, values: frozenset[str], *, assignments: bool = False
+) -> int:
+    """The index of the first operand from ``index`` on: options (``-x``, ``-n 5``, ``-n5``,
+    ``--signal=KILL``; ``values`` take the next argument), ``--``, and for ``env`` its
+    ``NAME=value`` assignments are skipped."""
+    while index < len(template):
+        arg = template[index]
+        if arg == "--":
+            return index + 1
+        if arg in values:
+            index += 2
+        elif (arg.startswith("-") and arg != "-") or (assignments and "=" in arg):
+            index += 1
+        else:
+            return index
+    return index
+
+
+def _option_value(
+    template: tuple[str, ...], index: int, names: tuple[str, ...], letter: str
+) -> int | None:
+    """The value of option ``names`` (or a short group ending in ``letter``) among the options
+    from ``index`` (they end at the first operand)."""
+    while index < len(template) - 1:
+        arg = template[index]
+        if arg in names or (len(arg) > 1 and arg[0] == "-" and arg[1:].isalpha()
+                            and arg.endswith(letter)):  # fmt: skip
+            return index + 1
+        if not arg.startswith("-") or arg == "--":
+            return None
+        index += 1
     return None
 
 
@@ -212,7 +316,11 @@ def placeholder_lookalikes(template: tuple[str, ...]) -> list[tuple[int, str, st
 
 def uses_placeholder(template: tuple[str, ...], name: str) -> bool:
     """Whether any argument of ``template`` mentions ``{name}`` (not ``{{name}}``, its text)."""
-    return any(match.group(2) == name for arg in template for match in _PLACEHOLDER.finditer(arg))
+    return any(
+        name in (match.group(1), match.group(3))
+        for arg in template
+        for match in _PLACEHOLDER.finditer(arg)
+    )
 
 
 def backoff_delay(

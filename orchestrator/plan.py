@@ -23,6 +23,31 @@ def _disposition(d: Disposition) -> str:
     return f"move:{d.dir}" if d.action == "move" else d.action
 
 
+#: How a value reaches the code of each kind of program (`config_warnings`).
+_HOW_TO_PASS = {
+    **dict.fromkeys(
+        (
+            "sh",
+            "bash",
+            "dash",
+            "zsh",
+            "ksh",
+            "mksh",
+            "ash",
+            "fish",
+            "su",
+            "runuser",
+            "flock",
+            "script",
+        ),
+        'pass it as an argument after the script (["sh", "-c", "… \\"$1\\" …", "sh", "{{{0}}}"])',
+    ),
+    "python": "pass it as an argument after the code (sys.argv[1])",
+    **dict.fromkeys(("awk", "gawk", "mawk", "nawk"), "pass it with -v (-v {0}={{{0}}})"),
+    "": "pass it as an argument after the code",
+}
+
+
 def config_warnings(config: Config) -> list[str]:
     """What is valid but most likely a mistake, each with its path (``check``, and the log of
     ``run`` and ``batch`` at start)."""
@@ -49,8 +74,8 @@ def config_warnings(config: Config) -> list[str]:
             if named:
                 out.append(
                     f"stages[{i}].command[{code}]: {{{named[0]}}} is not substituted inside "
-                    f"the code of {program!r} (a file name there would run as code); pass the"
-                    ' value as an argument after it ("$1", sys.argv[1], awk -v) or read '
+                    f"the code of {program!r} (a file name there would run as code); "
+                    f"{_HOW_TO_PASS.get(program, _HOW_TO_PASS['']).format(named[0])} or read "
                     f"ORCH_{named[0].upper()}"
                 )
         for index, word, meant in placeholder_lookalikes(stage.command):
@@ -69,7 +94,7 @@ def state_warnings(config: Config) -> list[str]:
     except FileNotFoundError:
         return []  # made private (0700) at the first start
     except StoreUnavailable as exc:
-        return [f"state_dir: {exc}; run, batch, stress and purge refuse it"]
+        return [f"state_dir: {exc}; run, batch and purge refuse it"]
 
 
 def plan_dict(config: Config) -> dict[str, Any]:

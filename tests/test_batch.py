@@ -1360,8 +1360,11 @@ def test_code_behind_a_wrapper_and_awk_programs_are_not_filled_in(tmp_path: Path
         name = "in"
         type = "directory"
         path = "in"
-        route = ["wrapped", "awk"]
+        route = ["wrapped", "awk", "zip"]
         settle = "0s"
+        [[stages]]
+        name = "zip"
+        command = {json.dumps(["flock", str(tmp_path / "zip.lock"), "gzip", "-c", "{path}"])}
         [[stages]]
         name = "wrapped"
         command = {json.dumps(["timeout", "10", "sh", "-c", "echo {name} > /dev/null"])}
@@ -1376,8 +1379,11 @@ def test_code_behind_a_wrapper_and_awk_programs_are_not_filled_in(tmp_path: Path
     assert proc.returncode == 0, proc.stderr
     assert not list(tmp_path.rglob("PWNED"))
     said = check.stdout + check.stderr
-    assert "stages[0].command[4]: {name} is not substituted inside the code of 'sh'" in said
-    assert "stages[1].command[1]: {name} is not substituted inside the code of 'awk'" in said
+    assert "stages[1].command[4]: {name} is not substituted inside the code of 'sh'" in said
+    assert "stages[2].command[1]: {name} is not substituted inside the code of 'awk'" in said
+    # A wrapped command's own -c is no code: its {path} was filled in (the runs went well).
+    assert "stages[0]" not in said
+    assert json.loads(proc.stdout)["states"] == {"done": 2}
 
 
 def test_items_whose_route_goes_on_to_a_removed_stage_wait_there_and_nothing_crashes(

@@ -45,6 +45,9 @@ def test_a_placeholder_in_doubled_braces_is_passed_as_its_text() -> None:
               "workdir": "/w", "payload": ""}  # fmt: skip
     argv = expand_argv(("cmd", "{{name}}", "{{path}}={path}", "{{x}}", "{{ {path} }}"), values)
     assert argv == ("cmd", "{name}", "{path}=/in/a", "{{x}}", "{{ /in/a }}")
+    # and in tripled braces, the value in braces (\title{{{name}}} in LaTeX)
+    assert expand_argv(("\\title{{{name}}}",), values) == ("\\title{a}",)
+    assert uses_placeholder(("{{{workdir}}}",), "workdir")
     assert not uses_placeholder(("a", "{{workdir}}"), "workdir")
     assert uses_placeholder(("a", "{{workdir}}/{workdir}"), "workdir")
 
@@ -85,6 +88,17 @@ def test_a_placeholder_in_doubled_braces_is_passed_as_its_text() -> None:
         (("script", "-qc", "x", "/dev/null"), 2),
         (("find", ".", "-exec", "sh", "-c", "x", "sh", "{}", ";"), 5),
         (("sh", "script.sh", "{path}"), None),
+        # ... but a wrapper's command's own -c, or a word naming a program as data, is not code
+        # (found by an acceptance tester, session 16: no longer filled in).
+        (("flock", "/tmp/zip.lock", "gzip", "-c", "{path}"), None),
+        (("flock", "-w", "5", "/tmp/x.lock", "sh", "-c", "x"), 6),
+        (("grep", "-c", "-w", "awk", "{path}"), None),
+        (("./tool", "-l", "awk", "-o", "{workdir}/o.html", "{path}"), None),
+        (("script", "-q", "-e", "/dev/null", "./tool", "-c", "{path}"), None),
+        (("xargs", "-0", "-n", "1", "sh", "-c", "x"), 6),
+        (("timeout", "-k", "5", "30s", "python3", "-c", "x"), 6),
+        (("env", "-i", "PATH=/bin", "awk", "{print}"), 4),
+        (("nice", "convert", "-c", "{path}"), None),
     ],
 )
 def test_the_code_of_sh_c_and_its_kind_is_passed_as_written(

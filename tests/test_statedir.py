@@ -136,7 +136,7 @@ def test_batch_refuses_a_folder_of_ours_every_user_can_write_in(
     assert not (st / LOCK_NAME).exists()
     [warning] = json.loads(out)["warnings"]
     assert warning.startswith(f"state_dir: cannot use the state folder {str(st)!r}")
-    assert warning.endswith("; run, batch, stress and purge refuse it")
+    assert warning.endswith("; run, batch and purge refuse it")
 
 
 @pytest.mark.parametrize(
