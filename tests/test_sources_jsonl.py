@@ -8,6 +8,7 @@ import time
 from typing import TYPE_CHECKING
 
 import pytest
+from servicekit import captured_logs
 
 from orchestrator.config import parse_config
 from orchestrator.sources import JsonlSource, Position
@@ -640,3 +641,38 @@ def test_a_file_rewritten_with_lines_ending_alike_is_read_from_its_start(tmp_pat
     assert [i.key for i in drain(source(tmp_path, stored, path="ev.jsonl", id_field="id"))] == [
         "c1", "c2", "c3", "c4", "c5",
     ]  # fmt: skip
+
+
+def test_a_file_rewritten_in_place_with_as_many_bytes_is_read_again_once(tmp_path: Path) -> None:
+    # Found by an acceptance tester (session 17): rewritten in place (same inode) with as many
+    # bytes, the file was read again from its start up to the same offset, but its new head
+    # and tail were not stored with that offset: every later start found it "truncated" and
+    # took its record again (log:<inode>:0~2, ~3, ...).
+    # Given: a source without id_field that read one record into a real store.
+    log = tmp_path / "log.jsonl"
+    log.write_bytes(b'{"n": 1}\n')
+    conn = connect(tmp_path / "store.db")
+    try:
+        first = source(tmp_path)
+        assert len(drain_into(conn, first)) == 1
+        first.close()
+        # When: while it is stopped, the file is rewritten in place with as many bytes.
+        inode = log.stat().st_ino
+        with open(log, "r+b") as f:
+            f.write(b'{"n": 3}\n')
+        assert log.stat().st_ino == inode
+        # Then: the next start reads the new record, once; the position stored with it is
+        # the new file's, so three more starts find nothing new and nothing truncated.
+        added: list[list[str]] = []
+        with captured_logs("WARNING") as lines:
+            for _ in range(4):
+                src = source(tmp_path, op_source_position(conn, "log"))
+                added.append(drain_into(conn, src))
+                src.close()
+        assert added == [[f"log:{inode}:0~2"], [], [], []]
+        assert len([line for line in lines if "truncated" in line]) == 1
+        stored = op_source_position(conn, "log")
+        assert stored is not None
+        assert stored.head == b'{"n": 3}\n'
+    finally:
+        conn.close()

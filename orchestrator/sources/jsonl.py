@@ -539,7 +539,15 @@ class JsonlSource:
     def _position(self, f: _Open, end: int, tail: bytes, head: bytes | None) -> Position | None:
         position = Position(f.device, f.inode, end, tail, self._head if head is None else head,
                             self._seen)  # fmt: skip
-        return None if position == self.stored else position
+        # Found by an acceptance tester (session 17): a file rewritten in place with as many
+        # bytes was read again from its start up to the same offset; the position compares
+        # equal (tail and head are not part of it), so the new tail and head were never
+        # stored, and every later start found the file "truncated" and took its records again.
+        stored = self.stored
+        if stored is not None and position == stored:
+            if (position.tail, position.head) == (stored.tail, stored.head):
+                return None
+        return position
 
     def _record(self, f: _Open, line: Line) -> tuple[NewItem, bool] | None:
         try:
