@@ -676,3 +676,58 @@ def test_a_file_rewritten_in_place_with_as_many_bytes_is_read_again_once(tmp_pat
         assert stored.head == b'{"n": 3}\n'
     finally:
         conn.close()
+
+
+def test_records_a_copytruncate_left_in_the_copy_only_are_read_from_it(tmp_path: Path) -> None:
+    # Found by an acceptance tester (session 17): logrotate's copytruncate copies the file
+    # beside the path, then truncates it in place; the records appended after the last read
+    # were in the copy only, and lost.
+    # Given: a source without id_field that read one record into a real store, then stopped;
+    # two more records are appended, the file is copied to log.jsonl.1 and truncated, and a
+    # fourth record is appended.
+    log = tmp_path / "log.jsonl"
+    append(log, {"n": 1})
+    conn = connect(tmp_path / "store.db")
+    try:
+        first = source(tmp_path)
+        assert len(drain_into(conn, first)) == 1
+        first.close()
+        append(log, {"n": 2}, {"n": 3})
+        copy = tmp_path / "log.jsonl.1"
+        copy.write_bytes(log.read_bytes())
+        with open(log, "r+b") as f:
+            f.truncate(0)
+        append(log, {"n": 4})
+
+        # When: the source starts again, and once more.
+        added: list[list[str]] = []
+        for _ in range(2):
+            src = source(tmp_path, op_source_position(conn, "log"))
+            added.append(drain_into(conn, src))
+            src.close()
+
+        # Then: the copy is read from the stored offset (records 2 and 3, keyed by its inode),
+        # then the truncated file from its start (record 4); the second start adds nothing.
+        at = {"copy": copy.stat().st_ino, "log": log.stat().st_ino}
+        assert added == [
+            [f"log:{at['copy']}:9", f"log:{at['copy']}:18", f"log:{at['log']}:0~2"], [],
+        ]  # fmt: skip
+        rows = conn.execute("SELECT payload FROM items ORDER BY seq").fetchall()
+        assert [json.loads(r[0])["n"] for r in rows] == [1, 2, 3, 4]
+    finally:
+        conn.close()
+
+
+def test_a_truncated_file_takes_no_rotated_file_that_is_not_its_copy(tmp_path: Path) -> None:
+    # Given: a log read to its end, then truncated; beside it a longer file that does not hold
+    # the log's first bytes (another one rotated away).
+    log = tmp_path / "log.jsonl"
+    append(log, {"n": 1})
+    src = source(tmp_path)
+    assert numbers(drain(src, hurry=True)) == [1]
+    append(tmp_path / "log.jsonl.1", {"n": 7}, {"n": 8})
+    log.write_bytes(b"")
+    append(log, {"n": 2})
+    # When / Then: only the truncated file is read again, from its start.
+    assert numbers(drain(src, hurry=True)) == [2]
+    src.close()

@@ -13,7 +13,9 @@ no record is skipped, none is read twice.
   and the raw bytes (the first 4 KiB, escaped); the lines after it are read as usual. Blank
   lines are skipped.
 - Truncation (the file is shorter than the offset, or the bytes before the offset or its first
-  bytes are no longer those read there) restarts at offset 0, with a warning.
+  bytes are no longer those read there) restarts at offset 0, with a warning. When a file
+  rotated away beside the path is a copy of it holding more than was read (logrotate's
+  ``copytruncate``), that copy is read from the offset to its end first (`JsonlSource._copy_of`).
 - Rotation (another file, or none, at the path): the old file is kept open and read to its end
   through that descriptor -- a writer may still append to it -- and once it has been quiet for
   about one poll (at once in batch mode) the source reads the files rotated away before it got
@@ -438,6 +440,15 @@ class JsonlSource:
         now = time.time()  # (before the look at the path: a file rotated away later is newer)
         size = os.fstat(f.fd).st_size
         if self._truncated(f, size):
+            copy = self._copy_of(f)
+            if copy is not None and self._attach_beside(copy, self.offset):
+                os.close(f.fd)
+                self._log.warning(
+                    "{} was truncated (now {} bytes, was read up to byte {}), and {} is a copy"
+                    " of it (copytruncate): reading the copy from there to its end, then {}"
+                    " from its start", f.path, size, self.offset, copy, f.path,
+                )  # fmt: skip
+                return Step(offset=self.offset, lines=self.lines, more=True, at_end=False)
             self._log.warning(
                 "{} was truncated (now {} bytes, was read up to byte {}); reading it again "
                 "from its start", f.path, size, max(self.offset, self._skip.scanned if self._skip else 0),
@@ -598,6 +609,38 @@ class JsonlSource:
         # are no longer those read there (after a restart, all we know is that a line ended).
         tail = self._tail or b"\n"
         return os.pread(f.fd, len(tail), self.offset - len(tail)) != tail
+
+    def _copy_of(self, f: _Open) -> str | None:
+        """A copy of the truncated file ``f`` beside the path that holds more than was read.
+
+        Found by an acceptance tester (session 17): logrotate's ``copytruncate`` copies the
+        file beside the path (``app.jsonl.1``), then truncates it; what was appended after the
+        source's last read is in the copy only, and was lost. A copy is a file `_missed` finds
+        (named as a rotation names it, modified since the source last saw its file) that is
+        longer than the offset, and holds the file's first bytes and those before the offset.
+        """
+        if f.beside or self.offset == 0 or self._skip is not None:
+            return None
+        tail = self._tail or b"\n"
+        for path, st in self._missed():
+            if st.st_size <= self.offset:
+                continue
+            try:
+                fd = open_regular(path)
+            except OSError:
+                continue
+            try:
+                same = (
+                    os.pread(fd, len(self._head), 0) == self._head
+                    and os.pread(fd, len(tail), self.offset - len(tail)) == tail
+                )  # fmt: skip
+            except OSError:
+                same = False
+            finally:
+                os.close(fd)
+            if same:
+                return path
+        return None
 
     def _moved(self, f: _Open) -> bool:
         """Whether the path no longer names the open file (rotated away, or removed)."""
