@@ -106,12 +106,14 @@ def _err(text: str) -> None:
     print(text, file=sys.stderr)
 
 
-def _load(path: Path, *, failure: int = EXIT_CONFIG, import_calls: bool = False) -> Config:
+def _load(
+    path: Path, *, failure: int = EXIT_CONFIG, import_calls: bool = False, stream_ok: bool = False
+) -> Config:
     """The config at ``path``; else every problem printed and exit ``failure``."""
     from orchestrator.config import load_config
 
     try:
-        return load_config(path, import_calls=import_calls)
+        return load_config(path, import_calls=import_calls, stream_ok=stream_ok)
     except ConfigError as exc:
         _report(path, exc.errors)
         raise typer.Exit(failure) from None
@@ -155,13 +157,15 @@ def check(config: ConfigOption = Path("orchestrator.toml"), as_json: JsonOption 
 
     if as_json:  # a program reads the errors too, with their paths, on stdout
         try:
-            cfg = load_config(config, import_calls=True)
+            cfg = load_config(config, import_calls=True, stream_ok=True)
         except ConfigError as exc:
             print(json.dumps({"ok": False, "config": str(config), "errors": exc.errors}, indent=2))
             raise typer.Exit(EXIT_CONFIG) from None
         print(json.dumps({"ok": True, **plan_dict(cfg)}, indent=2))
         return
-    cfg = _load_runnable(config)
+    # (`check` also reads a config from a pipe: `envsubst < t.toml | orchestrator check -c
+    # /dev/stdin`, as before the other commands refused one; found in session 16.)
+    cfg = _load(config, import_calls=True, stream_ok=True)
     print_plan(cfg, config)
 
 

@@ -1099,7 +1099,9 @@ def _call_problems(data: Mapping[str, Any], base_dir: Path) -> list[_Problem]:
     return problems
 
 
-def load_config(path: str | os.PathLike[str], *, import_calls: bool = False) -> Config:
+def load_config(
+    path: str | os.PathLike[str], *, import_calls: bool = False, stream_ok: bool = False
+) -> Config:
     """Read a TOML config file and build a `Config`.
 
     Relative paths in the file are resolved against the file's folder.
@@ -1107,6 +1109,8 @@ def load_config(path: str | os.PathLike[str], *, import_calls: bool = False) -> 
     Args:
         path: The config file.
         import_calls: Also import the Python stages' functions (see `parse_config`).
+        stream_ok: A pipe or a terminal may hold the config (``check -c /dev/stdin``): read
+            to its end (at once when nobody writes to it).
 
     Returns:
         The config, with every path absolute.
@@ -1118,7 +1122,7 @@ def load_config(path: str | os.PathLike[str], *, import_calls: bool = False) -> 
     """
     config_path = Path(path)
     try:
-        data = tomllib.loads(_read_config(config_path).decode())
+        data = tomllib.loads(_read_config(config_path, stream_ok=stream_ok).decode())
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise ConfigError(
@@ -1139,7 +1143,7 @@ def load_config(path: str | os.PathLike[str], *, import_calls: bool = False) -> 
 _FILE_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket"}
 
 
-def _read_config(path: Path) -> bytes:
+def _read_config(path: Path, *, stream_ok: bool = False) -> bytes:
     """The bytes of the config file at ``path``, which must be a regular file.
 
     Opened without waiting: a plain ``open`` of a named pipe waits for a writer, for ever --
@@ -1155,6 +1159,11 @@ def _read_config(path: Path) -> bytes:
         mode = os.fstat(fd).st_mode
         if stat.S_ISDIR(mode):
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+        if stream_ok and (stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)):
+            # Opened, it no longer waits for a writer: with none, a read ends at once; with
+            # one (`cat x.toml | orchestrator check -c /dev/stdin`), when it is done.
+            os.set_blocking(fd, True)
+            return file.read()
         if not stat.S_ISREG(mode):
             kind = _FILE_KINDS.get(stat.S_IFMT(mode), "a device")
             raise OSError(errno.EINVAL, f"not a regular file ({kind})")

@@ -432,18 +432,34 @@ def test_every_command_refuses_a_config_that_is_a_fifo_at_once(
     try:
         # When: each command that reads a config is given it.
         for command, code in [
-            (["check"], EXIT_CONFIG), (["check", "--json"], EXIT_CONFIG), (["run"], EXIT_CONFIG),
-            (["batch"], EXIT_CONFIG), (["items"], EXIT_CONFIG), (["show", "x"], EXIT_CONFIG),
-            (["status"], EXIT_CONFIG), (["requeue", "x"], EXIT_CONFIG),
-            (["reload"], EXIT_CONFIG), (["health"], EXIT_UNKNOWN),
+            (["run"], EXIT_CONFIG), (["batch"], EXIT_CONFIG), (["items"], EXIT_CONFIG),
+            (["show", "x"], EXIT_CONFIG), (["status"], EXIT_CONFIG),
+            (["requeue", "x"], EXIT_CONFIG), (["reload"], EXIT_CONFIG), (["health"], EXIT_UNKNOWN),
         ]:  # fmt: skip
             # Then: it says what is wrong, with the exit of a config it cannot read.
             assert main([*command, "-c", str(fifo)]) == code, command
             captured = capsys.readouterr()
             assert "cannot read config: not a regular file (a FIFO)" in captured.err + captured.out
+        # `check` reads a pipe (below), and this one at once: nobody writes, an empty config.
+        for command in (["check"], ["check", "--json"]):
+            assert main([*command, "-c", str(fifo)]) == EXIT_CONFIG, command
+            captured = capsys.readouterr()
+            assert "at least one stage is required" in captured.err + captured.out
     finally:
         unblock.cancel()
         unblock.join()
+
+
+def test_check_reads_a_config_from_a_pipe(tmp_path: Path) -> None:
+    # Found by an acceptance tester (session 16): `envsubst < t.toml | orchestrator check -c
+    # /dev/stdin` (a config made in CI) was refused once FIFOs were, though it worked before.
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "check", "-c", "/dev/stdin"],
+        input='[[stages]]\nname = "x"\ncommand = ["true"]\n', capture_output=True, text=True,
+        timeout=30, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "/dev/stdin: ok" in proc.stdout
 
 
 def _until_running(proc: subprocess.Popen[bytes], folder: Path) -> None:
