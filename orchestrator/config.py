@@ -36,10 +36,8 @@ from __future__ import annotations
 
 import difflib
 import enum
-import errno
 import os
 import re
-import stat
 import tomllib
 import types
 from collections.abc import Callable, Mapping
@@ -58,6 +56,7 @@ from cattrs.gen import make_dict_structure_fn, override
 
 from orchestrator.durations import describe_value, format_duration, parse_duration, parse_size
 from orchestrator.errors import ConfigError
+from orchestrator.files import read_without_waiting
 
 __all__ = [
     "Config",
@@ -1122,7 +1121,7 @@ def load_config(
     """
     config_path = Path(path)
     try:
-        data = tomllib.loads(_read_config(config_path, stream_ok=stream_ok).decode())
+        data = tomllib.loads(read_without_waiting(config_path, stream_ok=stream_ok).decode())
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise ConfigError(
@@ -1137,37 +1136,6 @@ def load_config(
         return parse_config(data, base_dir=config_path.parent, import_calls=import_calls)
     except ConfigError as exc:
         raise ConfigError(exc.errors, path=config_path) from None
-
-
-#: What a config path that is not a regular file (nor a folder) names, for its error.
-_FILE_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket"}
-
-
-def _read_config(path: Path, *, stream_ok: bool = False) -> bytes:
-    """The bytes of the config file at ``path``, which must be a regular file.
-
-    Opened without waiting: a plain ``open`` of a named pipe waits for a writer, for ever --
-    every command hung there, ``health`` (which watchdogs run) too (found by an acceptance
-    tester, session 16).
-
-    Raises:
-        OSError: the file cannot be read, or is not a regular file (a FIFO, a device, a
-            socket); a folder is `IsADirectoryError`, as ``open`` says it.
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
-    with open(fd, "rb") as file:
-        mode = os.fstat(fd).st_mode
-        if stat.S_ISDIR(mode):
-            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
-        if stream_ok and (stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)):
-            # Opened, it no longer waits for a writer: with none, a read ends at once; with
-            # one (`cat x.toml | orchestrator check -c /dev/stdin`), when it is done.
-            os.set_blocking(fd, True)
-            return file.read()
-        if not stat.S_ISREG(mode):
-            kind = _FILE_KINDS.get(stat.S_IFMT(mode), "a device")
-            raise OSError(errno.EINVAL, f"not a regular file ({kind})")
-        return file.read()
 
 
 #: The keys of a config that the commands reading a service's state need (`load_for_reading`).
@@ -1195,7 +1163,7 @@ def load_for_reading(path: str | os.PathLike[str]) -> tuple[Config, list[str]]:
     except ConfigError as exc:
         failure = exc
     try:
-        text = _read_config(Path(path)).decode()
+        text = read_without_waiting(path).decode()
     except (OSError, UnicodeDecodeError):
         raise failure from None
     data = _parse_what_parses(text)

@@ -20,16 +20,16 @@ exponential backoff between restarts -- a supervisor for devices without systemd
 from __future__ import annotations
 
 import datetime as dt
-import errno
 import json
 import os
 import socket
-import stat
 import subprocess
 import time
 from typing import TYPE_CHECKING, Any
 
 import attrs
+
+from orchestrator.files import read_without_waiting
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -37,10 +37,7 @@ if TYPE_CHECKING:
 
     from orchestrator.config import Config
 
-__all__ = [
-    "CRITICAL", "OK", "WARNING", "Verdict", "judge", "read_status_bytes", "starting_limit",
-    "watch",
-]  # fmt: skip
+__all__ = ["CRITICAL", "OK", "WARNING", "Verdict", "judge", "starting_limit", "watch"]
 
 OK, WARNING, CRITICAL = 0, 1, 2
 LEVEL_NAMES = {OK: "ok", WARNING: "warning", CRITICAL: "critical"}
@@ -98,22 +95,6 @@ class Verdict:
         return f"{self.status}: " + "; ".join(self.reasons)
 
 
-def read_status_bytes(path: str | os.PathLike[str]) -> bytes:
-    """The bytes of the status file at ``path``, read without waiting: a FIFO (or a socket, a
-    device) there is refused, OSError, instead of blocking its reader -- `health` above all,
-    which watchdogs run (found by an acceptance tester, session 16)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", str(path))
-        chunks = []
-        while chunk := os.read(fd, 1 << 16):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
-
-
 def judge(
     path: Path, *, interval: float, now: float | None = None,
     starting_limit: float = STARTING_LIMIT,
@@ -128,7 +109,7 @@ def judge(
     now = time.time() if now is None else now
     where = str(path)
     try:
-        doc = json.loads(read_status_bytes(path))
+        doc = json.loads(read_without_waiting(path))
         updated = float(doc["updated_unix"])
     except FileNotFoundError:
         return Verdict(level=CRITICAL, path=where,

@@ -34,7 +34,7 @@ from rich.table import Table
 from rich.text import Text
 
 from orchestrator.errors import StoreUnavailable
-from orchestrator.health import read_status_bytes
+from orchestrator.files import read_without_waiting
 from orchestrator.logs import printable as clean
 from orchestrator.store.records import ItemState
 from orchestrator.store.sqlite import (
@@ -190,7 +190,7 @@ def read_status_file(path: Path, now: float) -> dict[str, Any] | None:
     ``{"path": …, "error": …}``.
     """
     try:
-        raw = read_status_bytes(path)
+        raw = read_without_waiting(path)
     except FileNotFoundError:
         return None
     except OSError as exc:
@@ -326,7 +326,7 @@ def reload_service(
 
 def _status_doc(status_path: Path) -> dict[str, Any] | None:
     try:
-        doc = json.loads(read_status_bytes(status_path))
+        doc = json.loads(read_without_waiting(status_path))
     except (OSError, ValueError):
         return None  # (being replaced: the next look sees it)
     return doc if isinstance(doc, dict) else None

@@ -20,7 +20,9 @@ if TYPE_CHECKING:
     from orchestrator.store.records import Item
 
 __all__ = [
+    "AWK",
     "PLACEHOLDERS",
+    "SHELLS",
     "backoff_delay",
     "code_argument",
     "decide",
@@ -68,7 +70,7 @@ def expand_argv(
 
 #: Shells: a short option group holding ``c`` (``-c``, ``-ec``, ``-ce``, ``-xc``) makes the first
 #: operand the script.
-_SHELLS = frozenset(("sh", "bash", "dash", "zsh", "ksh", "mksh", "ash", "fish"))
+SHELLS = frozenset(("sh", "bash", "dash", "zsh", "ksh", "mksh", "ash", "fish"))
 #: Interpreters: (letters that end a short option group before the code, long options before
 #: the code, options that take a value, options after which the rest is not code).
 _INTERPRETERS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
@@ -81,7 +83,7 @@ _INTERPRETERS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...], tuple[str,
     "Rscript": ("e", (), (), ()),
 }
 _PYTHON_NAME = re.compile(r"(?:python|pypy)[0-9.]*")
-_AWK = frozenset(("awk", "gawk", "mawk", "nawk"))
+AWK = frozenset(("awk", "gawk", "mawk", "nawk"))
 _SHELL_OPTION_VALUE = frozenset(("-o", "+o", "-O", "+O"))
 
 
@@ -118,17 +120,17 @@ def find_code(template: tuple[str, ...]) -> tuple[int, str] | None:
         if _PYTHON_NAME.fullmatch(program):
             program = "python"
         found: int | None = None
-        if program in _SHELLS:
+        if program in SHELLS:
             found = _shell_script(template, index + 1)
         elif program in _INTERPRETERS:
             found = _interpreter_code(template, index + 1, *_INTERPRETERS[program])
-        elif program in _AWK:
+        elif program in AWK:
             found = _awk_program(template, index + 1)
         elif program in ("su", "runuser"):  # `su [-] [USER] -c CMD`: a -c anywhere is the shell's
             found = next((i + 1 for i in range(index + 1, len(template) - 1)
                           if template[i] in ("-c", "--command")), None)  # fmt: skip
         elif program == "script":  # `script [options] [file]`: -c among its options
-            found = _option_value(template, index + 1, ("-c", "--command"), "c")
+            found = _interpreter_code(template, index + 1, "c", ("--command",), (), ())
         elif program == "flock":  # `flock [options] LOCK -c CMD` or `flock [options] LOCK CMD…`
             after_lock = _after_options(template, index + 1, _FLOCK_VALUES) + 1
             if template[after_lock : after_lock + 1] not in (("-c",), ("--command",)):
@@ -210,22 +212,6 @@ def _after_options(
         else:
             return index
     return index
-
-
-def _option_value(
-    template: tuple[str, ...], index: int, names: tuple[str, ...], letter: str
-) -> int | None:
-    """The value of option ``names`` (or a short group ending in ``letter``) among the options
-    from ``index`` (they end at the first operand)."""
-    while index < len(template) - 1:
-        arg = template[index]
-        if arg in names or (len(arg) > 1 and arg[0] == "-" and arg[1:].isalpha()
-                            and arg.endswith(letter)):  # fmt: skip
-            return index + 1
-        if not arg.startswith("-") or arg == "--":
-            return None
-        index += 1
-    return None
 
 
 def _short_group(arg: str, letters: str) -> bool:

@@ -23,29 +23,17 @@ def _disposition(d: Disposition) -> str:
     return f"move:{d.dir}" if d.action == "move" else d.action
 
 
-#: How a value reaches the code of each kind of program (`config_warnings`).
-_HOW_TO_PASS = {
-    **dict.fromkeys(
-        (
-            "sh",
-            "bash",
-            "dash",
-            "zsh",
-            "ksh",
-            "mksh",
-            "ash",
-            "fish",
-            "su",
-            "runuser",
-            "flock",
-            "script",
-        ),
-        'pass it as an argument after the script (["sh", "-c", "… \\"$1\\" …", "sh", "{{{0}}}"])',
-    ),
-    "python": "pass it as an argument after the code (sys.argv[1])",
-    **dict.fromkeys(("awk", "gawk", "mawk", "nawk"), "pass it with -v (-v {0}={{{0}}})"),
-    "": "pass it as an argument after the code",
-}
+def _how_to_pass(program: str, name: str) -> str:
+    """How a value reaches the code of ``program`` (as `pipeline.find_code` names it)."""
+    from orchestrator.pipeline import AWK, SHELLS
+
+    if program in SHELLS or program in ("su", "runuser", "flock", "script"):
+        return f'pass it as an argument after the script (["sh", "-c", "… \\"$1\\" …", "sh", "{{{name}}}"])'
+    if program == "python":
+        return "pass it as an argument after the code (sys.argv[1])"
+    if program in AWK:
+        return f"pass it with -v (-v {name}={{{name}}})"
+    return "pass it as an argument after the code"
 
 
 def config_warnings(config: Config) -> list[str]:
@@ -75,7 +63,7 @@ def config_warnings(config: Config) -> list[str]:
                 out.append(
                     f"stages[{i}].command[{code}]: {{{named[0]}}} is not substituted inside "
                     f"the code of {program!r} (a file name there would run as code); "
-                    f"{_HOW_TO_PASS.get(program, _HOW_TO_PASS['']).format(named[0])} or read "
+                    f"{_how_to_pass(program, named[0])} or read "
                     f"ORCH_{named[0].upper()}"
                 )
         for index, word, meant in placeholder_lookalikes(stage.command):

@@ -64,13 +64,15 @@ class LimitChanges:
     def applied(self) -> list[str]:
         """What changed and applies now, as ``stages[extract].concurrency 1 → 2``,
         ``pools.gpu 1 → 2`` and ``log.level INFO → DEBUG``."""
-        applied = [f"stages[{name}].concurrency {a} → {b}" for name, (a, b) in self.stages.items()]
-        applied += [f"pools.{name} {a} → {b}" for name, (a, b) in self.pools.items()]
-        return applied + list(self.log)
+        return self._limits() + list(self.log)
+
+    def _limits(self) -> list[str]:
+        limits = [f"stages[{name}].concurrency {a} → {b}" for name, (a, b) in self.stages.items()]
+        return limits + [f"pools.{name} {a} → {b}" for name, (a, b) in self.pools.items()]
 
     def describe(self) -> str:
         """One line for the log: what was applied and what was not."""
-        limits = self.applied()[: len(self.applied()) - len(self.log)]
+        limits = self._limits()
         text = "limits: " + (", ".join(limits) if limits else "unchanged")
         if self.log:
             text += "; " + ", ".join(self.log)

@@ -407,18 +407,37 @@ def kill_marked(marker: tuple[str, ...], *, newer_than: int = 0) -> list[int]:
     from orchestrator.reaper import other_pids, proc_environ
 
     wanted = {m.encode() for m in marker}
-    killed = []
-    for pid in other_pids():
-        if pid <= newer_than:
-            continue
-        env = proc_environ(pid)
-        if env is not None and wanted <= set(env):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                continue
-            killed.append(pid)
-    return killed
+    return [
+        pid for pid in other_pids()
+        if pid > newer_than and _kill_if_marked(pid, proc_environ(pid), wanted)
+    ]  # fmt: skip
+
+
+def _kill_if_marked(pid: int, env: list[bytes] | None, wanted: set[bytes]) -> bool:
+    """SIGKILL ``pid`` when its environment ``env`` holds every entry of ``wanted``; whether
+    it was signalled."""
+    if env is None or not wanted <= set(env):
+        return False
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+def _wait_exited(pid: int, timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds for ``pid`` to exit (blocking); whether it has (or is
+    gone already)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        poller = select.poll()  # not select.select: the descriptor may be above FD_SETSIZE
+        poller.register(pidfd, select.POLLIN)
+        return bool(poller.poll(max(0.0, timeout) * 1000))
+    finally:
+        os.close(pidfd)
 
 
 #: Leaders of runs started and not reaped yet (`reap_orphans` never reaps one of them).
@@ -503,22 +522,12 @@ def end_escaped(marker: tuple[str, ...], leader: int, candidates: Sequence[int] 
             if env is None or env != [b""]:
                 break
             time.sleep(EXEC_READ_PAUSE)  # mid-exec: no environment to read yet
-        if env is not None and wanted <= set(env):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
+        if _kill_if_marked(pid, env, wanted):
+            killed.append(pid)
     deadline = time.monotonic() + KILL_WAIT
     for pid in killed:
-        try:
-            pidfd = os.pidfd_open(pid)
-        except OSError:  # gone already
-            continue
-        try:
-            poller = select.poll()
-            poller.register(pidfd, select.POLLIN)
-            poller.poll(max(0.0, deadline - time.monotonic()) * 1000)
-        finally:
-            os.close(pidfd)
+        with contextlib.suppress(OSError):  # (no descriptor to watch it by: go on)
+            _wait_exited(pid, deadline - time.monotonic())
     return killed
 
 
@@ -710,14 +719,7 @@ def _exec_failed(cmd: Command, pid: int, executable: str, report: bytes) -> int:
     and be read at the next one: a child still running after `EXEC_FAILURE_EXIT_WAIT` is
     that next one, and keeps running (its own failure, if any, shows as exit 255).
     """
-    pidfd = os.pidfd_open(pid)
-    try:
-        poller = select.poll()  # not select.select: the descriptor may be above FD_SETSIZE
-        poller.register(pidfd, select.POLLIN)
-        exited = bool(poller.poll(EXEC_FAILURE_EXIT_WAIT * 1000))
-    finally:
-        os.close(pidfd)
-    if not exited:
+    if not _wait_exited(pid, EXEC_FAILURE_EXIT_WAIT):
         return pid
     os.waitpid(pid, 0)
     _, hex_errno, detail = [*report.split(b":", 2), b"", b""][:3]

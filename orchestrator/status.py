@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "StartingStatus",
+    "failure_entry",
     "op_recent_errors",
     "op_stage_counts",
     "open_starting_status",
@@ -58,12 +59,21 @@ def op_stage_counts(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
     return op_counts_by_stage(conn, rejected_apart=False)[0]
 
 
-def op_recent_errors(conn: sqlite3.Connection, limit: int) -> list[dict[str, Any]]:
+def failure_entry(
+    at: float | None, item: str, stage: str | None, attempt: int, outcome: str | None,
+    reason: str | None, next_state: str | None,
+) -> dict[str, object]:  # fmt: skip
+    """One of the status file's ``recent_errors``."""
+    return {"at": at, "item": item, "stage": stage, "attempt": attempt, "outcome": outcome,
+            "reason": reason, "next": next_state}  # fmt: skip
+
+
+def op_recent_errors(conn: sqlite3.Connection, limit: int) -> list[dict[str, object]]:
     """The last ``limit`` failed runs as the status file lists them, oldest first: what a
     restarted service shows until runs of its own fail (``next`` is not recorded: null)."""
     return [
-        {"at": run.ended_at, "item": item_id, "stage": run.stage, "attempt": run.attempt,
-         "outcome": run.outcome, "reason": run.reason, "next": None}
+        failure_entry(run.ended_at, item_id, run.stage, run.attempt, run.outcome, run.reason,
+                      None)
         for item_id, run in reversed(op_recent_failures(conn, limit))
     ]  # fmt: skip
 

@@ -37,6 +37,7 @@ from orchestrator.runner import (
     StageEnvironment,
     run_command,
 )
+from orchestrator.status import failure_entry
 from orchestrator.store.records import TERMINAL_STATES, Item, ItemState, Transition
 from orchestrator.store.sqlite import (
     Claim,
@@ -491,11 +492,10 @@ class Engine:
             else:
                 # No run failed, but it is a failure to show (found by an acceptance tester,
                 # session 16: an item dead this way was in no list of failures).
-                self.recent_errors.append({
-                    "at": time.time(), "item": item.id, "stage": item.stage,
-                    "attempt": item.attempts, "outcome": "not run", "reason": reason,
-                    "next": ItemState.DEAD.value,
-                })  # fmt: skip
+                self.recent_errors.append(failure_entry(
+                    time.time(), item.id, item.stage, item.attempts, "not run", reason,
+                    ItemState.DEAD.value,
+                ))  # fmt: skip
                 self._settle(item, transition, log)
 
         self.unsettled.value += 1
@@ -760,10 +760,10 @@ class Engine:
             log.info("run ok in {:.3f}s", result.duration)
         else:
             self.failed_runs[stage.name] += 1
-            self.recent_errors.append({
-                "at": time.time(), "item": item.id, "stage": stage.name, "attempt": item.attempts,
-                "outcome": result.outcome.value, "reason": result.reason, "next": transition.state.value,
-            })  # fmt: skip
+            self.recent_errors.append(failure_entry(
+                time.time(), item.id, stage.name, item.attempts, result.outcome.value,
+                result.reason, transition.state.value,
+            ))  # fmt: skip
             tail = f"; output tail:\n{result.tail}" if result.tail else ""
             nxt = transition.state.value
             log.warning("run {} ({}) -> {}{}", result.outcome.value, result.reason, nxt, tail)

@@ -1504,14 +1504,8 @@ def test_a_helper_a_run_left_outside_its_group_never_overlaps_the_next_run_of_a_
     assert processes_with_env(f"{STATE_MARKER}={tmp_path / 'state'}") == []
 
 
-def test_a_record_whose_id_spells_a_rejected_lines_place_is_taken(tmp_path: Path) -> None:
-    # Found by an acceptance tester (session 16): a line without a usable id is keyed by its
-    # place ("<inode>:<byte>"); a later record whose id was that text was skipped as taken.
-    records = tmp_path / "r.jsonl"
-    records.write_text('{"no_id": 1}\n')
-    records.write_text(
-        records.read_text() + json.dumps({"id": f"{records.stat().st_ino}:0"}) + "\n"
-    )
+def _records_config(tmp_path: Path) -> Path:
+    """A batch config: the jsonl source ``r.jsonl`` (ids in ``id``) through one ``true``."""
     config = tmp_path / "c.toml"
     config.write_text(textwrap.dedent("""
         [http]
@@ -1526,6 +1520,18 @@ def test_a_record_whose_id_spells_a_rejected_lines_place_is_taken(tmp_path: Path
         name = "s"
         command = ["true"]
         """))  # fmt: skip
+    return config
+
+
+def test_a_record_whose_id_spells_a_rejected_lines_place_is_taken(tmp_path: Path) -> None:
+    # Found by an acceptance tester (session 16): a line without a usable id is keyed by its
+    # place ("<inode>:<byte>"); a later record whose id was that text was skipped as taken.
+    records = tmp_path / "r.jsonl"
+    records.write_text('{"no_id": 1}\n')
+    records.write_text(
+        records.read_text() + json.dumps({"id": f"{records.stat().st_ino}:0"}) + "\n"
+    )
+    config = _records_config(tmp_path)
     proc = orchestrator("batch", "-c", str(config), "--json", "--no-progress", cwd=tmp_path)
     assert proc.returncode == 1, proc.stderr  # (the rejected line)
     assert json.loads(proc.stdout)["states"] == {"done": 1, "rejected": 1}
@@ -1535,20 +1541,7 @@ def test_a_record_skipped_for_a_repeated_id_is_named(tmp_path: Path) -> None:
     # Found by an acceptance tester (session 16): "skipped 1 record(s) whose id was taken
     # already" said neither which, so a correction sent under a known id vanished unexplained.
     (tmp_path / "r.jsonl").write_text('{"id": 1, "q": 5}\n{"id": "1", "q": 500}\n')
-    config = tmp_path / "c.toml"
-    config.write_text(textwrap.dedent("""
-        [http]
-        listen = false
-        [[sources]]
-        name = "r"
-        type = "jsonl"
-        path = "r.jsonl"
-        id_field = "id"
-        route = ["s"]
-        [[stages]]
-        name = "s"
-        command = ["true"]
-        """))  # fmt: skip
+    config = _records_config(tmp_path)
     proc = orchestrator("batch", "-c", str(config), "--no-progress", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "skipped 1 record(s) whose id was taken already ('1')" in proc.stderr
