@@ -103,9 +103,9 @@ def test_an_unchanged_file_is_not_parsed_again(
     parses: list[str] = []
     real_split = split_array
 
-    def counting_split(text: str) -> list[Element]:
+    def counting_split(text: str, *, undecodable: bool = False) -> list[Element]:
         parses.append(text)
-        return real_split(text)
+        return real_split(text, undecodable=undecodable)
 
     monkeypatch.setattr(jsonarray, "split_array", counting_split)
     assert src.read().outcome == "unchanged"
@@ -211,6 +211,64 @@ def test_an_element_with_an_integer_too_long_for_python_is_rejected_alone(tmp_pa
     # Rejected once: the next read of the same elements finds nothing new.
     src.known = found.keys
     write_old_bytes(path, text.encode() + b"\n")
+    assert src.read().items == []
+
+
+def test_an_element_nested_too_deep_for_python_is_rejected_alone(tmp_path: Path) -> None:
+    # Found by an acceptance tester (session 16): one element nested deeper than Python's JSON
+    # reader goes (a RecursionError) failed the whole file, and a service never took anything
+    # from it again.
+    # Given: such an element between two good ones, a bracket inside a string after it.
+    path = tmp_path / "ideas.json"
+    deep = "[" * 5000 + "]" * 5000
+    text = f'[{{"id": "good1"}}, {{"id": "deep", "x": {deep}}}, {{"id": "good2", "s": "]\\"["}}]'
+    write_old_bytes(path, text.encode())
+    src = source(tmp_path)
+    # When: the source reads it.
+    found = src.read()
+    # Then: the others are taken; it is rejected alone, its depth said.
+    assert found.outcome == "parsed"
+    states = [(i.key, i.state.value) for i in found.items]
+    assert states == [("good1", "queued"), (found.items[1].key, "rejected"), ("good2", "queued")]
+    assert (found.items[1].reason or "").startswith(
+        "element 1: nested 5001 levels deep, deeper than Python's JSON reader goes"
+    )
+    assert found.items[2].payload == '{"id": "good2", "s": "]\\"["}'
+    # Rejected once, keyed by its text: the next read of the same elements finds nothing new.
+    src.known = found.keys
+    write_old_bytes(path, text.encode() + b"\n")
+    assert src.read().items == []
+
+
+def test_a_deep_element_cut_short_is_still_mid_write(tmp_path: Path) -> None:
+    path = tmp_path / "ideas.json"
+    write_old_bytes(path, b'[{"id": "good1"}, {"id": "deep", "x": ' + b"[" * 5000)
+    found = source(tmp_path).read()
+    assert found.outcome == "failed"
+    assert (found.error or "").startswith("not valid JSON: Unterminated nested element")
+
+
+def test_an_element_holding_bytes_that_are_not_utf8_is_rejected_alone(tmp_path: Path) -> None:
+    # Found by an acceptance tester (session 16): one Latin-1 byte anywhere in the file failed
+    # it as a whole ("not valid JSON"), so none of its elements was ever taken.
+    # Given: a Latin-1 "é" in one element's string, valid UTF-8 and a byte-order mark elsewhere.
+    path = tmp_path / "ideas.json"
+    write_old_bytes(path, b'\xef\xbb\xbf[{"id": "good1", "w": "caf\xc3\xa9"},'
+                          b' {"id": "latin", "w": "caf\xe9"}, {"id": "good2"}]')  # fmt: skip
+    src = source(tmp_path)
+    # When: the source reads it.
+    found = src.read()
+    # Then: the others are taken as written; it is rejected alone, the byte and its place said.
+    assert found.outcome == "parsed"
+    states = [(i.key, i.state.value) for i in found.items]
+    assert states == [("good1", "queued"), (found.items[1].key, "rejected"), ("good2", "queued")]
+    assert found.items[0].payload == '{"id": "good1", "w": "café"}'
+    assert (found.items[1].reason or "").startswith(
+        "element 1: holds bytes that are not UTF-8 (0xe9 at byte 25 of the element); element:"
+    )
+    # Rejected once: the next read of the same elements finds nothing new.
+    src.known = found.keys
+    write_old_bytes(path, path.read_bytes() + b"\n")
     assert src.read().items == []
 
 

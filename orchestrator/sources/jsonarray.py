@@ -6,8 +6,9 @@ Its payload is the element's text exactly as the file holds it (`split_array`), 
 source passes its lines: numbers are not read into Python floats and written again. In memory the source keeps the keys of the document it read last
 (`JsonArraySource.known`), so an element it saw before costs no question to the store; a writer
 that keeps only its latest elements in the file does not make the set grow with its history.
-An element that is not an object, has no usable id, or holds a number a stage could not parse
-(NaN, ``1e999``, an integer of more digits than Python converts) becomes a ``rejected`` item
+An element that is not an object, has no usable id, holds a number a stage could not parse
+(NaN, ``1e999``, an integer of more digits than Python converts), is nested deeper than Python's
+JSON reader goes, or holds bytes that are not UTF-8 becomes a ``rejected`` item
 (keyed by a hash of its content, so it is rejected once, not at every poll); the others are
 taken as usual.
 
@@ -89,18 +90,23 @@ class NotAnArray(ValueError):
     """The document is JSON, but not an array."""
 
 
-def split_array(text: str) -> list[Element]:
+def split_array(text: str, *, undecodable: bool = False) -> list[Element]:
     """The elements of the JSON array ``text``, each with its own text (pure).
 
     An element is read on its own, so its payload can be what the file holds, character for
     character: no number is written again from a Python float (``12345678901234567.89`` and
     ``1e5`` stay as they are), and an element Python cannot read -- an integer of more digits
-    than it converts -- is kept with its ``problem`` instead of failing the document.
+    than it converts, or one nested deeper than its reader goes -- is kept with its
+    ``problem`` instead of failing the document.
+
+    ``undecodable``: ``text`` was decoded with ``surrogateescape`` because the file holds bytes
+    that are not UTF-8; each element holding such a byte (a lone surrogate in its own text: the
+    JSON escape ``\\udc80`` is six ASCII characters there) gets a ``problem``.
 
     Raises:
         NotAnArray: JSON, but not an array.
         ValueError: not JSON (a ``JSONDecodeError``, at its place in the whole document).
-        RecursionError: nested too deep.
+        RecursionError: the document, not an array, is nested too deep.
     """
     unwritable: list[str] = []  # numbers JSON cannot write, as written, in the element read
 
@@ -135,6 +141,16 @@ def split_array(text: str) -> list[Element]:
                 raise
             except ValueError:  # an integer past Python's 4,300 digits: this element alone
                 value, end, problem = _long_integer(text, index)
+            except RecursionError:  # nested deeper than Python's reader goes: this one alone
+                end, depth = _container_end(text, index)
+                value = text[index:end]  # (not read: its text tells it from other such elements)
+                problem = (
+                    f"nested {depth} levels deep, deeper than Python's JSON reader goes (a stage"
+                    " in Python could not parse its payload)"
+                )
+            if problem is None and undecodable and _SURROGATE.search(text, index, end):
+                value = text[index:end]  # (keyed by its text: its bytes are not text)
+                problem = _not_utf8(text[index:end])
             if unwritable:
                 problem = number_problem(unwritable[0])
             elements.append(Element(value, text[index:end], problem))
@@ -155,6 +171,43 @@ def _skip(text: str, index: int) -> int:
     match = _WHITESPACE.match(text, index)
     assert match is not None  # (it matches the empty string)
     return match.end()
+
+
+#: A JSON string, a bracket, or a run of anything else: enough to find where a container ends.
+_CONTAINER_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]|[^"\[\]{}]+', re.DOTALL)
+
+
+def _container_end(text: str, index: int) -> tuple[int, int]:
+    """Where the array or object starting at ``index`` ends, and how deep it nests, found by
+    its brackets alone (for one too deep for ``json`` to read).
+
+    Raises:
+        json.JSONDecodeError: it does not end (the writer is mid-write).
+    """
+    depth = deepest = 0
+    for token in _CONTAINER_TOKEN.finditer(text, index):
+        if token[0] in ("[", "{"):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif token[0] in ("]", "}"):
+            depth -= 1
+            if depth == 0:
+                return token.end(), deepest
+        elif depth == 0:  # (never: it starts with a bracket, else json would have read it)
+            break
+    raise json.JSONDecodeError("Unterminated nested element", text, index)
+
+
+def _not_utf8(element: str) -> str:
+    """Why an element read with ``surrogateescape`` is rejected: its first byte that is not
+    UTF-8, and where it is in the element."""
+    found = _SURROGATE.search(element)
+    assert found is not None
+    byte = ord(found[0]) - 0xDC00
+    at = len(element[: found.start()].encode("utf-8", "surrogateescape"))
+    if not 0x80 <= byte <= 0xFF:  # (an encoded surrogate the strict decoding let through)
+        return f"holds bytes that are not UTF-8 (at byte {at} of the element)"
+    return f"holds bytes that are not UTF-8 (0x{byte:02x} at byte {at} of the element)"
 
 
 def _long_integer(text: str, index: int) -> tuple[object, int, str]:
@@ -230,6 +283,24 @@ def new_elements(
             items.append(NewItem(id=f"{config.name}:{key}", source=config.name, key=key,
                                  route=route, state=ItemState.REJECTED, reason=reason))  # fmt: skip
     return items
+
+
+def _decoded(data: bytes) -> tuple[str, bool]:
+    """The file's text as json.loads reads bytes: UTF-8 (a byte-order mark skipped), -16 or -32,
+    and surrogates written as bytes let through (`new_elements` escapes them); and whether it
+    holds bytes that are not UTF-8.
+
+    Found by an acceptance tester (session 16): one such byte anywhere failed the whole file,
+    so no element of it was ever taken. Such bytes are decoded as lone surrogates
+    (``surrogateescape``) and only the elements holding them are rejected (`split_array`).
+    """
+    encoding = json.detect_encoding(data)  # "utf-8-sig" skips a byte-order mark
+    try:
+        return data.decode(encoding, "surrogatepass"), False
+    except UnicodeDecodeError:
+        if not encoding.startswith("utf-8"):
+            raise
+    return data.decode(encoding, "surrogateescape"), True
 
 
 def _show(text: str) -> str:
@@ -344,13 +415,12 @@ class JsonArraySource:
         error = None
         elements: list[Element] = []
         try:
-            # As json.loads reads bytes: UTF-8 (a byte-order mark skipped), -16 or -32, and
-            # surrogates written as bytes let through (`new_elements` escapes them).
-            text = data.decode(json.detect_encoding(data), "surrogatepass")
-            elements = split_array(text)  # NaN, Infinity, 1e999, 5,000 digits: element rejected
+            text, undecodable = _decoded(data)
+            # NaN, 1e999, 5,000 digits, nested too deep, bytes not UTF-8: that element rejected.
+            elements = split_array(text, undecodable=undecodable)
         except NotAnArray as exc:
             error = str(exc)
-        # ValueError: also bytes that are not UTF-8; RecursionError: nested too deep.
+        # ValueError: also bytes that are not UTF-16/32; RecursionError: not an array, too deep.
         except (ValueError, RecursionError) as exc:
             error = f"not valid JSON: {exc}; starts with {show_raw(data[:80], len(data))}"
         # The signature of what was read: the stat before the read, so a write during the read
