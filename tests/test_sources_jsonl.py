@@ -16,6 +16,7 @@ from orchestrator.sources import jsonl as jsonl_module
 from orchestrator.sources.jsonl import (
     MAX_ID_BYTES,
     MAX_LINE,
+    is_rotation_of,
     parse_record,
     show_raw,
     split_lines,
@@ -517,6 +518,44 @@ def test_two_rotations_between_two_reads_read_the_file_in_the_middle(tmp_path: P
     # Then: every record once, file after file; the old files are left alone.
     assert numbers(first + second + third) == [2, 10, 11, 20]
     assert src.stored == Position(log.stat().st_dev, log.stat().st_ino, 10)
+
+
+def test_rotations_named_by_logrotates_extension_option_are_read_too(tmp_path: Path) -> None:
+    # Found by an acceptance tester (session 16): with logrotate's `extension .jsonl` the files
+    # are rotated to `log.1.jsonl` or `log-20260102.jsonl`, which were not looked for: the file
+    # in the middle of two rotations between two reads was never read.
+    # Given: a writer holding the file open, read to its end; a writer's own other files beside.
+    log = tmp_path / "log.jsonl"
+    writer = open(log, "ab", buffering=0)
+    try:
+        writer.write(b'{"n": 1}\n')
+        src = source(tmp_path)
+        assert numbers(drain(src)) == [1]
+        append(tmp_path / "log-2.jsonl", {"n": -2})  # a shard, not a rotation
+        append(tmp_path / "log-20260101.jsonl.gz", {"n": -3})
+
+        # When: before the next poll, the file is rotated twice as `extension` names them.
+        rotate(log, "log-20260102.jsonl", {"n": 10}, {"n": 11})
+        writer.write(b'{"n": 2}\n')
+        rotate(log, "log.1.jsonl", {"n": 20})
+        items: list[NewItem] = []
+        for _ in range(3):
+            time.sleep(0.06)  # quiet for half a poll
+            items += drain(src)
+    finally:
+        writer.close()
+
+    # Then: every record once, file after file; the others are left alone.
+    assert numbers(items) == [2, 10, 11, 20]
+
+
+def test_the_names_a_rotation_gives() -> None:
+    rotated = ["log.jsonl.1", "log.jsonl-20260102", "log.jsonl.2026-01-02", "log.jsonl_3",
+               "log.1.jsonl", "log-20260102.jsonl", "log_2026-01-02.jsonl", "log-2026010212.jsonl"]  # fmt: skip
+    assert [n for n in rotated if not is_rotation_of(n, "log.jsonl")] == []
+    others = ["log.jsonl", "log.jsonl.lock", "log-2.jsonl", "log.x.jsonl", "log.jsonl.1.gz",
+              "log-20260102.jsonl.gz", "other.1.jsonl", "log.jsonlx.1"]  # fmt: skip
+    assert [n for n in others if is_rotation_of(n, "log.jsonl")] == []
 
 
 async def test_a_batch_after_two_rotations_takes_every_file_and_one_after_a_loss_exits_1(

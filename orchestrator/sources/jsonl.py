@@ -42,6 +42,7 @@ import functools
 import json
 import math
 import os
+import re
 import stat
 import time
 from typing import TYPE_CHECKING
@@ -94,6 +95,29 @@ COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".lz4", ".lzma", ".z", ".zip", ".br"
 #: The name a rotation gives the file: its own, one of these, then a digit (``app.jsonl.1``,
 #: ``app.jsonl-20260101``, ``app.jsonl.2026-01-01``) -- not a writer's ``app.jsonl.lock``.
 ROTATED_SEPARATORS = (".", "-", "_")
+#: What logrotate's ``extension`` puts between the name's stem and its extension: a number
+#: after a dot (``app.1.jsonl``) or a date (``app-20260101.jsonl``, ``app_2026-01-01.jsonl``,
+#: with hours or seconds after it) -- not a writer's own ``app-2.jsonl``.
+_BEFORE_EXTENSION = re.compile(r"\.\d+|[-._]\d{4}-?\d{2}-?\d{2}[-_.\d]*")
+
+
+def is_rotation_of(name: str, base: str) -> bool:
+    """Whether ``name`` is one a rotation gives a file named ``base`` (pure): its own name, a
+    separator and a digit (Python's handlers, logrotate), or with logrotate's ``extension``,
+    the number or date before the extension (`_BEFORE_EXTENSION`); not a compressed one.
+
+    Found by an acceptance tester (session 16): with ``extension .jsonl`` (``app-20260101.jsonl``)
+    the files rotated away before the source read them were not looked for.
+    """
+    if name.lower().endswith(COMPRESSED):
+        return False
+    if name.startswith(base) and name[len(base) : len(base) + 1] in ROTATED_SEPARATORS:
+        return name[len(base) + 1 : len(base) + 2].isdigit()
+    stem, extension = os.path.splitext(base)
+    return (
+        bool(extension) and name.startswith(stem) and name.endswith(extension)
+        and _BEFORE_EXTENSION.fullmatch(name, len(stem), len(name) - len(extension)) is not None
+    )  # fmt: skip
 
 
 @attrs.frozen
@@ -750,7 +774,6 @@ class JsonlSource:
             return []
         since = self._seen - MTIME_SLACK
         folder, base = os.path.split(self.path)
-        prefixes = tuple(base + sep for sep in ROTATED_SEPARATORS)
         try:
             st = os.stat(self.path)
             at_path: tuple[int, int] | None = (st.st_dev, st.st_ino)
@@ -760,11 +783,7 @@ class JsonlSource:
         try:
             with os.scandir(folder) as listing:
                 for entry in listing:
-                    name = entry.name
-                    if (
-                        not name.startswith(prefixes) or not name[len(base) + 1 : len(base) + 2].isdigit()
-                        or name.lower().endswith(COMPRESSED)
-                    ):  # fmt: skip
+                    if not is_rotation_of(entry.name, base):
                         continue
                     try:
                         st = entry.stat(follow_symlinks=False)
