@@ -90,6 +90,8 @@ def test_stress_command_line_json_and_exit_code(capsys: pytest.CaptureFixture[st
     assert report["items"]["generated"] == 6
     assert {"ok", "invariants", "items", "restarts", "kills", "faults", "throughput", "latency",
             "retries"} <= set(report)  # fmt: skip
+    # Its own folder is removed when every invariant held: the report names no file in it.
+    assert [report["workdir"], report["service_log"], report["config"]] == [None, None, None]
 
 
 def test_stress_refuses_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
