@@ -24,7 +24,10 @@ as a reason of a degraded ``/health`` until it clears:
   runs started for ``watchdog.stall_after``;
 - ``overdue_run``: a run is older than its stage's ``timeout`` plus ``grace_period`` (the runner
   should have killed it by then);
-- ``slot_wait``: an item has waited for a slot longer than ``watchdog.slot_wait_warn``.
+- ``slot_wait``: an item has waited for a slot longer than ``watchdog.slot_wait_warn`` -- a
+  worker waiting for a pool, or the items queued at a stage whose own slots are all busy and
+  none of whose runs started or ended for that long (a run that never ends, in a stage without
+  ``timeout``).
 """
 
 from __future__ import annotations
@@ -189,6 +192,8 @@ class Watchdog:
         self._last_start: dict[str, float] = {}
         #: Per stage: trio time its items started waiting with slots free.
         self._idle_since: dict[str, float] = {}
+        #: Per stage: trio time its items started waiting with its own slots all busy.
+        self._full_since: dict[str, float] = {}
         self._status_line = ""
         engine.on_run_end.append(self._run_ended)
 
@@ -313,7 +318,8 @@ class Watchdog:
             last = self._last_start.get(run.stage)
             if last is None or run.since > last:
                 self._last_start[run.stage] = run.since
-        waiting: dict[str, int] = dict(engine.queue_depths())
+        queued = engine.queue_depths()
+        waiting: dict[str, int] = dict(queued)
         for holder, since in engine.slot_waiters.items():
             waiting[holder.stage] = waiting.get(holder.stage, 0) + 1
             waited = now - since
@@ -323,6 +329,7 @@ class Watchdog:
                     f" {holder.stage!r} ({self._full_limits(holder)})"
                 )
         for stage in engine.config.stages:
+            found.update(self._queued_behind_full_stage(stage.name, queued.get(stage.name, 0), now))
             n = waiting.get(stage.name, 0)
             if n == 0 or engine.stopping or not self._has_room(stage.name):
                 self._idle_since.pop(stage.name, None)
@@ -346,6 +353,42 @@ class Watchdog:
                     f" {cfg.grace_period:g}s"
                 )
         self._update_stalls(found)
+
+    def _queued_behind_full_stage(
+        self, stage: str, queued: int, now: float
+    ) -> dict[tuple[str, object], str]:
+        """A ``slot_wait`` stall for items queued at ``stage`` while its own slots are all busy
+        and no run of it started or ended for ``slot_wait_warn``.
+
+        Found by an acceptance tester (session 17): a stage has one worker per slot, so items
+        queued behind its own full limit are not slot waiters (a pool's are); a run that never
+        ended in a stage without ``timeout`` held the pipeline for good with /health ok.
+        """
+        limiter = self.engine.slots.stage_limiters.get(stage)
+        if (
+            queued == 0 or self.engine.stopping or limiter is None
+            or limiter.borrowed_tokens < limiter.total_tokens
+        ):  # fmt: skip
+            self._full_since.pop(stage, None)
+            return {}
+        full_since = self._full_since.setdefault(stage, now)
+        quiet_since = max(full_since, self._last_start.get(stage, full_since))
+        if now - quiet_since <= self.config.slot_wait_warn:
+            return {}
+        runs = sorted((r for r in self.engine.running.values() if r.stage == stage),
+                      key=lambda r: r.since)  # fmt: skip
+        held = ", ".join(
+            f"run {r.run} on {r.item!r} for {_secs(now - r.since)}"
+            + ("" if r.pid is None else f" (pid {r.pid})")
+            for r in runs[:3]
+        ) + (", ..." if len(runs) > 3 else "")
+        return {
+            ("slot_wait", stage): (
+                f"stage {stage!r}: {queued} item(s) queued, all {int(limiter.total_tokens)} of its"
+                f" slots busy and no run of it started or ended for {_secs(now - quiet_since)}"
+                f" ({held or 'held by runs ending now'})"
+            )
+        }
 
     def _has_room(self, stage: str) -> bool:
         slots = self.engine.slots

@@ -289,6 +289,52 @@ async def test_long_slot_wait_is_a_stall_visible_on_health_and_metrics(
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+async def test_a_run_that_never_ends_without_a_timeout_is_a_slot_wait_stall(
+    tmp_path: Path, write_config: Callable[[str], Config]
+) -> None:
+    # Found by an acceptance tester (session 17): items queued behind a stage's own full limit
+    # are not slot waiters (a stage has one worker per slot), so a run that never ended, in a
+    # stage without `timeout` (the default), held the pipeline for good with /health ok.
+    # Given: a service whose one-at-a-time stage, without a timeout, never ends its first run.
+    (tmp_path / "in").mkdir()
+    config = write_config("""
+        state_dir = "state"
+        shutdown_grace = "0.5s"
+        [http]
+        listen = "127.0.0.1:0"
+        [watchdog]
+        slot_wait_warn = "0.5s"
+        [[sources]]
+        name = "in"
+        type = "directory"
+        path = "in"
+        settle = "0s"
+        poll_interval = "0.1s"
+        route = ["hang"]
+        [[stages]]
+        name = "hang"
+        command = ["sleep", "60"]
+        grace_period = "0.5s"
+        """)  # fmt: skip
+    for name in ("item1", "item2", "item3"):
+        (tmp_path / "in" / name).write_text("")
+    with captured_logs() as lines:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve, config)
+            url = (await wait_logged(lines, r"http: listening on (\S+)")).group(1)
+            # When: no run of it starts or ends for longer than slot_wait_warn
+            warning = (await wait_logged(lines, r"(?s)pipeline stall \(slot_wait\).*")).group(0)
+            # Then: the warning names the stage, the items queued and the run holding it;
+            # /health is 503 with the reason.
+            assert re.search(r"stage 'hang': 2 item\(s\) queued, all 1 of its slots busy and no run"
+                             r" of it started or ended for [\d.]+s \(run \d+ on 'in:item\d' for"
+                             r" [\d.]+s \(pid \d+\)\)", warning), warning  # fmt: skip
+            status, body, _ = await aget(url + "/health")
+            assert status == 503
+            assert any("slots busy" in r for r in json.loads(body)["reasons"])
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 async def test_run_end_observer_marks_stage_progress(
     tmp_path: Path, write_config: Callable[[str], Config]
 ) -> None:
