@@ -58,6 +58,7 @@ from loguru import logger
 from orchestrator.errors import LeftoverProcesses, StoreUnavailable
 from orchestrator.housekeeping import highest_run_log_id, serve_housekeeping
 from orchestrator.instance import STORE_FAILED, InstanceLock, acquire_instance_lock
+from orchestrator.journal import JOURNAL_NAME, RunJournal, read_journal
 from orchestrator.pollers import serve_source
 from orchestrator.reaper import Leftover, ReapReport, reap
 from orchestrator.runner import become_subreaper, reap_orphans
@@ -198,10 +199,17 @@ async def serve(
                         hurry=early.hurry,
                     )  # fmt: skip
                     await early.stop()
-                    result = await _serve(
-                        config, store, instance, recovery, batch, on_start, notifier, signals,
-                        config_path, terminal, starting, early.received, lock.note_end,
-                    )  # fmt: skip
+                    journal = await trio.to_thread.run_sync(
+                        RunJournal.create, config.state_dir / JOURNAL_NAME, instance
+                    )
+                    try:
+                        result = await _serve(
+                            config, store, instance, recovery, batch, on_start, notifier,
+                            signals, config_path, terminal, starting, early.received,
+                            lock.note_end, journal,
+                        )  # fmt: skip
+                    finally:
+                        journal.close()  # (removed once every run in it is recorded)
                     await _sweep_escaped(config)
                     guard.cancel_scope.cancel()
                 if batch:
@@ -374,11 +382,16 @@ async def _recover(
     starting.set_phase("recovering the runs a dead instance left open")
     host = socket.gethostname()
     await store.call(lambda c: op_register_instance(c, instance, os.getpid(), host))
+    journal_path = config.state_dir / JOURNAL_NAME
+    journal = await trio.to_thread.run_sync(read_journal, journal_path)
     recovery = await store.call(
-        lambda c: op_recover(c, config.max_interruptions, report.runs, blamed=blamed)
+        lambda c: op_recover(
+            c, config.max_interruptions, report.runs, blamed=blamed, journal=journal
+        )
     )
     logged = await trio.to_thread.run_sync(highest_run_log_id, str(config.state_dir / "runs"))
-    await store.reload_run_ids(logged)
+    # Run ids go on after every one handed out before: recorded, with a log, or written down.
+    await store.reload_run_ids(max([logged, *journal]))
     if recovery.interrupted:
         logger.warning(
             "recovered {} run(s) left open by a dead instance; {} poison item(s) now dead",
@@ -459,6 +472,7 @@ async def _serve(
     on_start: Callable[[Engine], None] | None, notifier: Notifier | None,
     signals: AsyncIterator[int], config_path: Path | None, terminal: Terminal,
     starting: StartingStatus, early_signals: list[int], note_end: Callable[[str], object],
+    journal: RunJournal,
 ) -> ServiceResult:  # fmt: skip
     interrupted = False
     starting.set_phase("starting the pipeline")
@@ -475,8 +489,9 @@ async def _serve(
 
         calls = await trio.to_thread.run_sync(resolve_calls, config)
     engine = Engine(
-        config, store, instance=instance, executables=executables, batch=batch, calls=calls
-    )
+        config, store, instance=instance, executables=executables, batch=batch, calls=calls,
+        journal=journal,
+    )  # fmt: skip
     engine.started_wall = starting.started  # (the status file said so while it started)
     if not batch:  # the last failures shown survive a restart: the store has them
         engine.recent_errors.extend(

@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 
     from orchestrator.calls import StageRun
     from orchestrator.config import Config, StageConfig
+    from orchestrator.journal import RunJournal
     from orchestrator.store.sqlite import SqliteStore, _Op
 
 __all__ = ["Engine", "resolve_executables"]
@@ -156,10 +157,13 @@ class Engine:
         self, config: Config, store: SqliteStore, *, instance: str,
         executables: Mapping[str, str] | None = None, batch: bool = True,
         calls: Mapping[str, Callable[[StageRun], Awaitable[object]]] | None = None,
+        journal: RunJournal | None = None,
     ) -> None:  # fmt: skip
         self.config = config
         self.store = store
         self.instance = instance
+        #: Where each run is written down before it starts (`orchestrator.journal`).
+        self.journal = journal
         self.slots = Slots(config)
         self.stages = {s.name: s for s in config.stages}
         self._lanes = {s.name: _Lane(s.concurrency) for s in config.stages}
@@ -611,6 +615,8 @@ class Engine:
                 on_done=claimed_now,
             )  # fmt: skip
 
+        if self.journal is not None:
+            self.journal.started(run_id, item.seq, attempt, stage.name)
         try:
             running = self.running[run_id] = RunningRun(run_id, item.id, stage.name, attempt)
             self.last_run_started = running.since
@@ -651,6 +657,8 @@ class Engine:
                         run_id=run_id, item=item, result=result, transition=transition,
                         log_path=kept if tail is not None else None,
                     )  # fmt: skip
+                    if self.journal is not None:
+                        self.journal.settled(run_id)
                 log.warning("run cancelled by shutdown; item re-queued")
                 raise
         finally:
@@ -700,9 +708,13 @@ class Engine:
             if op.error is not None:
                 self._fail(op.error)
                 return
+            if self.journal is not None:
+                self.journal.settled(run_id)
             self._ran(stage, item, result, transition, slot_wait, log, workdir)
 
         # The item is handed on once its result is durable; the worker goes on meanwhile.
+        if self.journal is not None:
+            self.journal.ended(run_id, result)
         self.unsettled.value += 1
         self.store.submit(
             Finish(run_id, item, result, transition, logged_path),

@@ -205,6 +205,90 @@ def test_poison_item_is_dead_after_max_interruptions(tmp_path: Path) -> None:
     assert processes_with_env(f"ORCH_STATE={tmp_path / 'state'}") == []
 
 
+def test_a_run_that_ended_before_its_record_was_written_is_recorded_after_a_crash(
+    tmp_path: Path,
+) -> None:
+    # Found by an acceptance tester (session 17): a run is recorded with the next group commit
+    # after its spawn, and its result with a later one. A service killed before either, whose
+    # run ended before the next start (most runs are short), left no trace of it: the stage
+    # ran again with no word, `show` listed one run, and the run's id was handed out again.
+    # Given: a stage of concurrency 1 that writes every run to a ledger of its own; item "a"
+    # holds the slot until told to go, "b" waits behind it.
+    (tmp_path / "in").mkdir()
+    for name in ("a", "b"):
+        (tmp_path / "in" / name).write_text("x")
+    ledger, go = tmp_path / "ledger", tmp_path / "go"
+    script = (
+        f'echo "$ORCH_RUN $ORCH_ITEM" >> {ledger}; '
+        f'case "$ORCH_ITEM" in *a) while [ ! -e {go} ]; do sleep 0.01; done;; esac'
+    )
+    config = tmp_path / "c.toml"
+    config.write_text(textwrap.dedent(f"""
+        [http]
+        listen = false
+        [[sources]]
+        name = "in"
+        type = "directory"
+        path = "in"
+        route = ["s"]
+        settle = "0s"
+        [[stages]]
+        name = "s"
+        command = ["sh", "-c", {json.dumps(script)}]
+        """))  # fmt: skip
+    db = tmp_path / "state" / "orchestrator.db"
+    proc = start(config, tmp_path / "log")
+    try:
+        deadline = time.monotonic() + 20
+
+        def recorded_runs() -> int:
+            try:
+                with open_db(f"file:{db}?mode=ro", uri=True) as conn:
+                    return int(conn.execute("SELECT count(*) FROM runs").fetchone()[0])
+            except sqlite3.OperationalError:
+                return 0
+
+        while recorded_runs() == 0:  # a's run is recorded
+            assert proc.poll() is None
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        # When: nothing more can be committed (another process holds the store's write lock);
+        # a ends, b runs and ends -- neither is recorded -- and the service is killed.
+        with open_db(db, timeout=5) as holder:
+            holder.execute("BEGIN IMMEDIATE")
+            go.touch()
+            while len(ledger.read_text().splitlines()) < 2:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            time.sleep(0.2)  # b's result is known to the service
+            proc.kill()
+            proc.wait()
+            holder.execute("ROLLBACK")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    before = ledger.read_text().splitlines()
+    assert len(before) == 2
+    # Then: the next start records both runs; each item runs again and is done. Every run
+    # the ledger saw is in the store under its own id, and no id was handed out twice.
+    again = start(config, tmp_path / "log", "batch")
+    assert again.wait(timeout=60) == 0
+    with open_db(db) as conn:
+        stored = dict(conn.execute(
+            "SELECT runs.id, items.id FROM runs JOIN items ON items.seq = runs.item_seq"
+        ).fetchall())  # fmt: skip
+        reasons = [r for (r,) in conn.execute("SELECT reason FROM runs WHERE reason IS NOT NULL")]
+        interruptions = conn.execute("SELECT sum(interruptions) FROM items").fetchone()
+    ran = [line.split(" ", 1) for line in ledger.read_text().splitlines()]
+    assert len({int(run) for run, _ in ran}) == 4  # four runs, four ids
+    assert {int(run): item for run, item in ran} == stored
+    # Both ended by themselves: neither counts toward a poison item.
+    assert interruptions == (0,)
+    assert len([r for r in reasons if r.startswith("ended by itself (ok, exit code 0,")]) == 2
+    assert not (tmp_path / "state" / "journal").exists()  # a clean stop leaves none
+
+
 def test_second_instance_on_the_same_state_is_refused(tmp_path: Path) -> None:
     (tmp_path / "in").mkdir()
     config = tmp_path / "c.toml"

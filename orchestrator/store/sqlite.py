@@ -58,6 +58,7 @@ if TYPE_CHECKING:
     )
     from pathlib import Path
 
+    from orchestrator.journal import JournalRun
     from orchestrator.reaper import SeenRun
     from orchestrator.runner import RunResult
 
@@ -716,7 +717,7 @@ class Recovery:
 
 def op_recover(
     conn: sqlite3.Connection, max_interruptions: int, seen: Iterable[SeenRun] = (),
-    *, blamed: Collection[int] | None = None,
+    *, blamed: Collection[int] | None = None, journal: Mapping[int, JournalRun] | None = None,
 ) -> Recovery:  # fmt: skip
     """Close runs a dead instance left open as ``interrupted``; re-queue or kill their items.
 
@@ -731,8 +732,28 @@ def op_recover(
         blamed: the runs whose interruption counts (None: all). The others' items are
             re-queued with nothing counted: the dead instance said it ended because its store
             failed (none blamed) or because one run blocked its event loop (that one).
+        journal: the dead instance's run journal (`orchestrator.journal`): its runs the store
+            has no record of are recorded now, as interrupted, even when they ended before this
+            start; a run whose result it holds (but the store does not) is closed with that
+            result and its item re-queued with nothing counted -- the run ended by itself.
     """
     now = time.time()
+    journal = journal or {}
+    for entry in journal.values():
+        if conn.execute("SELECT 1 FROM runs WHERE id = ?", (entry.run,)).fetchone() is not None:
+            continue
+        row = conn.execute(
+            "UPDATE items SET state = 'running', attempts = max(attempts, ?), updated_at = ?"
+            " WHERE seq = ? AND state IN ('queued', 'retry_wait', 'running')"
+            " AND json_extract(route, '$[' || stage_index || ']') = ? RETURNING seq",
+            (entry.attempt, now, entry.seq, entry.stage),
+        ).fetchone()
+        if row is not None:
+            conn.execute(
+                "INSERT INTO runs (id, item_seq, stage, attempt, instance, started_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (entry.run, entry.seq, entry.stage, entry.attempt, entry.instance, entry.started),
+            )
     for run in seen:
         if conn.execute("SELECT 1 FROM runs WHERE id = ?", (run.run,)).fetchone() is not None:
             continue
@@ -754,13 +775,29 @@ def op_recover(
     ).fetchall()
     poisoned: list[int] = []
     for run_id, seq, stage in open_runs:
-        blame = blamed is None or run_id in blamed
-        why = _interrupted_why(run_id, blamed)
-        conn.execute(
-            "UPDATE runs SET outcome = 'interrupted', ended_at = ?,"
-            " duration = ? - started_at, reason = ? WHERE id = ?",
-            (now, now, why, run_id),
-        )
+        ended = journal.get(run_id)
+        if ended is not None and ended.outcome is not None:
+            # It ended by itself; only its result was not yet durable: its item did no wrong.
+            blame = False
+            code = "" if ended.exit_code is None else f", exit code {ended.exit_code}"
+            why = (
+                f"ended by itself ({ended.outcome}{code}, {ended.duration:.3f}s), but its result"
+                f" was not recorded: {_interrupted_why(run_id, blamed)}; not counted as an"
+                " interruption"
+            )
+            conn.execute(
+                "UPDATE runs SET outcome = 'interrupted', ended_at = started_at + ?,"
+                " duration = ?, exit_code = ?, signal = ?, reason = ? WHERE id = ?",
+                (ended.duration, ended.duration, ended.exit_code, ended.signal, why, run_id),
+            )
+        else:
+            blame = blamed is None or run_id in blamed
+            why = _interrupted_why(run_id, blamed)
+            conn.execute(
+                "UPDATE runs SET outcome = 'interrupted', ended_at = ?,"
+                " duration = ? - started_at, reason = ? WHERE id = ?",
+                (now, now, why, run_id),
+            )
         row = conn.execute(
             "UPDATE items SET interruptions = interruptions + ?, updated_at = ?"
             " WHERE seq = ? AND state = 'running' RETURNING interruptions",
