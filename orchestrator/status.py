@@ -209,6 +209,18 @@ def write_atomically(path: Path, data: bytes) -> None:
         raise
 
 
+def _write_failure(path: Path, exc: OSError) -> str:
+    """Why the status file at ``path`` cannot be written, the same at every failed try.
+
+    ``str(exc)`` would name the file the error is about: the temp file, whose name is new at
+    each try, so one failure would be logged at every tick and change ``/health`` and systemd's
+    ``STATUS=`` as often (found by an acceptance tester, session 17: the folder replaced by a
+    file, or ``chattr +i`` on the file). The file meant, and the error without its file names.
+    """
+    why = f"[Errno {exc.errno}] {exc.strerror}" if exc.errno and exc.strerror else str(exc)
+    return f"status file {str(path)!r} cannot be written: {why}"
+
+
 async def write_status(
     engine: Engine, *, state: str, health: Callable[[], dict[str, Any]] | None = None
 ) -> None:
@@ -250,7 +262,7 @@ async def serve_status_file(
             state = "draining" if engine.stopping else "running"
             await write_status(engine, state=state, health=health)
         except OSError as exc:
-            failure = f"status file {path!r} cannot be written: {exc}"
+            failure = _write_failure(engine.config.status_path, exc)
             if failure != engine.status_file_failure:  # once, not at every tick
                 logger.warning("{}; tried again every {:g}s", failure, interval)
             engine.status_file_failure = failure
@@ -313,7 +325,7 @@ class StartingStatus:
                             write_atomically, path, json.dumps(doc, indent=1).encode()
                         )
                     except OSError as exc:
-                        failure = f"status file {str(path)!r} cannot be written: {exc}"
+                        failure = _write_failure(path, exc)
                         if failure != self._failure:
                             logger.warning("{}; tried again every {:g}s", failure, interval)
                         self._failure = failure

@@ -470,6 +470,39 @@ def test_a_status_file_that_cannot_be_written_makes_health_503_until_it_can(
     assert code == 0, service.log
 
 
+def test_a_status_file_failure_naming_the_temp_file_is_still_logged_once(tmp_path: Path) -> None:
+    # Acceptance (session 17): an error about the temp file (its folder replaced by a file:
+    # ENOTDIR) named that file, new at each try: logged at every tick, /health changing with it.
+    folder = tmp_path / "sdir"
+    folder.mkdir()
+    status = folder / "status.json"
+    config = service_config(DEFAULT_PIPELINE).replace(
+        "[status]\n", f"[status]\nfile = {str(status)!r}\n"
+    )
+    service = Service(tmp_path, config)
+    try:
+        wait_health(service.config_path, EXIT_OK, timeout=15)
+
+        # When: the status file's folder is replaced by a plain file
+        status.unlink()
+        folder.rmdir()
+        folder.write_text("")
+
+        # Then: /health says so with the status file's name and the error, the same at each try
+        reason = f"status file {str(status)!r} cannot be written: [Errno 20] Not a directory"
+        deadline = time.monotonic() + 10
+        while (got := service.get("/health"))[0] != 503:
+            assert time.monotonic() < deadline, got
+            time.sleep(0.1)
+        assert json.loads(got[1]) == {"status": "degraded", "reasons": [reason]}
+        time.sleep(1.0)  # several more failed writes (every 0.3 s): logged once
+        assert json.loads(service.get("/health")[1])["reasons"] == [reason]
+        assert service.log.count("cannot be written") == 1, service.log
+    finally:
+        code = service.stop()
+    assert code == 0, service.log
+
+
 def test_a_missing_source_folder_is_degraded_in_every_view_and_logged_once(tmp_path: Path) -> None:
     # Given: a running, healthy service
     service = Service(tmp_path, service_config(DEFAULT_PIPELINE))
