@@ -54,6 +54,8 @@ class Notifier:
             self._sock.close()
             raise
         self._failed = False
+        #: The last ``STATUS=`` systemd took, whoever sent it (None: none yet).
+        self.status: str | None = None
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> Notifier | None:
@@ -95,6 +97,9 @@ class Notifier:
                 logger.warning("cannot notify systemd ({}): {}", lines[0] if lines else "", exc)
             return False
         self._failed = False
+        for line in lines:
+            if line.startswith("STATUS="):
+                self.status = line.removeprefix("STATUS=")
         return True
 
     def close(self) -> None:

@@ -194,7 +194,6 @@ class Watchdog:
         self._idle_since: dict[str, float] = {}
         #: Per stage: trio time its items started waiting with its own slots all busy.
         self._full_since: dict[str, float] = {}
-        self._status_line = ""
         engine.on_run_end.append(self._run_ended)
 
     # --- what others read ------------------------------------------------------------------
@@ -443,8 +442,11 @@ class Watchdog:
         if reasons:
             line += f"; degraded: {reasons[0]}"
         line = line.replace("\n", " ")
-        if line != self._status_line and self.notifier.notify(f"STATUS={line}"):
-            self._status_line = line
+        # Against what systemd shows now, not what this sent last: READY=1 (at start, after a
+        # reload) says STATUS=running too, and the counts must follow it (found by an
+        # acceptance tester, session 17: an idle service showed "running" until an item came).
+        if line != self.notifier.status:
+            self.notifier.notify(f"STATUS={line}")
 
     # --- the loop-block thread -------------------------------------------------------------
 

@@ -199,6 +199,34 @@ def test_reload_is_told_to_systemd(tmp_path: Path) -> None:
     assert "reloaded; limits: unchanged" in service.log
 
 
+def statuses(got: list[tuple[float, str]]) -> list[str]:
+    """Every STATUS= line in ``got``, in order (a notification may hold other lines first)."""
+    return [line[7:] for _, data in got for line in data.splitlines() if line.startswith("STATUS=")]
+
+
+def test_the_counts_follow_ready_at_start_and_after_a_reload(tmp_path: Path) -> None:
+    # Acceptance (session 17): READY=1 comes with STATUS=running, and an idle service's counts
+    # were re-sent only when they changed: systemctl status showed just "running".
+    path = str(tmp_path / "notify.sock")
+    with notify_socket(path) as sock:
+        service = Service(tmp_path, service_config(DEFAULT_PIPELINE), env={"NOTIFY_SOCKET": path})
+        try:
+            # Given: a started service, idle
+            got = wait_for(sock, "READY=1", timeout=15)
+            # Then: the counts come after READY=1 (the stall check runs every second).
+            got += receive(sock, time.monotonic() + 1.2)
+            assert statuses(got)[-1].startswith("running: 0 queued, 0 running, 0 done"), got
+
+            # When: it reloads (RELOADING=1, READY=1 again)
+            service.signal(signal.SIGHUP)
+            got = wait_for(sock, "READY=1", timeout=10)
+            got += receive(sock, time.monotonic() + 1.5)
+            # Then: the counts follow that READY=1 too.
+            assert statuses(got)[-1].startswith("running: 0 queued, 0 running, 0 done"), got
+        finally:
+            service.stop()
+
+
 UNIT = Path(__file__).resolve().parent.parent / "configs" / "orchestrator.service"
 
 
