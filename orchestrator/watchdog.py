@@ -118,6 +118,8 @@ class Stall:
     kind: str  #: ``no_progress``, ``overdue_run`` or ``slot_wait``
     message: str
     since: float  #: wall-clock time it was noticed
+    #: The message without the ages that grow while it lasts (systemd's ``STATUS=``).
+    condition: str
 
 
 class _Lag:
@@ -198,8 +200,14 @@ class Watchdog:
 
     # --- what others read ------------------------------------------------------------------
 
-    def health_reasons(self) -> list[str]:
-        """Why the service is not healthy now; empty when it is (``/health``, ``STATUS=``)."""
+    def health_reasons(self, *, ages: bool = True) -> list[str]:
+        """Why the service is not healthy now; empty when it is (``/health``, ``STATUS=``).
+
+        Args:
+            ages: say how long each condition has lasted, or how long ago it was ("has waited
+                29s", "14s ago"): ``/health`` does. Without them (``STATUS=``) a condition's
+                text stays the same while it lasts.
+        """
         reasons = []
         if self.engine.stopping:
             reasons.append("draining: shutting down")
@@ -216,11 +224,11 @@ class Watchdog:
             reasons.append(f"event loop blocked now by task {self.loop_blocked_by!r}")
         elif block is not None and time.time() - block.at < LOOP_BLOCK_HOLD:
             ago = time.time() - block.at
+            when = f"{ago:.0f}s ago" if ages else f"in the last {LOOP_BLOCK_HOLD:g}s"
             reasons.append(
-                f"event loop was blocked for {block.seconds:.1f}s by task {block.task!r}"
-                f" {ago:.0f}s ago"
+                f"event loop was blocked for {block.seconds:.1f}s by task {block.task!r} {when}"
             )
-        reasons.extend(s.message for s in self.stalls.values())
+        reasons.extend(s.message if ages else s.condition for s in self.stalls.values())
         return reasons
 
     def health(self) -> dict[str, Any]:
@@ -312,7 +320,8 @@ class Watchdog:
         """Look for the three kinds of pipeline stall now; log and count new ones, clear gone ones."""
         engine = self.engine
         now = trio.current_time()
-        found: dict[tuple[str, object], str] = {}
+        # Per stall: its message, and its condition (the message without the growing ages).
+        found: dict[tuple[str, object], tuple[str, str]] = {}
         for run in engine.running.values():
             last = self._last_start.get(run.stage)
             if last is None or run.since > last:
@@ -323,9 +332,12 @@ class Watchdog:
             waiting[holder.stage] = waiting.get(holder.stage, 0) + 1
             waited = now - since
             if waited > self.config.slot_wait_warn:
+                what = f"for a slot of stage {holder.stage!r}"
                 found["slot_wait", holder] = (
-                    f"item {holder.item!r} has waited {_secs(waited)} for a slot of stage"
-                    f" {holder.stage!r} ({self._full_limits(holder)})"
+                    f"item {holder.item!r} has waited {_secs(waited)} {what}"
+                    f" ({self._full_limits(holder)})",
+                    f"item {holder.item!r} has waited over {self.config.slot_wait_warn:g}s {what}"
+                    f" ({self._full_limits(holder, holders=False)})",
                 )
         for stage in engine.config.stages:
             found.update(self._queued_behind_full_stage(stage.name, queued.get(stage.name, 0), now))
@@ -336,9 +348,10 @@ class Watchdog:
             idle_since = self._idle_since.setdefault(stage.name, now)
             quiet_since = max(idle_since, self._last_start.get(stage.name, idle_since))
             if now - quiet_since > self.config.stall_after:
+                what = f"stage {stage.name!r}: {n} item(s) waiting and slots free, but no run"
                 found["no_progress", stage.name] = (
-                    f"stage {stage.name!r}: {n} item(s) waiting and slots free, but no run"
-                    f" started for {_secs(now - quiet_since)}"
+                    f"{what} started for {_secs(now - quiet_since)}",
+                    f"{what} started for over {self.config.stall_after:g}s",
                 )
         for run in engine.running.values():
             cfg = engine.stages.get(run.stage)
@@ -346,11 +359,10 @@ class Watchdog:
                 continue
             age = now - run.since
             if age > cfg.timeout + cfg.grace_period + OVERDUE_SLACK:
-                found["overdue_run", run.run] = (
-                    f"run {run.run} of stage {run.stage!r} on item {run.item!r} (pid {run.pid})"
-                    f" is {_secs(age)} old, past its timeout {cfg.timeout:g}s + grace"
-                    f" {cfg.grace_period:g}s"
-                )
+                which = f"run {run.run} of stage {run.stage!r} on item {run.item!r} (pid {run.pid})"
+                past = f"past its timeout {cfg.timeout:g}s + grace {cfg.grace_period:g}s"
+                found["overdue_run", run.run] = (f"{which} is {_secs(age)} old, {past}",
+                                                 f"{which} is {past}")  # fmt: skip
         self._update_stalls(found)
 
     def _queued_behind_full_stage(
@@ -396,7 +408,7 @@ class Watchdog:
         ]
         return all(lim.borrowed_tokens < lim.total_tokens for lim in limiters)
 
-    def _full_limits(self, waiter: Holder) -> str:
+    def _full_limits(self, waiter: Holder, *, holders: bool = True) -> str:
         """The limits ``waiter`` waits for (full, and not yet its own) and who holds them."""
         slots = self.engine.slots
         parts = []
@@ -407,19 +419,21 @@ class Watchdog:
         for kind, name, lim in named:
             borrowers = lim.statistics().borrowers
             if lim.borrowed_tokens >= lim.total_tokens and waiter not in borrowers:
-                holders = ", ".join(repr(getattr(b, "item", b)) for b in borrowers)
-                parts.append(f"{kind} {name!r} full, held by {holders}")
+                held = ", ".join(repr(getattr(b, "item", b)) for b in borrowers)
+                parts.append(f"{kind} {name!r} full, held by {held}" if holders
+                             else f"{kind} {name!r} full")  # fmt: skip
         return "; ".join(parts) or "slots free now"
 
-    def _update_stalls(self, found: dict[tuple[str, object], str]) -> None:
+    def _update_stalls(self, found: dict[tuple[str, object], tuple[str, str]]) -> None:
         for key in [k for k in self.stalls if k not in found]:
             stall = self.stalls.pop(key)
             logger.info("stall cleared: {}", stall.message)
-        new = [(key, message) for key, message in found.items() if key not in self.stalls]
-        for key, message in found.items():
+        new = [(key, message) for key, (message, _) in found.items() if key not in self.stalls]
+        for key, (message, condition) in found.items():
             old = self.stalls.get(key)
             since = old.since if old is not None else time.time()
-            self.stalls[key] = Stall(kind=key[0], message=message, since=since)
+            self.stalls[key] = Stall(kind=key[0], message=message, since=since,
+                                     condition=condition)  # fmt: skip
         if not new:
             return
         tree = format_task_tree()
@@ -438,7 +452,9 @@ class Watchdog:
             f"{state}: {queued} queued, {len(engine.running)} running, {tally.done} done,"
             f" {tally.dead} dead, {tally.retries} retries"
         )
-        reasons = [r for r in self.health_reasons() if not r.startswith("draining")]
+        # Without the ages: with them the line would change, and be sent, every second for as
+        # long as one condition lasts (found by an acceptance tester, session 17).
+        reasons = [r for r in self.health_reasons(ages=False) if not r.startswith("draining")]
         if reasons:
             line += f"; degraded: {reasons[0]}"
         line = line.replace("\n", " ")

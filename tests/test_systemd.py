@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import signal
 import socket
@@ -223,6 +224,33 @@ def test_the_counts_follow_ready_at_start_and_after_a_reload(tmp_path: Path) -> 
             got += receive(sock, time.monotonic() + 1.5)
             # Then: the counts follow that READY=1 too.
             assert statuses(got)[-1].startswith("running: 0 queued, 0 running, 0 done"), got
+        finally:
+            service.stop()
+
+
+def test_status_is_not_resent_every_second_while_one_condition_lasts(tmp_path: Path) -> None:
+    # Acceptance (session 17): the reason's running age ("... 3s ago") changed STATUS= every
+    # second for as long as the service was degraded; /health keeps the age.
+    path = str(tmp_path / "notify.sock")
+    with notify_socket(path) as sock:
+        env = {"NOTIFY_SOCKET": path, "ORCH_TEST_BLOCK_LOOP": "0.6@0.3"}
+        config = service_config(DEFAULT_PIPELINE + """
+            [watchdog]
+            loop_stall_warn = "0.3s"
+            """)  # fmt: skip
+        service = Service(tmp_path, config, env=env)
+        try:
+            # Given: a service whose loop was blocked for 0.6 s (degraded for a minute)
+            service.wait_log("event loop ran again")
+            # When: it goes on, idle, for 2.2 s
+            got = receive(sock, time.monotonic() + 2.2)
+            # Then: systemd heard the condition once, without its age; /health has the age.
+            # (While blocked it said "blocked now": another condition.)
+            degraded = [s for s in statuses(got) if "degraded: event loop was blocked" in s]
+            assert len(degraded) == 1, got
+            assert degraded[0].endswith(" by task 'test-hook:block-loop' in the last 60s")
+            health = json.loads(service.get("/health")[1])
+            assert health["reasons"][0].endswith("s ago"), health
         finally:
             service.stop()
 

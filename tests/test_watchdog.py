@@ -179,6 +179,10 @@ async def test_queued_items_with_free_slots_and_no_run_is_a_stall(
             assert watchdog.stall_counts["no_progress"] == 1
             [reason] = watchdog.health_reasons()
             assert reason.startswith("stage 'a': 1 item(s) waiting")
+            # systemd's STATUS= gets it without the age that grows each second (session 17).
+            assert watchdog.health_reasons(ages=False) == [
+                "stage 'a': 1 item(s) waiting and slots free, but no run started for over 0.3s"
+            ]
             watchdog.check_stalls()
             assert watchdog.stall_counts["no_progress"] == 1  # warned once per stall
 
@@ -218,6 +222,9 @@ async def test_run_past_timeout_and_grace_is_overdue(
             "run 7 of stage 'a' on item 'in:x' (pid 4242) is 3.0s old, past its timeout 1s"
             in reason
         )
+        assert watchdog.health_reasons(ages=False) == [
+            "run 7 of stage 'a' on item 'in:x' (pid 4242) is past its timeout 1s + grace 0.5s"
+        ]
         assert any("pipeline stall (overdue_run)" in line and "task tree:" in line
                    for line in lines)  # fmt: skip
 
