@@ -5,7 +5,8 @@ Three layers watch the event loop, from the inside out:
 1. **The heartbeat task** stamps ``time.monotonic()`` every `HEARTBEAT_INTERVAL` (or faster when
    the thresholds are small) and measures how late each tick was (the loop's lag). It is also
    what sends ``WATCHDOG=1`` to systemd, at half of ``WATCHDOG_USEC``: a blocked loop stops the
-   pings and systemd restarts the service.
+   pings and systemd restarts the service. For the layers below to act first, ``WatchdogSec``
+   must be longer than `shortest_watchdog_sec` (twice their time); start-up warns when not.
 2. **The loop-block thread**, outside the loop. When the heartbeat is older than
    ``watchdog.loop_stall_warn`` it logs which task holds the loop and where (the task whose
    coroutine frame is on the main thread's stack). Past ``watchdog.loop_stall_timeout`` it logs
@@ -65,6 +66,7 @@ __all__ = [
     "Stall",
     "Watchdog",
     "format_task_tree",
+    "shortest_watchdog_sec",
 ]
 
 #: The exit status when the event loop stayed blocked past ``loop_stall_timeout``
@@ -248,6 +250,17 @@ class Watchdog:
         """Run the heartbeat, the stall checks and the loop-block thread until cancelled."""
         self._root = trio.lowlevel.current_root_task()
         self._main_thread = threading.get_ident()  # the thread trio runs in
+        usec = self.notifier.watchdog_usec if self.notifier is not None else None
+        shortest = shortest_watchdog_sec(self.config.loop_stall_timeout)
+        if usec is not None and usec / 1e6 <= shortest:
+            logger.warning(
+                "systemd's watchdog (WatchdogSec={:g}s) can end a blocked event loop before this"
+                " service's own does ([watchdog] loop_stall_timeout {:g}s, then faulthandler {:g}s"
+                " later), without the stuck task's stack: pinged every WatchdogSec/2, a loop"
+                " blocked late in a period has only {:g}s; set WatchdogSec to more than {:g}s",
+                usec / 1e6, self.config.loop_stall_timeout, FAULTHANDLER_MARGIN, usec / 2e6,
+                shortest,
+            )  # fmt: skip
         self.beat = time.monotonic()
         thread = threading.Thread(target=self._watch_loop, name="orchestrator-loop-watchdog",
                                   daemon=True)  # fmt: skip
@@ -553,6 +566,19 @@ class Watchdog:
 
 
 # --- helpers -------------------------------------------------------------------------------
+
+
+def shortest_watchdog_sec(loop_stall_timeout: float) -> float:
+    """systemd's ``WatchdogSec`` must be longer than this for the service's own watchdog to act
+    first on a blocked loop (with the stuck task's stack in the log, exit 70).
+
+    ``WATCHDOG=1`` goes every half period, as sd_watchdog_enabled(3) advises: a loop blocked
+    just before a ping was due is ended by systemd only half a period after it blocked, while
+    the loop-block thread takes ``loop_stall_timeout`` and faulthandler, the last resort,
+    `FAULTHANDLER_MARGIN` more. Hence twice their sum (found by an acceptance tester, session
+    17: the unit's 90 s let systemd's SIGABRT come first for a loop blocked 30 s into a period).
+    """
+    return 2 * (loop_stall_timeout + FAULTHANDLER_MARGIN)
 
 
 def _secs(seconds: float) -> str:

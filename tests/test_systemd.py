@@ -20,7 +20,7 @@ from orchestrator.config import load_config
 from orchestrator.durations import parse_duration
 from orchestrator.supervisor import FINAL_STATUS_GRACE
 from orchestrator.systemd import Notifier
-from orchestrator.watchdog import FAULTHANDLER_MARGIN
+from orchestrator.watchdog import FAULTHANDLER_MARGIN, shortest_watchdog_sec
 from orchestrator.workers import RECORD_GRACE
 
 if TYPE_CHECKING:
@@ -119,6 +119,10 @@ def test_service_notifies_ready_watchdog_status_and_stopping(tmp_path: Path) -> 
             assert max(gaps) < 0.4, gaps  # within systemd's period: it would not kill us
             statuses = [data for _, data in got if data.startswith("STATUS=")]
             assert any("queued" in s and "running" in s and "done" in s for s in statuses), got
+            # A 0.4 s WatchdogSec is far too short for the default loop_stall_timeout (60 s):
+            # told once, with what would do (session 17).
+            assert service.log.count("systemd's watchdog (WatchdogSec=0.4s) can end") == 1
+            assert "set WatchdogSec to more than 140s" in service.log
 
             # When: it is told to stop
             service.signal(signal.SIGTERM)
@@ -210,7 +214,9 @@ def test_the_counts_follow_ready_at_start_and_after_a_reload(tmp_path: Path) -> 
     # were re-sent only when they changed: systemctl status showed just "running".
     path = str(tmp_path / "notify.sock")
     with notify_socket(path) as sock:
-        service = Service(tmp_path, service_config(DEFAULT_PIPELINE), env={"NOTIFY_SOCKET": path})
+        # (A WatchdogSec of 200 s: long enough for the default loop_stall_timeout, no warning.)
+        env = {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000000"}
+        service = Service(tmp_path, service_config(DEFAULT_PIPELINE), env=env)
         try:
             # Given: a started service, idle
             got = wait_for(sock, "READY=1", timeout=15)
@@ -224,6 +230,7 @@ def test_the_counts_follow_ready_at_start_and_after_a_reload(tmp_path: Path) -> 
             got += receive(sock, time.monotonic() + 1.5)
             # Then: the counts follow that READY=1 too.
             assert statuses(got)[-1].startswith("running: 0 queued, 0 running, 0 done"), got
+            assert "WatchdogSec" not in service.log
         finally:
             service.stop()
 
@@ -288,10 +295,11 @@ def test_unit_file_fits_edge_toml() -> None:
     drain = (edge.shutdown_grace + max(s.grace_period for s in edge.stages) + RECORD_GRACE
              + FINAL_STATUS_GRACE)  # fmt: skip
     assert parse_duration(unit["TimeoutStopSec"]) > drain
-    # The service's own loop watchdog (and faulthandler after it) acts before systemd's.
-    assert parse_duration(unit["WatchdogSec"]) > (
-        edge.watchdog.loop_stall_timeout + FAULTHANDLER_MARGIN
-    )
+    # The service's own loop watchdog (and faulthandler after it) acts before systemd's, even
+    # for a loop blocked just before a ping (every WatchdogSec/2) was due (session 17: 90 s).
+    watchdog_sec = parse_duration(unit["WatchdogSec"])
+    assert watchdog_sec / 2 > edge.watchdog.loop_stall_timeout + FAULTHANDLER_MARGIN
+    assert watchdog_sec > shortest_watchdog_sec(edge.watchdog.loop_stall_timeout)
 
 
 def test_unit_file_passes_systemd_analyze(tmp_path: Path) -> None:
