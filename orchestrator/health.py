@@ -161,7 +161,12 @@ def judge(
     health = doc.get("health")
     if isinstance(health, dict) and health.get("reasons") and state != "stopped":
         level = max(level, WARNING)
-        reasons += [str(r) for r in health["reasons"]]
+        own = [str(r) for r in health["reasons"]]
+        if alive is False or age >= WARNING_AGE * interval:
+            # The service's word as of that write, not now: its "14s ago" read as current on a
+            # service dead for minutes (found by an acceptance tester, session 17).
+            own = [f"its last status (written {age:.0f}s ago) said: {r}" for r in own]
+        reasons += own
     return Verdict(level=level, reasons=tuple(reasons), path=where, age=age, interval=interval,
                    pid=pid if isinstance(pid, int) else None, pid_alive=alive, host=host,
                    state=state)  # fmt: skip

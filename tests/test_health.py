@@ -112,6 +112,27 @@ def test_judge_stopped_missing_garbage_and_service_problems(tmp_path: Path) -> N
     assert verdict.reasons == ("store: disk full",)
 
 
+def test_judge_dead_or_stale_reasons_are_as_of_the_last_write(tmp_path: Path) -> None:
+    # Acceptance (session 17): after an exit 70, `health` repeated "... blocked ... 14s ago"
+    # from a status file minutes old, as if it were now.
+    said = "event loop was blocked for 8.0s by task 'x' 14s ago"
+    unwell = {"health": {"status": "degraded", "reasons": [said]}}
+    # Given: its process is gone (the file is fresh)
+    pid = dead_pid()
+    dead = judge(write(tmp_path / "a.json", status_doc(pid=pid, **unwell)), interval=10, now=NOW)
+    assert dead.reasons == (
+        f"its process (pid {pid}) is gone",
+        f"its last status (written 0s ago) said: {said}",
+    )
+    # Given: its process lives but the file is 464 s old
+    stale = judge(write(tmp_path / "b.json", status_doc(**unwell)), interval=10, now=NOW + 464)
+    assert stale.level == CRITICAL
+    assert stale.reasons[1] == f"its last status (written 464s ago) said: {said}"
+    # Given: the file is fresh and its process alive: the reasons are its own, as they are.
+    fresh = judge(write(tmp_path / "c.json", status_doc(**unwell)), interval=10, now=NOW + 5)
+    assert fresh.reasons == (said,)
+
+
 def test_watch_restarts_when_critical_with_doubling_backoff(tmp_path: Path) -> None:
     # Given: a service that is critical for 8 rounds of 1 s, then ok, then critical again.
     marker = tmp_path / "restarts"
