@@ -380,9 +380,10 @@ class Watchdog:
 
     def _queued_behind_full_stage(
         self, stage: str, queued: int, now: float
-    ) -> dict[tuple[str, object], str]:
+    ) -> dict[tuple[str, object], tuple[str, str]]:
         """A ``slot_wait`` stall for items queued at ``stage`` while its own slots are all busy
-        and no run of it started or ended for ``slot_wait_warn``.
+        and no run of it started or ended for ``slot_wait_warn``: its message, and its
+        condition (without the ages, the counts and the runs, which change).
 
         Found by an acceptance tester (session 17): a stage has one worker per slot, so items
         queued behind its own full limit are not slot waiters (a pool's are); a run that never
@@ -406,11 +407,14 @@ class Watchdog:
             + ("" if r.pid is None else f" (pid {r.pid})")
             for r in runs[:3]
         ) + (", ..." if len(runs) > 3 else "")
+        busy = f"stage {stage!r}: item(s) queued, all {int(limiter.total_tokens)} of its slots busy"
         return {
             ("slot_wait", stage): (
                 f"stage {stage!r}: {queued} item(s) queued, all {int(limiter.total_tokens)} of its"
                 f" slots busy and no run of it started or ended for {_secs(now - quiet_since)}"
-                f" ({held or 'held by runs ending now'})"
+                f" ({held or 'held by runs ending now'})",
+                f"{busy} and no run of it started or ended for over"
+                f" {self.config.slot_wait_warn:g}s",
             )
         }
 
