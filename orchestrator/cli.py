@@ -424,6 +424,9 @@ def _batch_summary(cfg: Config, result: ServiceResult, elapsed: float) -> dict[s
 
 def _print_summary(summary: dict[str, Any]) -> None:
     from rich.table import Table
+    from rich.text import Text
+
+    from orchestrator.operator import clean, show_id
 
     console = _console(highlight=True)
     table = Table(title="stages", title_justify="left")
@@ -446,14 +449,20 @@ def _print_summary(summary: dict[str, Any]) -> None:
     if summary["failed_items"]:
         failed = Table(title="dead and rejected items", title_justify="left")
         for col in ("item", "state", "stage", "reason"):
-            failed.add_column(col)
+            # An id is folded, never cut short: it is what `show` and `requeue` take.
+            failed.add_column(col, overflow="fold" if col in ("item", "reason") else "ellipsis")
         for f in summary["failed_items"][:50]:
-            failed.add_row(f["id"], f["state"], f["stage"] or "-", f["reason"] or "")
+            # Ids and reasons as `items` shows them (found by an acceptance tester, session 17:
+            # a file name's escape sequence reached the terminal, a newline split the row, and
+            # a rejected line's NUL was written out, so the id shown was not the one `show`
+            # takes). Text, not markup: a "[" in a file name is a "[".
+            failed.add_row(Text(show_id(f["id"])), f["state"], f["stage"] or "-",
+                           Text(clean(f["reason"] or "")))  # fmt: skip
         console.print(failed)
         if len(summary["failed_items"]) > 50:
             console.print(f"... and {len(summary['failed_items']) - 50} more")
     for name, why in summary["failed_sources"].items():
-        console.print(f"source {name!r} given up: {why}", style="red", markup=False)
+        console.print(f"source {name!r} given up: {clean(why)}", style="red", markup=False)
     parked = summary["parked"]
     if parked["count"]:
         stages = ", ".join(repr(s) for s in parked["stages"])
@@ -469,7 +478,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
             "(on_done/on_dead); they stay where they were:", style="red", markup=False,
         )  # fmt: skip
         for f in moves["first"][:10]:
-            console.print(f"  {f['id']}: {f['reason']}", markup=False)
+            console.print(f"  {show_id(f['id'])}: {clean(f['reason'])}", markup=False)
         if moves["count"] > 10:
             console.print(f"  ... and {moves['count'] - 10} more (see the log)", markup=False)
     if summary["interrupted"]:

@@ -1552,3 +1552,51 @@ def test_a_record_skipped_for_a_repeated_id_is_named(tmp_path: Path) -> None:
     proc = orchestrator("batch", "-c", str(config), "--no-progress", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "skipped 1 record(s) whose id was taken already ('1')" in proc.stderr
+
+
+def test_the_summary_shows_ids_as_items_does_and_show_takes_them_back(tmp_path: Path) -> None:
+    # Found by an acceptance tester (session 17): the "dead and rejected items" table printed
+    # ids raw -- a file name's escape sequence reached the terminal, a newline split the row,
+    # and a rejected line's id wrote its NUL out, so the id shown was not one `show` took.
+    # Given: a folder with a newline, an escape sequence and rich markup in its names, and
+    # a JSONL source with a line that is rejected (NaN); a stage that always fails.
+    (tmp_path / "in").mkdir()
+    for name in ("a\nb.txt", "c\x1b[31mred.txt", "[bold]d.txt"):
+        (tmp_path / "in" / name).write_text("x")
+    (tmp_path / "r.jsonl").write_text('{"id": "r1", "v": NaN}\n')
+    config = tmp_path / "c.toml"
+    config.write_text(textwrap.dedent("""
+        [http]
+        listen = false
+        [[sources]]
+        name = "in"
+        type = "directory"
+        path = "in"
+        route = ["s"]
+        settle = "0s"
+        [[sources]]
+        name = "r"
+        type = "jsonl"
+        path = "r.jsonl"
+        id_field = "id"
+        route = ["s"]
+        [[stages]]
+        name = "s"
+        command = ["false"]
+        retries = 0
+        """))  # fmt: skip
+
+    # When: the batch prints its summary for people.
+    proc = orchestrator("batch", "-c", str(config), "--no-progress", cwd=tmp_path)
+
+    # Then: no control character is written; each id is on one row, in the form `items`
+    # prints, and `show` takes that form back.
+    assert proc.returncode == 1, proc.stderr
+    assert "\x1b" not in proc.stdout
+    assert "\x00" not in proc.stdout
+    rejected = f"'r:\\x00{(tmp_path / 'r.jsonl').stat().st_ino}:0'"
+    for shown in ("'in:a\\nb.txt'", "'in:c\\x1b[31mred.txt'", "in:[bold]d.txt", rejected):
+        assert shown in proc.stdout, shown
+    assert proc.stdout.count("b.txt") == 1  # not also on a row of its own
+    detail = orchestrator("show", rejected, "-c", str(config), cwd=tmp_path)
+    assert detail.returncode == 0, detail.stderr
