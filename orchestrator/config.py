@@ -29,7 +29,9 @@ stage's function is imported too, and one that cannot be is one more problem. Er
 in file order.
 
 Relative paths are resolved against the config file's folder (``base_dir``) and made absolute
-(normalised, symlinks kept). Nothing here reads the environment.
+(normalised, symlinks kept); a config with no folder of its own -- a pipe, a terminal, anything
+under /dev or /proc/*/fd -- has them resolved against the current folder. Nothing here reads the
+environment.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import difflib
 import enum
 import os
 import re
+import stat
 import tomllib
 import types
 from collections.abc import Callable, Mapping
@@ -95,6 +98,10 @@ SYNCHRONOUS_MODES = ("FULL", "NORMAL")
 
 # Files a directory source skips by default: hidden files and the usual partial-upload suffixes.
 DEFAULT_IGNORE = (".*", "*.tmp", "*.part", "*.swp")
+
+#: Where a config's path names a stream, not a file in a folder: ``/dev/stdin``, ``/dev/fd/63``
+#: (a shell's ``<(…)``), ``/proc/self/fd/0``, a terminal.
+_NO_FOLDER_RE = re.compile(r"/dev/.*|/proc/[^/]+/fd/.*")
 
 # The SQLite database and the default status file, both inside state_dir.
 DB_FILENAME = "orchestrator.db"
@@ -1103,7 +1110,7 @@ def load_config(
 ) -> Config:
     """Read a TOML config file and build a `Config`.
 
-    Relative paths in the file are resolved against the file's folder.
+    Relative paths in the file are resolved against the file's folder (`config_folder`).
 
     Args:
         path: The config file.
@@ -1133,9 +1140,29 @@ def load_config(
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([_syntax_error(exc)], path=config_path) from None
     try:
-        return parse_config(data, base_dir=config_path.parent, import_calls=import_calls)
+        return parse_config(data, base_dir=config_folder(config_path), import_calls=import_calls)
     except ConfigError as exc:
         raise ConfigError(exc.errors, path=config_path) from None
+
+
+def config_folder(path: Path) -> Path:
+    """The folder the relative paths of the config at ``path`` are relative to: the file's, or
+    the current folder when the config has none of its own.
+
+    A pipe, a terminal, or anything under /dev or /proc/*/fd names no folder that means
+    anything for the config (found by an acceptance tester, session 17: ``envsubst < t.toml |
+    orchestrator check -c /dev/stdin`` put the state in /dev/state and looked for the Python
+    stages' modules in /dev). There the paths are taken as a command would take them: from
+    where it is run.
+    """
+    absolute = os.path.normpath(os.path.abspath(path))
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        mode = stat.S_IFREG
+    if _NO_FOLDER_RE.fullmatch(absolute) or stat.S_ISFIFO(mode) or stat.S_ISCHR(mode):
+        return Path.cwd()
+    return Path(absolute).parent
 
 
 #: The keys of a config that the commands reading a service's state need (`load_for_reading`).
@@ -1177,7 +1204,7 @@ def load_for_reading(path: str | os.PathLike[str]) -> tuple[Config, list[str]]:
         {"name": "stage", "command": ["true"]}
     ]
     try:
-        return parse_config(reduced, base_dir=Path(path).parent), failure.errors
+        return parse_config(reduced, base_dir=config_folder(Path(path))), failure.errors
     except ConfigError:
         raise failure from None
 

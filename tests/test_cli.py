@@ -462,6 +462,49 @@ def test_check_reads_a_config_from_a_pipe(tmp_path: Path) -> None:
     assert "/dev/stdin: ok" in proc.stdout
 
 
+def test_a_config_from_a_pipe_has_its_relative_paths_in_the_current_folder(tmp_path: Path) -> None:
+    # Found by an acceptance tester (session 17): `envsubst < t.toml | orchestrator check -c
+    # /dev/stdin` resolved relative paths against /dev: the plan showed /dev/state, and a
+    # Python stage's module beside the config was looked for in /dev (exit 2).
+    # Given: a folder holding a stage module, and a config with relative paths on a pipe.
+    (tmp_path / "pipestages.py").write_text("async def work(run):\n    pass\n")
+    config = textwrap.dedent("""
+        state_dir = "state"
+        [[sources]]
+        name = "in"
+        type = "directory"
+        path = "inbox"
+        route = ["py"]
+        [[stages]]
+        name = "py"
+        call = "pipestages:work"
+        """)  # fmt: skip
+
+    # When: check reads it from its stdin, run from that folder.
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "check", "-c", "/dev/stdin", "--json"],
+        input=config, cwd=tmp_path, capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+
+    # Then: the paths are in the current folder, and the module is found there.
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    plan = json.loads(proc.stdout)
+    assert plan["state_dir"] == str(tmp_path / "state")
+    assert plan["sources"][0]["path"] == str(tmp_path / "inbox")
+
+
+def test_a_config_in_a_folder_keeps_its_folder_and_one_under_dev_has_none(tmp_path: Path) -> None:
+    from pathlib import Path
+
+    from orchestrator.config import config_folder
+
+    (tmp_path / "c.toml").write_text("")
+    os.mkfifo(tmp_path / "fifo")
+    assert config_folder(tmp_path / "c.toml") == tmp_path
+    for path in ("/dev/stdin", "/dev/fd/63", "/proc/self/fd/0", str(tmp_path / "fifo")):
+        assert config_folder(Path(path)) == Path.cwd(), path
+
+
 def _until_running(proc: subprocess.Popen[bytes], folder: Path) -> None:
     """Wait until the service in ``folder`` runs: its status file says so (it takes its
     signals by then)."""
