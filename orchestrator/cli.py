@@ -166,7 +166,9 @@ def check(config: ConfigOption = Path("orchestrator.toml"), as_json: JsonOption 
     # (`check` also reads a config from a pipe: `envsubst < t.toml | orchestrator check -c
     # /dev/stdin`, as before the other commands refused one; found in session 16.)
     cfg = _load(config, import_calls=True, stream_ok=True)
-    print_plan(cfg, config)
+    # Into a pipe, unwrapped like the other commands' output (found by an acceptance tester,
+    # session 17: a long path was cut at 80 columns, and grep missed it).
+    print_plan(cfg, config, _console())
 
 
 @app.command()

@@ -14,6 +14,8 @@ from orchestrator.instance import check_state_dir
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from rich.console import Console
+
     from orchestrator.config import Config, Disposition, SourceConfig
 
 __all__ = ["config_warnings", "plan_dict", "print_plan", "state_warnings"]
@@ -147,13 +149,12 @@ def _source_dict(s: SourceConfig) -> dict[str, Any]:
     return out
 
 
-def print_plan(config: Config, path: Path) -> None:
-    """Print the plan for people."""
-    from rich.console import Console
+def print_plan(config: Config, path: Path, console: Console) -> None:
+    """Print the plan for people on ``console`` (the command line's: into a pipe or a file it
+    does not wrap lines, so a path is not cut in two)."""
     from rich.markup import escape
     from rich.table import Table
 
-    console = Console(highlight=False)
     d = format_duration
     console.print(f"[bold]{path}[/]: ok")
     for warning in config_warnings(config) + state_warnings(config):

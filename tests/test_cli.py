@@ -297,6 +297,37 @@ def test_check_shows_each_source_and_stage_as_it_runs_and_warns_about_a_missing_
     assert "env MODE" in said
 
 
+def test_check_piped_keeps_each_path_on_one_line_however_long(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found by an acceptance tester (session 17): into a pipe, `check` wrapped at 80 columns,
+    # cutting the state folder and the sources' paths in two (grep missed them), as `items`
+    # and `status` did before.
+    # Given: a config in a folder with a long name; output into a pipe with no $COLUMNS.
+    monkeypatch.delenv("COLUMNS", raising=False)
+    folder = tmp_path / ("a-rather-long-folder-name-" * 4)
+    folder.mkdir()
+    config = folder / "c.toml"
+    config.write_text(textwrap.dedent("""
+        [[sources]]
+        name = "in"
+        type = "directory"
+        path = "inbox"
+        route = ["s"]
+        [[stages]]
+        name = "s"
+        command = ["true", "{path}"]
+        """))  # fmt: skip
+
+    # When
+    assert main(["check", "-c", str(config)]) == EXIT_OK
+
+    # Then: each path is whole on its line.
+    out = capsys.readouterr().out.splitlines()
+    assert any(str(folder / "state") in line for line in out), out
+    assert any(str(folder / "inbox") in line for line in out), out
+
+
 def test_the_quick_exit_loses_no_output(tmp_path: Path) -> None:
     """`entry` ends the process without tearing down the interpreter: the log file (written by
     loguru's queue thread), stdout and the exit code are all still there."""
