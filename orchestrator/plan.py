@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
     from rich.console import Console
 
-    from orchestrator.config import Config, Disposition, SourceConfig
+    from orchestrator.config import Config, Disposition, SourceConfig, StageConfig
 
 __all__ = ["config_warnings", "plan_dict", "print_plan", "state_warnings"]
 
@@ -55,6 +55,9 @@ def config_warnings(config: Config) -> list[str]:
                 f"stages[{i}].cwd: {str(stage.cwd)!r} is not a folder (yet); every run of this "
                 "stage fails until it is"
             )
+        problem = _program_problem(stage, config.base_dir)
+        if problem is not None:
+            out.append(f"stages[{i}].command[0]: {problem}")
         found = find_code(stage.command)
         if found is not None:
             code, program = found
@@ -74,6 +77,35 @@ def config_warnings(config: Config) -> list[str]:
                 f" {meant}?); it is passed to the command as written"
             )
     return out
+
+
+def _program_problem(stage: StageConfig, base_dir: Path) -> str | None:
+    """Why ``stage``'s program cannot be started from here, as the service looks it up
+    (`find_program`); None when it can, or when a placeholder names it.
+
+    Only a warning: the service may run with another PATH, or the program be installed before
+    it starts. (Found by an acceptance tester, session 17: a misspelt program passed ``check``
+    and every item died after all its attempts.)
+    """
+    from orchestrator.runner import find_program
+
+    if stage.call is not None or "{" in stage.command[0]:
+        return None
+    program = stage.command[0]
+    where = find_program(program, stage.env, base_dir)
+    fails = "every run of this stage fails"
+    if where is None:
+        if "PATH" in stage.env:
+            return f"{program!r} is not found in the stage's PATH; {fails} until it is"
+        return (
+            f"{program!r} is not found in PATH here; {fails} unless it is in the PATH the "
+            "service runs with"
+        )
+    if not os.path.exists(where):
+        return f"{where!r} does not exist (yet); {fails} until it does"
+    if os.path.isdir(where) or not os.access(where, os.X_OK):
+        return f"{where!r} is not an executable file; {fails} until it is"
+    return None
 
 
 def state_warnings(config: Config) -> list[str]:

@@ -50,8 +50,12 @@ except ImportError:  # not CPython on a POSIX system: os.posix_spawn does it all
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator
+    from pathlib import Path
 
-__all__ = ["Command", "Outcome", "RunEnvironment", "RunResult", "StageEnvironment", "run_command"]
+__all__ = [
+    "Command", "Outcome", "RunEnvironment", "RunResult", "StageEnvironment", "find_program",
+    "run_command",
+]  # fmt: skip
 
 #: How much of a run's output is kept in memory for the tail (the log file keeps the rest).
 TAIL_BYTES = 8192
@@ -624,6 +628,19 @@ def new_session() -> bool:
         else:
             _new_session = True
     return _new_session
+
+
+def find_program(program: str, env: Mapping[str, str], folder: Path) -> str | None:
+    """The file a stage's program (its command's first word) is: with a "/", relative to
+    ``folder`` (the config's), whether it is there or not; a bare name looked up in the PATH
+    of ``env`` (the stage's own), else in ours; None when it is not found there.
+
+    Blocking (a look in each PATH folder): not for the event loop.
+    """
+    if "/" in program:
+        return str(folder / program)
+    found = shutil.which(program, path=env.get("PATH", os.environ.get("PATH", os.defpath)))
+    return None if found is None else os.path.abspath(found)
 
 
 def _spawn(cmd: Command, wfd: int) -> int:

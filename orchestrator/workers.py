@@ -35,6 +35,7 @@ from orchestrator.runner import (
     RunEnvironment,
     RunResult,
     StageEnvironment,
+    find_program,
     run_command,
 )
 from orchestrator.status import failure_entry
@@ -966,13 +967,9 @@ def resolve_executables(config: Config) -> dict[str, str]:
         program = stage.command[0]
         if "{" in program:
             continue
-        if "/" in program:
-            found[stage.name] = str(config.base_dir / program)
-            continue
-        path = stage.env.get("PATH", os.environ.get("PATH", os.defpath))
-        where = shutil.which(program, path=path)
+        where = find_program(program, stage.env, config.base_dir)
         if where is not None:
-            found[stage.name] = os.path.abspath(where)
+            found[stage.name] = where
     return found
 
 

@@ -297,6 +297,60 @@ def test_check_shows_each_source_and_stage_as_it_runs_and_warns_about_a_missing_
     assert "env MODE" in said
 
 
+def test_check_warns_about_a_program_it_cannot_find_or_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found by an acceptance tester (session 17): `command = ["extractt"]` passed `check`, and
+    # every item of the batch died after all its attempts ("not found in PATH").
+    # Given: a misspelt program, a script that is not there, one that cannot be executed, one
+    # missing from the stage's own PATH; and programs that are fine, or named by a placeholder.
+    monkeypatch.setenv("PATH", os.defpath)
+    (tmp_path / "plain.sh").write_text("echo\n")
+    (tmp_path / "plain.sh").chmod(0o644)
+    config = tmp_path / "c.toml"
+    config.write_text(textwrap.dedent("""
+        [[stages]]
+        name = "typo"
+        command = ["extractt", "{path}"]
+        [[stages]]
+        name = "gone"
+        command = ["bin/run.sh"]
+        [[stages]]
+        name = "plain"
+        command = ["./plain.sh"]
+        [[stages]]
+        name = "own_path"
+        command = ["true"]
+        env = { PATH = "/nowhere" }
+        [[stages]]
+        name = "fine"
+        command = ["true"]
+        [[stages]]
+        name = "given"
+        command = ["{path}"]
+        """))  # fmt: skip
+
+    # When
+    assert main(["check", "-c", str(config), "--json"]) == EXIT_OK
+
+    # Then: a warning each, not an error: the service may run with another PATH.
+    fails = "every run of this stage fails"
+    expected = [
+        f"stages[0].command[0]: 'extractt' is not found in PATH here; {fails} unless it is in "
+        "the PATH the service runs with",
+        f"stages[1].command[0]: {str(tmp_path / 'bin/run.sh')!r} does not exist (yet); {fails} "
+        "until it does",
+        f"stages[2].command[0]: {str(tmp_path / 'plain.sh')!r} is not an executable file; "
+        f"{fails} until it is",
+        f"stages[3].command[0]: 'true' is not found in the stage's PATH; {fails} until it is",
+    ]
+    assert json.loads(capsys.readouterr().out)["warnings"] == expected
+    assert main(["check", "-c", str(config)]) == EXIT_OK
+    said = capsys.readouterr().out
+    for warning in expected:
+        assert f"warning: {warning}" in said
+
+
 def test_check_piped_keeps_each_path_on_one_line_however_long(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
