@@ -56,7 +56,7 @@ class LimitChanges:
     stages: dict[str, tuple[int, int]]
     #: Pool name -> (old, new) size, for the pools whose size changed.
     pools: dict[str, tuple[int, int]]
-    #: Keys (as paths, like ``stages[0].timeout``) that changed but take a restart.
+    #: Keys (as paths, like ``stages[extract].timeout``) that changed but take a restart.
     not_applied: tuple[str, ...]
     #: ``[log]`` keys that changed, as ``log.level INFO → DEBUG`` (applied at once).
     log: tuple[str, ...] = ()
@@ -89,19 +89,21 @@ def compare_configs(old: Config, new: Config) -> LimitChanges:
             continue  # (``[log]`` is applied by `orchestrator.logs.reopen_logs`)
         _diff(getattr(old, field.name), getattr(new, field.name), field.name, not_applied)
 
+    # Stages and sources are named by name, as the limits applied are (found by an acceptance
+    # tester, session 17: "stages[b].concurrency 2 → 3" beside "stages[1].timeout").
     old_stages = {s.name: s for s in old.stages}
     stages: dict[str, tuple[int, int]] = {}
-    for index, stage in enumerate(new.stages):
+    for stage in new.stages:
+        path = f"stages[{stage.name}]"
         before = old_stages.get(stage.name)
         if before is None:
-            not_applied.append(f"stages[{index}] (new stage {stage.name!r})")
+            not_applied.append(f"{path} (new stage)")
             continue
         if before.concurrency != stage.concurrency:
             stages[stage.name] = (before.concurrency, stage.concurrency)
-        path = f"stages[{index}]"
         _diff(attrs.evolve(before, concurrency=stage.concurrency), stage, path, not_applied)
     new_names = {s.name for s in new.stages}
-    not_applied += [f"stages: {name!r} removed" for name in old_stages if name not in new_names]
+    not_applied += [f"stages[{name}] (removed)" for name in old_stages if name not in new_names]
     if [s.name for s in old.stages if s.name in new_names] != [
         s.name for s in new.stages if s.name in old_stages
     ]:
@@ -116,16 +118,17 @@ def compare_configs(old: Config, new: Config) -> LimitChanges:
     not_applied += [f"pools.{name} (removed)" for name in old.pools if name not in new.pools]
 
     old_sources = {s.name: s for s in old.sources}
-    for index, source in enumerate(new.sources):
+    for source in new.sources:
+        path = f"sources[{source.name}]"
         before_source = old_sources.pop(source.name, None)
         if before_source is None:
-            not_applied.append(f"sources[{index}] (new source {source.name!r})")
+            not_applied.append(f"{path} (new source)")
         else:
-            _diff(before_source, source, f"sources[{index}]", not_applied)
-            route = f"sources[{index}].route"
+            _diff(before_source, source, path, not_applied)
+            route = f"{path}.route"
             if route in not_applied:  # an item's route is fixed when it is ingested
                 not_applied[not_applied.index(route)] = f"{route} (for items ingested after it)"
-    not_applied += [f"sources: {name!r} removed" for name in old_sources]
+    not_applied += [f"sources[{name}] (removed)" for name in old_sources]
     log = tuple(
         f"log.{field.name} {_shown(getattr(old.log, field.name))} →"
         f" {_shown(getattr(new.log, field.name))}"

@@ -71,8 +71,10 @@ def test_compare_sees_limits_apart_from_the_keys_that_take_a_restart() -> None:
     mixed["sources"] = [{**BASE["sources"][0], "pattern": "*.pdf"}]  # type: ignore[index]
     changes = compare_configs(old, parse_config(mixed, base_dir="/x"))
     assert changes.stages == {"b": (2, 5)}
+    # Each stage and source named by its name, as the limits applied are (found by an
+    # acceptance tester, session 17: "stages[b].concurrency" beside "stages[1].timeout").
     assert set(changes.not_applied) == {  # ([log] is applied: reopen_logs)
-        "stages[1].timeout", "stages[1].command", "sources[0].pattern",
+        "stages[b].timeout", "stages[b].command", "sources[in].pattern",
     }  # fmt: skip
     # [log] is applied at once, and said (found by an acceptance tester, session 16: a reload
     # that turned DEBUG on printed "limits unchanged").
@@ -87,8 +89,13 @@ def test_compare_sees_limits_apart_from_the_keys_that_take_a_restart() -> None:
     reshaped["sources"] = [{**BASE["sources"][0], "route": ["b", "c"]}]  # type: ignore[index]
     changes = compare_configs(old, parse_config(reshaped, base_dir="/x"))
     assert set(changes.not_applied) == {
-        "stages[1] (new stage 'c')", "stages: 'a' removed", "pools.net (new pool)",
-        "pools.disk (removed)", "sources[0].route (for items ingested after it)",
+        "stages[c] (new stage)", "stages[a] (removed)", "pools.net (new pool)",
+        "pools.disk (removed)", "sources[in].route (for items ingested after it)",
+    }  # fmt: skip
+    renamed = _with({})
+    renamed["sources"] = [{**BASE["sources"][0], "name": "inbox"}]  # type: ignore[index]
+    assert set(compare_configs(old, parse_config(renamed, base_dir="/x")).not_applied) == {
+        "sources[inbox] (new source)", "sources[in] (removed)",
     }  # fmt: skip
     # The same stages in another order: a restart.
     swapped = _with({})
@@ -253,7 +260,7 @@ def test_sighup_applies_a_new_concurrency_to_a_running_service(tmp_path: Path) -
         service.signal(signal.SIGHUP)
         service.wait_log(
             r"reloaded; limits: stages\[work\]\.concurrency 3 → 1; changed but not applied "
-            r"until a restart: stages\[0\]\.timeout"
+            r"until a restart: stages\[work\]\.timeout"
         )
         # Then: the runs going on finish, and from then on one runs at a time.
         time.sleep(0.6)
@@ -296,7 +303,7 @@ def test_sighup_with_a_broken_config_keeps_the_limits_and_the_service(tmp_path: 
         _wait_for(lambda: service.status()["reload"]["ok"], 10, service.log)
         assert service.status()["reload"]["applied"] == ["stages[work].concurrency 2 → 3"]
         shown = _status(service)
-        assert "stages[work].concurrency 2 → 3; until a restart: stages[0].timeout" in shown
+        assert "stages[work].concurrency 2 → 3; until a restart: stages[work].timeout" in shown
         assert service.stop(20) == 0
     finally:
         service.stop()
