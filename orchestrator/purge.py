@@ -45,7 +45,13 @@ from orchestrator.config import SourceType
 from orchestrator.errors import StoreUnavailable
 from orchestrator.instance import check_state_dir
 from orchestrator.store.records import TERMINAL_STATES, ItemState
-from orchestrator.store.sqlite import connect, op_newest, op_purge_candidates, op_purge_items
+from orchestrator.store.sqlite import (
+    ESCAPED_MARK,
+    connect,
+    op_newest,
+    op_purge_candidates,
+    op_purge_items,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -209,7 +215,10 @@ class _Judge:
 
 def _file_kept(source: SourceConfig, item: PurgeCandidate) -> str | None:
     rel = item.key.rpartition("@")[0] if source.reingest_changed else item.key
-    if "\\" in rel:  # the store holds undecodable names escaped: no path to look at
+    # The store holds undecodable names escaped, behind a mark: no path to look at. A real
+    # backslash is a name like any other (found by an acceptance tester, session 17: any name
+    # holding one, ``back\\slash.txt``, was kept for good as "not UTF-8").
+    if rel.startswith(ESCAPED_MARK):
         return KEPT_NAME
     folder = os.path.abspath(source.path)
     if os.path.lexists(os.path.join(folder, rel)):

@@ -24,6 +24,7 @@ from orchestrator.config import load_config
 from orchestrator.purge import (
     KEPT_ELEMENT,
     KEPT_FILE,
+    KEPT_NAME,
     KEPT_NEWEST,
     KEPT_NO_SOURCE,
     KEPT_UNREADABLE,
@@ -261,6 +262,46 @@ def test_purge_removes_the_log_of_a_run_that_has_no_recorded_log_path(tmp_path: 
     report = purge(db, load_config(config), older_than=0)
     assert report.purged == {"done": 1}  # the other is the newest, kept for its number
     assert not log.exists()
+
+
+def test_purge_takes_a_name_with_a_backslash_and_keeps_one_that_is_not_utf8(
+    tmp_path: Path,
+) -> None:
+    # Found by an acceptance tester (session 17): every name holding a backslash was kept for
+    # good as "cannot be checked (not UTF-8)"; only escaped names (behind NUL) are.
+    # Given: a file whose name holds a real backslash, done and moved away, and a file whose
+    # name is not UTF-8 (rejected, still in the folder); then a newest item, kept for its number
+    config = tmp_path / "orchestrator.toml"
+    config.write_text(textwrap.dedent("""
+        state_dir = "state"
+        [http]
+        listen = false
+        [[sources]]
+        name = "in"
+        type = "directory"
+        path = "in"
+        settle = "0s"
+        route = ["s"]
+        on_done = "move:done"
+        [[stages]]
+        name = "s"
+        command = ["true"]
+        """))  # fmt: skip
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "back\\slash.txt").write_text("x")
+    with open(os.path.join(os.fsencode(tmp_path / "in"), b"bad\xff.txt"), "wb") as f:
+        f.write(b"x")
+    assert batch(config)["states"] == {"done": 1, "rejected": 1}
+    (tmp_path / "in" / "z").write_text("z")
+    assert batch(config)["states"] == {"done": 1}
+
+    # When: everything old enough is purged
+    report = purge(tmp_path / "state" / "orchestrator.db", load_config(config), older_than=0)
+
+    # Then: the backslash name goes (its file is in done/); the undecodable name stays
+    assert report.purged == {"done": 1}
+    assert report.kept == {KEPT_NAME: 1, KEPT_NEWEST: 1}
+    assert ids(config) == ["in:\x00bad\\xff.txt", "in:z"]
 
 
 def test_purge_command_line_errors(tmp_path: Path) -> None:
