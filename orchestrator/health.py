@@ -9,8 +9,8 @@ warning     1      updated 2 to 4 intervals ago; or the service itself reports p
                    still starting (recovering a dead instance's runs, say), for less than
                    `STARTING_LIMIT`
 critical    2      older than 4 intervals; or its process is gone (or the pid now belongs to a
-                   younger process); or it stopped; or it has been starting for `STARTING_LIMIT`
-                   or longer; or there is no (readable) status file
+                   younger process); or it stopped (or failed: its store did); or it has been
+                   starting for `STARTING_LIMIT` or longer; or there is no (readable) status file
 ==========  =====  ==================================================================================
 
 `watch` judges again and again and runs a restart command when the verdict is critical, with
@@ -55,6 +55,8 @@ STARTING_LIMIT = 900.0
 RESTART_CMD_WAIT = 5.0
 #: The shortest pause between two judgements of `watch`.
 MIN_WATCH_INTERVAL = 0.1
+#: A status file's last states: the service stopped, or (with a ``reason``) its store failed.
+ENDED = ("stopped", "failed")
 
 
 @attrs.frozen(kw_only=True)
@@ -127,12 +129,14 @@ def judge(
     alive: bool | None = None
     if isinstance(pid, int) and host == socket.gethostname():
         alive, why = _alive(pid, _started(doc))
-        if not alive and state != "stopped":
+        if not alive and state not in ENDED:
             level = CRITICAL
             reasons.append(why)
-    if state == "stopped":  # its last word: no need to say its process is gone too
+    if state in ENDED:  # its last word: no need to say its process is gone too
         level = CRITICAL
         reasons.append(f"the service stopped at {doc.get('updated', '?')}")
+        if state == "failed":
+            reasons[-1] += f": {doc.get('reason') or 'it failed'}"
     elif age >= CRITICAL_AGE * interval:
         level = CRITICAL
         reasons.append(
@@ -159,7 +163,7 @@ def judge(
             level = max(level, WARNING)
             reasons.append(f"starting (pid {pid}) for {took:.1f}s: {phase}")
     health = doc.get("health")
-    if isinstance(health, dict) and health.get("reasons") and state != "stopped":
+    if isinstance(health, dict) and health.get("reasons") and state not in ENDED:
         level = max(level, WARNING)
         own = [str(r) for r in health["reasons"]]
         if alive is False or age >= WARNING_AGE * interval:

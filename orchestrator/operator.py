@@ -224,7 +224,8 @@ def read_status_file(path: Path, now: float) -> dict[str, Any] | None:
     return {
         "path": str(path), "pid": pid, "host": host, "alive": alive,
         "version": doc.get("version"), "instance": doc.get("instance"),
-        "state": doc.get("state"), "phase": doc.get("phase"), "started": doc.get("started"),
+        "state": doc.get("state"), "phase": doc.get("phase"), "reason": doc.get("reason"),
+        "started": doc.get("started"),
         "updated": doc.get("updated"),
         "age": None if age is None else round(age, 3), "interval": interval, "stale": stale,
         "stages": table("stages"), "pools": table("pools"),
@@ -577,6 +578,8 @@ def _service_line(service: dict[str, Any] | None) -> Text:
         line.append(f", {clean(str(service['state']))}")
         if service["state"] == "starting" and service.get("phase"):
             line.append(f" ({clean(str(service['phase']))})")
+        if service["state"] == "failed" and service.get("reason"):
+            line.append(f" ({clean(str(service['reason']))})", style="red")
     line.append(f", status file updated {_age(service.get('age'))} ago")
     if service.get("stale"):
         line.append(" (stale)", style="red")

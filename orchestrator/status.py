@@ -8,7 +8,8 @@ over the old one, so a reader always sees a complete JSON document -- never a ha
 Its ``state`` is ``starting`` from the moment the service holds its state folder until its
 pipeline runs (``phase`` says what start-up is doing: recovering a dead instance's runs can take
 minutes, rewritten every interval all the same), then ``running``, ``draining`` and, last,
-``stopped``. A file that cannot be written (a full disk, a read-only folder) is logged once and
+``stopped`` -- or ``failed``, with the ``reason``, when its store failed (`write_failed_status`).
+A file that cannot be written (a full disk, a read-only folder) is logged once and
 makes the service degraded (`Engine.status_file_failure`, shown by ``/health``) until a write
 succeeds again.
 """
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from orchestrator import __version__
+from orchestrator.files import read_without_waiting
 from orchestrator.store.sqlite import op_counts_by_stage, op_recent_failures
 
 if TYPE_CHECKING:
@@ -47,6 +49,7 @@ __all__ = [
     "snapshot",
     "starting_snapshot",
     "write_atomically",
+    "write_failed_status",
 ]
 
 
@@ -219,6 +222,33 @@ def _write_failure(path: Path, exc: OSError) -> str:
     """
     why = f"[Errno {exc.errno}] {exc.strerror}" if exc.errno and exc.strerror else str(exc)
     return f"status file {str(path)!r} cannot be written: {why}"
+
+
+def write_failed_status(path: Path, *, instance: str, reason: str) -> bool:
+    """Rewrite the status file ``instance`` wrote last as its final word: ``state = "failed"``
+    and the ``reason``, its counts as they were last known (the store cannot be read any more).
+    Blocking: call it from a thread.
+
+    Found by an acceptance tester (session 17): a service whose store failed left its file
+    saying ``running`` for good.
+
+    Returns:
+        False when the file is not there, cannot be read, or is another instance's.
+
+    Raises:
+        OSError: the file cannot be written (a full disk).
+    """
+    try:
+        doc = json.loads(read_without_waiting(path))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(doc, dict) or doc.get("instance") != instance:
+        return False
+    wall = time.time()
+    # Its runs were ended with it: none is going on any more.
+    doc.update(state="failed", reason=reason, running=[], updated=_iso(wall), updated_unix=wall)
+    write_atomically(path, json.dumps(doc, indent=1).encode())
+    return True
 
 
 async def write_status(

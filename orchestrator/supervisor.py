@@ -67,6 +67,7 @@ from orchestrator.status import (
     op_recent_errors,
     open_starting_status,
     serve_status_file,
+    write_failed_status,
     write_status,
 )
 from orchestrator.store.sqlite import (
@@ -223,6 +224,7 @@ async def serve(
             # For the next start: the runs this leaves open were ended by the store's failure
             # (a full disk), not by their items; they must not count toward poison items.
             await trio.to_thread.run_sync(lock.note_end, STORE_FAILED)
+            await _say_store_failed(config, instance, exc)
         raise
     finally:
         await _let_orphans_go()
@@ -265,6 +267,27 @@ def _store_failed(exc: BaseException) -> bool:
     if isinstance(exc, BaseExceptionGroup):
         return any(_store_failed(e) for e in exc.exceptions)
     return isinstance(exc, StoreUnavailable)
+
+
+async def _say_store_failed(config: Config, instance: str, exc: BaseException) -> None:
+    """Log why the store failed (the service stops: exit 3) and leave the status file saying
+    so. Found by an acceptance tester (session 17): the reason went to stderr only, never to
+    the ``[log]`` file, and status.json kept saying "running"."""
+    why = "; ".join(dict.fromkeys(str(e) for e in _leaves(exc) if isinstance(e, StoreUnavailable)))
+    logger.critical("{}: the service stops (exit 3)", why)
+    try:
+        await trio.to_thread.run_sync(
+            functools.partial(write_failed_status, config.status_path, instance=instance,
+                              reason=f"{STORE_FAILED}: {why}")
+        )  # fmt: skip
+    except OSError as err:
+        logger.warning("cannot write the final status file: {}", err)
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for e in exc.exceptions for leaf in _leaves(e)]
+    return [exc]
 
 
 @attrs.define

@@ -879,6 +879,67 @@ def test_a_service_whose_state_is_deleted_stops_with_exit_3(tmp_path: Path, remo
     assert not os.path.exists(f"/proc/{stage}")  # its run was ended, not left behind
 
 
+def test_a_service_whose_store_fails_logs_why_and_leaves_its_status_file_saying_so(
+    tmp_path: Path,
+) -> None:
+    # Found by an acceptance tester (session 17): the reason went to stderr only -- the [log]
+    # file had no line about it -- and status.json kept saying "running".
+    # Given: a service with a JSON log file and a short busy_timeout, running
+    (tmp_path / "in").mkdir()
+    service = Service(tmp_path, textwrap.dedent("""
+        state_dir = "state"
+        [http]
+        listen = false
+        [status]
+        interval = "0.2s"
+        [store]
+        busy_timeout = "0.3s"
+        [log]
+        file = "logs/o.log"
+        json = true
+        [[sources]]
+        name = "in"
+        type = "directory"
+        path = "in"
+        settle = "0s"
+        poll_interval = "50ms"
+        route = ["s"]
+        [[stages]]
+        name = "s"
+        command = ["true"]
+        """))  # fmt: skip
+    deadline = time.monotonic() + 10
+    while _status_state(tmp_path) != "running":
+        assert service.proc.poll() is None, service.log
+        assert time.monotonic() < deadline, service.log
+        time.sleep(0.05)
+    # When: another process holds the store's write lock past busy_timeout as a file comes
+    holder = open_db(tmp_path / "state" / "orchestrator.db")
+    with holder as db:
+        db.execute("BEGIN EXCLUSIVE")
+        (tmp_path / "in" / "a").write_text("a")
+        code = service.wait(10)
+        db.execute("ROLLBACK")
+
+    # Then: exit 3; the log file says why, critical; the status file says it failed, and why
+    assert code == 3, service.log[-3000:]
+    lines = [json.loads(line) for line in (tmp_path / "logs" / "o.log").read_text().splitlines()]
+    critical = [line["message"] for line in lines if line["level"] == "CRITICAL"]
+    assert len(critical) == 1, lines[-5:]
+    assert "database is locked: the service stops (exit 3)" in critical[0]
+    status = service.status()
+    assert status["state"] == "failed"
+    assert status["reason"].startswith("its store failed: cannot write the store")
+    shown = orchestrator("status", "-c", str(service.config_path), cwd=tmp_path)
+    assert "(gone), failed (its store failed: cannot write the" in shown.stdout
+
+
+def _status_state(folder: Path) -> str | None:
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads((folder / "state" / "status.json").read_text()).get("state")  # type: ignore[no-any-return]
+    return None
+
+
 def test_items_queued_for_a_stage_no_longer_in_the_config_are_warned_about_once(
     tmp_path: Path,
 ) -> None:

@@ -98,6 +98,14 @@ def test_judge_stopped_missing_garbage_and_service_problems(tmp_path: Path) -> N
     stopped = judge(write(tmp_path / "a.json", status_doc(state="stopped")), interval=10, now=NOW)
     assert stopped.level == CRITICAL
     assert stopped.reasons == ("the service stopped at 2027-01-15T08:00:00+00:00",)
+    # A service whose store failed says so last (session 17): its process is gone, as expected.
+    failed = status_doc(state="failed", reason="its store failed: database is locked",
+                        pid=dead_pid())  # fmt: skip
+    verdict = judge(write(tmp_path / "f.json", failed), interval=10, now=NOW)
+    assert verdict.level == CRITICAL
+    assert verdict.reasons == (
+        "the service stopped at 2027-01-15T08:00:00+00:00: its store failed: database is locked",
+    )
 
     missing = judge(tmp_path / "nope.json", interval=10)
     assert missing.level == CRITICAL
