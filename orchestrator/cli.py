@@ -515,11 +515,40 @@ def _reader(cfg: Config) -> Iterator[sqlite3.Connection]:
 
     path = _db_path(cfg)
     with _store_errors():
-        conn = connect_readonly(path, busy_timeout=cfg.store.busy_timeout)
+        try:
+            conn = connect_readonly(path, busy_timeout=cfg.store.busy_timeout)
+        except StoreUnavailable as exc:
+            conn = _read_on_a_full_disk(cfg, path, exc)
         try:
             yield conn
         finally:
             conn.close()
+
+
+def _read_on_a_full_disk(cfg: Config, path: Path, failure: StoreUnavailable) -> sqlite3.Connection:
+    """The store read as it is on disk when the state folder's file system is full, else
+    ``failure`` raised, naming the full disk when it is one.
+
+    Found by an acceptance tester (session 17): with no WAL left (the service stopped), a
+    read-only connection must make the WAL's files, cannot on a full disk, and every reading
+    command failed with "disk I/O error" -- when a full disk was the very thing to look into.
+    """
+    from orchestrator.space import full_disk_note
+    from orchestrator.store.sqlite import connect_readonly
+
+    note = full_disk_note(cfg.state_dir)
+    if note is None:
+        raise failure
+    try:
+        wal = os.stat(f"{path}-wal").st_size
+    except FileNotFoundError:
+        wal = 0
+    except OSError as exc:
+        raise StoreUnavailable(f"{failure}; {note}") from exc
+    if wal:  # (transactions there, which the file alone does not hold: not read without them)
+        raise StoreUnavailable(f"{failure}; {note}")
+    _err(f"warning: {note}; the store is read as it is on disk (its WAL is empty)")
+    return connect_readonly(path, busy_timeout=cfg.store.busy_timeout, immutable=True)
 
 
 def _console(**kw: Any) -> Any:

@@ -24,6 +24,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from conftest import fill
 
 from orchestrator.cli import (
     EXIT_CONFIG,
@@ -280,6 +281,35 @@ def test_commands_without_a_store_exit_3_and_create_nothing(
         assert f"no store at '{tmp_path / 'state' / 'orchestrator.db'}'; has the service run " \
                "yet?" in err  # fmt: skip
     assert not (tmp_path / "state").exists()
+
+
+def test_reading_commands_read_a_store_on_a_full_disk_and_say_the_disk_is_full(
+    disk: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Found by an acceptance tester (session 17): once the service had stopped (no WAL left), a
+    # full state disk made items, show and status fail with "disk I/O error" (a read-only
+    # connection must make the WAL's files), naming a broken disk rather than a full one.
+    # Given: a store whose WAL is gone, on a disk then filled up
+    config = tmp_path / "orchestrator.toml"
+    config.write_text(textwrap.dedent(CONFIG).replace('"state"', f'"{disk / "state"}"'))
+    build_store(disk / "state" / "orchestrator.db")
+    assert not (disk / "state" / "orchestrator.db-wal").exists()
+    fill(disk)
+
+    # When: each reading command reads it
+    rows = cli_json(capsys, "items", "-c", str(config), "--json")
+    shown = cli_json(capsys, "show", "-c", str(config), "in:a.txt", "--json")
+    counts = cli_json(capsys, "status", "-c", str(config), "--json")
+
+    # Then: each works, and says why it reads the store so, and what holds the disk
+    assert len(rows) == 6
+    assert shown["item"]["state"] == "done"
+    assert counts["stages"]["extract"]["dead"] == 1
+    assert main(["items", "-c", str(config)]) == EXIT_OK
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: the file system of the state folder '{disk / 'state'}' is "
+                          "full (0 B free): run logs (runs/) take 0 B")  # fmt: skip
+    assert err.rstrip().endswith("the store is read as it is on disk (its WAL is empty)")
 
 
 @pytest.mark.parametrize("command", ["batch", "run"])

@@ -1300,10 +1300,15 @@ def _checkpoint(conn: sqlite3.Connection, wal: str, due: bool) -> int | None:
 # `requeue`: they run in the operator's process, on their own connection, beside a running service.
 
 
-def connect_readonly(path: Path, *, busy_timeout: float = 5.0) -> sqlite3.Connection:
+def connect_readonly(
+    path: Path, *, busy_timeout: float = 5.0, immutable: bool = False
+) -> sqlite3.Connection:
     """Open an existing store read-only (never creating it, never writing it).
 
     WAL lets it read while the service writes; it sees committed transactions only.
+    ``immutable``: read the database file as it is, without the WAL or its shared-memory file,
+    which a read-only connection must make when the WAL is gone (and cannot on a full disk):
+    only for a store whose WAL is empty, that nothing writes.
 
     Raises:
         StoreUnavailable: there is no store at ``path``, it cannot be read, or it is not an
@@ -1314,7 +1319,8 @@ def connect_readonly(path: Path, *, busy_timeout: float = 5.0) -> sqlite3.Connec
     try:
         # as_uri() percent-encodes the path: a '?' or '#' in a folder name stays part of it.
         conn = sqlite3.connect(
-            f"{path.absolute().as_uri()}?mode=ro", uri=True, isolation_level=None,
+            f"{path.absolute().as_uri()}?mode=ro{'&immutable=1' if immutable else ''}", uri=True,
+            isolation_level=None,
             timeout=busy_timeout,
         )  # fmt: skip
         try:
