@@ -336,7 +336,9 @@ def _serve(
 
             return service(on_start)
     except* StoreError as group:
-        for message in dict.fromkeys(str(exc) for exc in _leaves(group)):  # each once
+        # Each once, with its notes (what fills a full disk: `supervisor._say_store_failed`).
+        shown = ("; ".join([str(exc), *getattr(exc, "__notes__", ())]) for exc in _leaves(group))
+        for message in dict.fromkeys(shown):
             _err(f"orchestrator: {message}")
         raise typer.Exit(EXIT_STORE) from None
     except* OrchestratorError as failures:  # cannot start: HTTP cannot listen, leftover processes

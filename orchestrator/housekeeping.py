@@ -9,6 +9,9 @@ log (``state_dir/runs/<run id>.log``, up to a stage's ``output_limit``). Every
 2. then, while the logs left take more disk space than ``run_logs_max_size`` (as ``du`` counts
    it: a 100-byte log takes a whole block), the oldest ones.
 
+A service that starts on a full state disk (`orchestrator.space.disk_full`) first removes the
+logs of ended runs, oldest first, until the store has room again (`free_space_at_start`).
+
 Only regular files named ``<digits>.log`` are touched; anything else in the folder is left as it
 is. The logs of runs going on when a pass starts, and of every run started since, are never
 removed. A run whose log is gone keeps its record and output tail in the store; ``orchestrator
@@ -41,9 +44,10 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
 
+    from orchestrator.config import Config
     from orchestrator.workers import Engine
 
-__all__ = ["PruneReport", "prune_run_logs", "serve_housekeeping"]
+__all__ = ["PruneReport", "free_space_at_start", "prune_run_logs", "serve_housekeeping"]
 
 _RUN_LOG_RE = re.compile(r"([0-9]{1,19})\.log")
 
@@ -55,6 +59,8 @@ class PruneReport:
     #: Logs removed for their age, and to bring the rest within the size budget.
     aged: int = 0
     over_budget: int = 0
+    #: Logs removed to make room on a full disk (`free_space_at_start`).
+    for_room: int = 0
     #: Disk space freed (bytes, as ``du`` counts them) and left in run logs afterwards.
     freed: int = 0
     left: int = 0
@@ -63,7 +69,7 @@ class PruneReport:
 
     @property
     def removed(self) -> int:
-        return self.aged + self.over_budget
+        return self.aged + self.over_budget + self.for_room
 
 
 def _disk_usage(st: os.stat_result) -> int:
@@ -91,11 +97,12 @@ def highest_run_log_id(runs_dir: str) -> int:
 
 def prune_run_logs(
     runs_dir: str, *, max_age: float | None, max_size: int | None,
-    keep: Callable[[int], bool], now: float | None = None,
+    keep: Callable[[int], bool], now: float | None = None, to_free: int | None = None,
 ) -> PruneReport:  # fmt: skip
     """Remove run logs in ``runs_dir`` past ``max_age`` seconds, then the oldest beyond
-    ``max_size`` bytes of disk space; never one whose run id ``keep`` says to keep (blocking:
-    run it in a worker thread). ``None`` switches a rule off."""
+    ``max_size`` bytes of disk space, then the oldest until ``to_free`` bytes are freed; never
+    one whose run id ``keep`` says to keep (blocking: run it in a worker thread). ``None``
+    switches a rule off."""
     now = time.time() if now is None else now
     logs: list[tuple[int, int, str]] = []  # (mtime_ns, disk usage, path) of removable logs
     kept_usage = 0
@@ -155,7 +162,81 @@ def prune_run_logs(
                 over_budget += 1
                 freed += usage
                 total -= usage
-    return PruneReport(aged=aged, over_budget=over_budget, freed=freed, left=total, error=error)
+    for_room = 0
+    if to_free is not None:
+        for _, usage, path in rest:
+            if freed >= to_free:
+                break
+            if os.path.lexists(path) and remove(path):  # (not one the budget removed)
+                for_room += 1
+                freed += usage
+                total -= usage
+    return PruneReport(aged=aged, over_budget=over_budget, for_room=for_room, freed=freed,
+                       left=total, error=error)  # fmt: skip
+
+
+def free_space_at_start(config: Config) -> PruneReport | None:
+    """On a full state disk (`orchestrator.space.disk_full`), remove the logs of ended runs,
+    oldest first, until there is room for the store again; None when the disk is not full or
+    the store cannot tell which runs ended (blocking: call it from a thread, before the store
+    opens).
+
+    Found by an acceptance tester (session 17): run logs filled a small state disk; the store
+    failed (exit 3) at every restart, before the housekeeping that prunes logs ever ran. Kept:
+    the logs of runs the store holds open (a dead instance's: their output is only there) and
+    of runs it never recorded (their ids must not be handed out again), and every workdir (the
+    items' own, or a dead item's, left to look into).
+    """
+    from orchestrator.space import free_bytes, room_missing
+
+    state_dir = config.state_dir
+    missing = room_missing(state_dir)
+    if config.db_path is None or not missing:
+        return None
+    ended = _ended_runs(config.db_path)
+    if ended is None:
+        return None
+    open_runs, last_recorded = ended
+    free = free_bytes(state_dir) or 0
+    report = prune_run_logs(
+        str(state_dir / "runs"), max_age=None, max_size=None, to_free=missing,
+        keep=lambda run: run in open_runs or run > last_recorded,
+    )  # fmt: skip
+    if report.removed:
+        logger.warning(
+            "the state folder's file system is full ({} free): removed {} log(s) of ended "
+            "runs, oldest first, to make room for the store ({} freed)",
+            format_size(free), report.removed, format_size(report.freed),
+        )  # fmt: skip
+    if report.error is not None:
+        logger.warning("housekeeping: {}", report.error)
+    return report
+
+
+def _ended_runs(db_path: Path) -> tuple[frozenset[int], int] | None:
+    """The runs the store holds open and its highest run id, read without writing anything
+    (on a full disk, a store with an empty WAL is read as it is on disk); None if it cannot."""
+    import sqlite3
+
+    from orchestrator.store.sqlite import connect_readonly
+
+    try:
+        try:
+            conn = connect_readonly(db_path)
+        except StoreUnavailable:
+            wal = os.stat(f"{db_path}-wal").st_size if os.path.exists(f"{db_path}-wal") else 0
+            if wal:
+                return None
+            conn = connect_readonly(db_path, immutable=True)
+        try:
+            open_runs = frozenset(r[0] for r in conn.execute(
+                "SELECT id FROM runs WHERE outcome IS NULL"))  # fmt: skip
+            last = conn.execute("SELECT coalesce(max(id), 0) FROM runs").fetchone()[0]
+        finally:
+            conn.close()
+    except (StoreUnavailable, sqlite3.Error, OSError):
+        return None
+    return open_runs, int(last)
 
 
 async def serve_housekeeping(

@@ -23,11 +23,12 @@ from orchestrator.durations import format_size
 if TYPE_CHECKING:
     from pathlib import Path
 
-__all__ = ["FULL_BELOW", "disk_full", "free_bytes", "full_disk_note", "tree_usage"]
+__all__ = ["FULL_BELOW", "disk_full", "free_bytes", "full_disk_note", "room_missing", "tree_usage"]
 
-#: Less free space than this on the state folder's file system is a full disk: the store's
-#: shared-memory file alone takes 32 KiB, a transaction a few pages of WAL, the status file a
-#: few KB, and a run's log up to its ``output_limit`` (1 MB by default).
+#: Less free space than this on the state folder's file system is a full disk (or less than an
+#: eighth of a smaller file system): the store's shared-memory file alone takes 32 KiB, a
+#: transaction a few pages of WAL, the status file a few KB, a run's log up to its
+#: ``output_limit`` (1 MB by default).
 FULL_BELOW = 1 << 20
 
 
@@ -40,10 +41,20 @@ def free_bytes(folder: Path | str) -> int | None:
     return st.f_bavail * st.f_frsize
 
 
+def room_missing(folder: Path | str) -> int:
+    """How many bytes must be freed on ``folder``'s file system for it not to be full (0: it is
+    not, or it cannot be told)."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return 0
+    wanted = min(FULL_BELOW, st.f_blocks * st.f_frsize // 8)
+    return max(0, wanted - st.f_bavail * st.f_frsize)
+
+
 def disk_full(folder: Path | str) -> bool:
-    """Whether ``folder``'s file system has less than `FULL_BELOW` free."""
-    free = free_bytes(folder)
-    return free is not None and free < FULL_BELOW
+    """Whether ``folder``'s file system is full (`FULL_BELOW`)."""
+    return room_missing(folder) > 0
 
 
 def tree_usage(path: Path | str) -> int:
@@ -69,7 +80,7 @@ def full_disk_note(state_dir: Path) -> str | None:
     """Say that the state folder's file system is full and what in the folder holds the space,
     or None when it is not full."""
     free = free_bytes(state_dir)
-    if free is None or free >= FULL_BELOW:
+    if free is None or not disk_full(state_dir):
         return None
     store = 0
     for name in (DB_FILENAME, f"{DB_FILENAME}-wal", f"{DB_FILENAME}-shm"):

@@ -56,12 +56,17 @@ import trio_util
 from loguru import logger
 
 from orchestrator.errors import LeftoverProcesses, StoreUnavailable
-from orchestrator.housekeeping import highest_run_log_id, serve_housekeeping
+from orchestrator.housekeeping import (
+    free_space_at_start,
+    highest_run_log_id,
+    serve_housekeeping,
+)
 from orchestrator.instance import STORE_FAILED, InstanceLock, acquire_instance_lock
 from orchestrator.journal import JOURNAL_NAME, RunJournal, read_journal
 from orchestrator.pollers import serve_source
 from orchestrator.reaper import Leftover, ReapReport, reap
 from orchestrator.runner import become_subreaper, reap_orphans
+from orchestrator.space import full_disk_note
 from orchestrator.status import (
     StartingStatus,
     op_recent_errors,
@@ -181,6 +186,8 @@ async def serve(
         # for it (it used to end us there, the leftovers alive), then drains (or reloads) the
         # service as soon as it starts.
         with trio.open_signal_receiver(*SIGNALS_HANDLED) as signals:
+            # A state disk the logs of ended runs filled: room for the store first.
+            await trio.to_thread.run_sync(free_space_at_start, config)
             # The starting status only now that the folder is ours: a second instance must
             # not overwrite the file of the one running.
             async with (
@@ -273,7 +280,14 @@ async def _say_store_failed(config: Config, instance: str, exc: BaseException) -
     """Log why the store failed (the service stops: exit 3) and leave the status file saying
     so. Found by an acceptance tester (session 17): the reason went to stderr only, never to
     the ``[log]`` file, and status.json kept saying "running"."""
-    why = "; ".join(dict.fromkeys(str(e) for e in _leaves(exc) if isinstance(e, StoreUnavailable)))
+    failures = [e for e in _leaves(exc) if isinstance(e, StoreUnavailable)]
+    why = "; ".join(dict.fromkeys(str(e) for e in failures))
+    full = await trio.to_thread.run_sync(full_disk_note, config.state_dir)
+    if full is not None:  # what fills the disk, for the command line's message too
+        why = f"{why}; {full}"
+        for failure in failures:
+            if full not in getattr(failure, "__notes__", ()):  # (one can be there twice)
+                failure.add_note(full)
     logger.critical("{}: the service stops (exit 3)", why)
     try:
         await trio.to_thread.run_sync(

@@ -1389,6 +1389,66 @@ def test_runs_a_full_disk_ended_are_not_counted_toward_poison_items(
     )
 
 
+def test_a_start_on_a_disk_run_logs_filled_removes_logs_of_ended_runs_to_make_room(
+    disk: Path, tmp_path: Path
+) -> None:
+    # Found by an acceptance tester (session 17): run logs filled the state disk; every restart
+    # then failed (exit 3, "database or disk is full", naming neither the disk nor what filled
+    # it) before the housekeeping that prunes logs ever ran.
+    # Given: two ended runs with 300 KB logs each, a log of a run the store never recorded, and
+    # the rest of the disk filled
+    (tmp_path / "in").mkdir()
+    config = tmp_path / "c.toml"
+    config.write_text(textwrap.dedent(f"""
+        state_dir = "{disk / "state"}"
+        [http]
+        listen = false
+        [[sources]]
+        name = "in"
+        type = "directory"
+        path = "in"
+        route = ["s"]
+        settle = "0s"
+        [[stages]]
+        name = "s"
+        command = ["sh", "-c", "head -c $(cat \\"$0\\") /dev/zero", "{{path}}"]
+        """))  # fmt: skip
+    for name in ("a", "b"):
+        (tmp_path / "in" / name).write_text("300000")
+    first = orchestrator("batch", "-c", str(config), "--json", "--no-progress", cwd=tmp_path)
+    assert json.loads(first.stdout)["states"] == {"done": 2}, first.stderr
+    runs = disk / "state" / "runs"
+    assert sorted(p.name for p in runs.iterdir()) == ["1.log", "2.log"]
+    (runs / "3.log").write_text("a run the store never recorded")
+    filler = fill(disk)
+
+    # When: a batch starts with a new file
+    (tmp_path / "in" / "c").write_text("10")
+    second = orchestrator("batch", "-c", str(config), "--json", "--no-progress", cwd=tmp_path)
+
+    # Then: the oldest ended run's log made room and the batch went on; the others stay
+    assert second.returncode == 0, second.stderr
+    assert json.loads(second.stdout)["states"] == {"done": 1}
+    assert "the state folder's file system is full (0 B free): removed 1 log(s) of ended runs, " \
+           "oldest first" in second.stderr  # fmt: skip
+    assert sorted(p.name for p in runs.iterdir()) == ["2.log", "3.log", "4.log"]
+
+    # When: the disk is full again with nothing of the kind to remove
+    for log in runs.iterdir():
+        log.unlink()
+    filler.unlink()
+    fill(disk)
+    (tmp_path / "in" / "d").write_text("10")
+    third = orchestrator("batch", "-c", str(config), "--no-progress", cwd=tmp_path)
+
+    # Then: exit 3, saying the disk is full and what holds the space
+    assert third.returncode == 3, third.stderr
+    last = third.stderr.splitlines()[-1]
+    assert last.startswith("orchestrator: cannot ")
+    assert f"; the file system of the state folder '{disk / 'state'}' is full (0 B free): run " \
+           "logs (runs/) take 0 B, workdirs (work/) 0 B, the store " in last  # fmt: skip
+
+
 def test_a_placeholder_in_doubled_braces_reaches_the_command_as_its_text(tmp_path: Path) -> None:
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a b.txt").write_text("x")

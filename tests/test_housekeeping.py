@@ -338,3 +338,57 @@ def test_a_batch_purges_older_items_but_never_those_it_ended(tmp_path: Path) -> 
     # batch's stayed for its summary
     assert second["states"] == {"done": 6}
     assert _item_ids(config) == [f"in:n{i}" for i in range(6)]
+
+
+def test_a_full_disk_at_start_loses_only_the_oldest_logs_of_ended_runs(disk: Path) -> None:
+    # Found by an acceptance tester (session 17): run logs filled the state disk, and every
+    # restart failed before housekeeping ran. At start, logs of ended runs make room; never the
+    # log of a run the store holds open (a dead instance's: its output is only there) nor of one
+    # it never recorded (its id must not be handed out again).
+    from conftest import fill
+
+    from orchestrator.housekeeping import free_space_at_start
+    from orchestrator.runner import Outcome, RunResult
+    from orchestrator.store import ItemState, NewItem, Transition, connect
+    from orchestrator.store.sqlite import op_finish_run, op_ingest, op_start_run
+
+    # Given: ended runs 1 and 3, run 2 left open, and a log of run 9 the store never recorded;
+    # the open and the unrecorded runs' logs are the oldest
+    state = disk / "state"
+    config = parse_config(
+        {"state_dir": str(state), "sources": [{"name": "in", "type": "jsonl", "path": "x",
+         "id_field": "id", "route": ["s"]}], "stages": [{"name": "s", "command": ["true"]}]},
+        base_dir=disk,
+    )  # fmt: skip
+    conn = connect(config.db_path)  # type: ignore[arg-type]
+    try:
+        items = op_ingest(conn, [NewItem(id=f"in:{k}", source="in", key=k, route=("s",))
+                                 for k in "abc"])  # fmt: skip
+        for item in items:
+            claim = op_start_run(conn, item, "s", 0.0, "inst")
+            assert claim is not None
+            if item.key != "b":
+                result = RunResult(outcome=Outcome.OK, exit_code=0, signal=None, pid=1,
+                                   duration=0.1, tail="", reason="exit 0")  # fmt: skip
+                op_finish_run(conn, run_id=claim[0], item=item, result=result, log_path=None,
+                              transition=Transition(state=ItemState.DONE, stage_index=1,
+                                                    attempts=0))  # fmt: skip
+    finally:
+        conn.close()
+    runs = state / "runs"
+    runs.mkdir()
+    now = time.time()
+    for run, age in ((9, 40), (2, 30), (1, 20), (3, 10)):
+        log = runs / f"{run}.log"
+        log.write_bytes(b"x" * 150_000)
+        os.utime(log, (now - age, now - age))
+    fill(disk)
+
+    # When: a service starts
+    report = free_space_at_start(config)
+
+    # Then: the oldest ended run's log went, which made room enough; the rest stay
+    assert report is not None
+    assert (report.for_room, report.error) == (1, None)
+    assert sorted(p.name for p in runs.iterdir()) == ["2.log", "3.log", "9.log"]
+    assert free_space_at_start(config) is None  # no longer full
