@@ -34,9 +34,14 @@ class Holder:
     #: The limit it waits for now, as (kind, name): ``("stage", stage)`` or ``("pool", pool)``;
     #: None while it waits for none (it holds its slots, or has not asked yet).
     waiting_for: tuple[str, str] | None = None
+    #: The run's id, once it has one: it is handed out after the slots are taken, so only the
+    #: line of their release carries it (found by an acceptance tester, session 17: none did).
+    run: int | None = None
 
     def log(self, **extra: object) -> Any:
         """A logger bound to who this is."""
+        if self.run is not None:
+            extra["run"] = self.run
         return logger.bind(item=self.item, stage=self.stage, attempt=self.attempt, **extra)
 
 

@@ -592,7 +592,7 @@ class Engine:
                 return  # still queued in the store; the next start picks it up
         workdir = self._workdir(item)
         attempt = item.attempts + 1
-        run_id = self.store.new_run_id()
+        run_id = holder.run = self.store.new_run_id()
         claimed = False
         log = logger.bind(item=item.id, stage=stage.name, attempt=attempt, run=run_id)
 

@@ -84,11 +84,16 @@ async def test_every_line_of_a_run_carries_item_stage_and_attempt(
     assert any(m.startswith("run ok in") for m in messages)
     for line in of_runs:
         assert {"item", "stage", "attempt"} <= line.keys(), line
-    # The slot bookkeeping around a run (orchestrator.limits) has item and stage, not yet the
-    # attempt: the attempt is known once the item is claimed, after its slots are taken.
+    # The slot lines before a run (orchestrator.limits) have item, stage and attempt, not yet
+    # the run: its id is handed out once the slots are taken. Their release has it (found by
+    # an acceptance tester, session 17: it did not).
     slot_lines = [line for line in lines if "item" in line and "run" not in line]
-    assert all(line["message"].startswith(("waiting for slot", "slot acquired", "slot released"))
+    assert all(line["message"].startswith(("waiting for slot", "slot acquired"))
                for line in slot_lines), slot_lines  # fmt: skip
+    assert all({"item", "stage", "attempt"} <= line.keys() for line in slot_lines), slot_lines
+    released = [line for line in lines if line["message"].startswith("slot released")]
+    assert len(released) == 4
+    assert all(line.get("run") is not None for line in released), released
     assert {(line["item"], line["attempt"]) for line in of_runs if line["level"] == "INFO"} == {
         ("in:a", 2),
         ("in:b", 2),
