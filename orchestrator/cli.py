@@ -293,6 +293,13 @@ def _serve(
     from orchestrator.launcher import EDGES
     from orchestrator.supervisor import SIGNALS_HANDLED, serve
 
+    early = EDGES.stopped_early()  # (`run` only) while Python imported: nothing started yet
+    if early is not None:
+        from loguru import logger
+
+        logger.warning("{} before the service started: stopping", signal.Signals(early).name)
+        raise typer.Exit(EXIT_OK)
+
     def service(on_start: Callable[[Any], None] | None = None) -> ServiceResult:
         """`serve` in ``trio.run``, its signals held by `EDGES` before it takes them and after."""
 

@@ -10,12 +10,20 @@ default action, which ends the process on the spot (found by an acceptance teste
   the default one: a second SIGTERM (GNU ``timeout`` sends two) ended a clean drain with exit
   143 and no "stopped" line.
 
-`launch` is the command (and ``python -m orchestrator``): for ``run`` it takes SIGHUP before
-anything else is imported -- keep this module's imports light (the standard library and
-`orchestrator.terminal`). `EDGES` holds the service's signals on both sides of trio's receiver.
-Before the service runs, each does what it did, except ``run``'s SIGHUP: one that came before
-the config was read is only logged (the config read is the new one); one that came after is
-acted on -- a reload -- once the service runs; a hang-up of its terminal still ends it. After,
+`launch` is the command (and ``python -m orchestrator``): for ``run`` it takes SIGHUP, SIGTERM
+and SIGINT before anything else is imported -- keep this module's imports light (the standard
+library and `orchestrator.terminal`). `EDGES` holds the service's signals on both sides of
+trio's receiver. Before the service runs, each does what it did, except ``run``'s:
+
+- SIGHUP: one that came before the config was read is only logged (the config read is the new
+  one); one that came after is acted on -- a reload -- once the service runs; a hang-up of its
+  terminal still ends it;
+- SIGTERM and SIGINT: one that came before the service's modules were imported stops ``run``
+  there, exit 0 and a line logged, before anything started (`stopped_early`); one that came
+  after asks for the drain once the service runs (found by an acceptance tester, session 17:
+  in the first half second, a SIGTERM ended ``run`` with exit 143 and nothing logged).
+
+After,
 each is kept in `EdgeSignals.late`, for the command line to log as "already stopping", and the
 process exits as the drain had it.
 
@@ -65,6 +73,8 @@ class EdgeSignals:
         self._config_read = False
         #: A SIGHUP came after the config was read: it is acted on once the service runs.
         self._hangup_pending = False
+        #: SIGTERMs and SIGINTs ``run`` got before its service ran, in order (`hold_stops`).
+        self._stops: list[int] = []
         #: The terminal ``run`` was started from, if any: its hang-up ends it, as it did.
         self._terminal: Terminal | None = None
         self._found: dict[int, _Handler] = {}  # as found: `give_back` puts them back
@@ -82,6 +92,21 @@ class EdgeSignals:
             self._terminal = Terminal()
             self._found.setdefault(signal.SIGHUP, found)
             signal.signal(signal.SIGHUP, self._hangup)
+
+    def hold_stops(self) -> None:
+        """Take SIGTERM and SIGINT for ``run``, first thing: noted, then a stop before the
+        service starts (`stopped_early`) or its drain once it runs (`started`)."""
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            found = signal.getsignal(signum)
+            if found is not signal.SIG_IGN and found is not None:  # (ignored: it stays so)
+                self._found.setdefault(signum, found)
+                signal.signal(signum, self._stop)
+
+    def stopped_early(self) -> int | None:
+        """The first SIGTERM or SIGINT that came before now (None: none did); those noted are
+        forgotten, as ``run`` stops without starting its service."""
+        stops, self._stops = self._stops, []
+        return stops[0] if stops else None
 
     def config_read(self) -> int:
         """The config has been read: a SIGHUP from now on asks for it to be read again.
@@ -118,6 +143,9 @@ class EdgeSignals:
         if self._hangup_pending:
             self._hangup_pending = False
             signal.raise_signal(signal.SIGHUP)
+        stops, self._stops = self._stops, []
+        for signum in stops:
+            signal.raise_signal(signum)
 
     def leave(self) -> None:
         """The service is back, still in ``trio.run``. Had it not run (a start-up that failed),
@@ -143,6 +171,7 @@ class EdgeSignals:
         self.late.clear()
         self.running = self._config_read = self._hangup_pending = False
         self.early_hangups = 0
+        self._stops = []
         self._terminal = None
 
     def _hangup(self, signum: int, frame: FrameType | None) -> None:
@@ -152,6 +181,9 @@ class EdgeSignals:
             self._hangup_pending = True
         else:
             self.early_hangups += 1
+
+    def _stop(self, signum: int, frame: FrameType | None) -> None:
+        self._stops.append(signum)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.running:
@@ -176,10 +208,12 @@ EDGES = EdgeSignals()
 
 def launch() -> NoReturn:
     """The ``orchestrator`` command (and ``python -m orchestrator``): `orchestrator.cli.entry`,
-    with ``run``'s SIGHUP taken before the command line is imported (`EdgeSignals`)."""
+    with ``run``'s SIGHUP, SIGTERM and SIGINT taken before the command line is imported
+    (`EdgeSignals`)."""
     EDGES.to_the_end = True
     if sys.argv[1:2] == ["run"]:
         EDGES.hold_hangups()
+        EDGES.hold_stops()
     from orchestrator.cli import entry
 
     entry()

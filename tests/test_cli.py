@@ -675,3 +675,43 @@ def test_run_takes_a_sighup_during_its_start_up(tmp_path: Path) -> None:
     assert text.count("SIGHUP before the config was read: nothing to reload") == 1
     assert text.count("reloaded; limits: unchanged") == 1
     assert "orchestrator stopped:" in text
+
+
+@pytest.mark.parametrize(
+    ("importing", "sig"),
+    [("orchestrator.cli", signal.SIGTERM), ("orchestrator.supervisor", signal.SIGINT)],
+    ids=["sigterm-before-the-config", "sigint-after-the-config"],
+)
+def test_run_stopped_during_its_start_up_exits_0_saying_so(
+    tmp_path: Path, importing: str, sig: signal.Signals
+) -> None:
+    # Found by an acceptance tester (session 17): a SIGTERM in `run`'s first half second, while
+    # Python imports, ended it by the default action (exit 143, nothing logged).
+    # Given: `orchestrator run`, started as its console script starts it, that gets the signal
+    # while it imports the command line (before it reads its config) or the service (after)
+    (tmp_path / "in").mkdir()
+    config = tmp_path / "orchestrator.toml"
+    config.write_text(service_config(DEFAULT_PIPELINE, listen="false"))
+    code = textwrap.dedent(f"""
+        import os, sys
+
+        class StopWhileImporting:
+            def find_spec(self, name, path=None, target=None):
+                if name == {importing!r}:
+                    os.kill(os.getpid(), {int(sig)})
+
+        sys.meta_path.insert(0, StopWhileImporting())
+        sys.argv = ["orchestrator", "run", "-c", {str(config)!r}]
+        from orchestrator.launcher import launch
+
+        launch()
+        """)
+
+    # When: it runs
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=30, check=False)  # fmt: skip
+
+    # Then: it stops at once, exit 0, saying why; nothing was started
+    assert proc.returncode == EXIT_OK, proc.stderr
+    assert f"WARNING {sig.name} before the service started: stopping" in proc.stderr
+    assert not (tmp_path / "state").exists()
