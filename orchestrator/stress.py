@@ -347,7 +347,14 @@ def _store_facts(db: Path) -> dict[str, Any]:
             "SELECT stage, outcome, duration, slot_wait, attempt FROM runs"
             " WHERE outcome IS NOT NULL"
         ).fetchall()
-    return {"states": states, "total": total, "twice": twice, "runs": runs}
+        recorded = {
+            run: (item, stage, attempt)
+            for run, item, stage, attempt in conn.execute(
+                "SELECT runs.id, items.id, runs.stage, runs.attempt FROM runs"
+                " JOIN items ON items.seq = runs.item_seq"
+            )
+        }
+    return {"states": states, "total": total, "twice": twice, "runs": runs, "recorded": recorded}
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
@@ -363,6 +370,8 @@ def _percentiles(values: list[float]) -> dict[str, float]:
 def _audit_facts(audit: Path) -> dict[str, Any]:
     overlaps: list[dict[str, Any]] = []
     modes: dict[str, int] = {}
+    #: Each run the stage programs saw start, by its ORCH_RUN: (item, stage, attempt), per start.
+    started: dict[int, list[tuple[str, str, int]]] = {}
     if audit.exists():
         for line in audit.read_text().splitlines():
             try:
@@ -373,7 +382,43 @@ def _audit_facts(audit: Path) -> dict[str, Any]:
                 overlaps.append(event)
             elif event.get("event") == "start":
                 modes[event.get("mode", "?")] = modes.get(event.get("mode", "?"), 0) + 1
-    return {"overlaps": overlaps, "modes": modes}
+                with contextlib.suppress(TypeError, ValueError):
+                    started.setdefault(int(event["run"]), []).append(
+                        (event["item"], event["stage"], int(event["attempt"]))
+                    )
+    return {"overlaps": overlaps, "modes": modes, "started": started}
+
+
+def _recorded_verdict(started: dict[int, list[tuple[str, str, int]]],
+                      recorded: dict[int, tuple[str, str, int]]) -> dict[str, Any]:  # fmt: skip
+    """Every run the stage programs saw start is in the store, under its own id, once.
+
+    Found by an acceptance tester (session 17): a run the service was killed before recording
+    left no trace once it had ended (its stage ran again with no word), and its id was handed
+    out again. The run journal records them; this checks it from the programs' side.
+    """
+    twice = {run: starts for run, starts in started.items() if len(starts) > 1}
+    missing = {run: starts[0] for run, starts in started.items() if run not in recorded}
+    other = {run: (starts[0], recorded[run]) for run, starts in started.items()
+             if run in recorded and recorded[run] != starts[0]}  # fmt: skip
+    problems = []
+    if twice:
+        problems.append(
+            f"{len(twice)} run id(s) given to more than one run: {list(twice.items())[:3]}"
+        )
+    if missing:
+        problems.append(f"{len(missing)} run(s) not in the store: {list(missing.items())[:3]}")
+    if other:
+        problems.append(
+            f"{len(other)} run id(s) the store gives to another run: {list(other.items())[:3]}"
+        )
+    return {
+        "held": not problems,
+        "evidence": "; ".join(problems)
+        or f"each of the {len(started)} run(s) the stage programs saw start is in the store once,"
+        " under its own id"
+        + ("" if started else " (no audit log: a config's own stages are not checked)"),
+    }
 
 
 def run_stress(
@@ -618,6 +663,7 @@ def _run(
             "evidence": f"exit status after SIGTERM: {exit_code}",
         },
     }
+    invariants["recorded"] = _recorded_verdict(audit_facts["started"], store["recorded"])
     invariants["event_loop"] = _loop_verdict(samples, frozen)
     if options.reload_every:
         invariants["reloads"] = _reload_verdict(

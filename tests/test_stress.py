@@ -44,8 +44,24 @@ def test_stress_with_kills_freezes_and_every_fault_holds_every_invariant(tmp_pat
     assert report["reloads"] >= 5
     assert set(report["invariants"]) == {
         "limits", "processed", "accounted", "single_terminal", "no_survivors", "status_file",
-        "health", "clean_exit", "event_loop", "reloads",
+        "health", "clean_exit", "event_loop", "reloads", "recorded",
     }  # fmt: skip
+
+
+def test_runs_missing_from_the_store_or_sharing_an_id_are_caught() -> None:
+    from orchestrator.stress import _recorded_verdict
+
+    started = {1: [("in:a", "s", 1)], 2: [("in:b", "s", 1), ("in:c", "s", 1)], 3: [("in:d", "s", 2)],
+               4: [("in:e", "s", 1)]}  # fmt: skip
+    recorded = {1: ("in:a", "s", 1), 2: ("in:b", "s", 1), 4: ("in:f", "s", 1)}
+    verdict = _recorded_verdict(started, recorded)
+    assert not verdict["held"]
+    assert verdict["evidence"] == (
+        "1 run id(s) given to more than one run: [(2, [('in:b', 's', 1), ('in:c', 's', 1)])]; "
+        "1 run(s) not in the store: [(3, ('in:d', 's', 2))]; "
+        "1 run id(s) the store gives to another run: [(4, (('in:e', 's', 1), ('in:f', 's', 1)))]"
+    )
+    assert _recorded_verdict({1: [("in:a", "s", 1)]}, recorded)["held"]
 
 
 @pytest.mark.timeout(120)
