@@ -46,6 +46,9 @@ _BLOCKED_BY_RE = re.compile(rf"ended: {LOOP_BLOCKED_BY} (\d+)")
 #: The folders in ``state_dir`` the service makes files in and removes them from by itself (the
 #: items' workdirs, the run logs): each must be a real folder of this user's, never a link.
 STATE_SUBDIRS = ("work", "runs")
+#: Files in it the service writes and replaces, which must be its own regular files when there:
+#: the run journal (`orchestrator.journal`) and the one it is rewritten through.
+STATE_FILES = ("journal", "journal.new")
 
 
 @attrs.define
@@ -222,6 +225,12 @@ def check_state_dir(state_dir: Path) -> list[str]:
                 problem = f"{name!r} in it ({_owner_mode(sub)}): {problem}"
         if problem is not None:
             raise StoreUnavailable(f"cannot use the state folder {where!r}: {problem}")
+    for name in STATE_FILES:
+        problem = _not_own_file(state_dir / name)
+        if problem is not None:
+            raise StoreUnavailable(
+                f"cannot use the state folder {where!r}: {name!r} in it {problem}"
+            )
     if st.st_mode & 0o007 or (st.st_mode & 0o070 and not _own_group(st.st_gid)):
         return [
             f"other users can look into the state folder {where!r} (mode "
@@ -229,6 +238,30 @@ def check_state_dir(state_dir: Path) -> list[str]:
             "not; chmod 700 it"
         ]
     return []
+
+
+def _not_own_file(path: Path) -> str | None:
+    """Why ``path`` (when it is there) is not a regular file of this user's, or None.
+
+    Found by an acceptance tester (session 17): a link, a folder or a FIFO at the run journal's
+    place crashed every start with a traceback, or (a FIFO) hung it for good.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"cannot be looked at: {exc.strerror or exc}"
+    if stat.S_ISLNK(st.st_mode):
+        return "is a link; remove it (orchestrator writes the file itself)"
+    if not stat.S_ISREG(st.st_mode):
+        return "is not a regular file; move it away (orchestrator writes the file itself)"
+    if st.st_uid != os.geteuid():
+        return (
+            f"belongs to {_user(st.st_uid)}, not to {_user(os.geteuid())} who runs orchestrator;"
+            " remove it"
+        )
+    return None
 
 
 def _unsafe(st: os.stat_result) -> str | None:

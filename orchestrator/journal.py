@@ -24,21 +24,33 @@ nothing wrong. Run ids continue after the journal's highest.
 from __future__ import annotations
 
 import os
+import stat
 import time
 from typing import TYPE_CHECKING
 
 import attrs
 from loguru import logger
 
+from orchestrator.errors import StoreUnavailable
+
 if TYPE_CHECKING:
     from orchestrator.runner import RunResult
 
-__all__ = ["JOURNAL_NAME", "JournalRun", "RunJournal", "read_journal"]
+__all__ = ["JOURNAL_NAME", "RUN_ID_GAP", "JournalRun", "RunJournal", "read_journal"]
 
 #: The journal's file name in ``state_dir``.
 JOURNAL_NAME = "journal"
 #: The journal is rewritten with only the runs not yet durable once it grows past this.
 JOURNAL_COMPACT_BYTES = 1 << 20
+#: At most this much of a journal is read at start (one far larger is not one the service
+#: wrote: it keeps its own near `JOURNAL_COMPACT_BYTES`).
+JOURNAL_READ_MAX = 64 << 20
+#: Run ids go on this far past the highest known after a start that found a journal (an
+#: unclean stop): a file system that failed may have lost the journal's last lines (it has no
+#: fsync), and a run id is never to be handed out twice.
+RUN_ID_GAP = 1000
+#: Ids, seqs and attempts above this are not read (SQLite's integers stop at 2**63 - 1).
+_ID_LIMIT = 1 << 62
 _HEADER = b"orchestrator run journal 1 "
 
 
@@ -60,17 +72,37 @@ class JournalRun:
     duration: float | None = None
 
 
-def read_journal(path: str | os.PathLike[str]) -> dict[int, JournalRun]:
-    """The runs a journal file holds, by run id (empty when there is none); blocking.
+def read_journal(path: str | os.PathLike[str]) -> dict[int, JournalRun] | None:
+    """The runs a journal file holds, by run id; None when there is no journal (the last
+    instance stopped cleanly, or there was none); blocking.
 
-    A line it cannot read (a file cut short by a full disk) is passed over.
+    A line it cannot read (cut short by a full disk, or garbage) is passed over, as is a number
+    SQLite cannot hold. Only the first `JOURNAL_READ_MAX` bytes are read: the service keeps its
+    journal near `JOURNAL_COMPACT_BYTES`, so more is not one it wrote.
+
+    Raises:
+        StoreUnavailable: it is not a regular file (a FIFO, say, would wait for a writer for
+            ever), or cannot be read.
     """
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        fd = os.open(path, flags)
     except FileNotFoundError:
-        return {}
+        return None
+    except OSError as exc:
+        raise StoreUnavailable(f"cannot read the run journal {os.fspath(path)!r}: {exc}") from None
     with open(fd, "rb") as f:
-        data = f.read()
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise StoreUnavailable(
+                f"cannot read the run journal {os.fspath(path)!r}: it is not a regular file;"
+                " move it away"
+            )
+        try:
+            data = f.read(JOURNAL_READ_MAX)
+        except OSError as exc:
+            raise StoreUnavailable(
+                f"cannot read the run journal {os.fspath(path)!r}: {exc}"
+            ) from None
     instance: str | None = None
     runs: dict[int, JournalRun] = {}
     for line in data.split(b"\n"):
@@ -79,19 +111,32 @@ def read_journal(path: str | os.PathLike[str]) -> dict[int, JournalRun]:
                 instance = line[len(_HEADER) :].decode() or None
             elif line.startswith(b"S "):
                 _, run, seq, attempt, started, stage = line.decode().split(" ", 5)
-                runs[int(run)] = JournalRun(int(run), int(seq), int(attempt), stage,
-                                            float(started), instance)  # fmt: skip
+                entry = JournalRun(_id(run), _id(seq), _id(attempt), stage, float(started),
+                                   instance)  # fmt: skip
+                runs[entry.run] = entry
             elif line.startswith(b"E "):
                 _, run, outcome, code, sig, duration = line.decode().split(" ")
-                known = runs.get(int(run))
+                known = runs.get(_id(run))
                 if known is not None:
-                    runs[int(run)] = attrs.evolve(
+                    runs[known.run] = attrs.evolve(
                         known, outcome=outcome, exit_code=None if code == "-" else int(code),
                         signal=None if sig == "-" else int(sig), duration=float(duration),
                     )  # fmt: skip
         except (ValueError, UnicodeDecodeError):
             continue
     return runs
+
+
+def _id(text: str) -> int:
+    """A run id, item seq or attempt as written: a positive integer SQLite can hold.
+
+    Found by an acceptance tester (session 17): a line with a run id of 2**63 made run ids go
+    on after it, and every start crashed at its first claim.
+    """
+    value = int(text)
+    if not 0 < value < _ID_LIMIT:
+        raise ValueError(f"out of range: {text}")
+    return value
 
 
 class RunJournal:
@@ -114,13 +159,24 @@ class RunJournal:
         #: The lines of each run not yet let go.
         self._live: dict[int, list[bytes]] = {}
         self._failed = False
+        #: The last write may have left half a line (a full disk).
+        self._cut = False
 
     @classmethod
     def create(cls, path: str | os.PathLike[str], instance: str) -> RunJournal:
         """Start a new journal at ``path``, replacing what was there (recovery has read it);
-        blocking (a worker thread)."""
+        blocking (a worker thread).
+
+        Raises:
+            StoreUnavailable: it cannot be written (a full disk, a read-only file system).
+        """
         header = _HEADER + instance.encode() + b"\n"
-        fd = _open_new(os.fspath(path), header)
+        try:
+            fd = _open_new(os.fspath(path), header)
+        except OSError as exc:
+            raise StoreUnavailable(
+                f"cannot write the run journal {os.fspath(path)!r}: {exc}"
+            ) from None
         return cls(os.fspath(path), fd, header)
 
     def started(self, run: int, seq: int, attempt: int, stage: str) -> None:
@@ -160,12 +216,16 @@ class RunJournal:
     def _append(self, line: bytes) -> None:
         if self._fd is None:
             return
+        if self._cut:  # a line cut short by a full disk: this one must not be glued to it
+            line = b"\n" + line
         try:
-            os.write(self._fd, line)
+            written = os.write(self._fd, line)
         except OSError as exc:
+            self._cut = True
             self._fail(exc)
             return
-        self._size += len(line)
+        self._cut = written < len(line)
+        self._size += written
 
     def _compact(self) -> None:
         """Rewrite the journal with only the runs not yet durable (a few hundred bytes)."""
@@ -179,6 +239,7 @@ class RunJournal:
         os.close(self._fd)
         self._fd = fd
         self._size = len(self._header) + len(live)
+        self._cut = False
 
     def _fail(self, exc: OSError) -> None:
         if not self._failed:

@@ -62,7 +62,7 @@ from orchestrator.housekeeping import (
     serve_housekeeping,
 )
 from orchestrator.instance import STORE_FAILED, InstanceLock, acquire_instance_lock
-from orchestrator.journal import JOURNAL_NAME, RunJournal, read_journal
+from orchestrator.journal import JOURNAL_NAME, RUN_ID_GAP, RunJournal, read_journal
 from orchestrator.pollers import serve_source
 from orchestrator.reaper import Leftover, ReapReport, reap
 from orchestrator.runner import become_subreaper, reap_orphans
@@ -420,15 +420,19 @@ async def _recover(
     host = socket.gethostname()
     await store.call(lambda c: op_register_instance(c, instance, os.getpid(), host))
     journal_path = config.state_dir / JOURNAL_NAME
-    journal = await trio.to_thread.run_sync(read_journal, journal_path)
+    found = await trio.to_thread.run_sync(read_journal, journal_path)
+    journal = found or {}
     recovery = await store.call(
         lambda c: op_recover(
             c, config.max_interruptions, report.runs, blamed=blamed, journal=journal
         )
     )
     logged = await trio.to_thread.run_sync(highest_run_log_id, str(config.state_dir / "runs"))
-    # Run ids go on after every one handed out before: recorded, with a log, or written down.
-    await store.reload_run_ids(max([logged, *journal]))
+    # Run ids go on after every one handed out before: recorded, with a log, or written down
+    # -- and well past them after an unclean stop (a journal left), whose last lines a failed
+    # file system may have lost.
+    gap = 0 if found is None else RUN_ID_GAP
+    await store.reload_run_ids(max([logged, *journal]), gap=gap)
     if recovery.interrupted:
         logger.warning(
             "recovered {} run(s) left open by a dead instance; {} poison item(s) now dead",

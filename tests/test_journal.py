@@ -5,14 +5,15 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
+import pytest
+
 from orchestrator import journal as journal_module
+from orchestrator.errors import StoreUnavailable
 from orchestrator.journal import JournalRun, RunJournal, read_journal
 from orchestrator.runner import Outcome, RunResult
 
 if TYPE_CHECKING:
     from pathlib import Path
-
-    import pytest
 
 
 def result(outcome: Outcome = Outcome.OK, code: int | None = 0) -> RunResult:
@@ -44,7 +45,7 @@ def test_a_journal_whose_runs_are_all_settled_is_removed_at_close(tmp_path: Path
     journal.settled(1)
     journal.close()
     assert not path.exists()
-    assert read_journal(path) == {}
+    assert read_journal(path) is None  # no journal: the last stop was clean
 
 
 def test_a_line_cut_short_or_unknown_is_passed_over(tmp_path: Path) -> None:
@@ -78,4 +79,45 @@ def test_a_long_journal_is_rewritten_with_the_runs_not_yet_settled(
     assert 50 in held
     assert len(held) < 8  # (runs settled since the last rewrite stay until the next one)
     assert not (tmp_path / "journal.new").exists()
+    journal.close()
+
+
+def test_ids_sqlite_cannot_hold_are_passed_over(tmp_path: Path) -> None:
+    # Found by an acceptance tester (session 17): a line with run id 2**63 made run ids go on
+    # after it, and every start crashed at its first claim.
+    path = tmp_path / "journal"
+    path.write_bytes(
+        b"S 9223372036854775808 1 1 1.0 s\nS 0 1 1 1.0 s\nS -3 1 1 1.0 s\nS 5 1 1 1.0 s\n"
+    )
+    assert list(read_journal(path) or {}) == [5]
+
+
+def test_a_journal_that_is_a_fifo_is_refused_at_once(tmp_path: Path) -> None:
+    # Found by an acceptance tester (session 17): opening it waited for a writer for ever.
+    path = tmp_path / "journal"
+    os.mkfifo(path)
+    with pytest.raises(StoreUnavailable, match="it is not a regular file"):
+        read_journal(path)
+
+
+def test_a_line_after_one_a_full_disk_cut_short_is_not_glued_to_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given: a journal whose next write is cut short (the disk full in the middle of it)
+    path = tmp_path / "journal"
+    journal = RunJournal.create(path, "i")
+    real_write = os.write
+    cut = [True]
+
+    def write(fd: int, data: bytes) -> int:
+        if cut and cut.pop():
+            return real_write(fd, data[:5])
+        return real_write(fd, data)
+
+    monkeypatch.setattr(journal_module.os, "write", write)
+    # When: a run is written down (cut), then another (room again)
+    journal.started(1, 1, 1, "s")
+    journal.started(2, 2, 1, "s")
+    # Then: the second is read back whole
+    assert list(read_journal(path) or {}) == [2]
     journal.close()

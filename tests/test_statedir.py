@@ -176,6 +176,42 @@ def test_batch_refuses_work_or_runs_that_is_a_link_or_open_to_others(
     assert os.listdir(target / "1") == ["keep.txt"]
 
 
+@pytest.mark.parametrize("name", ["journal", "journal.new"])
+@pytest.mark.parametrize(
+    ("make", "said"),
+    [
+        ("link", "is a link; remove it (orchestrator writes the file itself)"),
+        ("folder", "is not a regular file; move it away (orchestrator writes the file itself)"),
+        ("fifo", "is not a regular file; move it away (orchestrator writes the file itself)"),
+    ],
+)
+def test_batch_refuses_a_run_journal_that_is_not_a_file_of_its_own(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, make: str, said: str
+) -> None:
+    # Found by an acceptance tester (session 17): a link or a folder there crashed every start
+    # with a traceback (exit 1), and a FIFO hung start-up for good.
+    # Given: our own private folder, the run journal's place taken by something else
+    config = make_config(tmp_path)
+    target = precious(tmp_path)
+    st = tmp_path / "st"
+    st.mkdir(mode=0o700)
+    inside = st / name
+    if make == "link":
+        inside.symlink_to(target / "1" / "keep.txt")
+    elif make == "folder":
+        inside.mkdir()
+    else:
+        os.mkfifo(inside)
+
+    # When: a batch
+    code, _, err = cli(capsys, "batch", "-c", str(config), "--no-progress")
+
+    # Then: refused with what to do, nothing read or written through it
+    assert code == EXIT_STORE
+    assert f"cannot use the state folder {str(st)!r}: {name!r} in it {said}" in err
+    assert (target / "1" / "keep.txt").read_text() == "precious"
+
+
 def test_state_dir_dot_readable_by_others_is_used_as_it_is_with_a_warning(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -972,11 +972,12 @@ class SqliteStore:
         self._last_run_id += 1
         return self._last_run_id
 
-    async def reload_run_ids(self, at_least: int = 0) -> None:
+    async def reload_run_ids(self, at_least: int = 0, *, gap: int = 0) -> None:
         """Continue run ids after the highest recorded (recovery records runs of the dead) and
-        after ``at_least`` (the highest id with a run log: runs the store never recorded)."""
+        after ``at_least`` (the highest id with a run log or in the run journal: runs the store
+        never recorded), ``gap`` further on."""
         last = await self.read(op_last_run_id)
-        self._last_run_id = max(self._last_run_id, last, at_least)
+        self._last_run_id = max(self._last_run_id, last, at_least) + gap
 
     async def call(self, fn: Callable[[sqlite3.Connection], T], *, power_safe: bool = True) -> T:
         """Run ``fn(conn)`` in its own savepoint of the next group commit; return its result.
