@@ -1049,6 +1049,7 @@ def stress(
 
 
 def _print_stress(report: dict[str, Any]) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     console = _console()
@@ -1056,7 +1057,9 @@ def _print_stress(report: dict[str, Any]) -> None:
     for col in ("invariant", "held", "evidence"):
         table.add_column(col)
     for name, inv in report["invariants"].items():
-        table.add_row(name, "[green]yes[/]" if inv["held"] else "[red]NO[/]", inv["evidence"])
+        # Evidence names items and paths: a "[red]" in a file name is text, not markup.
+        held = "[green]yes[/]" if inv["held"] else "[red]NO[/]"
+        table.add_row(name, held, escape(inv["evidence"]))
     console.print(table)
     console.print(
         f"items {report['items']}; runs {report['runs']}; retries {report['retries']}; "
@@ -1068,11 +1071,11 @@ def _print_stress(report: dict[str, Any]) -> None:
     for stage, pct in report["latency"].items():
         console.print(f"  {stage}: run time {pct}")
     if report.get("user_config"):
-        console.print(f"{report['user_config']} ran as a copy, {report['config']}: no file of "
-                      "its sources, state or log was touched")  # fmt: skip
+        console.print(f"{escape(report['user_config'])} ran as a copy, {escape(report['config'])}:"
+                      " no file of its sources, state or log was touched")  # fmt: skip
     if report.get("workdir"):
         kept = "service log and audit" if report["ok"] else "evidence kept"
-        console.print(f"{kept} in {report['workdir']}")
+        console.print(f"{kept} in {escape(report['workdir'])}")
     console.print("[green]ok: every invariant held[/]" if report["ok"]
                   else "[red]FAILED: an invariant did not hold[/]")  # fmt: skip
 

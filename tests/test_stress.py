@@ -335,3 +335,25 @@ def test_a_freeze_the_service_cannot_live_through_is_refused_up_front(
     assert "--freeze-for 15s is too long" in err
     assert "freeze it for less than 11s" in err
     assert not (tmp_path / "user" / "state").exists()
+
+
+def test_the_human_report_shows_names_as_text_not_markup(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Found by a fix helper (session 17): evidence and paths were printed with rich markup on,
+    # so a "[red]" in a file name or path coloured the report and vanished from it.
+    from orchestrator.cli import _print_stress
+
+    report = {
+        "ok": False, "items": {}, "runs": {}, "retries": 0, "kills": 0, "restarts": 0,
+        "freezes": 0, "reloads": 0, "faults": {}, "throughput": 0, "elapsed_seconds": 1,
+        "latency": {}, "user_config": "/srv/[bold]c.toml", "config": "/tmp/w/c.toml",
+        "workdir": "/tmp/[red]w",
+        "invariants": {"recorded": {"held": False, "evidence": "1 run(s) not in the store: "
+                                    "[(3, ('in:[red]x[/]', 's', 1))]"}},
+    }  # fmt: skip
+    _print_stress(report)
+    out = capsys.readouterr().out
+    assert "in:[red]x[/]" in out
+    assert "/srv/[bold]c.toml ran as a copy" in out
+    assert "evidence kept in /tmp/[red]w" in out
