@@ -105,8 +105,13 @@ def code_argument(template: tuple[str, ...]) -> int | None:
     return None if found is None else found[0]
 
 
-def find_code(template: tuple[str, ...]) -> tuple[int, str] | None:
+def find_code(template: tuple[str, ...], *, joined: bool = False) -> tuple[int, str] | None:
     """``(index, program)`` of the code argument of ``template`` (`code_argument`), or None.
+
+    ``joined``: also the first of the words a program joins and hands to a shell of its own --
+    ``ssh HOST CMD ARG…`` (the shell on the other host), ``watch CMD ARG…`` (``sh -c``, unless
+    ``-x``). Those are only warned about (`plan.config_warnings`): their placeholders are filled
+    in as always, since such a command has no other way to get a value.
 
     The program is the command's first word, or the command a known wrapper runs (``timeout
     10 sh -c``, ``flock LOCK env A=1 bash -ec``, ``nice``, ``xargs``, ``find -exec``): a
@@ -137,6 +142,12 @@ def find_code(template: tuple[str, ...]) -> tuple[int, str] | None:
                 index = after_lock
                 continue
             found = after_lock + 1
+        elif joined and program == "ssh":  # `ssh [options] DESTINATION COMMAND…`
+            found = _after_options(template, index + 1, _SSH_VALUES) + 1
+        elif joined and program == "watch":  # `watch [options] COMMAND…`, without -x
+            found = _after_options(template, index + 1, _WATCH_VALUES)
+            if any(a == "--exec" or _short_group(a, "x") for a in template[index + 1 : found]):
+                return None
         elif program == "find":  # the command after -exec (-execdir, -ok, -okdir)
             index = next((i + 1 for i in range(index + 1, len(template))
                           if template[i] in ("-exec", "-execdir", "-ok", "-okdir")),
@@ -193,6 +204,9 @@ _WRAPPERS: dict[str, tuple[frozenset[str], int]] = {
     "unbuffer": (frozenset(), 0),
 }
 _FLOCK_VALUES = frozenset(("-w", "--timeout", "-E", "--conflict-exit-code"))
+#: ssh's options that take a value (the next argument).
+_SSH_VALUES = frozenset(f"-{c}" for c in "BbcDEeFIiJLlmOoPpQRSWw")
+_WATCH_VALUES = frozenset(("-n", "--interval"))
 
 
 def _after_options(

@@ -41,7 +41,12 @@ def _how_to_pass(program: str, name: str) -> str:
 def config_warnings(config: Config) -> list[str]:
     """What is valid but most likely a mistake, each with its path (``check``, and the log of
     ``run`` and ``batch`` at start)."""
-    from orchestrator.pipeline import PLACEHOLDERS, find_code, placeholder_lookalikes
+    from orchestrator.pipeline import (
+        PLACEHOLDERS,
+        find_code,
+        placeholder_lookalikes,
+        uses_placeholder,
+    )
 
     out = []
     if config.db_path is None:
@@ -71,6 +76,20 @@ def config_warnings(config: Config) -> list[str]:
                     f"{_how_to_pass(program, named[0])} or read "
                     f"ORCH_{named[0].upper()}"
                 )
+        elif (joined := find_code(stage.command, joined=True)) is not None:
+            start, program = joined
+            where = "on the other host" if program == "ssh" else "(sh -c)"
+            for k in range(start, len(stage.command)):
+                named = [p for p in PLACEHOLDERS if uses_placeholder(stage.command[k : k + 1], p)]
+                if named:
+                    out.append(
+                        f"stages[{i}].command[{k}]: {program} joins the words from"
+                        f" command[{start}] on and runs them through a shell {where}, so"
+                        f" {{{named[0]}}} there is code to it (a file name holding $(…) would"
+                        " run); quote the value for that shell yourself, in a script of yours"
+                        " that gets it as an argument, or avoid the placeholder there"
+                    )
+                    break
         for index, word, meant in placeholder_lookalikes(stage.command):
             out.append(
                 f"stages[{i}].command[{index}]: {word} is not a placeholder (did you mean"

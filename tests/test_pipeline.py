@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pytest
 
 from orchestrator.config import StageConfig
@@ -13,6 +15,9 @@ from orchestrator.pipeline import (
 )
 from orchestrator.runner import Outcome, RunResult
 from orchestrator.store.records import Item, ItemState
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 STAGE = StageConfig(name="s", command=("x",), retries=2, backoff=1.0, backoff_max=3.0,
                     fatal_exit_codes=(9,))  # fmt: skip
@@ -169,3 +174,33 @@ def test_placeholder_lookalikes_are_found_and_commands_own_braces_are_not() -> N
         (8, "{attempts}", "{attempt}"),
     ]  # fmt: skip
     assert placeholder_lookalikes(("convert", "{path}", "{name}.out")) == []
+
+
+def test_placeholders_a_program_hands_to_a_shell_of_its_own_are_warned_about(
+    tmp_path: Path,
+) -> None:
+    # ssh joins the words after the host and runs them through the shell on the other host;
+    # watch runs its words with `sh -c` (not with -x). A value filled in there is code to that
+    # shell, so `check` says so (the value is still filled in: there is no other way in).
+    from orchestrator.config import parse_config
+    from orchestrator.plan import config_warnings
+
+    commands = [
+        ["ssh", "-p", "22", "edge1", "process", "{path}"],
+        ["watch", "-n", "5", "ls {path}"],
+        ["watch", "-x", "ls", "{path}"],  # no shell
+        ["timeout", "5", "ssh", "edge1", "echo", "{{path}}", "x{{{name}}}"],
+        ["scp", "{path}", "edge1:/tmp/"],  # a local file name: no shell
+        ["ssh", "edge1", "true"],
+    ]
+    config = parse_config({
+        "sources": [{"name": "in", "type": "directory", "path": "in", "route": ["s0"]}],
+        "stages": [{"name": f"s{i}", "command": c} for i, c in enumerate(commands)],
+    }, base_dir=tmp_path)  # fmt: skip
+    said = [w.split(":", 1)[0] + ": " + w.split(" so ", 1)[1][:12]
+            for w in config_warnings(config) if "joins the words" in w]  # fmt: skip
+    assert said == [
+        "stages[0].command[5]: {path} there",
+        "stages[1].command[3]: {path} there",
+        "stages[3].command[6]: {name} there",
+    ]
