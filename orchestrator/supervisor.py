@@ -271,9 +271,7 @@ def _grace_of(config: Config) -> Callable[[Leftover], float]:
 
 def _store_failed(exc: BaseException) -> bool:
     """Whether ``exc`` (or one in its group) says the store failed."""
-    if isinstance(exc, BaseExceptionGroup):
-        return any(_store_failed(e) for e in exc.exceptions)
-    return isinstance(exc, StoreUnavailable)
+    return any(isinstance(e, StoreUnavailable) for e in _leaves(exc))
 
 
 async def _say_store_failed(config: Config, instance: str, exc: BaseException) -> None:

@@ -740,36 +740,11 @@ def op_recover(
     now = time.time()
     journal = journal or {}
     for entry in journal.values():
-        if conn.execute("SELECT 1 FROM runs WHERE id = ?", (entry.run,)).fetchone() is not None:
-            continue
-        row = conn.execute(
-            "UPDATE items SET state = 'running', attempts = max(attempts, ?), updated_at = ?"
-            " WHERE seq = ? AND state IN ('queued', 'retry_wait', 'running')"
-            " AND json_extract(route, '$[' || stage_index || ']') = ? RETURNING seq",
-            (entry.attempt, now, entry.seq, entry.stage),
-        ).fetchone()
-        if row is not None:
-            conn.execute(
-                "INSERT INTO runs (id, item_seq, stage, attempt, instance, started_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (entry.run, entry.seq, entry.stage, entry.attempt, entry.instance, entry.started),
-            )
+        _record_unrecorded(conn, now, entry.run, "seq", entry.seq, entry.stage, entry.attempt,
+                           entry.instance, entry.started)  # fmt: skip
     for run in seen:
-        if conn.execute("SELECT 1 FROM runs WHERE id = ?", (run.run,)).fetchone() is not None:
-            continue
-        row = conn.execute(
-            "UPDATE items SET state = 'running', attempts = max(attempts, ?), updated_at = ?"
-            " WHERE id = ? AND state IN ('queued', 'retry_wait', 'running')"
-            " AND json_extract(route, '$[' || stage_index || ']') = ? RETURNING seq",
-            (run.attempt, now, run.item, run.stage),
-        ).fetchone()
-        if row is None:
-            continue
-        conn.execute(
-            "INSERT INTO runs (id, item_seq, stage, attempt, instance, started_at)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (run.run, row[0], run.stage, run.attempt, run.instance, now),
-        )
+        _record_unrecorded(conn, now, run.run, "id", run.item, run.stage, run.attempt,
+                           run.instance, now)  # fmt: skip
     open_runs = conn.execute(
         "SELECT id, item_seq, stage FROM runs WHERE outcome IS NULL ORDER BY id"
     ).fetchall()
@@ -823,6 +798,29 @@ def op_recover(
     return Recovery(
         interrupted=len(open_runs), poisoned=len(poisoned), poisoned_seqs=tuple(poisoned)
     )
+
+
+def _record_unrecorded(
+    conn: sqlite3.Connection, now: float, run: int, by: str, item: object, stage: str,
+    attempt: int, instance: str | None, started: float,
+) -> None:  # fmt: skip
+    """Record, open, a run the store has no row of (`op_recover` then closes it), its item
+    (found by ``by``: ``"seq"`` or ``"id"``) back at ``running`` -- if it is still waiting at
+    that stage."""
+    if conn.execute("SELECT 1 FROM runs WHERE id = ?", (run,)).fetchone() is not None:
+        return
+    row = conn.execute(
+        "UPDATE items SET state = 'running', attempts = max(attempts, ?), updated_at = ?"
+        f" WHERE {by} = ? AND state IN ('queued', 'retry_wait', 'running')"
+        " AND json_extract(route, '$[' || stage_index || ']') = ? RETURNING seq",
+        (attempt, now, item, stage),
+    ).fetchone()
+    if row is not None:
+        conn.execute(
+            "INSERT INTO runs (id, item_seq, stage, attempt, instance, started_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (run, row[0], stage, attempt, instance, started),
+        )
 
 
 def _interrupted_why(run_id: int, blamed: Collection[int] | None) -> str:
